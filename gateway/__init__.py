@@ -1,0 +1,3 @@
+"""Mail OAuth gateway."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The local admin web page: accounts, consent, status."""

@@ -1,0 +1,128 @@
+"""The ``gateway`` command: run, check-config, hash-password.
+
+Exit codes: 0 success, 1 runtime failure, 2 bad usage or a config that does not validate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+DEFAULT_CONFIG = os.environ.get("GATEWAY_CONFIG", "config.yaml")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return EXIT_CONFIG
+    return args.handler(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway",
+        description="Lets legacy SMTP/IMAP/POP3 programs use Microsoft 365 and Gmail mailboxes "
+        "after password logins are switched off.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="start every configured listener and serve")
+    run.add_argument("-c", "--config", type=Path, default=Path(DEFAULT_CONFIG), help=_CONFIG_HELP)
+    run.set_defaults(handler=_run)
+
+    check = commands.add_parser("check-config", help="validate a config file and list problems")
+    check.add_argument("config", type=Path, help="the config file to check")
+    check.set_defaults(handler=_check_config)
+
+    hasher = commands.add_parser(
+        "hash-password",
+        help="hash a local account password for the config",
+        description="Reads a password (prompted without echo, or one line from standard input) "
+        "and prints a salted scrypt hash to paste into accounts[].password_hash.",
+    )
+    hasher.set_defaults(handler=_hash_password)
+    return parser
+
+
+_CONFIG_HELP = "config file (default: $GATEWAY_CONFIG or ./config.yaml)"
+
+
+def _load(path: Path):  # type: ignore[no-untyped-def]
+    from .config import ConfigError, load_settings
+
+    try:
+        return load_settings(path)
+    except ConfigError as error:
+        print(error.report(), file=sys.stderr)
+        return None
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    ports = ", ".join(f"{name} {port}" for name, port in settings.listeners.ports().items())
+    accounts = len(settings.accounts)
+    print(f"{args.config}: OK ({accounts} account{'s' if accounts != 1 else ''}; {ports})")
+    return EXIT_OK
+
+
+def _hash_password(args: argparse.Namespace) -> int:
+    from .passwords import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if password != getpass.getpass("Repeat password: "):
+            print("The passwords differ; nothing was hashed.", file=sys.stderr)
+            return EXIT_FAILURE
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("An empty password cannot be hashed.", file=sys.stderr)
+        return EXIT_FAILURE
+    print(hash_password(password))
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    # The reactor must be installed before anything imports Twisted's protocol modules.
+    from .runtime import new_loop_with_reactor
+
+    loop = new_loop_with_reactor()
+    settings = _load(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    from .app import Gateway, StartError
+    from .logs import configure_logging, get_logger
+
+    configure_logging(settings.logging.level, settings.logging.format)
+    log = get_logger("gateway.cli")
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, _request_stop, stop, signum, log)
+    try:
+        loop.run_until_complete(Gateway(settings).run_until(stop))
+    except StartError as error:
+        log.error("gateway.start_failed", reason=str(error))
+        print(f"gateway: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        loop.close()
+    return EXIT_OK
+
+
+def _request_stop(stop: asyncio.Event, signum: int, log) -> None:  # type: ignore[no-untyped-def]
+    log.info("gateway.stopping", signal=signal.Signals(signum).name)
+    stop.set()

@@ -1,0 +1,89 @@
+"""Configuration: one YAML file in, validated and typed :class:`Settings` out.
+
+``load_settings`` either returns settings that every later layer can trust, or raises
+:class:`ConfigError` listing every problem with its file, line, key path and fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from ._checks import CHECKS
+from ._schema import Problem, Secret, Validator
+from ._settings import (
+    AccountSettings,
+    GoogleSettings,
+    ListenerSettings,
+    LoggingSettings,
+    MicrosoftSettings,
+    Settings,
+    TlsSettings,
+    UpstreamServer,
+    UpstreamSettings,
+)
+from ._yaml import YamlSyntaxError, load_with_lines
+
+__all__ = [
+    "AccountSettings",
+    "ConfigError",
+    "GoogleSettings",
+    "ListenerSettings",
+    "LoggingSettings",
+    "MicrosoftSettings",
+    "Problem",
+    "Secret",
+    "Settings",
+    "TlsSettings",
+    "UpstreamServer",
+    "UpstreamSettings",
+    "load_settings",
+]
+
+
+class ConfigError(Exception):
+    """The config file cannot be used; ``str()`` is the full report for the admin."""
+
+    def __init__(self, file: Path, problems: list[Problem]) -> None:
+        self.file = file
+        self.problems = problems
+        super().__init__(self.report())
+
+    def report(self) -> str:
+        count = len(self.problems)
+        lines = [f"{self.file}: {count} problem{'s' if count != 1 else ''}"]
+        for problem in sorted(self.problems, key=lambda p: p.line or 0):
+            where = f"{self.file}:{problem.line}" if problem.line else str(self.file)
+            lines.append(f"{where}: {problem.key}: {problem.message}")
+            if problem.fix:
+                lines.append(f"    fix: {problem.fix}")
+        return "\n".join(lines)
+
+
+def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read, parse and validate ``path``; raise :class:`ConfigError` with every problem."""
+    path = Path(path)
+    environ = os.environ if environ is None else environ
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        fix = "check the path given with -c, or copy config.example.yaml there"
+        raise ConfigError(path, [Problem((), f"cannot read file: {error.strerror}", fix)]) from None
+    except UnicodeDecodeError:
+        problem = Problem((), "file is not UTF-8 text", "save it as UTF-8")
+        raise ConfigError(path, [problem]) from None
+    try:
+        raw, lines = load_with_lines(text)
+    except YamlSyntaxError as error:
+        problem = Problem((), f"YAML syntax error: {error}", "fix the YAML syntax", error.line)
+        raise ConfigError(path, [problem]) from None
+    validator = Validator(path.resolve().parent, environ, lines)
+    settings = validator.build(Settings, raw, ())
+    if settings is not None:
+        for check in CHECKS:
+            check(settings, validator)
+    if validator.problems or settings is None:
+        raise ConfigError(path, validator.problems)
+    return dataclasses.replace(settings, source=path.resolve())

@@ -1,0 +1,118 @@
+"""Checks that look across keys or at the file system, after the per-field checks passed.
+
+Each check reads the built settings and reports through the validator, so a port collision, an
+unreadable certificate and a malformed password hash all show up in the same list.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+
+from .. import tls
+from ._schema import Validator
+from ._settings import AccountSettings, Settings
+
+
+def check_listeners(settings: Settings, v: Validator) -> None:
+    seen: dict[int, str] = {}
+    if settings.listeners is None:
+        return
+    for name, port in settings.listeners.ports().items():
+        if port == 0:  # "any free port": used by tests, never collides
+            continue
+        if port in seen:
+            v.report(
+                ("listeners", f"{name}_port"),
+                f"port {port} is already used by listeners.{seen[port]}_port",
+                "give every listener its own port, or null to turn one off",
+            )
+        seen.setdefault(port, name)
+
+
+def check_tls(settings: Settings, v: Validator) -> None:
+    if settings.tls is None:
+        return
+    cert, key = settings.tls.cert, settings.tls.key
+    if (cert is None) != (key is None):
+        missing = "key" if key is None else "cert"
+        fix = "give both cert and key, or neither"
+        v.report(("tls", missing), f"tls.{missing} is missing", fix)
+        return
+    if cert is not None and key is not None:
+        problem = tls.check_pair(cert, key)
+        if problem:
+            v.report(("tls",), problem, "point cert and key at a readable PEM pair that matches")
+
+
+def check_ca_bundle(settings: Settings, v: Validator) -> None:
+    if settings.ca_bundle is None:
+        return
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=settings.ca_bundle)
+    except (OSError, ssl.SSLError) as error:
+        v.report(
+            ("ca_bundle",),
+            f"cannot load CA certificates from {settings.ca_bundle}: {error}",
+            "point ca_bundle at a readable PEM file of CA certificates",
+        )
+
+
+def check_accounts(settings: Settings, v: Validator) -> None:
+    seen: set[str] = set()
+    for index, account in enumerate(settings.accounts or ()):
+        path = ("accounts", index)
+        if account is None:
+            continue
+        folded = (account.username or "").casefold()
+        if folded and folded in seen:
+            v.report(
+                (*path, "username"),
+                f"username {account.username!r} is used by another account",
+                "give each account its own username",
+            )
+        seen.add(folded)
+        _check_provider(settings, account, path, v)
+
+
+def _check_provider(
+    settings: Settings, account: AccountSettings, path: tuple, v: Validator
+) -> None:
+    microsoft = settings.microsoft
+    if account.provider == "microsoft" and microsoft is not None and microsoft.client_id is None:
+        v.report(
+            ("microsoft", "client_id"),
+            f"account {account.username!r} uses Microsoft, but microsoft.client_id is not set",
+            "register an app in Microsoft Entra and copy its Application (client) ID here",
+        )
+    if account.provider is None:
+        return
+    if account.provider != "upstream":
+        if account.upstream is not None:
+            v.report(
+                (*path, "upstream"),
+                f"upstream servers are only used with provider upstream, not {account.provider}",
+                "remove the upstream section, or set provider: upstream",
+            )
+        return
+    upstream = account.upstream
+    if upstream is None or not (upstream.smtp or upstream.imap or upstream.pop3):
+        v.report(
+            (*path, "upstream"),
+            "provider upstream needs at least one upstream server",
+            "add upstream.smtp and upstream.imap (or upstream.pop3)",
+        )
+    elif upstream.imap and upstream.pop3:
+        v.report(
+            (*path, "upstream"),
+            "both upstream.imap and upstream.pop3 are set; the INBOX must come from one of them",
+            "keep imap (preferred) or pop3",
+        )
+
+
+CHECKS: tuple[Callable[[Settings, Validator], None], ...] = (
+    check_listeners,
+    check_tls,
+    check_ca_bundle,
+    check_accounts,
+)

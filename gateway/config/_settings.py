@@ -1,0 +1,263 @@
+"""The gateway's settings: the schema of config.yaml, as frozen dataclasses.
+
+Every field's fix hint is what ``gateway check-config`` tells the admin when the value is wrong,
+so hints are written for the person editing the file, not for developers.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .. import passwords
+from ._schema import Secret, field_info
+
+Provider = Literal["microsoft", "google", "upstream"]
+Security = Literal["none", "starttls", "tls"]
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+$")
+_ADDRESS = re.compile(r"^[^@\s<>()\[\],;:\"]+@[^@\s<>()\[\],;:\"]+\.[^@\s<>()\[\],;:\".]+$")
+_USERNAME = re.compile(r"^[A-Za-z0-9._@+-]{1,128}$")
+_GUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+
+
+def check_port(port: int) -> str | None:
+    if not 0 <= port <= 65535:
+        return f"port {port} is outside 1-65535"
+    return None
+
+
+def check_host(host: str) -> str | None:
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    return None if _HOSTNAME.match(host) else f"{host!r} is not an IP address or host name"
+
+
+def check_https_url(url: str) -> str | None:
+    if not re.match(r"^https://[^/\s]+(/\S*)?$", url):
+        return f"{url!r} is not an https:// URL (tokens and mail must not travel in clear)"
+    return None
+
+
+def check_address(address: str) -> str | None:
+    return None if _ADDRESS.match(address) else f"{address!r} is not an email address"
+
+
+def check_username(name: str) -> str | None:
+    if _USERNAME.match(name):
+        return None
+    return f"{name!r} may contain only letters, digits and . _ @ + - (at most 128)"
+
+
+def check_client_id(client_id: str) -> str | None:
+    if _GUID.match(client_id):
+        return None
+    return f"{client_id!r} is not an application (client) ID, which looks like 1b2c3d4e-..."
+
+
+def check_tenant(tenant: str) -> str | None:
+    if tenant in ("common", "organizations", "consumers") or _GUID.match(tenant):
+        return None
+    return None if _HOSTNAME.match(tenant) and "." in tenant else f"{tenant!r} is not a tenant"
+
+
+def check_password_hash(text: str) -> str | None:
+    try:
+        passwords.parse_hash(text)
+    except passwords.MalformedHash as error:
+        return f"malformed password hash: {error}"
+    return None
+
+
+def check_state_dir(path: Path) -> str | None:
+    if path.exists() and not path.is_dir():
+        return f"{path} exists and is not a directory"
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable by this user"
+    return None
+
+
+PORT_FIX = "use a free TCP port number (1-65535), or null to turn this listener off"
+
+
+def _port(default: int) -> int | None:
+    return field_info(default, fix=PORT_FIX, check=check_port)
+
+
+@dataclass(frozen=True)
+class ListenerSettings:
+    host: str = field_info(
+        "127.0.0.1",
+        fix="use 127.0.0.1 (this machine only) or the address of one local interface",
+        check=check_host,
+    )
+    smtp_port: int | None = _port(2525)
+    smtps_port: int | None = _port(2465)
+    imap_port: int | None = _port(2143)
+    imaps_port: int | None = _port(2993)
+    pop3_port: int | None = _port(2110)
+    pop3s_port: int | None = _port(2995)
+    admin_port: int | None = _port(8025)
+
+    def ports(self) -> dict[str, int]:
+        """Enabled listeners by name (``smtp``, ``imaps``...), with their configured port."""
+        named = {
+            "smtp": self.smtp_port,
+            "smtps": self.smtps_port,
+            "imap": self.imap_port,
+            "imaps": self.imaps_port,
+            "pop3": self.pop3_port,
+            "pop3s": self.pop3s_port,
+            "admin": self.admin_port,
+        }
+        return {name: port for name, port in named.items() if port is not None}
+
+
+TLS_FIX = "give the path of a PEM file, or leave both cert and key out to use a generated one"
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    cert: Path | None = field_info(None, fix=TLS_FIX)
+    key: Path | None = field_info(None, fix=TLS_FIX)
+
+
+@dataclass(frozen=True)
+class MicrosoftSettings:
+    client_id: str | None = field_info(
+        None,
+        fix="copy the Application (client) ID of your app registration in Microsoft Entra",
+        check=check_client_id,
+    )
+    client_secret: Secret | None = field_info(None)
+    tenant: str = field_info(
+        "organizations",
+        fix="use your tenant ID or domain (contoso.onmicrosoft.com), or organizations",
+        check=check_tenant,
+    )
+    authority_host: str = field_info(
+        "https://login.microsoftonline.com", fix="an https:// URL", check=check_https_url
+    )
+    graph_url: str = field_info(
+        "https://graph.microsoft.com/v1.0", fix="an https:// URL", check=check_https_url
+    )
+
+
+@dataclass(frozen=True)
+class GoogleSettings:
+    client_id: str | None = field_info(
+        None,
+        fix="copy the OAuth client ID from the Google Cloud console (…apps.googleusercontent.com)",
+    )
+    client_secret: Secret | None = field_info(None)
+    auth_uri: str = field_info(
+        "https://accounts.google.com/o/oauth2/v2/auth", fix="an https:// URL", check=check_https_url
+    )
+    token_uri: str = field_info(
+        "https://oauth2.googleapis.com/token", fix="an https:// URL", check=check_https_url
+    )
+    gmail_url: str = field_info(
+        "https://gmail.googleapis.com", fix="an https:// URL", check=check_https_url
+    )
+
+
+_DEFAULT_PORTS = {
+    ("smtp", "tls"): 465,
+    ("smtp", "starttls"): 587,
+    ("smtp", "none"): 25,
+    ("imap", "tls"): 993,
+    ("imap", "starttls"): 143,
+    ("imap", "none"): 143,
+    ("pop3", "tls"): 995,
+    ("pop3", "starttls"): 110,
+    ("pop3", "none"): 110,
+}
+
+
+@dataclass(frozen=True)
+class UpstreamServer:
+    """A server of a provider that still accepts passwords (SMTP, IMAP or POP3)."""
+
+    host: str = field_info(fix="the server's host name, e.g. mail.example.org", check=check_host)
+    port: int | None = field_info(
+        None, fix="the server's port, or leave it out for the standard one", check=check_port
+    )
+    security: Security = field_info(
+        "tls", fix="tls (implicit TLS), starttls, or none (only on a trusted network)"
+    )
+    username: str | None = field_info(None, fix="the login name at that server")
+    password: Secret | None = field_info(None)
+
+    def port_for(self, protocol: Literal["smtp", "imap", "pop3"]) -> int:
+        return self.port or _DEFAULT_PORTS[(protocol, self.security)]
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    smtp: UpstreamServer | None = None
+    imap: UpstreamServer | None = None
+    pop3: UpstreamServer | None = None
+
+
+@dataclass(frozen=True)
+class AccountSettings:
+    """A local login of a legacy program, and the mailbox it stands for."""
+
+    username: str = field_info(
+        fix="the login name the legacy program will use, e.g. crm", check=check_username
+    )
+    password_hash: str = field_info(
+        fix="run `gateway hash-password` and paste its output (it starts with $scrypt$)",
+        check=check_password_hash,
+    )
+    provider: Provider = field_info(fix="microsoft, google or upstream")
+    address: str = field_info(
+        fix="the mailbox's email address, e.g. sales@example.com", check=check_address
+    )
+    upstream: UpstreamSettings | None = field_info(
+        None, fix="describe the smtp and imap (or pop3) servers of this mailbox"
+    )
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: Literal["debug", "info", "warning", "error"] = field_info(
+        "info", fix="debug, info, warning or error"
+    )
+    format: Literal["text", "json"] = field_info("text", fix="text (key=value) or json")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``gateway run`` needs, validated. ``source`` is the file it came from."""
+
+    state_dir: Path = field_info(
+        fix="a directory the gateway may write to, e.g. /var/lib/gateway (relative paths are "
+        "relative to the config file) that the gateway's user can write",
+        check=check_state_dir,
+    )
+    hostname: str = field_info(
+        "localhost",
+        fix="the name clients use to reach the gateway (greetings and the generated certificate)",
+        check=check_host,
+    )
+    listeners: ListenerSettings = field_info(ListenerSettings())
+    tls: TlsSettings = field_info(TlsSettings())
+    microsoft: MicrosoftSettings = field_info(MicrosoftSettings())
+    google: GoogleSettings = field_info(GoogleSettings())
+    ca_bundle: Path | None = field_info(
+        None, fix="the path of a PEM file of extra CA certificates for outbound HTTPS"
+    )
+    logging: LoggingSettings = field_info(LoggingSettings())
+    accounts: tuple[AccountSettings, ...] = field_info(())
+    source: Path | None = field(default=None, metadata={"internal": True})

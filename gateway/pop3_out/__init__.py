@@ -1,0 +1,1 @@
+"""POP3 front over the same INBOX view as IMAP."""

@@ -1,0 +1,1 @@
+"""SMTP submission front: legacy programs hand their mail to the gateway here."""

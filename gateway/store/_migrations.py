@@ -1,0 +1,132 @@
+"""Schema migrations: an append-only list, applied forward only, one transaction each.
+
+Rules for adding one: append ``Migration(len(MIGRATIONS) + 1, ...)``; never edit or reorder a
+released migration (databases in the field have already run it). Statements use only portable
+SQL (TEXT/INTEGER/BLOB, no SQLite-only functions) so a PostgreSQL backend can reuse them with at
+most a type mapping. Timestamps are ISO-8601 UTC text; see ``gateway.store._sqlite``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from ._crypto import StoreError
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One schema step; ``version`` is the schema version the database has after it."""
+
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "settings and encrypted secrets",
+        (
+            "CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+            "CREATE TABLE secrets ("
+            "name TEXT PRIMARY KEY, ciphertext BLOB NOT NULL, updated_at TEXT NOT NULL)",
+        ),
+    ),
+    Migration(
+        2,
+        "audit events",
+        (
+            "CREATE TABLE events ("
+            "id INTEGER PRIMARY KEY, at TEXT NOT NULL, kind TEXT NOT NULL, "
+            "account TEXT, detail TEXT)",
+            "CREATE INDEX events_at ON events (at)",
+        ),
+    ),
+)
+
+_CREATE_VERSION_TABLE = (
+    "CREATE TABLE IF NOT EXISTS schema_version ("
+    "version INTEGER PRIMARY KEY, description TEXT NOT NULL)"
+)
+
+
+def check_sequence(migrations: Sequence[Migration]) -> None:
+    """Raise ValueError unless versions run 1, 2, 3... without gaps or reordering.
+
+    A gap or a duplicate would make the "current version" ambiguous, so it is a programming
+    error caught at import time and in tests rather than on an operator's machine.
+    """
+    versions = [migration.version for migration in migrations]
+    if versions != list(range(1, len(versions) + 1)):
+        raise ValueError(f"migration versions must be 1, 2, 3... without gaps, got {versions}")
+
+
+check_sequence(MIGRATIONS)
+
+
+def migrate(conn: sqlite3.Connection, migrations: Sequence[Migration] = MIGRATIONS) -> int:
+    """Bring the database up to the newest of *migrations* and return its schema version.
+
+    Each migration runs in its own ``BEGIN IMMEDIATE`` transaction and re-reads the version
+    under that write lock, so two processes starting together apply each step exactly once and
+    a failed step leaves the database at the previous version. A database newer than the
+    newest known migration is refused rather than used with a schema this code does not
+    understand. SQLite errors propagate unchanged; the caller knows the file name to report.
+    """
+    check_sequence(migrations)
+    with _transaction(conn):
+        conn.execute(_CREATE_VERSION_TABLE)
+        current = _current_version(conn)
+    newest = len(migrations)
+    if current > newest:
+        raise StoreError(
+            f"{_database_name(conn)} has schema version {current} but this gateway only knows "
+            f"up to {newest}; upgrade the gateway or restore a backup"
+        )
+    for migration in migrations[current:]:
+        _apply(conn, migration)
+    return _current_version(conn)
+
+
+def _apply(conn: sqlite3.Connection, migration: Migration) -> None:
+    with _transaction(conn):
+        if _current_version(conn) >= migration.version:
+            return  # another process applied it while we waited for the lock
+        for statement in migration.statements:
+            conn.execute(statement)
+        conn.execute(
+            "INSERT INTO schema_version (version, description) VALUES (?, ?)",
+            (migration.version, migration.description),
+        )
+
+
+def _current_version(conn: sqlite3.Connection) -> int:
+    (version,) = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    return version or 0
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """Explicit transaction, independent of the connection's isolation_level setting.
+
+    SQLite DDL is transactional, so a half-applied migration rolls back completely.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if conn.in_transaction:  # SQLite may already have rolled back (e.g. disk full)
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _database_name(conn: sqlite3.Connection) -> str:
+    """The main database's file path, so errors name the file the operator must look at."""
+    for _seq, name, file in conn.execute("PRAGMA database_list"):
+        if name == "main" and file:
+            return str(file)
+    return "the database"

@@ -1,0 +1,243 @@
+"""The SQLite-backed state store: settings, encrypted secrets and the audit log.
+
+Every SQL statement runs on one dedicated worker thread that owns the connection. The event
+loop only awaits results, so it never stalls on the fsync that ``synchronous=FULL`` performs at
+each commit, and SQLite's one-writer rule is met without locks in Python. Each write is its own
+autocommitted statement, durable when the awaited call returns.
+
+Timestamps are stored as ISO-8601 UTC text of fixed width (``2024-05-01T09:30:00.000000Z``):
+fixed width makes text order equal time order, so comparisons and the ``events.at`` index work
+on a plain TEXT column in SQLite and PostgreSQL alike; it reads directly in ``sqlite3`` and
+``psql``; and unlike integer epochs it cannot overflow a 32-bit PostgreSQL INTEGER column or be
+confused between seconds and milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+from ._crypto import SecretBox, StoreError
+from ._migrations import migrate
+
+DB_FILE_NAME = "gateway.db"
+BUSY_TIMEOUT_SECONDS = 5.0
+_MIN_SQLITE = (3, 24, 0)  # INSERT ... ON CONFLICT DO UPDATE
+
+_T = TypeVar("_T")
+_Row = tuple[Any, ...]
+
+# (prefixes of SQLite's error name, what the operator should check)
+_ERROR_HINTS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (
+        ("SQLITE_BUSY", "SQLITE_LOCKED"),
+        "another process holds it; is a second gateway using the same state directory?",
+    ),
+    (
+        ("SQLITE_CORRUPT", "SQLITE_NOTADB"),
+        "it is damaged or not a gateway database; restore a backup or move it aside",
+    ),
+    (
+        ("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_AUTH"),
+        "check that the file and its directory are writable by this user",
+    ),
+    (("SQLITE_FULL",), "the disk is full"),
+    (("SQLITE_IOERR",), "the disk reported an I/O error"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One audit-log entry; ``at`` is timezone-aware UTC."""
+
+    id: int
+    at: datetime
+    kind: str
+    account: str | None
+    detail: str | None
+
+
+class Store:
+    """Async facade over the state database; create with :meth:`open`, end with :meth:`close`.
+
+    A call whose caller is cancelled still runs to completion on the worker thread: a write
+    may be applied even though the awaiting task never saw it return.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        conn: sqlite3.Connection,
+        executor: ThreadPoolExecutor,
+        box: SecretBox,
+        schema_version: int,
+    ) -> None:
+        self._path = path
+        self._conn = conn
+        self._executor = executor
+        self._box = box
+        self._schema_version = schema_version
+        self._closed = False
+
+    @classmethod
+    async def open(cls, state_dir: Path, box: SecretBox) -> Self:
+        """Open (or create) ``<state_dir>/gateway.db`` and migrate it to the current schema."""
+        path = state_dir / DB_FILE_NAME
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-store")
+        loop = asyncio.get_running_loop()
+        try:
+            conn, version = await loop.run_in_executor(executor, _open_database, path)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(path, conn, executor, box, version)
+
+    async def close(self) -> None:
+        """Close the database after queued calls finish; later calls are no-ops."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._conn.close)
+        finally:
+            self._executor.shutdown(wait=False)  # the queue is empty: the close ran last
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version the database was migrated to when opened."""
+        return self._schema_version
+
+    async def get_setting(self, key: str) -> str | None:
+        row = await self._fetch_one("SELECT value FROM settings WHERE key = ?", (key,))
+        return None if row is None else row[0]
+
+    async def set_setting(self, key: str, value: str) -> None:
+        await self._execute(
+            "INSERT INTO settings (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    async def put_secret(self, name: str, plaintext: bytes) -> None:
+        """Store *plaintext* encrypted, bound to *name* so it cannot be moved to another name."""
+        ciphertext = self._box.encrypt(plaintext, name)
+        await self._execute(
+            "INSERT INTO secrets (name, ciphertext, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET "
+            "ciphertext = excluded.ciphertext, updated_at = excluded.updated_at",
+            (name, ciphertext, _now_text()),
+        )
+
+    async def get_secret(self, name: str) -> bytes | None:
+        """Return the decrypted secret, None if absent; StoreError if the key does not fit."""
+        row = await self._fetch_one("SELECT ciphertext FROM secrets WHERE name = ?", (name,))
+        return None if row is None else self._box.decrypt(row[0], name)
+
+    async def delete_secret(self, name: str) -> None:
+        await self._execute("DELETE FROM secrets WHERE name = ?", (name,))
+
+    async def record_event(
+        self, kind: str, account: str | None = None, detail: str | None = None
+    ) -> None:
+        """Append to the audit log; callers must not put secrets in *detail*."""
+        await self._execute(
+            "INSERT INTO events (at, kind, account, detail) VALUES (?, ?, ?, ?)",
+            (_now_text(), kind, account, detail),
+        )
+
+    async def recent_events(self, limit: int = 50) -> list[Event]:
+        """The newest *limit* events, newest first.
+
+        Ordered by id (insertion order), not by ``at``, so a wall-clock step backwards cannot
+        reorder the log; the ``at`` index serves time-range queries and pruning.
+        """
+        if limit < 0:
+            raise ValueError(f"limit must not be negative, got {limit}")
+        rows = await self._run(
+            lambda conn: conn.execute(
+                "SELECT id, at, kind, account, detail FROM events ORDER BY id DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        )
+        return [_event_from_row(row) for row in rows]
+
+    async def _execute(self, sql: str, params: tuple[Any, ...]) -> None:
+        await self._run(lambda conn: conn.execute(sql, params))
+
+    async def _fetch_one(self, sql: str, params: tuple[Any, ...]) -> _Row | None:
+        return await self._run(lambda conn: conn.execute(sql, params).fetchone())
+
+    async def _run(self, job: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run *job* on the worker thread, translating SQLite errors into StoreError."""
+        if self._closed:
+            raise StoreError("the state store is already closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._guarded, job)
+
+    def _guarded(self, job: Callable[[sqlite3.Connection], _T]) -> _T:
+        try:
+            return job(self._conn)
+        except sqlite3.Error as exc:
+            raise _explain(self._path, exc) from exc
+
+
+def _open_database(path: Path) -> tuple[sqlite3.Connection, int]:
+    """Worker-thread half of :meth:`Store.open`: connect, configure, migrate."""
+    if sqlite3.sqlite_version_info < _MIN_SQLITE:
+        raise StoreError(
+            f"SQLite {sqlite3.sqlite_version} is too old; the gateway needs 3.24 or newer"
+        )
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Create the file owner-only before SQLite opens it: it will hold tokens (encrypted) and mail.
+    # SQLite gives the -wal and -shm files the same mode as the database.
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    try:
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise _explain(path, exc) from exc
+    try:
+        _configure(conn, path)
+        return conn, migrate(conn)
+    except BaseException as exc:
+        conn.close()
+        if isinstance(exc, sqlite3.Error):
+            raise _explain(path, exc) from exc
+        raise
+
+
+def _configure(conn: sqlite3.Connection, path: Path) -> None:
+    """WAL lets readers run during a write; FULL fsyncs each commit (the spool relies on it)."""
+    (mode,) = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+    if str(mode).lower() != "wal":
+        raise StoreError(
+            f"{path} cannot use write-ahead logging (SQLite kept journal mode {mode!r}); "
+            "put the state directory on a local filesystem"
+        )
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+
+
+def _explain(path: Path, exc: sqlite3.Error) -> StoreError:
+    """Turn a SQLite error into a sentence naming the file and what to check."""
+    code = exc.sqlite_errorname or ""
+    for prefixes, hint in _ERROR_HINTS:
+        if code.startswith(prefixes):
+            return StoreError(f"cannot use the state database {path}: {exc}; {hint}")
+    return StoreError(f"cannot use the state database {path}: {exc}")
+
+
+def _event_from_row(row: _Row) -> Event:
+    id_, at, kind, account, detail = row
+    return Event(id_, datetime.fromisoformat(at), kind, account, detail)
+
+
+def _now_text() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -1,0 +1,59 @@
+"""Test harness: one session-wide asyncio loop with Twisted's reactor on it, and a gateway.
+
+The reactor can be installed only once per process and stays bound to its loop, so every async
+test and fixture shares the session loop created by the same function production uses.
+Blocking clients (smtplib, imaplib, poplib, subprocesses) must run through ``asyncio.to_thread``
+inside async tests, or they would stall the very loop that serves them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway.runtime import new_loop_with_reactor
+from tests.helpers import base_config
+
+TESTS = Path(__file__).parent
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict:
+    return {"reactor": new_loop_with_reactor}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    integration = TESTS / "integration"
+    for item in items:
+        if integration in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> Callable[..., Path]:
+    """Write a config dict (or base_config with overrides) to a file and return its path."""
+
+    def write(config: dict | None = None, name: str = "config.yaml", **overrides: Any) -> Path:
+        path = tmp_path / name
+        data = config if config is not None else base_config(tmp_path / "state", **overrides)
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    return write
+
+
+@pytest.fixture
+async def gateway(write_config: Callable[..., Path]) -> AsyncIterator[Any]:
+    """A gateway running in-process on the test loop, on free loopback ports, temp state dir."""
+    from gateway.app import Gateway
+    from gateway.config import load_settings
+
+    running = Gateway(load_settings(write_config()))
+    await running.start()
+    try:
+        yield running
+    finally:
+        await running.stop()

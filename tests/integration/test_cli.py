@@ -1,0 +1,254 @@
+"""The ``gateway`` command as an admin runs it: a real process, real signals, real sockets."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from gateway.config import load_settings
+from gateway.passwords import parse_hash, verify_password
+from tests.helpers import PASSWORD, base_config, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+GATEWAY = [sys.executable, "-m", "gateway"]
+LISTENERS = ("smtp", "smtps", "imap", "imaps", "pop3", "pop3s", "admin")
+
+
+def gateway_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*GATEWAY, *args], input=stdin, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_check_config_accepts_the_example() -> None:
+    result = gateway_cli("check-config", str(REPO / "config.example.yaml"))
+    assert result.returncode == 0, result.stderr
+    assert "OK (3 accounts" in result.stdout
+
+
+def test_check_config_lists_every_problem_and_exits_2(tmp_path: Path) -> None:
+    config = base_config(tmp_path / "state")
+    config["listeners"].update(smtp_port=2525, imap_port=2525, pop3_port="x")
+    config["accounts"][0]["password_hash"] = "plain-text-password"
+    config["colour"] = "blue"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = gateway_cli("check-config", str(path))
+    assert result.returncode == 2
+    assert f"{path}: 4 problems" in result.stderr
+    for key in ("listeners.imap_port", "listeners.pop3_port", "accounts[0].password_hash"):
+        assert f": {key}: " in result.stderr
+    assert "colour: unknown key 'colour'" in result.stderr
+    assert result.stderr.count("    fix: ") == 4
+
+
+def test_version_and_help() -> None:
+    assert gateway_cli("--version").stdout.startswith("gateway 0.")
+    help_text = gateway_cli("--help").stdout
+    for command in ("run", "check-config", "hash-password"):
+        assert command in help_text
+
+
+def test_hash_password_from_stdin_is_accepted_by_the_config(tmp_path: Path) -> None:
+    result = gateway_cli("hash-password", stdin="légacy pass\n")
+    assert result.returncode == 0
+    hashed = result.stdout.strip()
+    assert verify_password("légacy pass", parse_hash(hashed))
+    config = base_config(tmp_path / "state")
+    config["accounts"][0]["password_hash"] = hashed
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert load_settings(path, environ={}).accounts[0].password_hash == hashed
+    assert gateway_cli("hash-password", stdin="\n").returncode == 1
+
+
+def _read_until(fd: int, marker: bytes, timeout: float = 30) -> bytes:
+    data = b""
+    deadline = time.monotonic() + timeout
+    while marker not in data and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(fd, 1024)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+def test_hash_password_prompts_twice_without_echo() -> None:
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a real terminal, as an admin at a shell
+        os.execv(sys.executable, [*GATEWAY, "hash-password"])
+    transcript = _read_until(fd, b"Password: ")
+    os.write(fd, b"typed secret 42\n")
+    transcript += _read_until(fd, b"Repeat password: ")
+    os.write(fd, b"typed secret 42\n")
+    transcript += _read_until(fd, b"$scrypt$")
+    transcript += _read_until(fd, b"\n")
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert b"typed secret 42" not in transcript  # not echoed
+    hashed = transcript[transcript.index(b"$scrypt$") :].split()[0].decode()
+    assert verify_password("typed secret 42", parse_hash(hashed))
+
+
+class GatewayProcess:
+    """``gateway run`` in a child process on fixed free ports, stderr kept for inspection."""
+
+    def __init__(self, tmp_path: Path, state_dir: Path) -> None:
+        self.ports = {name: free_port() for name in LISTENERS}
+        config = base_config(state_dir)
+        config["listeners"] = {f"{name}_port": port for name, port in self.ports.items()}
+        self.config = tmp_path / "run.yaml"
+        self.config.write_text(yaml.safe_dump(config))
+        self.log = tmp_path / "gateway.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [*GATEWAY, "run", "-c", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("wb"),
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                httpx.get(f"http://127.0.0.1:{self.ports['admin']}/healthz", timeout=1)
+                return
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise AssertionError(f"gateway did not come up:\n{self.log.read_text()}")
+
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+        return self.proc.wait(timeout=15)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def process(tmp_path: Path):
+    running = GatewayProcess(tmp_path, tmp_path / "state")
+    yield running
+    running.kill()
+
+
+def _greeting(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        return sock.recv(200)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_run_serves_every_listener_and_stops_cleanly(process: GatewayProcess, signum: int) -> None:
+    process.start()
+    assert _greeting(process.ports["smtp"]).startswith(b"220 localhost")
+    assert _greeting(process.ports["imap"]).startswith(b"* OK [CAPABILITY IMAP4rev1")
+    assert _greeting(process.ports["pop3"]).startswith(b"+OK")
+    for name in ("smtps", "imaps", "pop3s"):
+        socket.create_connection(("127.0.0.1", process.ports[name]), timeout=10).close()
+    page = httpx.get(f"http://127.0.0.1:{process.ports['admin']}/", timeout=10)
+    assert page.status_code == 200
+    held = socket.create_connection(("127.0.0.1", process.ports["imap"]), timeout=10)
+    held.recv(200)
+    assert process.stop(signum) == 0  # an open client connection does not hold up the stop
+    assert held.recv(200) == b""  # ... it was closed by the gateway
+    held.close()
+    log = process.log.read_text()
+    assert "event=gateway.started" in log and "event=gateway.stopped" in log
+    assert f"signal={signal.Signals(signum).name}" in log
+    for port in process.ports.values():  # every port was released
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("127.0.0.1", port))
+
+
+def test_restart_keeps_state(process: GatewayProcess, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    process.start()
+    assert process.stop() == 0
+    key, cert = (state / "secret.key").read_bytes(), (state / "tls" / "gateway.crt").read_bytes()
+    assert (state / "secret.key").stat().st_mode & 0o777 == 0o600
+    assert (state / "gateway.db").stat().st_mode & 0o777 == 0o600
+    process.start()
+    assert process.stop() == 0
+    assert (state / "secret.key").read_bytes() == key
+    assert (state / "tls" / "gateway.crt").read_bytes() == cert
+    rows = subprocess.run(
+        [sys.executable, "-c", _COUNT_EVENTS, str(state)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert rows.stdout.split() == ["gateway.started=2", "gateway.stopped=2"]
+
+
+_COUNT_EVENTS = """
+import asyncio, sys
+from collections import Counter
+from pathlib import Path
+from gateway.store import SecretBox, Store, load_or_create_key
+
+async def main(state):
+    store = await Store.open(state, SecretBox(load_or_create_key(state)))
+    kinds = Counter(e.kind for e in await store.recent_events(100))
+    await store.close()
+    print(*(f"{k}={v}" for k, v in sorted(kinds.items())))
+
+asyncio.run(main(Path(sys.argv[1])))
+"""
+
+
+def test_port_in_use_is_a_clear_start_error(process: GatewayProcess) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", process.ports["imaps"]))
+        squatter.listen()
+        result = subprocess.run(
+            [*GATEWAY, "run", "-c", str(process.config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{process.ports['imaps']} for listeners.imaps_port" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_logs_never_contain_passwords(process: GatewayProcess) -> None:
+    """Clients send passwords to every front; not one of them reaches the (debug-level) log."""
+    process.start()
+    secret = PASSWORD.replace(" ", "-")
+    with socket.create_connection(("127.0.0.1", process.ports["imap"]), timeout=10) as imap:
+        imap.recv(200)
+        imap.sendall(f"a1 LOGIN crm {secret}\r\n".encode())
+        assert b"a1 NO" in imap.recv(200)
+    with socket.create_connection(("127.0.0.1", process.ports["pop3"]), timeout=10) as pop:
+        pop.recv(200)
+        pop.sendall(f"USER crm\r\nPASS {secret}\r\n".encode())
+        time.sleep(0.2)
+        assert b"-ERR" in pop.recv(400)
+    assert process.stop() == 0
+    log = process.log.read_text()
+    assert "event=gateway.started" in log
+    assert secret not in log
