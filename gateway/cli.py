@@ -1,4 +1,4 @@
-"""The ``gateway`` command: run, check-config, hash-password.
+"""The ``gateway`` command: run, check-config, health, hash-password.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad usage or a config that does not validate.
 """
@@ -39,12 +39,19 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     run = commands.add_parser("run", help="start every configured listener and serve")
-    run.add_argument("-c", "--config", type=Path, default=Path(DEFAULT_CONFIG), help=_CONFIG_HELP)
+    _add_config_option(run)
     run.set_defaults(handler=_run)
 
     check = commands.add_parser("check-config", help="validate a config file and list problems")
     check.add_argument("config", type=Path, help="the config file to check")
     check.set_defaults(handler=_check_config)
+
+    health = commands.add_parser(
+        "health",
+        help="exit 0 if the running gateway answers on its admin listener (for healthchecks)",
+    )
+    _add_config_option(health)
+    health.set_defaults(handler=_health)
 
     hasher = commands.add_parser(
         "hash-password",
@@ -56,7 +63,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-_CONFIG_HELP = "config file (default: $GATEWAY_CONFIG or ./config.yaml)"
+def _add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=Path(DEFAULT_CONFIG),
+        help="config file (default: $GATEWAY_CONFIG or ./config.yaml)",
+    )
 
 
 def _load(path: Path):  # type: ignore[no-untyped-def]
@@ -76,6 +90,34 @@ def _check_config(args: argparse.Namespace) -> int:
     ports = ", ".join(f"{name} {port}" for name, port in settings.listeners.ports().items())
     accounts = len(settings.accounts)
     print(f"{args.config}: OK ({accounts} account{'s' if accounts != 1 else ''}; {ports})")
+    return EXIT_OK
+
+
+# A gateway listening on every address is asked over loopback.
+_LOOPBACK_FOR_WILDCARD = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104
+
+
+def _health(args: argparse.Namespace) -> int:
+    import httpx
+
+    settings = _load(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    port = settings.listeners.admin_port
+    if not port:
+        print("gateway: the admin listener is off, so there is nothing to ask", file=sys.stderr)
+        return EXIT_CONFIG
+    host = _LOOPBACK_FOR_WILDCARD.get(settings.listeners.host, settings.listeners.host)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/healthz"
+    try:
+        response = httpx.get(url, timeout=5)
+    except httpx.HTTPError as error:
+        print(f"gateway: not healthy: {url}: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    if response.status_code != 200:
+        print(f"gateway: not healthy: {url} answered {response.status_code}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"gateway: healthy ({url})")
     return EXIT_OK
 
 

@@ -2,8 +2,8 @@
 
 Legacy clients usually connect to ``localhost``; fetchmail and mbsync cannot verify an IP address
 in a certificate, so the generated certificate names ``localhost``, the configured hostname and the
-loopback addresses. It is generated once and kept in the state directory, so clients that pinned
-it keep working across restarts.
+loopback addresses. It is generated once and kept in the state directory with the CA that signed
+it (``ca.crt``, the file to give clients that verify), so they keep working across restarts.
 """
 
 from __future__ import annotations
@@ -28,12 +28,13 @@ _VALIDITY = datetime.timedelta(days=825)  # the longest lifetime Apple clients a
 class CertificatePair:
     cert: Path
     key: Path
+    ca: Path | None = None  # the CA that clients should trust, when we made the pair ourselves
 
 
 def check_pair(cert: Path, key: Path) -> str | None:
     """Return why this cert/key pair cannot be used, or None if it can."""
     try:
-        certificate = x509.load_pem_x509_certificate(cert.read_bytes())
+        certificate = x509.load_pem_x509_certificates(cert.read_bytes())[0]
     except OSError as error:
         return f"cannot read certificate {cert}: {error.strerror}"
     except ValueError:
@@ -51,20 +52,40 @@ def check_pair(cert: Path, key: Path) -> str | None:
 
 def ensure_certificate(state_dir: Path, hostname: str) -> CertificatePair:
     """Return the generated pair in ``state_dir/tls``, creating it on first use."""
-    directory = state_dir / "tls"
-    pair = CertificatePair(directory / "gateway.crt", directory / "gateway.key")
-    if pair.cert.exists() and pair.key.exists():
+    pair = _pair_in(state_dir / "tls", "gateway")
+    if pair.cert.exists() and pair.key.exists() and pair.ca and pair.ca.exists():
         return pair
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    private_key = ec.generate_private_key(ec.SECP256R1())
-    key_pem = private_key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
+    return create_ca_signed_pair(state_dir / "tls", "gateway", hostname)
+
+
+def _pair_in(directory: Path, stem: str) -> CertificatePair:
+    return CertificatePair(
+        directory / f"{stem}.crt", directory / f"{stem}.key", directory / "ca.crt"
     )
-    _write_private(pair.key, key_pem)
-    certificate = _self_signed(private_key, hostname)
-    pair.cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+
+
+def create_ca_signed_pair(directory: Path, stem: str, hostname: str) -> CertificatePair:
+    """Make a one-off CA and a server certificate it signs; write ``ca.crt``, STEM.crt, STEM.key.
+
+    A separate CA, rather than one self-signed certificate, is what strict verifiers accept
+    (Python 3.13 turns on OpenSSL's X509_STRICT, which rejects a CA certificate used as a leaf).
+    The CA's private key is never written: nobody can mint more certificates that clients of
+    this CA would trust. A new pair therefore comes with a new CA.
+    """
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    pair = _pair_in(directory, stem)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = _ca_certificate(ca_key, hostname)
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = _leaf_certificate(key, hostname, ca_key, ca_cert)
+    pem = serialization.Encoding.PEM
+    _write_private(
+        pair.key,
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+    )
+    pair.cert.write_bytes(leaf.public_bytes(pem) + ca_cert.public_bytes(pem))
+    assert pair.ca is not None
+    pair.ca.write_bytes(ca_cert.public_bytes(pem))
     return pair
 
 
@@ -74,7 +95,7 @@ def _write_private(path: Path, data: bytes) -> None:
         handle.write(data)
 
 
-def _self_signed(private_key: ec.EllipticCurvePrivateKey, hostname: str) -> x509.Certificate:
+def _names(hostname: str) -> list[x509.GeneralName]:
     names: list[x509.GeneralName] = [x509.DNSName("localhost")]
     try:
         names.append(x509.IPAddress(ipaddress.ip_address(hostname)))
@@ -82,19 +103,63 @@ def _self_signed(private_key: ec.EllipticCurvePrivateKey, hostname: str) -> x509
         if hostname != "localhost":
             names.append(x509.DNSName(hostname))
     names += [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "::1")]
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    return names
+
+
+def _builder(subject: x509.Name, issuer: x509.Name, public_key: Any) -> x509.CertificateBuilder:
     now = datetime.datetime.now(datetime.UTC)
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(private_key.public_key())
+        .issuer_name(issuer)
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + _VALIDITY)
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(private_key, hashes.SHA256())
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
+
+
+def _ca_certificate(ca_key: ec.EllipticCurvePrivateKey, hostname: str) -> x509.Certificate:
+    name = x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, f"mail gateway local CA ({hostname})")]
+    )
+    usage = x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    return (
+        _builder(name, name, ca_key.public_key())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(usage, critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+
+def _leaf_certificate(
+    key: ec.EllipticCurvePrivateKey,
+    hostname: str,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+) -> x509.Certificate:
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    ca_identifier = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
+    return (
+        _builder(subject, ca_cert.subject, key.public_key())
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(_names(hostname)), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .add_extension(ca_identifier, critical=False)
+        .sign(ca_key, hashes.SHA256())
     )
 
 

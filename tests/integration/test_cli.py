@@ -185,13 +185,13 @@ def test_restart_keeps_state(process: GatewayProcess, tmp_path: Path) -> None:
     state = tmp_path / "state"
     process.start()
     assert process.stop() == 0
-    key, cert = (state / "secret.key").read_bytes(), (state / "tls" / "gateway.crt").read_bytes()
+    key, cert = (state / "secret.key").read_bytes(), (state / "tls" / "ca.crt").read_bytes()
     assert (state / "secret.key").stat().st_mode & 0o777 == 0o600
     assert (state / "gateway.db").stat().st_mode & 0o777 == 0o600
     process.start()
     assert process.stop() == 0
     assert (state / "secret.key").read_bytes() == key
-    assert (state / "tls" / "gateway.crt").read_bytes() == cert
+    assert (state / "tls" / "ca.crt").read_bytes() == cert
     rows = subprocess.run(
         [sys.executable, "-c", _COUNT_EVENTS, str(state)],
         capture_output=True,
@@ -252,3 +252,13 @@ def test_logs_never_contain_passwords(process: GatewayProcess) -> None:
     log = process.log.read_text()
     assert "event=gateway.started" in log
     assert secret not in log
+
+
+def test_health_command_follows_the_running_gateway(process: GatewayProcess) -> None:
+    assert gateway_cli("health", "-c", str(process.config)).returncode == 1  # not started yet
+    process.start()
+    healthy = gateway_cli("health", "-c", str(process.config))
+    assert healthy.returncode == 0 and "healthy" in healthy.stdout
+    assert process.stop() == 0
+    down = gateway_cli("health", "-c", str(process.config))
+    assert down.returncode == 1 and "not healthy" in down.stderr

@@ -24,7 +24,7 @@ HOST = "127.0.0.1"
 
 def _client_tls(gateway: Gateway) -> ssl.SSLContext:
     """Trust exactly the gateway's generated certificate, as an admin would configure a client."""
-    return ssl.create_default_context(cafile=gateway.settings.state_dir / "tls" / "gateway.crt")
+    return ssl.create_default_context(cafile=gateway.settings.state_dir / "tls" / "ca.crt")
 
 
 async def test_smtp_starttls_then_refuses_mail_temporarily(gateway: Gateway) -> None:
@@ -127,7 +127,7 @@ async def test_listeners_bind_loopback_only(gateway: Gateway) -> None:
 
 async def test_real_clients_curl_and_swaks(gateway: Gateway) -> None:
     """curl and swaks as the legacy world uses them, against the running gateway."""
-    cafile = str(gateway.settings.state_dir / "tls" / "gateway.crt")
+    cafile = str(gateway.settings.state_dir / "tls" / "ca.crt")
     ports = gateway.ports
 
     def run(*argv: str) -> subprocess.CompletedProcess:
