@@ -15,24 +15,14 @@ from collections.abc import Iterator
 
 import pytest
 
-try:  # tests/integration may or may not become a package; support both import modes.
-    from .upstream import (
-        INSTALL_HINT,
-        REQUIRED_BINARIES,
-        Dovecot,
-        MailUser,
-        Postfix,
-        missing_binaries,
-    )
-except ImportError:
-    from upstream import (  # type: ignore[no-redef]
-        INSTALL_HINT,
-        REQUIRED_BINARIES,
-        Dovecot,
-        MailUser,
-        Postfix,
-        missing_binaries,
-    )
+from gateway.sandbox.upstream import (
+    INSTALL_HINT,
+    REQUIRED_BINARIES,
+    Dovecot,
+    MailUser,
+    Postfix,
+    missing_binaries,
+)
 
 
 def _require_binaries() -> None:

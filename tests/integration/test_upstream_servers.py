@@ -13,10 +13,8 @@ import ssl
 import subprocess
 import time
 import uuid
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from upstream import Dovecot, MailUser, Postfix
+from gateway.sandbox.upstream import Dovecot, MailUser, Postfix
 
 
 def _message(subject: str, to: str = "someone@example.org") -> bytes:

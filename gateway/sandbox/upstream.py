@@ -1,4 +1,4 @@
-"""Private Dovecot and Postfix instances for integration tests.
+"""Private Dovecot and Postfix instances: the "upstream" provider of the tests and the demo.
 
 The gateway talks to real upstream IMAP/POP3/SMTP servers in production, so the integration tests
 run real ones too: Debian's Dovecot and Postfix, started as *private* instances on 127.0.0.1 high
@@ -564,7 +564,7 @@ class Postfix:
         directory: Path | None = None,
         *,
         catchall_user: str = "catchall",
-        catchall_password: str = "catchall-secret",
+        catchall_password: str | None = None,
         message_size_limit: int = 64 * 1024 * 1024,
         keep_directory: bool = False,
     ) -> None:
@@ -582,12 +582,12 @@ class Postfix:
         self.log_file = self.log_dir / "postfix.log"
         self.ca_file = dovecot.ca_file
         self.catchall_user = catchall_user
-        self.catchall_password = catchall_password
+        self.catchall_password = catchall_password or secrets.token_urlsafe(12)
         self.catchall_address = f"{catchall_user}@{self.CATCHALL_DOMAIN}"
         self.message_size_limit = message_size_limit
         self._started = False
 
-        dovecot.add_user(catchall_user, catchall_password)
+        dovecot.add_user(catchall_user, self.catchall_password)
         # `postfix` chdirs into the queue directory before anything else; its subdirectories (and
         # data_directory) are created with the right owners by `postfix start` (post-install).
         for sub in (self.config_dir, self.log_dir, self.queue_dir):
