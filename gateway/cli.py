@@ -1,4 +1,4 @@
-"""The ``gateway`` command: run, check-config, health, hash-password.
+"""The ``gateway`` command: run, demo, check-config, health, hash-password.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad usage or a config that does not validate.
 """
@@ -11,7 +11,7 @@ import getpass
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from . import __version__
@@ -52,6 +52,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_config_option(health)
     health.set_defaults(handler=_health)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run the gateway against local sandbox clouds (no accounts needed) and print how "
+        "to connect",
+    )
+    demo.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="where the demo keeps its config and state (default: a new temporary directory)",
+    )
+    demo.add_argument(
+        "--log-level",
+        default="warning",
+        choices=("debug", "info", "warning", "error"),
+        help="log level on standard error (default: warning, to keep the instructions readable)",
+    )
+    demo.set_defaults(handler=_demo)
 
     hasher = commands.add_parser(
         "hash-password",
@@ -146,16 +165,37 @@ def _run(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     if settings is None:
         return EXIT_CONFIG
-    from .app import Gateway, StartError
-    from .logs import configure_logging, get_logger
+    from .app import Gateway
+    from .logs import configure_logging
 
     configure_logging(settings.logging.level, settings.logging.format)
+    return _serve_until_signal(loop, lambda stop: Gateway(settings).run_until(stop))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .runtime import new_loop_with_reactor
+
+    loop = new_loop_with_reactor()
+    from .demo import run_demo
+    from .logs import configure_logging
+
+    configure_logging(args.log_level, "text")
+    return _serve_until_signal(loop, lambda stop: run_demo(args.state_dir, stop))
+
+
+def _serve_until_signal(
+    loop: asyncio.AbstractEventLoop, main: Callable[[asyncio.Event], Awaitable[None]]
+) -> int:
+    """Run ``main`` until it returns; SIGINT/SIGTERM set the event it waits on."""
+    from .app import StartError
+    from .logs import get_logger
+
     log = get_logger("gateway.cli")
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, _request_stop, stop, signum, log)
     try:
-        loop.run_until_complete(Gateway(settings).run_until(stop))
+        loop.run_until_complete(main(stop))
     except StartError as error:
         log.error("gateway.start_failed", reason=str(error))
         print(f"gateway: {error}", file=sys.stderr)

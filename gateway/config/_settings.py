@@ -76,6 +76,10 @@ def check_password_hash(text: str) -> str | None:
     return None
 
 
+def check_readable_file(path: Path) -> str | None:
+    return None if os.access(path, os.R_OK) and path.is_file() else f"cannot read {path}"
+
+
 def check_state_dir(path: Path) -> str | None:
     if path.exists() and not path.is_dir():
         return f"{path} exists and is not a directory"
@@ -197,6 +201,12 @@ class UpstreamServer:
     )
     username: str | None = field_info(None, fix="the login name at that server")
     password: Secret | None = field_info(None)
+    ca_file: Path | None = field_info(
+        None,
+        fix="the path of a PEM file with the CA certificate(s) of this server, for a server "
+        "whose certificate is not from a public CA",
+        check=check_readable_file,
+    )
 
     def port_for(self, protocol: Literal["smtp", "imap", "pop3"]) -> int:
         return self.port or _DEFAULT_PORTS[(protocol, self.security)]

@@ -202,3 +202,21 @@ def test_state_dir_must_be_a_writable_directory(write_config, tmp_path: Path) ->
         readonly.mkdir(mode=0o500)
         (problem,) = _problems(write_config(base_config(readonly / "state")))
         assert "not writable" in problem.message
+
+
+def test_upstream_ca_file_must_be_readable(write_config, tmp_path: Path) -> None:
+    ca = tls.ensure_certificate(tmp_path / "ca", "localhost").ca
+    server = {"host": "mail.example.org", "ca_file": str(ca)}
+    config = base_config(tmp_path / "state")
+    config["accounts"][1] = {
+        "username": "legacy",
+        "password_hash": PASSWORD_HASH,
+        "provider": "upstream",
+        "address": "legacy@example.org",
+        "upstream": {"imap": server},
+    }
+    settings = load_settings(write_config(config), environ={})
+    assert settings.accounts[1].upstream.imap.ca_file == ca
+    server["ca_file"] = str(tmp_path / "missing.pem")
+    (problem,) = _problems(write_config(config))
+    assert problem.key == "accounts[1].upstream.imap.ca_file" and "cannot read" in problem.message

@@ -1,0 +1,213 @@
+"""``gateway demo``: the sandbox clouds, a private Dovecot, and a gateway wired to all of them.
+
+A new user sees the whole product on one machine without any cloud account: a Microsoft 365
+mailbox, a Google Workspace mailbox and (where Dovecot is installed) a password-based upstream
+mailbox, each with mail in its INBOX, behind the gateway's local listeners.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from email.utils import format_datetime, make_msgid
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .app import Gateway
+from .config import Settings, load_settings
+from .logs import get_logger
+from .passwords import hash_password
+from .sandbox import Sandbox
+from .sandbox.upstream import Dovecot, missing_binaries
+
+log = get_logger(__name__)
+
+MICROSOFT_ADDRESS = "crm@contoso.example"
+GOOGLE_ADDRESS = "scanner@fabrikam.example"
+GOOGLE_ALIAS = "info@fabrikam.example"
+
+
+@dataclass(frozen=True)
+class DemoAccount:
+    username: str
+    password: str
+    provider: str
+    address: str
+
+
+def _seed_messages(address: str) -> list[bytes]:
+    """A small, realistic INBOX: plain text, Japanese, and one with an attachment."""
+    now = datetime.now(UTC)
+    plain = EmailMessage()
+    plain["Subject"] = "Quarterly figures"
+    plain.set_content("Hello,\n\nthe figures are attached to the next message.\n")
+    japanese = EmailMessage()
+    japanese["Subject"] = "お見積もりのご依頼"
+    japanese.set_content("いつもお世話になっております。\nお見積もりをお願いいたします。\n")
+    attached = EmailMessage()
+    attached["Subject"] = "Figures (CSV)"
+    attached.set_content("See attachment.\n")
+    attached.add_attachment(
+        b"quarter,revenue\nQ1,100\nQ2,120\n", maintype="text", subtype="csv", filename="q.csv"
+    )
+    messages = []
+    for age, message in enumerate((plain, japanese, attached)):
+        message["From"] = "Partner <partner@partner.example>"
+        message["To"] = address
+        message["Date"] = format_datetime(now - timedelta(hours=3 - age))
+        message["Message-ID"] = make_msgid(domain="partner.example")
+        messages.append(message.as_bytes())
+    return messages
+
+
+class Demo:
+    """Everything the demo runs; :meth:`start` it, print :meth:`instructions`, then :meth:`stop`."""
+
+    def __init__(self, state_dir: Path | None = None) -> None:
+        self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix="gateway-demo-"))
+        self.sandbox = Sandbox(self.state_dir / "sandbox")
+        self.dovecot: Dovecot | None = None
+        self.accounts: list[DemoAccount] = []
+        self.gateway: Gateway | None = None
+
+    async def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.sandbox.context.consent = "screen"  # a person clicks Accept, as in the real clouds
+        await self.sandbox.start()
+        self.accounts = [
+            DemoAccount("crm", _password(), "microsoft", MICROSOFT_ADDRESS),
+            DemoAccount("scanner", _password(), "google", GOOGLE_ADDRESS),
+        ]
+        self._seed_sandbox()
+        upstream = await asyncio.to_thread(self._start_dovecot)
+        settings = self._write_config(upstream)
+        self.gateway = Gateway(settings)
+        await self.gateway.start()
+
+    async def stop(self) -> None:
+        if self.gateway is not None:
+            await self.gateway.stop()
+        await self.sandbox.stop()
+        if self.dovecot is not None:
+            await asyncio.to_thread(self.dovecot.stop)
+
+    def _seed_sandbox(self) -> None:
+        sandbox = self.sandbox
+        for provider, address, aliases in (
+            ("microsoft", MICROSOFT_ADDRESS, ()),
+            ("google", GOOGLE_ADDRESS, (GOOGLE_ALIAS,)),
+        ):
+            user = sandbox.add_user(provider, address, send_as=aliases)
+            for raw in _seed_messages(address):
+                sandbox.ops(user).seed_inbox(user, raw)
+
+    def _start_dovecot(self) -> dict[str, Any] | None:
+        """Start a private Dovecot for the upstream account, if this machine has one."""
+        if missing_binaries(("dovecot", "doveadm")):
+            log.info("demo.upstream_skipped", reason="dovecot is not installed")
+            return None
+        dovecot = Dovecot()
+        dovecot.start()
+        self.dovecot = dovecot
+        mailbox_password = _password()
+        dovecot.add_user("legacy", mailbox_password)
+        for raw in _seed_messages("legacy@localhost"):
+            dovecot.deliver("legacy", raw)
+        self.accounts.append(DemoAccount("legacy", _password(), "upstream", "legacy@localhost"))
+        server = {
+            "host": "localhost",
+            "username": "legacy",
+            "password": mailbox_password,
+            "ca_file": str(dovecot.ca_file),  # the private Dovecot's certificate has its own CA
+        }
+        return {"imap": {**server, "port": dovecot.imaps_port, "security": "tls"}}
+
+    def _write_config(self, upstream: dict[str, Any] | None) -> Settings:
+        sandbox = self.sandbox
+        microsoft_app = sandbox.add_app("microsoft", public=True, name="mail gateway demo")
+        google_app = sandbox.add_app("google", name="mail gateway demo")
+        accounts = []
+        for account in self.accounts:
+            entry: dict[str, Any] = {
+                "username": account.username,
+                "password_hash": hash_password(account.password),
+                "provider": account.provider,
+                "address": account.address,
+            }
+            if account.provider == "upstream":
+                entry["upstream"] = upstream
+            accounts.append(entry)
+        config = {
+            "state_dir": str(self.state_dir / "gateway"),
+            "ca_bundle": str(sandbox.ca_file),
+            "microsoft": {
+                "client_id": microsoft_app.client_id,
+                "tenant": sandbox.microsoft.tenant_id,
+                "authority_host": sandbox.url,
+                "graph_url": f"{sandbox.url}/v1.0",
+            },
+            "google": {
+                "client_id": google_app.client_id,
+                "client_secret": google_app.client_secret,
+                "auth_uri": f"{sandbox.url}/o/oauth2/v2/auth",
+                "token_uri": f"{sandbox.url}/token",
+                "gmail_url": sandbox.url,
+            },
+            "accounts": accounts,
+        }
+        path = self.state_dir / "config.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+        path.chmod(0o600)
+        return load_settings(path)
+
+    def instructions(self) -> str:
+        assert self.gateway is not None
+        ports = self.gateway.ports
+        lines = [
+            "",
+            "Mail gateway demo is running. Stop it with Ctrl-C.",
+            "",
+            f"  admin page     http://127.0.0.1:{ports.get('admin')}/",
+            f"  SMTP           localhost:{ports.get('smtp')} (STARTTLS), "
+            f"localhost:{ports.get('smtps')} (TLS)",
+            f"  IMAP           localhost:{ports.get('imap')} (STARTTLS), "
+            f"localhost:{ports.get('imaps')} (TLS)",
+            f"  POP3           localhost:{ports.get('pop3')}, localhost:{ports.get('pop3s')} (TLS)",
+            f"  TLS CA         {self.gateway.settings.state_dir / 'tls' / 'ca.crt'}",
+            "",
+            "  accounts (username / password -> mailbox):",
+        ]
+        for account in self.accounts:
+            lines.append(
+                f"    {account.username:<8} / {account.password}  ->  "
+                f"{account.address} ({account.provider})"
+            )
+        if self.dovecot is None:
+            lines.append("    (no upstream account: Dovecot is not installed)")
+        lines += [
+            "",
+            f"  sandbox clouds {self.sandbox.url}  (CA {self.sandbox.ca_file})",
+            f"  config         {self.state_dir / 'config.yaml'}",
+            "",
+        ]
+        return "\n".join(lines)
+
+
+def _password() -> str:
+    return secrets.token_urlsafe(9)
+
+
+async def run_demo(state_dir: Path | None, stop: asyncio.Event) -> None:
+    demo = Demo(state_dir)
+    try:
+        await demo.start()
+        print(demo.instructions(), flush=True)
+        await stop.wait()
+    finally:
+        await demo.stop()

@@ -1,0 +1,75 @@
+"""``gateway demo``: a new user's first run, from the command line, with nothing configured."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from gateway.config import load_settings
+from gateway.demo import Demo
+
+
+async def test_demo_wires_the_gateway_to_seeded_sandbox_mailboxes(tmp_path: Path) -> None:
+    demo = Demo(tmp_path / "demo")
+    await demo.start()
+    try:
+        text = demo.instructions()
+        sandbox = demo.sandbox
+        for provider in ("microsoft", "google"):
+            (account,) = [a for a in demo.accounts if a.provider == provider]
+            user = sandbox.directory.user(account.address)
+            assert user is not None and user.provider == provider
+            assert len(sandbox.ops(user).inbox_ids(user)) == 3
+            assert f"{account.username:<8} / {account.password}" in text
+        (upstream,) = [a for a in demo.accounts if a.provider == "upstream"]
+        assert f"{upstream.username:<8} / {upstream.password}" in text
+        assert demo.dovecot is not None and demo.dovecot.message_count("legacy") == 3
+        settings = load_settings(tmp_path / "demo" / "config.yaml")
+        assert settings.microsoft.authority_host == sandbox.url
+        assert settings.google.token_uri == f"{sandbox.url}/token"
+        assert settings.ca_bundle == sandbox.ca_file
+        imap = settings.accounts[2].upstream.imap
+        assert imap.port == demo.dovecot.imaps_port and imap.ca_file == demo.dovecot.ca_file
+        async with httpx.AsyncClient() as client:
+            admin = await client.get(f"http://127.0.0.1:{demo.gateway.ports['admin']}/")
+        assert admin.status_code == 200
+    finally:
+        await demo.stop()
+    assert demo.dovecot is not None and not demo.dovecot.running
+
+
+def test_demo_command_prints_how_to_connect_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "demo", "--state-dir", str(state)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        output = ""
+        deadline = time.monotonic() + 60
+        while "Stop it with Ctrl-C" not in output and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            output += line
+        admin = re.search(r"admin page\s+(http://\S+)", output)
+        assert admin, output + proc.stderr.read()
+        assert httpx.get(admin.group(1), timeout=10).status_code == 200
+        assert re.search(r"crm\s+/ \S+\s+->\s+crm@contoso.example \(microsoft\)", output)
+        config = yaml.safe_load((state / "config.yaml").read_text())
+        assert {a["provider"] for a in config["accounts"]} == {"microsoft", "google", "upstream"}
+        assert os.stat(state / "config.yaml").st_mode & 0o077 == 0  # it holds passwords
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=30)
+    assert code == 0, proc.stderr.read()
