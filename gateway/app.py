@@ -106,7 +106,7 @@ class Gateway:
             "pop3": twisted(pop3_server, False),
             "pop3s": twisted(pop3_server, True),
             "admin": lambda name, host, port: admin_server.serve(
-                name, host, port, lambda: self.ports
+                name, host, port, settings, lambda: self.ports
             ),
         }
 

@@ -75,6 +75,7 @@ class Demo:
         self.dovecot: Dovecot | None = None
         self.accounts: list[DemoAccount] = []
         self.gateway: Gateway | None = None
+        self.admin_password = _password()
 
     async def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -145,6 +146,7 @@ class Demo:
             accounts.append(entry)
         config = {
             "state_dir": str(self.state_dir / "gateway"),
+            "admin": {"password_hash": hash_password(self.admin_password)},
             "ca_bundle": str(sandbox.ca_file),
             "microsoft": {
                 "client_id": microsoft_app.client_id,
@@ -173,7 +175,8 @@ class Demo:
             "",
             "Mail gateway demo is running. Stop it with Ctrl-C.",
             "",
-            f"  admin page     http://127.0.0.1:{ports.get('admin')}/",
+            f"  admin page     http://127.0.0.1:{ports.get('admin')}/  "
+            f"(admin password {self.admin_password})",
             f"  SMTP           localhost:{ports.get('smtp')} (STARTTLS), "
             f"localhost:{ports.get('smtps')} (TLS)",
             f"  IMAP           localhost:{ports.get('imap')} (STARTTLS), "

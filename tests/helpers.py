@@ -29,6 +29,7 @@ def base_config(state_dir: Path, **overrides: Any) -> dict:
             for name in ("smtp", "smtps", "imap", "imaps", "pop3", "pop3s", "admin")
         },
         "microsoft": {"client_id": "11111111-2222-3333-4444-555555555555"},
+        "admin": {"password_hash": PASSWORD_HASH},
         "logging": {"level": "debug"},
         "accounts": [
             {

@@ -1,69 +1,243 @@
-"""The admin web listener (aiohttp on the shared loop).
+"""The admin web listener: server-rendered pages on aiohttp, on the shared loop.
 
-For now it serves a status page and ``/healthz`` (used by the Docker healthcheck). Account
-connection and sign-in come with the OAuth work; until then the page says so.
+Plain HTML forms that work without JavaScript. Every page but sign-in and ``/healthz`` needs a
+signed-in admin; every POST needs the session's CSRF token (see :mod:`.auth`).
 """
 
 from __future__ import annotations
 
-import html
-from collections.abc import Callable, Mapping
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
 
+import jinja2
 from aiohttp import web
 
 from .. import __version__
+from ..config import Settings
+from ..logs import get_logger
+from ..passwords import parse_hash, verify_password
 from ..runtime import RunningListener
+from . import i18n
+from .auth import CSRF_FIELD, SESSION_COOKIE, AdminSession, LoginThrottle, SessionStore
+
+log = get_logger(__name__)
 
 SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
+PUBLIC_PATHS = frozenset({"/login", "/healthz", "/lang"})
+LANG_COOKIE = "gw_lang"
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ListenerView = Callable[[], Mapping[str, int]]
 
+_templates = jinja2.Environment(
+    loader=jinja2.PackageLoader("gateway.admin", "templates"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+)
 
-def _status_page(listeners: Mapping[str, int]) -> str:
-    rows = "".join(
-        f"<tr><td>{html.escape(name)}</td><td>{port}</td></tr>" for name, port in listeners.items()
+
+@dataclass
+class AdminState:
+    settings: Settings
+    listeners: ListenerView
+    sessions: SessionStore
+    throttle: LoginThrottle = field(default_factory=LoginThrottle)
+
+
+STATE = web.AppKey("state", AdminState)
+SESSION = web.RequestKey("session", AdminSession | None)  # type: ignore[arg-type]
+LANGUAGE = web.RequestKey("lang", str)
+
+
+def _state(request: web.Request) -> AdminState:
+    return request.app[STATE]
+
+
+def _session(request: web.Request) -> AdminSession | None:
+    return request.get(SESSION)
+
+
+def render(request: web.Request, template: str, status: int = 200, **values: Any) -> web.Response:
+    language = request[LANGUAGE]
+    session = _session(request)
+    html = _templates.get_template(template).render(
+        _=i18n.translator(language),
+        lang=language,
+        other_lang="ja" if language == "en" else "en",
+        path=request.path_qs,
+        signed_in=bool(session and session.signed_in),
+        csrf_token=session.csrf_token if session else "",
+        **values,
     )
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Mail gateway</title></head>
-<body style="font-family: sans-serif; max-width: 40em; margin: 1em auto; padding: 0 1em">
-<h1>Mail gateway {html.escape(__version__)}</h1>
-<p>The gateway is running. Connecting mailboxes from this page is not available in this version
-yet.</p>
-<h2>Listeners</h2>
-<table><tr><th>listener</th><th>port</th></tr>{rows}</table>
-</body></html>
-"""
+    return web.Response(text=html, status=status, content_type="text/html")
 
 
-def build_app(listeners: ListenerView) -> web.Application:
-    async def index(request: web.Request) -> web.Response:
-        return web.Response(text=_status_page(listeners()), content_type="text/html")
+def _set_session_cookie(
+    request: web.Request, response: web.StreamResponse, session: AdminSession
+) -> None:
+    response.set_cookie(
+        SESSION_COOKIE,
+        session.id,
+        httponly=True,
+        samesite="Strict",
+        secure=request.secure,
+        path="/",
+    )
 
-    async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "version": __version__})
 
-    @web.middleware
-    async def security_headers(request: web.Request, handler):  # type: ignore[no-untyped-def]
-        response = await handler(request)
-        response.headers.update(SECURITY_HEADERS)
-        return response
+def _same_origin(request: web.Request) -> bool:
+    """A browser-sent Origin (or Referer) must name this page; absent headers are allowed."""
+    for header in ("Origin", "Referer"):
+        value = request.headers.get(header)
+        if value:
+            origin = urlsplit(value)
+            return origin.netloc == request.host and origin.scheme == request.scheme
+    return True
 
-    app = web.Application(middlewares=[security_headers])
-    app.router.add_get("/", index)
+
+@web.middleware
+async def security(request: web.Request, handler: Handler) -> web.StreamResponse:
+    state = _state(request)
+    request[LANGUAGE] = i18n.negotiate(
+        request.headers.get("Accept-Language"), request.cookies.get(LANG_COOKIE)
+    )
+    session = state.sessions.get(request.cookies.get(SESSION_COOKIE))
+    request[SESSION] = session
+    if request.method not in ("GET", "HEAD"):
+        form = await request.post()
+        token = form.get(CSRF_FIELD)
+        if (
+            session is None
+            or not session.csrf_matches(token if isinstance(token, str) else None)
+            or not _same_origin(request)
+        ):
+            log.warning("admin.csrf_refused", path=request.path, client=request.remote)
+            message = i18n.translator(request[LANGUAGE])("forbidden_form")
+            response: web.StreamResponse = render(request, "error.html", 403, message=message)
+            response.headers.update(SECURITY_HEADERS)
+            return response
+    if request.path not in PUBLIC_PATHS and not (session and session.signed_in):
+        raise web.HTTPSeeOther("/login")
+    response = await handler(request)
+    response.headers.update(SECURITY_HEADERS)
+    return response
+
+
+async def login_page(request: web.Request) -> web.StreamResponse:
+    state = _state(request)
+    session = _session(request) or state.sessions.new()
+    request[SESSION] = session
+    if session.signed_in:
+        raise web.HTTPSeeOther("/")
+    error = (
+        None if _sign_in_enabled(state) else i18n.translator(request[LANGUAGE])("sign_in_disabled")
+    )
+    response = render(request, "login.html", enabled=_sign_in_enabled(state), error=error)
+    _set_session_cookie(request, response, session)
+    return response
+
+
+def _sign_in_enabled(state: AdminState) -> bool:
+    return state.settings.admin.password_hash is not None
+
+
+async def login(request: web.Request) -> web.StreamResponse:
+    state = _state(request)
+    session = _session(request)
+    assert session is not None  # the CSRF check guarantees a session
+    translate = i18n.translator(request[LANGUAGE])
+    client = request.remote or "?"
+    wait = state.throttle.wait_seconds(client)
+    if wait:
+        error = translate("sign_in_throttled", seconds=wait)
+        return render(request, "login.html", 429, enabled=True, error=error)
+    password = (await request.post()).get("password")
+    stored = state.settings.admin.password_hash
+    ok = (
+        stored is not None
+        and isinstance(password, str)
+        and await asyncio.to_thread(verify_password, password, parse_hash(stored))
+    )
+    if not ok:
+        state.throttle.failed(client)
+        log.warning("admin.sign_in_failed", client=client)
+        return render(
+            request,
+            "login.html",
+            401,
+            enabled=stored is not None,
+            error=translate("sign_in_failed"),
+        )
+    state.throttle.succeeded(client)
+    fresh = state.sessions.sign_in(session)
+    log.info("admin.signed_in", client=client)
+    response = web.HTTPSeeOther("/")
+    _set_session_cookie(request, response, fresh)
+    raise response
+
+
+async def logout(request: web.Request) -> web.StreamResponse:
+    session = _session(request)
+    if session is not None:
+        _state(request).sessions.drop(session)
+    response = web.HTTPSeeOther("/login")
+    response.del_cookie(SESSION_COOKIE, path="/")
+    raise response
+
+
+async def status(request: web.Request) -> web.StreamResponse:
+    state = _state(request)
+    return render(
+        request,
+        "status.html",
+        accounts=state.settings.accounts,
+        listeners=state.listeners(),
+        version=__version__,
+    )
+
+
+async def switch_language(request: web.Request) -> web.StreamResponse:
+    language = request.query.get("to")
+    target = request.query.get("next", "/")
+    if not target.startswith("/") or target.startswith("//"):
+        target = "/"  # only local paths: never an open redirect
+    response = web.HTTPSeeOther(target)
+    if language in i18n.LANGUAGES:
+        response.set_cookie(LANG_COOKIE, language, samesite="Lax", path="/", max_age=365 * 86400)
+    raise response
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "version": __version__})
+
+
+def build_app(state: AdminState) -> web.Application:
+    app = web.Application(middlewares=[security], client_max_size=1024 * 1024)
+    app[STATE] = state
+    app.router.add_get("/", status)
+    app.router.add_get("/login", login_page)
+    app.router.add_post("/login", login)
+    app.router.add_post("/logout", logout)
+    app.router.add_get("/lang", switch_language)
     app.router.add_get("/healthz", healthz)
     return app
 
 
-async def serve(name: str, host: str, port: int, listeners: ListenerView) -> RunningListener:
-    runner = web.AppRunner(build_app(listeners), access_log=None, handle_signals=False)
+async def serve(
+    name: str, host: str, port: int, settings: Settings, listeners: ListenerView
+) -> RunningListener:
+    lifetime = settings.admin.session_minutes * 60
+    state = AdminState(settings, listeners, SessionStore(lifetime))
+    runner = web.AppRunner(build_app(state), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

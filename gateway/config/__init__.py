@@ -15,6 +15,7 @@ from ._checks import CHECKS
 from ._schema import Problem, Secret, Validator
 from ._settings import (
     AccountSettings,
+    AdminSettings,
     GoogleSettings,
     ListenerSettings,
     LoggingSettings,
@@ -28,6 +29,7 @@ from ._yaml import YamlSyntaxError, load_with_lines
 
 __all__ = [
     "AccountSettings",
+    "AdminSettings",
     "ConfigError",
     "GoogleSettings",
     "ListenerSettings",

@@ -240,6 +240,22 @@ class AccountSettings:
 
 
 @dataclass(frozen=True)
+class AdminSettings:
+    """The local admin web page."""
+
+    password_hash: str | None = field_info(
+        None,
+        fix="run `gateway hash-password` and paste its output; without it nobody can sign in",
+        check=check_password_hash,
+    )
+    session_minutes: int = field_info(
+        60,
+        fix="minutes of inactivity before the admin must sign in again (5-1440)",
+        check=lambda m: None if 5 <= m <= 1440 else f"{m} is outside 5-1440",
+    )
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     level: Literal["debug", "info", "warning", "error"] = field_info(
         "info", fix="debug, info, warning or error"
@@ -268,6 +284,7 @@ class Settings:
     ca_bundle: Path | None = field_info(
         None, fix="the path of a PEM file of extra CA certificates for outbound HTTPS"
     )
+    admin: AdminSettings = field_info(AdminSettings())
     logging: LoggingSettings = field_info(LoggingSettings())
     accounts: tuple[AccountSettings, ...] = field_info(())
     source: Path | None = field(default=None, metadata={"internal": True})

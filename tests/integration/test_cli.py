@@ -165,7 +165,7 @@ def test_run_serves_every_listener_and_stops_cleanly(process: GatewayProcess, si
     assert _greeting(process.ports["pop3"]).startswith(b"+OK")
     for name in ("smtps", "imaps", "pop3s"):
         socket.create_connection(("127.0.0.1", process.ports[name]), timeout=10).close()
-    page = httpx.get(f"http://127.0.0.1:{process.ports['admin']}/", timeout=10)
+    page = httpx.get(f"http://127.0.0.1:{process.ports['admin']}/login", timeout=10)
     assert page.status_code == 200
     held = socket.create_connection(("127.0.0.1", process.ports["imap"]), timeout=10)
     held.recv(200)

@@ -39,8 +39,14 @@ async def test_demo_wires_the_gateway_to_seeded_sandbox_mailboxes(tmp_path: Path
         imap = settings.accounts[2].upstream.imap
         assert imap.port == demo.dovecot.imaps_port and imap.ca_file == demo.dovecot.ca_file
         async with httpx.AsyncClient() as client:
-            admin = await client.get(f"http://127.0.0.1:{demo.gateway.ports['admin']}/")
-        assert admin.status_code == 200
+            base = f"http://127.0.0.1:{demo.gateway.ports['admin']}"
+            page = await client.get(f"{base}/login")
+            token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+            signed_in = await client.post(
+                f"{base}/login", data={"csrf_token": token, "password": demo.admin_password}
+            )
+        assert signed_in.status_code == 303 and signed_in.headers["location"] == "/"
+        assert f"admin password {demo.admin_password}" in " ".join(text.split())
     finally:
         await demo.stop()
     assert demo.dovecot is not None and not demo.dovecot.running
@@ -64,7 +70,7 @@ def test_demo_command_prints_how_to_connect_and_stops_on_ctrl_c(tmp_path: Path) 
             output += line
         admin = re.search(r"admin page\s+(http://\S+)", output)
         assert admin, output + proc.stderr.read()
-        assert httpx.get(admin.group(1), timeout=10).status_code == 200
+        assert httpx.get(admin.group(1), timeout=10, follow_redirects=True).status_code == 200
         assert re.search(r"crm\s+/ \S+\s+->\s+crm@contoso.example \(microsoft\)", output)
         config = yaml.safe_load((state / "config.yaml").read_text())
         assert {a["provider"] for a in config["accounts"]} == {"microsoft", "google", "upstream"}

@@ -1,0 +1,103 @@
+"""The admin page as a browser uses it: sign-in, CSRF, throttling, languages, headers."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from gateway.app import Gateway
+from tests.helpers import PASSWORD
+
+
+def _csrf(page: httpx.Response) -> str:
+    match = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert match, page.text
+    return match.group(1)
+
+
+@pytest.fixture
+async def browser(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
+    base = f"http://127.0.0.1:{gateway.ports['admin']}"
+    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+        yield client
+
+
+async def sign_in(browser: httpx.AsyncClient, password: str = PASSWORD) -> httpx.Response:
+    page = await browser.get("/login")
+    return await browser.post("/login", data={"csrf_token": _csrf(page), "password": password})
+
+
+async def test_pages_need_sign_in(browser: httpx.AsyncClient) -> None:
+    response = await browser.get("/")
+    assert response.status_code == 303 and response.headers["location"] == "/login"
+
+
+async def test_sign_in_shows_accounts_and_rotates_the_session(browser: httpx.AsyncClient) -> None:
+    await browser.get("/login")
+    before = browser.cookies["gw_admin"]
+    response = await sign_in(browser)
+    assert response.status_code == 303 and response.headers["location"] == "/"
+    assert browser.cookies["gw_admin"] != before  # no session fixation
+    assert "HttpOnly" in response.headers["set-cookie"]
+    assert "SameSite=Strict" in response.headers["set-cookie"]
+    page = await browser.get("/")
+    assert page.status_code == 200
+    for text in ("crm@contoso.example", "scanner@example.com", "not connected", "smtps"):
+        assert text in page.text
+    assert PASSWORD not in page.text
+
+
+async def test_wrong_password_is_refused_then_throttled(browser: httpx.AsyncClient) -> None:
+    for _ in range(5):
+        wrong = await sign_in(browser, "not the password")
+        assert wrong.status_code == 401 and "Wrong password." in wrong.text
+    throttled = await sign_in(browser)  # even the right password waits now
+    assert throttled.status_code == 429 and "Too many failed attempts" in throttled.text
+    assert (await browser.get("/")).status_code == 303
+
+
+async def test_posts_without_the_csrf_token_are_refused(browser: httpx.AsyncClient) -> None:
+    await sign_in(browser)
+    missing = await browser.post("/logout", data={})
+    forged = await browser.post("/logout", data={"csrf_token": "guess"})
+    page = await browser.get("/")
+    cross_site = await browser.post(
+        "/logout",
+        data={"csrf_token": _csrf(page)},
+        headers={"Origin": "https://evil.example"},
+    )
+    for refused in (missing, forged, cross_site):
+        assert (
+            refused.status_code == 403 and "expired or did not come from this page" in refused.text
+        )
+    assert (await browser.get("/")).status_code == 200  # still signed in
+    logged_out = await browser.post("/logout", data={"csrf_token": _csrf(page)})
+    assert logged_out.status_code == 303
+    assert (await browser.get("/")).status_code == 303
+
+
+async def test_login_form_itself_needs_a_session(browser: httpx.AsyncClient) -> None:
+    response = await browser.post("/login", data={"password": PASSWORD})
+    assert response.status_code == 403
+
+
+async def test_japanese_by_accept_language_and_by_choice(browser: httpx.AsyncClient) -> None:
+    japanese = await browser.get("/login", headers={"Accept-Language": "ja,en;q=0.5"})
+    assert "管理者パスワード" in japanese.text and '<html lang="ja">' in japanese.text
+    switched = await browser.get("/lang", params={"to": "en", "next": "/login"})
+    assert switched.status_code == 303 and switched.headers["location"] == "/login"
+    english = await browser.get("/login", headers={"Accept-Language": "ja"})
+    assert "Admin password" in english.text
+    escape = await browser.get("/lang", params={"to": "ja", "next": "//evil.example/"})
+    assert escape.headers["location"] == "/"
+
+
+async def test_security_headers(browser: httpx.AsyncClient) -> None:
+    page = await browser.get("/login")
+    assert page.headers["x-frame-options"] == "DENY"
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    assert page.headers["cache-control"] == "no-store"
+    assert 'name="viewport"' in page.text  # readable on a phone

@@ -1,0 +1,70 @@
+"""Admin building blocks that depend on time or language data."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from gateway.admin import i18n
+from gateway.admin.auth import LoginThrottle, SessionStore
+
+TEMPLATES = Path(i18n.__file__).parent / "templates"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_sessions_expire_after_inactivity() -> None:
+    clock = FakeClock()
+    store = SessionStore(lifetime=600, clock=clock)
+    session = store.sign_in(store.new())
+    clock.now += 599
+    assert store.get(session.id) is session  # touched: the clock restarts
+    clock.now += 599
+    assert store.get(session.id) is session
+    clock.now += 601
+    assert store.get(session.id) is None
+    assert store.get("unknown") is None
+
+
+def test_throttle_window_slides() -> None:
+    clock = FakeClock()
+    throttle = LoginThrottle(clock=clock)
+    for _ in range(5):
+        throttle.failed("127.0.0.1")
+    assert throttle.wait_seconds("127.0.0.1") == 301
+    assert throttle.wait_seconds("127.0.0.2") == 0
+    clock.now += 301
+    assert throttle.wait_seconds("127.0.0.1") == 0
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, "en"),
+        ("ja", "ja"),
+        ("ja-JP,ja;q=0.9,en;q=0.8", "ja"),
+        ("en-US,en;q=0.9,ja;q=0.8", "en"),
+        ("fr,ja;q=0.5", "ja"),
+        ("fr", "en"),
+        ("ja;q=bogus,en", "en"),
+    ],
+)
+def test_language_negotiation(header: str | None, expected: str) -> None:
+    assert i18n.negotiate(header, None) == expected
+
+
+def test_both_languages_have_every_message_used_by_the_templates() -> None:
+    used = set()
+    for template in TEMPLATES.glob("*.html"):
+        used |= set(re.findall(r'_\("([a-z_]+)"', template.read_text()))
+    for language in i18n.LANGUAGES:
+        assert used <= set(i18n.MESSAGES[language]), language
+    assert set(i18n.MESSAGES["en"]) == set(i18n.MESSAGES["ja"])
