@@ -5,6 +5,14 @@ gateway instances sharing one spool and token set) can replace SQLite behind the
 """
 
 from ._crypto import KEY_ENV_VAR, SecretBox, StoreError, load_or_create_key
-from ._sqlite import Event, Store
+from ._sqlite import AccountAuth, Event, Store
 
-__all__ = ["KEY_ENV_VAR", "Event", "SecretBox", "Store", "StoreError", "load_or_create_key"]
+__all__ = [
+    "KEY_ENV_VAR",
+    "AccountAuth",
+    "Event",
+    "SecretBox",
+    "Store",
+    "StoreError",
+    "load_or_create_key",
+]

@@ -45,6 +45,20 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX events_at ON events (at)",
         ),
     ),
+    Migration(
+        3,
+        "mailbox authorisations and one-time consent links",
+        (
+            "CREATE TABLE account_auth ("
+            "account TEXT PRIMARY KEY, provider TEXT NOT NULL, state TEXT NOT NULL, "
+            "principal TEXT, scopes TEXT NOT NULL, token_ciphertext BLOB, "
+            "updated_at TEXT NOT NULL, reconsent_since TEXT, last_error TEXT, "
+            "admin_notified INTEGER NOT NULL DEFAULT 0)",
+            "CREATE TABLE consent_links ("
+            "token_hash TEXT PRIMARY KEY, account TEXT NOT NULL, expires_at TEXT NOT NULL, "
+            "used_at TEXT)",
+        ),
+    ),
 )
 
 _CREATE_VERSION_TABLE = (

@@ -19,7 +19,7 @@ import os
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -62,6 +62,30 @@ class Event:
     kind: str
     account: str | None
     detail: str | None
+
+
+AuthState = str  # "connected" | "needs_reconsent"
+
+
+@dataclass(frozen=True, slots=True)
+class AccountAuth:
+    """How one local account is authorised at its provider.
+
+    ``token`` is the provider's token material (an MSAL cache, a Google refresh token...): it is
+    encrypted in the database, bound to the account name, and never leaves this object in logs
+    (``repr`` hides it).
+    """
+
+    account: str
+    provider: str
+    state: AuthState
+    principal: str | None  # who consented: the mailbox owner's sign-in name
+    scopes: tuple[str, ...]
+    token: bytes | None = field(default=None, repr=False)
+    updated_at: datetime | None = None
+    reconsent_since: datetime | None = None
+    last_error: str | None = None
+    admin_notified: bool = False
 
 
 class Store:
@@ -169,6 +193,91 @@ class Store:
         )
         return [_event_from_row(row) for row in rows]
 
+    async def put_account_auth(self, auth: AccountAuth) -> None:
+        """Insert or replace the authorisation of ``auth.account`` in one atomic write."""
+        context = _auth_context(auth.account)
+        ciphertext = None if auth.token is None else self._box.encrypt(auth.token, context)
+        await self._execute(
+            "INSERT INTO account_auth (account, provider, state, principal, scopes, "
+            "token_ciphertext, updated_at, reconsent_since, last_error, admin_notified) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (account) DO UPDATE SET provider = excluded.provider, "
+            "state = excluded.state, principal = excluded.principal, scopes = excluded.scopes, "
+            "token_ciphertext = excluded.token_ciphertext, updated_at = excluded.updated_at, "
+            "reconsent_since = excluded.reconsent_since, last_error = excluded.last_error, "
+            "admin_notified = excluded.admin_notified",
+            (
+                auth.account,
+                auth.provider,
+                auth.state,
+                auth.principal,
+                " ".join(auth.scopes),
+                ciphertext,
+                _now_text(),
+                _time_text(auth.reconsent_since),
+                auth.last_error,
+                int(auth.admin_notified),
+            ),
+        )
+
+    async def get_account_auth(self, account: str) -> AccountAuth | None:
+        row = await self._fetch_one(f"{_AUTH_SELECT} WHERE account = ?", (account,))
+        return None if row is None else self._auth_from_row(row)
+
+    async def list_account_auth(self) -> list[AccountAuth]:
+        rows = await self._run(
+            lambda conn: conn.execute(f"{_AUTH_SELECT} ORDER BY account").fetchall()
+        )
+        return [self._auth_from_row(row) for row in rows]
+
+    async def delete_account_auth(self, account: str) -> None:
+        await self._execute("DELETE FROM account_auth WHERE account = ?", (account,))
+
+    def _auth_from_row(self, row: _Row) -> AccountAuth:
+        account, provider, state, principal, scopes, ciphertext = row[:6]
+        updated_at, reconsent_since, last_error, notified = row[6:]
+        token = (
+            None if ciphertext is None else self._box.decrypt(ciphertext, _auth_context(account))
+        )
+        return AccountAuth(
+            account=account,
+            provider=provider,
+            state=state,
+            principal=principal,
+            scopes=tuple(scopes.split()),
+            token=token,
+            updated_at=_parse_time(updated_at),
+            reconsent_since=_parse_time(reconsent_since),
+            last_error=last_error,
+            admin_notified=bool(notified),
+        )
+
+    async def add_consent_link(self, token_hash: str, account: str, expires_at: datetime) -> None:
+        """Remember a consent link by the hash of its token (the token itself is never stored)."""
+        await self._execute(
+            "INSERT INTO consent_links (token_hash, account, expires_at) VALUES (?, ?, ?)",
+            (token_hash, account, _time_text(expires_at)),
+        )
+
+    async def use_consent_link(self, token_hash: str, now: datetime) -> str | None:
+        """Spend a consent link: return its account once, if unused and unexpired; else None."""
+
+        def spend(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT account, expires_at FROM consent_links "
+                "WHERE token_hash = ? AND used_at IS NULL",
+                (token_hash,),
+            ).fetchone()
+            if row is None or _parse_time(row[1]) <= now:  # type: ignore[operator]
+                return None
+            cursor = conn.execute(
+                "UPDATE consent_links SET used_at = ? WHERE token_hash = ? AND used_at IS NULL",
+                (_time_text(now), token_hash),
+            )
+            return row[0] if cursor.rowcount == 1 else None
+
+        return await self._run(spend)
+
     async def _execute(self, sql: str, params: tuple[Any, ...]) -> None:
         await self._run(lambda conn: conn.execute(sql, params))
 
@@ -241,3 +350,23 @@ def _event_from_row(row: _Row) -> Event:
 
 def _now_text() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _time_text(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
+
+
+def _auth_context(account: str) -> str:
+    return f"account-auth:{account}"
+
+
+_AUTH_SELECT = (
+    "SELECT account, provider, state, principal, scopes, token_ciphertext, updated_at, "
+    "reconsent_since, last_error, admin_notified FROM account_auth"
+)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.store import SecretBox, Store, StoreError, _sqlite
+from gateway.store import AccountAuth, SecretBox, Store, StoreError, _sqlite
 from gateway.store._migrations import MIGRATIONS, Migration, check_sequence, migrate
 
 KEY = bytes(range(32))
@@ -49,7 +49,7 @@ async def test_open_creates_private_state_dir(tmp_path: Path, box: SecretBox) ->
 
 
 async def test_pragmas(store: Store, tmp_path: Path) -> None:
-    assert store.schema_version == len(MIGRATIONS) == 2
+    assert store.schema_version == len(MIGRATIONS) == 3
     conn = _raw(tmp_path)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
@@ -175,7 +175,7 @@ async def test_migrates_older_database(tmp_path: Path, box: SecretBox) -> None:
         conn.close()
     store = await Store.open(tmp_path, box)
     try:
-        assert store.schema_version == 2
+        assert store.schema_version == len(MIGRATIONS)
         assert await store.get_setting("mode") == "run"
         await store.record_event("runtime.start")
         assert [e.kind for e in await store.recent_events()] == ["runtime.start"]
@@ -193,16 +193,16 @@ async def test_refuses_newer_database(tmp_path: Path, box: SecretBox) -> None:
     with pytest.raises(StoreError) as caught:
         await Store.open(tmp_path, box)
     assert str(caught.value) == (
-        f"{tmp_path / 'gateway.db'} has schema version 7 but this gateway only knows up to 2; "
-        "upgrade the gateway or restore a backup"
+        f"{tmp_path / 'gateway.db'} has schema version 7 but this gateway only knows up to "
+        f"{len(MIGRATIONS)}; upgrade the gateway or restore a backup"
     )
 
 
 def test_migrate_is_idempotent(tmp_path: Path) -> None:
     conn = _raw(tmp_path)
     try:
-        assert migrate(conn) == 2
-        assert migrate(conn) == 2
+        assert migrate(conn) == len(MIGRATIONS)
+        assert migrate(conn) == len(MIGRATIONS)
         rows = conn.execute("SELECT version, description FROM schema_version ORDER BY version")
         assert [v for v, _ in rows] == [1, 2]
     finally:
@@ -285,3 +285,45 @@ async def test_sql_runs_on_one_dedicated_thread(store: Store) -> None:
     )
     assert len(set(names)) == 1
     assert names[0].startswith("gateway-store")
+
+
+async def test_account_auth_round_trip_encrypts_the_token(tmp_path: Path, box: SecretBox) -> None:
+    token = b"refresh-token-material-0123456789"
+    store = await Store.open(tmp_path, box)
+    try:
+        await store.put_account_auth(
+            AccountAuth(
+                "crm", "microsoft", "connected", "crm@contoso.example", ("Mail.Send",), token
+            )
+        )
+        stored = await store.get_account_auth("crm")
+        assert stored is not None and stored.token == token and stored.scopes == ("Mail.Send",)
+        assert "refresh-token" not in repr(stored)
+        since = datetime.now(UTC)
+        await store.put_account_auth(
+            AccountAuth(
+                "crm", "microsoft", "needs_reconsent", None, (), token, reconsent_since=since
+            )
+        )
+        changed = await store.get_account_auth("crm")
+        assert changed.state == "needs_reconsent" and changed.reconsent_since == since
+        assert [a.account for a in await store.list_account_auth()] == ["crm"]
+        await store.delete_account_auth("crm")
+        assert await store.get_account_auth("crm") is None
+    finally:
+        await store.close()
+    assert all(token not in content for content in _database_files(tmp_path).values())
+
+
+async def test_consent_links_are_single_use_and_expire(tmp_path: Path, box: SecretBox) -> None:
+    store = await Store.open(tmp_path, box)
+    now = datetime.now(UTC)
+    try:
+        await store.add_consent_link("hash-a", "crm", now + timedelta(hours=1))
+        await store.add_consent_link("hash-b", "crm", now - timedelta(seconds=1))
+        assert await store.use_consent_link("hash-a", now) == "crm"
+        assert await store.use_consent_link("hash-a", now) is None  # spent
+        assert await store.use_consent_link("hash-b", now) is None  # expired
+        assert await store.use_consent_link("unknown", now) is None
+    finally:
+        await store.close()
