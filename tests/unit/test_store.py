@@ -204,7 +204,7 @@ def test_migrate_is_idempotent(tmp_path: Path) -> None:
         assert migrate(conn) == len(MIGRATIONS)
         assert migrate(conn) == len(MIGRATIONS)
         rows = conn.execute("SELECT version, description FROM schema_version ORDER BY version")
-        assert [v for v, _ in rows] == [1, 2]
+        assert [v for v, _ in rows] == [m.version for m in MIGRATIONS]
     finally:
         conn.close()
 
