@@ -15,6 +15,7 @@ from .admin import server as admin_server
 from .config import Settings
 from .imap_out import server as imap_server
 from .logs import get_logger
+from .oauth import TokenBroker
 from .pop3_out import server as pop3_server
 from .runtime import RunningListener
 from .smtp_in import server as smtp_server
@@ -33,6 +34,7 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store: Store | None = None
+        self.broker: TokenBroker | None = None
         self.listeners: dict[str, RunningListener] = {}
 
     @property
@@ -46,6 +48,7 @@ class Gateway:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         key = await asyncio.to_thread(load_or_create_key, state_dir)
         self.store = await Store.open(state_dir, SecretBox(key))
+        self.broker = TokenBroker(settings, self.store)
         try:
             await self._start_listeners()
         except BaseException:
@@ -106,9 +109,13 @@ class Gateway:
             "pop3": twisted(pop3_server, False),
             "pop3s": twisted(pop3_server, True),
             "admin": lambda name, host, port: admin_server.serve(
-                name, host, port, settings, lambda: self.ports
+                name, host, port, settings, self._broker(), lambda: self.ports
             ),
         }
+
+    def _broker(self) -> TokenBroker:
+        assert self.broker is not None, "start() opens the store and builds the broker first"
+        return self.broker
 
     async def run_until(self, stop: asyncio.Event) -> None:
         await self.start()

@@ -39,6 +39,46 @@ MESSAGES: dict[str, dict[str, str]] = {
         "no_accounts": "No accounts are configured. Add them to the config file.",
         "language": "日本語",
         "version": "Version",
+        "connected_as": "connected as {principal}",
+        "needs_reconsent": "needs re-consent since {since}",
+        "app_only": "connected (application permission)",
+        "upstream": "password server (no consent needed)",
+        "scopes_granted": "Granted scopes",
+        "scopes_missing": "Missing scopes",
+        "why": "why",
+        "last_error": "Last error",
+        "connect": "Connect",
+        "reconnect": "Connect again",
+        "disconnect": "Disconnect",
+        "consent_link": "Create consent link",
+        "consent_link_intro": (
+            "Send this link to the owner of {address}. It works once, until {expires}, and "
+            "needs no admin password:"
+        ),
+        "consent_link_invalid": (
+            "This link was already used or has expired. Ask your administrator for a new one."
+        ),
+        "consent_done": "{address} is connected. You can close this page.",
+        "consent_failed": "The mailbox could not be connected: {reason}",
+        "back": "Back to the accounts",
+        "google_client": "Google OAuth client",
+        "google_client_intro": (
+            "Create an OAuth client (type Desktop app) in the Google Cloud console of your "
+            "Workspace and enter it here. The secret is stored encrypted and never shown again."
+        ),
+        "google_client_from_config": "The Google client is set in the config file; edit it there.",
+        "google_client_saved": "Saved. Google client ID: {client_id}",
+        "google_client_missing": "Not set: Google accounts cannot be connected yet.",
+        "client_id": "Client ID",
+        "client_secret": "Client secret",
+        "save": "Save",
+        "close": "Close",
+        "required": "Both fields are required.",
+        "consent_intro": (
+            "You were asked to connect the mailbox {address} to the mail gateway. Sign in with "
+            "that mailbox's own account on the next page."
+        ),
+        "continue": "Continue to sign-in",
     },
     "ja": {
         "title": "メールゲートウェイ",
@@ -68,6 +108,48 @@ MESSAGES: dict[str, dict[str, str]] = {
         "no_accounts": "アカウントが設定されていません。設定ファイルに追加してください。",
         "language": "English",
         "version": "バージョン",
+        "connected_as": "{principal} として接続済み",
+        "needs_reconsent": "{since} から再同意が必要",
+        "app_only": "接続済み（アプリケーション権限）",
+        "upstream": "パスワード認証サーバー（同意は不要）",
+        "scopes_granted": "許可されたスコープ",
+        "scopes_missing": "不足しているスコープ",
+        "why": "理由",
+        "last_error": "最後のエラー",
+        "connect": "接続",
+        "reconnect": "再接続",
+        "disconnect": "切断",
+        "consent_link": "同意用リンクを作成",
+        "consent_link_intro": (
+            "このリンクを {address} の利用者本人に送ってください。{expires} まで一度だけ使え、"
+            "管理者パスワードは不要です:"
+        ),
+        "consent_link_invalid": (
+            "このリンクは使用済みか期限切れです。管理者に新しいリンクを依頼してください。"
+        ),
+        "consent_done": "{address} を接続しました。このページは閉じてかまいません。",
+        "consent_failed": "メールボックスを接続できませんでした: {reason}",
+        "back": "アカウント一覧に戻る",
+        "google_client": "Google OAuth 情報の入力",
+        "google_client_intro": (
+            "Google Cloud コンソールで OAuth クライアント（種類: デスクトップ アプリ）を作成し、"
+            "ここに入力してください。シークレットは暗号化して保存され、二度と表示されません。"
+        ),
+        "google_client_from_config": (
+            "Google クライアントは設定ファイルで指定されています。設定ファイルを編集してください。"
+        ),
+        "google_client_saved": "保存しました。Google クライアント ID: {client_id}",
+        "google_client_missing": "未設定: Google アカウントはまだ接続できません。",
+        "client_id": "クライアントID",
+        "client_secret": "クライアントシークレット",
+        "save": "保存",
+        "close": "閉じる",
+        "required": "両方の項目を入力してください。",
+        "consent_intro": (
+            "メールボックス {address} をメールゲートウェイに接続するよう依頼されています。"
+            "次のページで、このメールボックス本人のアカウントでサインインしてください。"
+        ),
+        "continue": "サインインへ進む",
     },
 }
 

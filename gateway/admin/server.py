@@ -7,8 +7,11 @@ signed-in admin; every POST needs the session's CSRF token (see :mod:`.auth`).
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,6 +21,8 @@ from aiohttp import web
 from .. import __version__
 from ..config import Settings
 from ..logs import get_logger
+from ..oauth import OAuthError, TokenBroker
+from ..oauth._scopes import short
 from ..passwords import parse_hash, verify_password
 from ..runtime import RunningListener
 from . import i18n
@@ -32,7 +37,9 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
-PUBLIC_PATHS = frozenset({"/login", "/healthz", "/lang"})
+PUBLIC_PATHS = frozenset({"/login", "/healthz", "/lang", "/oauth/callback"})
+PUBLIC_PREFIXES = ("/consent/",)  # opened by mailbox owners, who have no admin password
+CONSENT_LINK_LIFETIME = timedelta(days=3)
 LANG_COOKIE = "gw_lang"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -43,11 +50,13 @@ _templates = jinja2.Environment(
     autoescape=True,
     undefined=jinja2.StrictUndefined,
 )
+_templates.filters["scope_name"] = short
 
 
 @dataclass
 class AdminState:
     settings: Settings
+    broker: TokenBroker
     listeners: ListenerView
     sessions: SessionStore
     throttle: LoginThrottle = field(default_factory=LoginThrottle)
@@ -122,10 +131,13 @@ async def security(request: web.Request, handler: Handler) -> web.StreamResponse
         ):
             log.warning("admin.csrf_refused", path=request.path, client=request.remote)
             message = i18n.translator(request[LANGUAGE])("forbidden_form")
-            response: web.StreamResponse = render(request, "error.html", 403, message=message)
+            response: web.StreamResponse = render(
+                request, "message.html", 403, message=message, failed=True
+            )
             response.headers.update(SECURITY_HEADERS)
             return response
-    if request.path not in PUBLIC_PATHS and not (session and session.signed_in):
+    public = request.path in PUBLIC_PATHS or request.path.startswith(PUBLIC_PREFIXES)
+    if not public and not (session and session.signed_in):
         raise web.HTTPSeeOther("/login")
     response = await handler(request)
     response.headers.update(SECURITY_HEADERS)
@@ -194,15 +206,132 @@ async def logout(request: web.Request) -> web.StreamResponse:
     raise response
 
 
-async def status(request: web.Request) -> web.StreamResponse:
+async def status(request: web.Request, link: dict[str, str] | None = None) -> web.Response:
     state = _state(request)
     return render(
         request,
         "status.html",
-        accounts=state.settings.accounts,
+        statuses=await state.broker.statuses(),
+        google_client=await state.broker.google_client_origin(),
+        link=link,
         listeners=state.listeners(),
         version=__version__,
     )
+
+
+def _message(
+    request: web.Request, text: str, status: int = 200, failed: bool = False
+) -> web.Response:
+    return render(request, "message.html", status, message=text, failed=failed)
+
+
+def _consent_failed(request: web.Request, error: Exception) -> web.Response:
+    reason = i18n.translator(request[LANGUAGE])("consent_failed", reason=str(error))
+    return _message(request, reason, 409, failed=True)
+
+
+async def _redirect_to_sign_in(request: web.Request, username: str) -> web.StreamResponse:
+    try:
+        url = await _state(request).broker.begin_consent(username)
+    except OAuthError as error:
+        return _consent_failed(request, error)
+    raise web.HTTPSeeOther(url)
+
+
+async def connect(request: web.Request) -> web.StreamResponse:
+    return await _redirect_to_sign_in(request, request.match_info["account"])
+
+
+async def disconnect(request: web.Request) -> web.StreamResponse:
+    try:
+        await _state(request).broker.disconnect(request.match_info["account"])
+    except OAuthError as error:
+        return _message(request, str(error), 404, failed=True)
+    raise web.HTTPSeeOther("/")
+
+
+async def oauth_callback(request: web.Request) -> web.StreamResponse:
+    """Where Microsoft and Google send the browser back; the state names the sign-in."""
+    try:
+        result = await _state(request).broker.complete_consent(dict(request.query))
+    except OAuthError as error:
+        log.warning("admin.consent_failed", reason=str(error))
+        return _consent_failed(request, error)
+    done = i18n.translator(request[LANGUAGE])("consent_done", address=result.account.address)
+    return _message(request, done)
+
+
+def _link_hash(token: str) -> str:
+    """Links are stored by hash only: a copy of the database cannot be used to consent."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+async def create_consent_link(request: web.Request) -> web.StreamResponse:
+    state = _state(request)
+    username = request.match_info["account"]
+    account = next((a for a in state.settings.accounts if a.username == username), None)
+    if account is None or account.provider == "upstream":
+        raise web.HTTPNotFound()
+    token = secrets.token_urlsafe(32)
+    expires = datetime.now(UTC) + CONSENT_LINK_LIFETIME
+    await state.broker.store.add_consent_link(_link_hash(token), username, expires)
+    await state.broker.store.record_event("oauth.consent_link_created", username)
+    link = {
+        "address": account.address,
+        "expires": expires.strftime("%Y-%m-%d %H:%M UTC"),
+        "url": f"{state.broker.admin_url()}/consent/{token}",
+    }
+    return await status(request, link)
+
+
+async def consent_page(request: web.Request) -> web.StreamResponse:
+    """A button, not an action: mail scanners that open links must not spend them."""
+    state = _state(request)
+    token = request.match_info["token"]
+    username = await state.broker.store.peek_consent_link(_link_hash(token), datetime.now(UTC))
+    account = next((a for a in state.settings.accounts if a.username == username), None)
+    if account is None:
+        invalid = i18n.translator(request[LANGUAGE])("consent_link_invalid")
+        return _message(request, invalid, 404, failed=True)
+    session = _session(request) or state.sessions.new()
+    request[SESSION] = session
+    response = render(request, "consent.html", address=account.address, token=token)
+    _set_session_cookie(request, response, session)
+    return response
+
+
+async def consent(request: web.Request) -> web.StreamResponse:
+    state = _state(request)
+    token = request.match_info["token"]
+    username = await state.broker.store.use_consent_link(_link_hash(token), datetime.now(UTC))
+    if username is None:
+        invalid = i18n.translator(request[LANGUAGE])("consent_link_invalid")
+        return _message(request, invalid, 404, failed=True)
+    await state.broker.store.record_event("oauth.consent_link_used", username)
+    return await _redirect_to_sign_in(request, username)
+
+
+async def google_client_page(request: web.Request, error: str | None = None) -> web.Response:
+    origin = await _state(request).broker.google_client_origin()
+    if origin and origin[0] == "config":
+        return _message(request, i18n.translator(request[LANGUAGE])("google_client_from_config"))
+    client_id = origin[1] if origin else ""
+    status_code = 400 if error else 200
+    return render(request, "google_client.html", status_code, client_id=client_id, error=error)
+
+
+async def save_google_client(request: web.Request) -> web.StreamResponse:
+    form = await request.post()
+    client_id = str(form.get("client_id", "")).strip()
+    secret = str(form.get("client_secret", "")).strip()
+    if not client_id or not secret:
+        return await google_client_page(request, i18n.translator(request[LANGUAGE])("required"))
+    broker = _state(request).broker
+    if (await broker.google_client_origin() or ("",))[0] == "config":
+        raise web.HTTPSeeOther("/")
+    await broker.set_google_client(client_id, secret)
+    log.info("admin.google_client_saved", client_id=client_id)
+    raise web.HTTPSeeOther("/")
 
 
 async def switch_language(request: web.Request) -> web.StreamResponse:
@@ -224,6 +353,14 @@ def build_app(state: AdminState) -> web.Application:
     app = web.Application(middlewares=[security], client_max_size=1024 * 1024)
     app[STATE] = state
     app.router.add_get("/", status)
+    app.router.add_post("/accounts/{account}/connect", connect)
+    app.router.add_post("/accounts/{account}/disconnect", disconnect)
+    app.router.add_post("/accounts/{account}/consent-link", create_consent_link)
+    app.router.add_get("/oauth/callback", oauth_callback)
+    app.router.add_get("/consent/{token}", consent_page)
+    app.router.add_post("/consent/{token}", consent)
+    app.router.add_get("/google-client", google_client_page)
+    app.router.add_post("/google-client", save_google_client)
     app.router.add_get("/login", login_page)
     app.router.add_post("/login", login)
     app.router.add_post("/logout", logout)
@@ -233,10 +370,15 @@ def build_app(state: AdminState) -> web.Application:
 
 
 async def serve(
-    name: str, host: str, port: int, settings: Settings, listeners: ListenerView
+    name: str,
+    host: str,
+    port: int,
+    settings: Settings,
+    broker: TokenBroker,
+    listeners: ListenerView,
 ) -> RunningListener:
     lifetime = settings.admin.session_minutes * 60
-    state = AdminState(settings, listeners, SessionStore(lifetime))
+    state = AdminState(settings, broker, listeners, SessionStore(lifetime))
     runner = web.AppRunner(build_app(state), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port)

@@ -155,6 +155,11 @@ class MicrosoftSettings:
     graph_url: str = field_info(
         "https://graph.microsoft.com/v1.0", fix="an https:// URL", check=check_https_url
     )
+    app_only: bool = field_info(
+        False,
+        fix="true to use application permissions (client credentials) for every mailbox of the "
+        "tenant; needs client_secret and an admin's consent in Entra",
+    )
 
 
 @dataclass(frozen=True)
@@ -172,6 +177,11 @@ class GoogleSettings:
     )
     gmail_url: str = field_info(
         "https://gmail.googleapis.com", fix="an https:// URL", check=check_https_url
+    )
+    service_account_file: Path | None = field_info(
+        None,
+        fix="the JSON key file of a service account with domain-wide delegation, or null",
+        check=check_readable_file,
     )
 
 
@@ -247,6 +257,16 @@ class AdminSettings:
         None,
         fix="run `gateway hash-password` and paste its output; without it nobody can sign in",
         check=check_password_hash,
+    )
+    public_url: str | None = field_info(
+        None,
+        fix="the address browsers use for this page, e.g. http://localhost:8025 (the default); "
+        "sign-in redirects and consent links are built from it",
+        check=lambda url: (
+            None
+            if re.match(r"^https?://[^/\s]+$", url)
+            else (f"{url!r} must be http(s)://host[:port] without a path")
+        ),
     )
     session_minutes: int = field_info(
         60,

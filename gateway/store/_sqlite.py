@@ -259,6 +259,17 @@ class Store:
             (token_hash, account, _time_text(expires_at)),
         )
 
+    async def peek_consent_link(self, token_hash: str, now: datetime) -> str | None:
+        """The account of an unused, unexpired consent link, without spending it."""
+        row = await self._fetch_one(
+            "SELECT account, expires_at FROM consent_links "
+            "WHERE token_hash = ? AND used_at IS NULL",
+            (token_hash,),
+        )
+        if row is None or _parse_time(row[1]) <= now:  # type: ignore[operator]
+            return None
+        return row[0]
+
     async def use_consent_link(self, token_hash: str, now: datetime) -> str | None:
         """Spend a consent link: return its account once, if unused and unexpired; else None."""
 

@@ -1,0 +1,311 @@
+"""The token broker: every part of the gateway asks it for an access token, by account.
+
+It keeps access tokens in memory and refresh material encrypted in the store; refreshes ahead of
+expiry, one refresh at a time per account however many SMTP/IMAP sessions ask at once; and when
+a grant is gone it marks the account "needs re-consent", records it, tells the admin once, and
+makes every caller fail with a sentence that names the admin page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from .. import outbound
+from ..config import AccountSettings, Settings
+from ..logs import get_logger, register_secret
+from ..store import AccountAuth, Store
+from . import _scopes
+from ._errors import ConsentError, ReauthRequired
+from ._google import GoogleAuth, GoogleClient, PendingGoogleConsent
+from ._microsoft import MicrosoftAuth
+from ._tokens import AccessToken, Connected
+
+log = get_logger(__name__)
+
+REFRESH_MARGIN = 300.0  # seconds: refresh this long before expiry, as MSAL does
+PENDING_LIFETIME = 900.0  # a sign-in must come back within 15 minutes
+GOOGLE_CLIENT_ID_SETTING = "google.client_id"
+GOOGLE_CLIENT_CREDENTIAL = "google.client_secret"  # the name of the encrypted entry
+
+Notifier = Callable[[str, str], Awaitable[None]]  # (account, message)
+
+
+@dataclass(frozen=True)
+class AccountStatus:
+    """What the admin page and ``gateway accounts`` show for one account."""
+
+    account: AccountSettings
+    state: str  # not_connected | connected | needs_reconsent | app_only | upstream
+    principal: str | None = None
+    scopes: tuple[str, ...] = ()
+    needed: tuple[_scopes.ScopeNeed, ...] = ()
+    missing: tuple[_scopes.ScopeNeed, ...] = ()
+    since: datetime | None = None
+    last_error: str | None = None
+
+
+@dataclass
+class _Pending:
+    account: str
+    created: float
+    microsoft_flow: dict[str, Any] | None = field(default=None, repr=False)
+    google: PendingGoogleConsent | None = field(default=None, repr=False)
+
+
+class TokenBroker:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        notifier: Notifier | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.notifier = notifier
+        trust = outbound.trust_file(settings.state_dir, settings.ca_bundle)
+        session = lambda: outbound.requests_session(trust)  # noqa: E731 - a factory per call
+        self.microsoft = MicrosoftAuth(settings.microsoft, session)
+        self.google = GoogleAuth(settings.google, session)
+        self._accounts = {a.username: a for a in settings.accounts}
+        self._tokens: dict[str, AccessToken] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._pending: dict[str, _Pending] = {}
+        self.refresh_count: dict[str, int] = {}  # per account; observable by tests and status
+
+    # -- access tokens -------------------------------------------------------------------------
+
+    async def access_token(self, username: str) -> str:
+        """A valid access token for this account's mailbox; refreshes when needed.
+
+        Raises ReauthRequired (a person must connect the mailbox) or AuthUnavailable (retry).
+        """
+        cached = self._tokens.get(username)
+        if cached and cached.expires_at - REFRESH_MARGIN > self.clock():
+            return cached.value
+        lock = self._locks.setdefault(username, asyncio.Lock())
+        async with lock:  # single flight: the first caller refreshes, the rest reuse its token
+            cached = self._tokens.get(username)
+            if cached and cached.expires_at - REFRESH_MARGIN > self.clock():
+                return cached.value
+            token = await self._refresh(self._account(username))
+            self._tokens[username] = token
+            register_secret(token.value)
+            return token.value
+
+    async def _refresh(self, account: AccountSettings) -> AccessToken:
+        self.refresh_count[account.username] = self.refresh_count.get(account.username, 0) + 1
+        if account.provider == "microsoft" and self.settings.microsoft.app_only:
+            return await asyncio.to_thread(self.microsoft.app_only)
+        if account.provider == "google" and self.settings.google.service_account_file:
+            info = json.loads(self.settings.google.service_account_file.read_text())
+            scopes = [need.scope for need in _scopes.google_service_account()]
+            return await asyncio.to_thread(
+                self.google.service_account, info, account.address, scopes
+            )
+        auth = await self.store.get_account_auth(account.username)
+        if auth is None or auth.token is None:
+            raise ReauthRequired(self._reauth_message(account, "it has not been connected yet"))
+        if auth.state == "needs_reconsent":
+            raise ReauthRequired(self._reauth_message(account, auth.last_error or "consent lost"))
+        try:
+            token = await self._refresh_user(account, auth)
+        except ReauthRequired as error:
+            await self._mark_reconsent(account, auth, str(error))
+            raise ReauthRequired(self._reauth_message(account, str(error))) from error
+        if token.new_token is not None:  # rotated refresh token: keep the newest
+            await self.store.put_account_auth(replace(auth, token=token.new_token))
+        return token
+
+    async def _refresh_user(self, account: AccountSettings, auth: AccountAuth) -> AccessToken:
+        assert auth.token is not None and auth.principal is not None
+        scopes = list(auth.scopes) or [n.scope for n in self.needed(account)]
+        if account.provider == "microsoft":
+            resource = [s for s in scopes if s.startswith(_scopes.GRAPH)]
+            return await asyncio.to_thread(
+                self.microsoft.refresh, auth.token, auth.principal, resource
+            )
+        client = await self.google_client()
+        return await asyncio.to_thread(self.google.refresh, client, auth.token, scopes)
+
+    async def _mark_reconsent(self, account: AccountSettings, auth: AccountAuth, why: str) -> None:
+        marked = replace(
+            auth,
+            state="needs_reconsent",
+            reconsent_since=datetime.now(UTC),
+            last_error=why,
+            admin_notified=True,
+        )
+        await self.store.put_account_auth(marked)
+        await self.store.record_event("oauth.needs_reconsent", account.username, why)
+        log.warning("oauth.needs_reconsent", account=account.username, reason=why)
+        self._tokens.pop(account.username, None)
+        if self.notifier is not None and not auth.admin_notified:
+            await self.notifier(account.username, self._reauth_message(account, why))
+
+    def _reauth_message(self, account: AccountSettings, why: str) -> str:
+        return (
+            f"The mailbox {account.address} must be connected again by its owner ({why}); "
+            f"open the gateway's admin page at {self.admin_url()}"
+        )
+
+    def admin_url(self) -> str:
+        if self.settings.admin.public_url:
+            return self.settings.admin.public_url
+        return f"http://localhost:{self.settings.listeners.admin_port}"
+
+    def _account(self, username: str) -> AccountSettings:
+        try:
+            return self._accounts[username]
+        except KeyError:
+            raise ReauthRequired(f"there is no account {username!r}") from None
+
+    # -- consent ------------------------------------------------------------------------------
+
+    def redirect_uri(self) -> str:
+        return f"{self.admin_url()}/oauth/callback"
+
+    def needed(self, account: AccountSettings) -> tuple[_scopes.ScopeNeed, ...]:
+        if account.provider == "microsoft":
+            if self.settings.microsoft.app_only:
+                return _scopes.MICROSOFT_APP_ONLY
+            return _scopes.microsoft_delegated()
+        if account.provider == "google":
+            if self.settings.google.service_account_file:
+                return _scopes.google_service_account()
+            return _scopes.google_user()
+        return ()
+
+    async def begin_consent(self, username: str) -> str:
+        """Start a sign-in for this account; return the provider URL to send the browser to."""
+        account = self._account(username)
+        scopes = [need.scope for need in self.needed(account)]
+        self._expire_pending()
+        if account.provider == "microsoft":
+            flow = await asyncio.to_thread(
+                self.microsoft.start, scopes, self.redirect_uri(), account.address
+            )
+            self._pending[flow["state"]] = _Pending(username, self.clock(), microsoft_flow=flow)
+            return flow["auth_uri"]
+        if account.provider == "google":
+            client = await self.google_client()
+            url, pending = self.google.start(client, scopes, self.redirect_uri(), account.address)
+            self._pending[pending.state] = _Pending(username, self.clock(), google=pending)
+            return url
+        raise ConsentError(f"account {username!r} uses a password server; nothing to connect")
+
+    async def complete_consent(self, response: Mapping[str, str]) -> AccountStatus:
+        """Finish the sign-in the browser came back from; the state must be one we issued."""
+        pending = self._pending.pop(response.get("state", ""), None)
+        if pending is None or self.clock() - pending.created > PENDING_LIFETIME:
+            raise ConsentError(
+                "this sign-in response was not started here or has expired; start again"
+            )
+        account = self._account(pending.account)
+        if pending.microsoft_flow is not None:
+            connected = await asyncio.to_thread(
+                self.microsoft.finish, pending.microsoft_flow, response
+            )
+        else:
+            assert pending.google is not None
+            client = await self.google_client()
+            connected = await asyncio.to_thread(
+                self.google.finish, client, pending.google, response
+            )
+        await self.save_connection(account, connected)
+        return await self.status(account.username)
+
+    async def save_connection(self, account: AccountSettings, connected: Connected) -> None:
+        """Keep a completed consent, after checking that the mailbox's owner gave it."""
+        if connected.principal.casefold() != account.address.casefold():
+            raise ConsentError(
+                f"signed in as {connected.principal}, but account {account.username!r} is the "
+                f"mailbox {account.address}: its owner must sign in (send them a consent link)"
+            )
+        auth = AccountAuth(
+            account=account.username,
+            provider=account.provider,
+            state="connected",
+            principal=connected.principal,
+            scopes=connected.scopes,
+            token=connected.token,
+        )
+        await self.store.put_account_auth(auth)
+        await self.store.record_event("oauth.connected", account.username, connected.principal)
+        self._tokens.pop(account.username, None)
+        log.info("oauth.connected", account=account.username, principal=connected.principal)
+
+    async def disconnect(self, username: str) -> None:
+        self._account(username)
+        await self.store.delete_account_auth(username)
+        await self.store.record_event("oauth.disconnected", username)
+        self._tokens.pop(username, None)
+
+    def _expire_pending(self) -> None:
+        now = self.clock()
+        for state in [s for s, p in self._pending.items() if now - p.created > PENDING_LIFETIME]:
+            del self._pending[state]
+
+    # -- the Google client the admin entered ----------------------------------------------------
+
+    async def google_client(self) -> GoogleClient:
+        configured = self.settings.google
+        if configured.client_id and configured.client_secret:
+            return GoogleClient(configured.client_id, configured.client_secret.value)
+        client_id = await self.store.get_setting(GOOGLE_CLIENT_ID_SETTING)
+        secret = await self.store.get_secret(GOOGLE_CLIENT_CREDENTIAL)
+        if not client_id or not secret:
+            raise ReauthRequired(
+                "no Google OAuth client is set up: enter its client ID and secret on the admin "
+                f"page at {self.admin_url()}"
+            )
+        register_secret(secret)
+        return GoogleClient(client_id, secret.decode("utf-8"))
+
+    async def set_google_client(self, client_id: str, client_secret: str) -> None:
+        await self.store.set_setting(GOOGLE_CLIENT_ID_SETTING, client_id)
+        await self.store.put_secret(GOOGLE_CLIENT_CREDENTIAL, client_secret.encode("utf-8"))
+        await self.store.record_event("oauth.google_client_saved", detail=client_id)
+
+    async def google_client_origin(self) -> tuple[str, str] | None:
+        """(``config`` or ``admin page``, client ID) of the Google client, or None if unset."""
+        configured = self.settings.google
+        if configured.client_id and configured.client_secret:
+            return "config", configured.client_id
+        client_id = await self.store.get_setting(GOOGLE_CLIENT_ID_SETTING)
+        return ("admin page", client_id) if client_id else None
+
+    # -- status ---------------------------------------------------------------------------------
+
+    async def status(self, username: str) -> AccountStatus:
+        account = self._account(username)
+        needed = self.needed(account)
+        if account.provider == "upstream":
+            return AccountStatus(account, "upstream")
+        if (account.provider == "microsoft" and self.settings.microsoft.app_only) or (
+            account.provider == "google" and self.settings.google.service_account_file
+        ):
+            return AccountStatus(account, "app_only", needed=needed)
+        auth = await self.store.get_account_auth(username)
+        if auth is None:
+            return AccountStatus(account, "not_connected", needed=needed, missing=needed)
+        return AccountStatus(
+            account,
+            auth.state,
+            principal=auth.principal,
+            scopes=auth.scopes,
+            needed=needed,
+            missing=tuple(_scopes.missing(needed, auth.scopes)),
+            since=auth.reconsent_since if auth.state == "needs_reconsent" else auth.updated_at,
+            last_error=auth.last_error,
+        )
+
+    async def statuses(self) -> list[AccountStatus]:
+        return [await self.status(name) for name in self._accounts]
