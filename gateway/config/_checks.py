@@ -110,9 +110,20 @@ def _check_provider(
         )
 
 
+def check_app_only(settings: Settings, v: Validator) -> None:
+    microsoft = settings.microsoft
+    if microsoft is not None and microsoft.app_only and microsoft.client_secret is None:
+        v.report(
+            ("microsoft", "app_only"),
+            "app-only access needs microsoft.client_secret",
+            "add the app's client secret, or set app_only: false to let each mailbox consent",
+        )
+
+
 CHECKS: tuple[Callable[[Settings, Validator], None], ...] = (
     check_listeners,
     check_tls,
     check_ca_bundle,
     check_accounts,
+    check_app_only,
 )

@@ -220,3 +220,21 @@ def test_upstream_ca_file_must_be_readable(write_config, tmp_path: Path) -> None
     server["ca_file"] = str(tmp_path / "missing.pem")
     (problem,) = _problems(write_config(config))
     assert problem.key == "accounts[1].upstream.imap.ca_file" and "cannot read" in problem.message
+
+
+def test_app_only_needs_a_client_secret(write_config, tmp_path: Path) -> None:
+    config = base_config(tmp_path / "state")
+    config["microsoft"]["app_only"] = True
+    (problem,) = _problems(write_config(config))
+    assert problem.key == "microsoft.app_only" and "client_secret" in problem.message
+    config["microsoft"]["client_secret"] = "s3cret-value-1"
+    assert load_settings(write_config(config), environ={}).microsoft.app_only
+
+
+def test_admin_public_url_must_be_an_origin(write_config, tmp_path: Path) -> None:
+    config = base_config(tmp_path / "state")
+    config["admin"]["public_url"] = "http://gw.example:8025/admin"
+    (problem,) = _problems(write_config(config))
+    assert problem.key == "admin.public_url"
+    config["admin"]["public_url"] = "https://gw.example:8443"
+    assert load_settings(write_config(config), environ={}).admin.public_url.endswith(":8443")
