@@ -54,6 +54,8 @@ class Gateway:
         except BaseException:
             await self.stop()
             raise
+        if "admin" in self.ports and not settings.admin.public_url:
+            self.broker.public_url = f"http://localhost:{self.ports['admin']}"
         await self.store.record_event("gateway.started", detail=f"version {__version__}")
         log.info(
             "gateway.started",

@@ -79,6 +79,10 @@ class TokenBroker:
         self._locks: dict[str, asyncio.Lock] = {}
         self._pending: dict[str, _Pending] = {}
         self.refresh_count: dict[str, int] = {}  # per account; observable by tests and status
+        # Where browsers reach the admin page; the app sets the bound port once it listens.
+        self.public_url = settings.admin.public_url or (
+            f"http://localhost:{settings.listeners.admin_port}"
+        )
 
     # -- access tokens -------------------------------------------------------------------------
 
@@ -88,12 +92,12 @@ class TokenBroker:
         Raises ReauthRequired (a person must connect the mailbox) or AuthUnavailable (retry).
         """
         cached = self._tokens.get(username)
-        if cached and cached.expires_at - REFRESH_MARGIN > self.clock():
+        if cached and cached.fresh(self.clock(), REFRESH_MARGIN):
             return cached.value
         lock = self._locks.setdefault(username, asyncio.Lock())
         async with lock:  # single flight: the first caller refreshes, the rest reuse its token
             cached = self._tokens.get(username)
-            if cached and cached.expires_at - REFRESH_MARGIN > self.clock():
+            if cached and cached.fresh(self.clock(), REFRESH_MARGIN):
                 return cached.value
             token = await self._refresh(self._account(username))
             self._tokens[username] = token
@@ -157,9 +161,7 @@ class TokenBroker:
         )
 
     def admin_url(self) -> str:
-        if self.settings.admin.public_url:
-            return self.settings.admin.public_url
-        return f"http://localhost:{self.settings.listeners.admin_port}"
+        return self.public_url
 
     def _account(self, username: str) -> AccountSettings:
         try:

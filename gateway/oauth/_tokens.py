@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,12 @@ class AccessToken:
     value: str = field(repr=False)
     expires_at: float  # epoch seconds
     new_token: bytes | None = field(default=None, repr=False)  # rotated material to persist
+    issued_at: float = field(default_factory=time.time)
+
+    def fresh(self, now: float, margin: float) -> bool:
+        """Usable for a while yet: more than ``margin`` (at most half its life) remains."""
+        lifetime = max(self.expires_at - self.issued_at, 0.0)
+        return self.expires_at - min(margin, lifetime / 2) > now
 
 
 def id_token_claims(id_token: str) -> dict[str, Any]:
