@@ -8,6 +8,7 @@ inside async tests, or they would stall the very loop that serves them.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 import yaml
 
 from gateway.runtime import new_loop_with_reactor
+from gateway.sandbox import Sandbox
 from tests.helpers import base_config
 
 TESTS = Path(__file__).parent
@@ -57,3 +59,24 @@ async def gateway(write_config: Callable[..., Path]) -> AsyncIterator[Any]:
         yield running
     finally:
         await running.stop()
+
+
+@pytest.fixture
+async def sandbox(tmp_path: Path) -> AsyncIterator[Sandbox]:
+    """A fresh sandbox (fake Microsoft 365 + Google) over real HTTPS on loopback.
+
+    It serves from the test loop, so blocking clients (msal, google-auth's requests transport)
+    must run through ``asyncio.to_thread`` or they would wait on a server they are blocking.
+    """
+    running = Sandbox(tmp_path / "sandbox")
+    await running.start()
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+@pytest.fixture
+def sandbox_tls(sandbox: Sandbox) -> ssl.SSLContext:
+    """Client TLS context that trusts exactly the sandbox's CA (use with httpx: verify=...)."""
+    return ssl.create_default_context(cafile=sandbox.ca_file)
