@@ -1,0 +1,277 @@
+"""Connecting mailboxes, end to end: the gateway's own pages, real MSAL and google-auth, the
+sandbox clouds over HTTPS, and the token lifecycle afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+
+from gateway.app import Gateway
+from gateway.config import load_settings
+from gateway.oauth import ReauthRequired
+from gateway.sandbox import Sandbox
+from tests.helpers import PASSWORD, base_config
+
+MS_ADDRESS = "crm@contoso.example"
+GOOGLE_ADDRESS = "scanner@example.com"
+
+
+def _csrf(page: httpx.Response) -> str:
+    match = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert match, page.text
+    return match.group(1)
+
+
+def sandbox_config(sandbox: Sandbox, state_dir: Path, **overrides: object) -> dict:
+    ms_app = sandbox.add_app("microsoft", public=True)
+    google_app = sandbox.add_app("google")
+    sandbox.add_user("microsoft", MS_ADDRESS)
+    sandbox.add_user("microsoft", "someone.else@contoso.example")
+    sandbox.add_user("google", GOOGLE_ADDRESS)
+    config = base_config(state_dir)
+    config.update(
+        ca_bundle=str(sandbox.ca_file),
+        microsoft={
+            "client_id": ms_app.client_id,
+            "tenant": sandbox.microsoft.tenant_id,
+            "authority_host": sandbox.url,
+            "graph_url": f"{sandbox.url}/v1.0",
+        },
+        google={
+            "auth_uri": f"{sandbox.url}/o/oauth2/v2/auth",
+            "token_uri": f"{sandbox.url}/token",
+            "gmail_url": sandbox.url,
+        },
+    )
+    config["_google_app"] = google_app  # not config: handed to the test
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture
+async def wired(
+    sandbox: Sandbox, write_config: Callable[..., Path], tmp_path: Path
+) -> AsyncIterator[tuple[Gateway, Sandbox]]:
+    config = sandbox_config(sandbox, tmp_path / "state")
+    google_app = config.pop("_google_app")
+    running = Gateway(load_settings(write_config(config)))
+    await running.start()
+    for app in sandbox.directory.apps.values():
+        app.redirect_uris = (running.broker.redirect_uri(),)
+    running.google_app = google_app  # type: ignore[attr-defined]
+    try:
+        yield running, sandbox
+    finally:
+        await running.stop()
+
+
+class Browser:
+    """An admin's browser: cookies for the gateway, and the sandbox's CA for the clouds."""
+
+    def __init__(self, gateway: Gateway, sandbox: Sandbox) -> None:
+        self.admin = httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{gateway.ports['admin']}", timeout=30
+        )
+        self.cloud = httpx.AsyncClient(
+            verify=ssl.create_default_context(cafile=sandbox.ca_file), timeout=30
+        )
+
+    async def sign_in(self) -> None:
+        page = await self.admin.get("/login")
+        await self.admin.post("/login", data={"csrf_token": _csrf(page), "password": PASSWORD})
+
+    async def post(self, path: str, **data: str) -> httpx.Response:
+        page = await self.admin.get("/")
+        return await self.admin.post(path, data={"csrf_token": _csrf(page), **data})
+
+    async def consent(self, provider_url: str) -> httpx.Response:
+        """Follow the provider's (auto-consent) redirect back into the gateway's callback."""
+        answer = await self.cloud.get(provider_url)
+        assert answer.status_code in (302, 303), answer.text
+        callback = urlsplit(answer.headers["location"])
+        return await self.admin.get(f"{callback.path}?{callback.query}")
+
+    async def close(self) -> None:
+        await self.admin.aclose()
+        await self.cloud.aclose()
+
+
+@pytest.fixture
+async def browser(wired: tuple[Gateway, Sandbox]) -> AsyncIterator[Browser]:
+    client = Browser(*wired)
+    await client.sign_in()
+    yield client
+    await client.close()
+
+
+async def test_microsoft_connect_through_the_admin_page(
+    wired: tuple[Gateway, Sandbox], browser: Browser
+) -> None:
+    gateway, sandbox = wired
+    start = await browser.post("/accounts/crm/connect")
+    assert start.status_code == 303
+    query = parse_qs(urlsplit(start.headers["location"]).query)
+    assert query["code_challenge_method"] == ["S256"] and query["login_hint"] == [MS_ADDRESS]
+    done = await browser.consent(start.headers["location"])
+    assert done.status_code == 200 and f"{MS_ADDRESS} is connected" in done.text
+    page = await browser.admin.get("/")
+    assert f"connected as {MS_ADDRESS}" in page.text and "Mail.ReadWrite" in page.text
+    token = await gateway.broker.access_token("crm")
+    async with httpx.AsyncClient(
+        verify=ssl.create_default_context(cafile=sandbox.ca_file)
+    ) as graph:
+        me = await graph.get(f"{sandbox.url}/v1.0/me", headers={"Authorization": f"Bearer {token}"})
+    assert me.status_code == 200 and me.json()["mail"].lower() == MS_ADDRESS
+    assert token not in page.text
+
+
+async def test_forged_state_is_refused(wired: tuple[Gateway, Sandbox], browser: Browser) -> None:
+    gateway, _ = wired
+    start = await browser.post("/accounts/crm/connect")
+    location = start.headers["location"]
+    answer = await browser.cloud.get(location)
+    callback = urlsplit(answer.headers["location"])
+    forged = re.sub(r"state=[^&]+", "state=forged", callback.query)
+    refused = await browser.admin.get(f"{callback.path}?{forged}")
+    assert refused.status_code == 409 and "was not started here" in refused.text
+    assert (await gateway.broker.status("crm")).state == "not_connected"
+
+
+async def test_only_the_mailbox_owner_can_consent(
+    wired: tuple[Gateway, Sandbox], browser: Browser
+) -> None:
+    gateway, _ = wired
+    start = await browser.post("/accounts/crm/connect")
+    other = start.headers["location"].replace(
+        "login_hint=crm%40contoso.example", "login_hint=someone.else%40contoso.example"
+    )
+    assert other != start.headers["location"]
+    refused = await browser.consent(other)
+    assert refused.status_code == 409
+    assert "its owner must sign in" in refused.text
+    assert (await gateway.broker.status("crm")).state == "not_connected"
+
+
+async def test_google_client_form_then_connect(
+    wired: tuple[Gateway, Sandbox], browser: Browser
+) -> None:
+    gateway, sandbox = wired
+    app = gateway.google_app  # type: ignore[attr-defined]
+    before = await browser.post("/accounts/scanner/connect")
+    assert before.status_code == 409 and "client ID and secret" in before.text
+    form = await browser.admin.get("/google-client")
+    assert "Client ID" in form.text and "Client secret" in form.text
+    saved = await browser.admin.post(
+        "/google-client",
+        data={
+            "csrf_token": _csrf(form),
+            "client_id": app.client_id,
+            "client_secret": app.client_secret,
+        },
+    )
+    assert saved.status_code == 303
+    page = await browser.admin.get("/")
+    assert app.client_id in page.text and app.client_secret not in page.text
+    start = await browser.post("/accounts/scanner/connect")
+    query = parse_qs(urlsplit(start.headers["location"]).query)
+    assert query["access_type"] == ["offline"] and query["prompt"] == ["consent"]
+    done = await browser.consent(start.headers["location"])
+    assert f"{GOOGLE_ADDRESS} is connected" in done.text, done.text
+    token = await gateway.broker.access_token("scanner")
+    async with httpx.AsyncClient(
+        verify=ssl.create_default_context(cafile=sandbox.ca_file)
+    ) as gmail:
+        profile = await gmail.get(
+            f"{sandbox.url}/gmail/v1/users/me/profile",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+    assert profile.status_code == 200 and profile.json()["emailAddress"] == GOOGLE_ADDRESS
+
+
+async def connect_microsoft(browser: Browser) -> None:
+    start = await browser.post("/accounts/crm/connect")
+    done = await browser.consent(start.headers["location"])
+    assert "is connected" in done.text, done.text
+
+
+async def test_fifty_concurrent_callers_cause_one_refresh(
+    wired: tuple[Gateway, Sandbox], browser: Browser
+) -> None:
+    gateway, sandbox = wired
+    await connect_microsoft(browser)
+    broker = gateway.broker
+    first = await broker.access_token("crm")
+    sandbox.directory.expire_access_tokens()
+    broker.clock = lambda: 2**40  # far in the future: the cached token is stale for the broker
+    before = broker.refresh_count["crm"]
+    tokens = await asyncio.gather(*(broker.access_token("crm") for _ in range(50)))
+    assert broker.refresh_count["crm"] == before + 1
+    assert len(set(tokens)) == 1 and tokens[0] != first
+
+
+async def test_revoked_grant_marks_needs_reconsent_once(
+    wired: tuple[Gateway, Sandbox], browser: Browser
+) -> None:
+    gateway, sandbox = wired
+    await connect_microsoft(browser)
+    told: list[str] = []
+
+    async def notify(account: str, message: str) -> None:
+        told.append(account)
+
+    broker = gateway.broker
+    broker.notifier = notify
+    sandbox.directory.revoke_user(MS_ADDRESS)
+    broker.clock = lambda: 2**40
+    for _ in range(2):
+        with pytest.raises(ReauthRequired) as refused:
+            await broker.access_token("crm")
+        assert f"{MS_ADDRESS} must be connected again" in str(refused.value)
+        assert broker.admin_url() in str(refused.value)
+    assert told == ["crm"]
+    page = await browser.admin.get("/")
+    assert "needs re-consent since" in page.text
+    assert (await gateway.broker.status("crm")).state == "needs_reconsent"
+
+
+async def test_consent_link_works_once_without_the_admin_password(
+    wired: tuple[Gateway, Sandbox], browser: Browser
+) -> None:
+    gateway, _ = wired
+    page = await browser.post("/accounts/crm/consent-link")
+    link = re.search(r'value="(http://localhost:\d+/consent/[^"]+)"', page.text).group(1)
+    path = urlsplit(link).path
+    owner = Browser(gateway, wired[1])  # no admin sign-in
+    try:
+        landing = await owner.admin.get(path)
+        assert landing.status_code == 200 and MS_ADDRESS in landing.text
+        go = await owner.admin.post(path, data={"csrf_token": _csrf(landing)})
+        assert go.status_code == 303
+        done = await owner.consent(go.headers["location"])
+        assert f"{MS_ADDRESS} is connected" in done.text
+        again = await owner.admin.get(path)
+        assert again.status_code == 404 and "already used or has expired" in again.text
+    finally:
+        await owner.close()
+
+
+async def test_no_token_or_secret_in_the_database_or_pages(
+    wired: tuple[Gateway, Sandbox], browser: Browser
+) -> None:
+    gateway, sandbox = wired
+    await connect_microsoft(browser)
+    token = await gateway.broker.access_token("crm")
+    refresh = [g.token for g in sandbox.directory.grants.values() if g.kind == "refresh"]
+    page = (await browser.admin.get("/")).text
+    state = gateway.settings.state_dir
+    database = b"".join(p.read_bytes() for p in sorted(state.glob("gateway.db*")))
+    for secret in [token, *refresh]:
+        assert secret.encode() not in database and secret not in page
+    assert refresh  # the sandbox did issue refresh tokens to look for
