@@ -13,6 +13,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 
@@ -52,6 +53,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_config_option(health)
     health.set_defaults(handler=_health)
+
+    connect = commands.add_parser(
+        "connect",
+        help="connect a mailbox: print a one-time consent link for its owner, or sign in "
+        "here with a device code (--device, Microsoft only)",
+    )
+    connect.add_argument("account", help="the account's username in the config")
+    connect.add_argument(
+        "--device",
+        action="store_true",
+        help="sign in with a code on another device (for machines without a browser)",
+    )
+    _add_config_option(connect)
+    connect.set_defaults(handler=_connect)
+
+    accounts = commands.add_parser("accounts", help="list the accounts and their connection state")
+    _add_config_option(accounts)
+    accounts.set_defaults(handler=_accounts)
 
     demo = commands.add_parser(
         "demo",
@@ -138,6 +157,71 @@ def _health(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     print(f"gateway: healthy ({url})")
     return EXIT_OK
+
+
+def _with_broker(args: argparse.Namespace, job: Callable[[Any], Awaitable[int]]) -> int:
+    """Run ``job(broker)`` against the state directory, beside a running gateway or not."""
+    settings = _load(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    from .oauth import OAuthError, TokenBroker
+    from .store import SecretBox, Store, StoreError, load_or_create_key
+
+    async def main() -> int:
+        store = await Store.open(
+            settings.state_dir, SecretBox(load_or_create_key(settings.state_dir))
+        )
+        try:
+            return await job(TokenBroker(settings, store))
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(main())
+    except (OAuthError, StoreError) as error:
+        print(f"gateway: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _connect(args: argparse.Namespace) -> int:
+    async def job(broker: Any) -> int:
+        if args.device:
+            status = await broker.connect_with_device_code(
+                args.account, lambda message: print(message, flush=True)
+            )
+            print(f"{status.account.username}: connected as {status.principal}")
+            return EXIT_OK
+        url, expires = await broker.create_consent_link(args.account)
+        address = broker.account(args.account).address
+        print(
+            f"Send this link to the owner of {address}; it works once, until "
+            f"{expires:%Y-%m-%d %H:%M} UTC, and needs the gateway running:\n{url}"
+        )
+        return EXIT_OK
+
+    return _with_broker(args, job)
+
+
+def _accounts(args: argparse.Namespace) -> int:
+    async def job(broker: Any) -> int:
+        for status in await broker.statuses():
+            detail = {
+                "connected": f"connected as {status.principal}",
+                "needs_reconsent": f"NEEDS RE-CONSENT since {status.since:%Y-%m-%d %H:%M} UTC"
+                if status.since
+                else "NEEDS RE-CONSENT",
+                "app_only": "connected (application permission)",
+                "upstream": "password server",
+                "not_connected": "not connected",
+            }[status.state]
+            missing = ", ".join(need.scope for need in status.missing)
+            if missing and status.state != "not_connected":
+                detail += f"; missing scopes: {missing}"
+            account = status.account
+            print(f"{account.username:<16} {account.address:<32} {account.provider:<9} {detail}")
+        return EXIT_OK
+
+    return _with_broker(args, job)
 
 
 def _hash_password(args: argparse.Namespace) -> int:

@@ -7,11 +7,8 @@ signed-in admin; every POST needs the session's CSRF token (see :mod:`.auth`).
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,7 +18,7 @@ from aiohttp import web
 from .. import __version__
 from ..config import Settings
 from ..logs import get_logger
-from ..oauth import OAuthError, TokenBroker
+from ..oauth import ConsentError, OAuthError, TokenBroker
 from ..oauth._scopes import short
 from ..passwords import parse_hash, verify_password
 from ..runtime import RunningListener
@@ -39,7 +36,6 @@ SECURITY_HEADERS = {
 }
 PUBLIC_PATHS = frozenset({"/login", "/healthz", "/lang", "/oauth/callback"})
 PUBLIC_PREFIXES = ("/consent/",)  # opened by mailbox owners, who have no admin password
-CONSENT_LINK_LIFETIME = timedelta(days=3)
 LANG_COOKIE = "gw_lang"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -261,25 +257,18 @@ async def oauth_callback(request: web.Request) -> web.StreamResponse:
     return _message(request, done)
 
 
-def _link_hash(token: str) -> str:
-    """Links are stored by hash only: a copy of the database cannot be used to consent."""
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
 async def create_consent_link(request: web.Request) -> web.StreamResponse:
-    state = _state(request)
+    broker = _state(request).broker
     username = request.match_info["account"]
-    account = next((a for a in state.settings.accounts if a.username == username), None)
-    if account is None or account.provider == "upstream":
-        raise web.HTTPNotFound()
-    token = secrets.token_urlsafe(32)
-    expires = datetime.now(UTC) + CONSENT_LINK_LIFETIME
-    await state.broker.store.add_consent_link(_link_hash(token), username, expires)
-    await state.broker.store.record_event("oauth.consent_link_created", username)
+    try:
+        url, expires = await broker.create_consent_link(username)
+    except OAuthError as error:
+        return _message(request, str(error), 404, failed=True)
+    account = broker.account(username)
     link = {
         "address": account.address,
         "expires": expires.strftime("%Y-%m-%d %H:%M UTC"),
-        "url": f"{state.broker.admin_url()}/consent/{token}",
+        "url": url,
     }
     return await status(request, link)
 
@@ -288,8 +277,7 @@ async def consent_page(request: web.Request) -> web.StreamResponse:
     """A button, not an action: mail scanners that open links must not spend them."""
     state = _state(request)
     token = request.match_info["token"]
-    username = await state.broker.store.peek_consent_link(_link_hash(token), datetime.now(UTC))
-    account = next((a for a in state.settings.accounts if a.username == username), None)
+    account = await state.broker.consent_link_account(token)
     if account is None:
         invalid = i18n.translator(request[LANGUAGE])("consent_link_invalid")
         return _message(request, invalid, 404, failed=True)
@@ -301,14 +289,14 @@ async def consent_page(request: web.Request) -> web.StreamResponse:
 
 
 async def consent(request: web.Request) -> web.StreamResponse:
-    state = _state(request)
-    token = request.match_info["token"]
-    username = await state.broker.store.use_consent_link(_link_hash(token), datetime.now(UTC))
-    if username is None:
+    try:
+        url = await _state(request).broker.spend_consent_link(request.match_info["token"])
+    except ConsentError:
         invalid = i18n.translator(request[LANGUAGE])("consent_link_invalid")
         return _message(request, invalid, 404, failed=True)
-    await state.broker.store.record_event("oauth.consent_link_used", username)
-    return await _redirect_to_sign_in(request, username)
+    except OAuthError as error:
+        return _consent_failed(request, error)
+    raise web.HTTPSeeOther(url)
 
 
 async def google_client_page(request: web.Request, error: str | None = None) -> web.Response:

@@ -9,11 +9,13 @@ makes every caller fail with a sentence that names the admin page.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .. import outbound
@@ -30,6 +32,7 @@ log = get_logger(__name__)
 
 REFRESH_MARGIN = 300.0  # seconds: refresh this long before expiry, as MSAL does
 PENDING_LIFETIME = 900.0  # a sign-in must come back within 15 minutes
+CONSENT_LINK_LIFETIME = timedelta(days=3)
 GOOGLE_CLIENT_ID_SETTING = "google.client_id"
 GOOGLE_CLIENT_CREDENTIAL = "google.client_secret"  # the name of the encrypted entry
 
@@ -99,7 +102,7 @@ class TokenBroker:
             cached = self._tokens.get(username)
             if cached and cached.fresh(self.clock(), REFRESH_MARGIN):
                 return cached.value
-            token = await self._refresh(self._account(username))
+            token = await self._refresh(self.account(username))
             self._tokens[username] = token
             register_secret(token.value)
             return token.value
@@ -163,7 +166,8 @@ class TokenBroker:
     def admin_url(self) -> str:
         return self.public_url
 
-    def _account(self, username: str) -> AccountSettings:
+    def account(self, username: str) -> AccountSettings:
+        """The configured account; ReauthRequired if there is none by that name."""
         try:
             return self._accounts[username]
         except KeyError:
@@ -187,7 +191,7 @@ class TokenBroker:
 
     async def begin_consent(self, username: str) -> str:
         """Start a sign-in for this account; return the provider URL to send the browser to."""
-        account = self._account(username)
+        account = self.account(username)
         scopes = [need.scope for need in self.needed(account)]
         self._expire_pending()
         if account.provider == "microsoft":
@@ -210,7 +214,7 @@ class TokenBroker:
             raise ConsentError(
                 "this sign-in response was not started here or has expired; start again"
             )
-        account = self._account(pending.account)
+        account = self.account(pending.account)
         if pending.microsoft_flow is not None:
             connected = await asyncio.to_thread(
                 self.microsoft.finish, pending.microsoft_flow, response
@@ -223,6 +227,27 @@ class TokenBroker:
             )
         await self.save_connection(account, connected)
         return await self.status(account.username)
+
+    async def connect_with_device_code(
+        self, username: str, show: Callable[[str], None]
+    ) -> AccountStatus:
+        """Device code sign-in for machines without a browser (Microsoft only).
+
+        ``show`` receives Microsoft's instruction ("open ... and enter the code ..."); this
+        returns once the owner has signed in elsewhere, or raises ConsentError.
+        """
+        account = self.account(username)
+        if account.provider != "microsoft":
+            raise ConsentError(
+                "Google does not allow Gmail scopes in the device flow; create a consent link "
+                "with `gateway connect` (without --device) and open it in a browser instead"
+            )
+        scopes = [need.scope for need in self.needed(account)]
+        flow = await asyncio.to_thread(self.microsoft.start_device_flow, scopes)
+        show(flow["message"])
+        connected = await asyncio.to_thread(self.microsoft.finish_device_flow, flow)
+        await self.save_connection(account, connected)
+        return await self.status(username)
 
     async def save_connection(self, account: AccountSettings, connected: Connected) -> None:
         """Keep a completed consent, after checking that the mailbox's owner gave it."""
@@ -244,8 +269,36 @@ class TokenBroker:
         self._tokens.pop(account.username, None)
         log.info("oauth.connected", account=account.username, principal=connected.principal)
 
+    async def create_consent_link(self, username: str) -> tuple[str, datetime]:
+        """A one-time link for the mailbox owner (no admin password needed); (url, expiry).
+
+        Only the hash of its token is stored, so a copy of the database cannot be used to
+        consent, and the link dies after one use or ``CONSENT_LINK_LIFETIME``.
+        """
+        account = self.account(username)
+        if account.provider == "upstream":
+            raise ConsentError(f"account {username!r} uses a password server; nothing to connect")
+        token = secrets.token_urlsafe(32)
+        expires = datetime.now(UTC) + CONSENT_LINK_LIFETIME
+        await self.store.add_consent_link(_link_hash(token), username, expires)
+        await self.store.record_event("oauth.consent_link_created", username)
+        return f"{self.admin_url()}/consent/{token}", expires
+
+    async def consent_link_account(self, token: str) -> AccountSettings | None:
+        """The account a live link is for, without spending it (None if used or expired)."""
+        username = await self.store.peek_consent_link(_link_hash(token), datetime.now(UTC))
+        return self._accounts.get(username or "")
+
+    async def spend_consent_link(self, token: str) -> str:
+        """Use the link up and start the owner's sign-in; returns the provider URL."""
+        username = await self.store.use_consent_link(_link_hash(token), datetime.now(UTC))
+        if username is None or username not in self._accounts:
+            raise ConsentError("this consent link was already used or has expired")
+        await self.store.record_event("oauth.consent_link_used", username)
+        return await self.begin_consent(username)
+
     async def disconnect(self, username: str) -> None:
-        self._account(username)
+        self.account(username)
         await self.store.delete_account_auth(username)
         await self.store.record_event("oauth.disconnected", username)
         self._tokens.pop(username, None)
@@ -287,7 +340,7 @@ class TokenBroker:
     # -- status ---------------------------------------------------------------------------------
 
     async def status(self, username: str) -> AccountStatus:
-        account = self._account(username)
+        account = self.account(username)
         needed = self.needed(account)
         if account.provider == "upstream":
             return AccountStatus(account, "upstream")
@@ -311,3 +364,7 @@ class TokenBroker:
 
     async def statuses(self) -> list[AccountStatus]:
         return [await self.status(name) for name in self._accounts]
+
+
+def _link_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
