@@ -14,7 +14,16 @@ from email.message import Message
 
 from aiohttp import web
 
-from .api import Caller, Gate, GmailError, check_params, invalid, json_object, read_capped
+from .api import (
+    STANDARD_PARAMS,
+    Caller,
+    Gate,
+    GmailError,
+    check_params,
+    invalid,
+    json_object,
+    read_capped,
+)
 from .gmail import (
     MAX_JSON_REQUEST_BYTES,
     MAX_MESSAGE_BYTES,
@@ -113,7 +122,7 @@ class Uploads:
     async def chunk(self, request: web.Request) -> web.StreamResponse:
         """One PUT of a resumable upload. The upload_id is the credential, as at Google."""
         try:
-            check_params(request, ("uploadType", "upload_id"))
+            check_params(request, STANDARD_PARAMS | {"upload_id"})
             return await self._chunk(request)
         except GmailError as error:
             return error.response()
