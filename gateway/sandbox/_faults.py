@@ -21,7 +21,7 @@ Target = Literal["microsoft-login", "graph", "google-oauth", "gmail", "any"]
 FaultKind = Literal["429", "503", "slow", "reset"]
 
 _TARGET_PATTERNS: tuple[tuple[Target, re.Pattern[str]], ...] = (
-    ("graph", re.compile(r"^/v1\.0/")),
+    ("graph", re.compile(r"^/(v1\.0|api/v2\.0)/")),
     ("gmail", re.compile(r"^/(upload/|resumable/upload/)?gmail/")),
     ("google-oauth", re.compile(r"^/(o/oauth2/|token$|device/code$|revoke$)")),
 )

@@ -31,7 +31,6 @@ PENDING_LIFETIME = 600  # how long a consent screen may stay open
 class AuthRequest:
     """A validated authorize request, kept until the user decides."""
 
-    tenant: str
     app: App
     redirect_uri: str
     response_mode: str
@@ -47,7 +46,6 @@ class AuthRequest:
 class AuthCode:
     request: AuthRequest
     user: User
-    permissions: frozenset[str]
     issued_at: float
     redeemed: bool = False
 
@@ -137,7 +135,6 @@ class Authorize:
         if method not in ("S256", "plain"):
             raise _Refused("invalid_request", 501491, f"Invalid code_challenge_method {method}.")
         return AuthRequest(
-            tenant=tenant,
             app=app,
             redirect_uri=redirect_uri,
             response_mode=query.get("response_mode", "query"),
@@ -184,13 +181,13 @@ class Authorize:
 
     def _grant(self, auth: AuthRequest, user: User) -> web.Response:
         self.identity.consent(auth.app, user, auth.scopes.permissions)
-        try:
-            permissions = self.identity.permissions(auth.app, user, auth.scopes)
+        try:  # .default needs an earlier consent to stand for
+            self.identity.permissions(auth.app, user, auth.scopes)
         except AadFailure as failure:
             refused = _Refused("consent_required", failure.code, failure.description)
             return self._finish(auth, refused.params)
         code = "1.AQ" + secrets.token_urlsafe(48)
-        self.codes[code] = AuthCode(auth, user, permissions, self._now())
+        self.codes[code] = AuthCode(auth, user, self._now())
         return self._finish(auth, {"code": code})
 
     def _finish(self, auth: AuthRequest, params: dict[str, str]) -> web.Response:

@@ -6,8 +6,9 @@ an account and approve. Tests skip the browser with :meth:`DeviceFlow.approve`.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -32,6 +33,7 @@ class DeviceCode:
     user: User | None = None  # set when the person approves
     declined: bool = False
     last_poll: float | None = None
+    polled: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class DeviceFlow:
@@ -105,6 +107,10 @@ class DeviceFlow:
     def deny(self, user_code: str) -> None:
         self._entry(user_code).declined = True
 
+    async def first_poll(self, user_code: str) -> None:
+        """Wait until the device has asked for its tokens (and so is waiting for the person)."""
+        await self._entry(user_code).polled.wait()
+
     async def page(self, request: web.Request) -> web.Response:
         return self._form()
 
@@ -163,6 +169,7 @@ class DeviceFlow:
         """Keep the device waiting; one that polls at under half the interval must slow down."""
         too_soon = entry.last_poll is not None and now - entry.last_poll < self.interval / 2
         entry.last_poll = now
+        entry.polled.set()
         if too_soon:
             return AadFailure("slow_down", 70016, "Polling too fast; wait longer between requests.")
         return AadFailure(

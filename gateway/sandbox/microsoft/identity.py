@@ -22,6 +22,7 @@ from .scopes import ScopeRequest
 
 ID_TOKEN_LIFETIME = 3600
 NO_STORE = {"Cache-Control": "no-store, no-cache", "Pragma": "no-cache"}
+_CLAIMS = ("sub", "iss", "aud", "exp", "iat", "nonce", "preferred_username", "name", "tid", "oid")
 
 
 class AadFailure(Exception):
@@ -146,13 +147,10 @@ class Identity:
 
     async def discovery(self, request: web.Request) -> web.Response:
         segment = request.match_info["tenant"]
-        if not self.tenant_known(segment):
-            return AadFailure(
-                "invalid_tenant",
-                90002,
-                f"Tenant '{segment}' not found. Check to make sure you have the correct tenant "
-                "ID and are signing into the correct cloud.",
-            ).response()
+        try:
+            self.check_tenant(segment)
+        except AadFailure as failure:
+            return failure.response()
         base = origin(request)
         # Multi-tenant aliases keep their name; a domain resolves to the tenant's GUID.
         path = segment if segment.casefold() in ("common", "organizations") else self.tenant_id
@@ -179,19 +177,7 @@ class Identity:
                 "http_logout_supported": True,
                 "frontchannel_logout_supported": True,
                 "end_session_endpoint": f"{base}/{path}/oauth2/v2.0/logout",
-                "claims_supported": [
-                    "sub",
-                    "iss",
-                    "aud",
-                    "exp",
-                    "iat",
-                    "nonce",
-                    "preferred_username",
-                    "name",
-                    "tid",
-                    "ver",
-                    "oid",
-                ],  # fmt: skip
+                "claims_supported": list(_CLAIMS),
                 "tenant_region_scope": "EU",
                 "cloud_instance_name": "microsoftonline.com",
                 "cloud_graph_host_name": "graph.windows.net",

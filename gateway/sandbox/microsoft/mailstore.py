@@ -38,6 +38,11 @@ def new_id(prefix: str) -> str:
     return prefix + base64.urlsafe_b64encode(secrets.token_bytes(46)).decode("ascii")
 
 
+def new_item_id() -> str:
+    """An immutable id: what an item keeps for life, whatever folder it moves to."""
+    return new_id(_IMMUTABLE_PREFIX)
+
+
 def new_attachment_id() -> str:
     return new_id(_ATTACHMENT_PREFIX)
 
@@ -70,6 +75,12 @@ class Message:
     @cached_property
     def summary(self) -> Summary:
         return summarize(self.raw)
+
+    def replace_content(self, raw: bytes) -> None:
+        """The MIME as sent replaces a draft's; the attachments are part of it now."""
+        self.raw = raw
+        self.attachments.clear()
+        self.__dict__.pop("summary", None)  # drop the cached_property's value
 
     def mime(self) -> bytes:
         return with_attachments(self.raw, tuple(self.attachments))
@@ -127,9 +138,6 @@ class Mailbox:
             return found
         return next((f for f in self.folders.values() if f.id == name_or_id), None)
 
-    def folder_by_id(self, folder_id: str) -> Folder:
-        return next(f for f in self.folders.values() if f.id == folder_id)
-
     def find(self, message_id: str) -> Message | None:
         """By immutable id or current REST id; a REST id from before a move finds nothing."""
         found = self.messages.get(message_id)
@@ -152,7 +160,7 @@ class Mailbox:
         now = self.now()
         self._arrivals += 1
         message = Message(
-            immutable_id=new_id(_IMMUTABLE_PREFIX),
+            immutable_id=new_item_id(),
             rest_id=new_id(_REST_PREFIX),
             folder_id=folder.id,
             raw=raw,

@@ -7,6 +7,7 @@ envelope. Seeded messages keep their exact bytes, so ``$value`` serves what was 
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,6 +17,7 @@ from email.parser import BytesParser
 from email.utils import format_datetime, formataddr, getaddresses, parsedate_to_datetime
 
 _PARSER = BytesParser(policy=policy.default)
+_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 
 
 @dataclass(frozen=True)
@@ -50,14 +52,6 @@ class Summary:
     html: str | None
     has_attachments: bool
 
-    @property
-    def recipients(self) -> tuple[str, ...]:
-        """To + Cc + Bcc, lower-cased, first occurrence kept: whom Exchange delivers to."""
-        seen: dict[str, None] = {}
-        for address in (*self.to, *self.cc, *self.bcc):
-            seen.setdefault(address.address.lower(), None)
-        return tuple(seen)
-
 
 @dataclass(frozen=True)
 class Draft:
@@ -73,6 +67,22 @@ class Draft:
     reply_to: tuple[Address, ...]
     headers: tuple[tuple[str, str], ...]
     attachments: tuple[FileAttachment, ...]
+
+
+def _head(raw: bytes) -> EmailMessage:
+    """Just the header block, parsed: cheap even for a message with 30 MB of attachments."""
+    blank = _BLANK_LINE.search(raw)
+    return _PARSER.parsebytes(raw[: blank.end()] if blank else raw, headersonly=True)
+
+
+def envelope(raw: bytes) -> tuple[Address | None, tuple[str, ...]]:
+    """The From and the recipients (To + Cc + Bcc, lower-cased, first occurrence kept)."""
+    head = _head(raw)
+    seen: dict[str, None] = {}
+    for header in ("To", "Cc", "Bcc"):
+        for address in _addresses(head, header):
+            seen.setdefault(address.address.lower(), None)
+    return next(iter(_addresses(head, "From")), None), tuple(seen)
 
 
 def summarize(raw: bytes) -> Summary:
@@ -164,7 +174,7 @@ def new_message_id(domain: str) -> str:
 
 def ensure_headers(raw: bytes, message_id: str, date: datetime) -> bytes:
     """Add the Message-ID and Date a submitted message lacks, leaving the rest byte-exact."""
-    message = _PARSER.parsebytes(raw, headersonly=True)
+    message = _head(raw)
     first_line_end = raw.find(b"\n")
     newline = b"\r\n" if raw[first_line_end - 1 : first_line_end] == b"\r" else b"\n"
     added = b""

@@ -39,19 +39,16 @@ def _page(title: str, body: str, status: int = 200) -> web.Response:
     )
 
 
-def _user_choices(users: Iterable[User], selected: str | None) -> str:
-    choices = []
-    for number, user in enumerate(users):
-        checked = (
-            " checked"
-            if (selected or "").casefold() == user.address.casefold() or number == 0
-            else ""
-        )
-        choices.append(
-            f"<label><input type='radio' name='user' value='{escape(user.address)}'{checked}> "
-            f"{escape(user.display_name)} &lt;{escape(user.address)}&gt;</label>"
-        )
-    return "".join(choices)
+def _user_choices(users: list[User], selected: str | None) -> str:
+    """Radio buttons, the login_hint's account (else the first) chosen."""
+    wanted = (selected or "").casefold()
+    chosen = next((u for u in users if u.address.casefold() == wanted), users[0] if users else None)
+    return "".join(
+        f"<label><input type='radio' name='user' value='{escape(user.address)}'"
+        f"{' checked' if user is chosen else ''}> {escape(user.display_name)} "
+        f"&lt;{escape(user.address)}&gt;</label>"
+        for user in users
+    )
 
 
 def consent(

@@ -128,16 +128,16 @@ def verify_assertion(
 
 
 def _find_certificate(header: dict[str, Any], certificates: list[Certificate]) -> Certificate:
+    """By ``x5t#S256`` or ``x5t`` (MSAL keeps the base64 padding; the JOSE spec drops it)."""
+    sha256 = str(header.get("x5t#S256", "")).rstrip("=")
+    sha1 = str(header.get("x5t", "")).rstrip("=")
     for certificate in certificates:
-        if header.get("x5t#S256") == b64url(certificate.sha256):
+        if sha256 == b64url(certificate.sha256) or sha1 == b64url(certificate.sha1):
             return certificate
-        if header.get("x5t") == b64url(certificate.sha1):
-            return certificate
-    thumbprint = header.get("x5t#S256") or header.get("x5t")
     raise AssertionRefused(
         700027,
         "Client assertion failed signature validation. (Reason - The key was not found., "
-        f"Thumbprint of key used by client: '{thumbprint}'.)",
+        f"Thumbprint of key used by client: '{sha256 or sha1}'.)",
     )
 
 
