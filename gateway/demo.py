@@ -118,9 +118,11 @@ class Demo:
         self.dovecot = dovecot
         mailbox_password = _password()
         dovecot.add_user("legacy", mailbox_password)
-        for raw in _seed_messages("legacy@localhost"):
+        for raw in _seed_messages("legacy@upstream.example"):
             dovecot.deliver("legacy", raw)
-        self.accounts.append(DemoAccount("legacy", _password(), "upstream", "legacy@localhost"))
+        self.accounts.append(
+            DemoAccount("legacy", _password(), "upstream", "legacy@upstream.example")
+        )
         server = {
             "host": "localhost",
             "username": "legacy",

@@ -35,6 +35,9 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 PUBLIC_PATHS = frozenset({"/login", "/healthz", "/lang", "/oauth/callback"})
+# The OAuth state parameter is the CSRF token of the sign-in response (RFC 6749 §10.12), and
+# Microsoft's form_post arrives cross-site by design.
+CSRF_EXEMPT = frozenset({"/oauth/callback"})
 PUBLIC_PREFIXES = ("/consent/",)  # opened by mailbox owners, who have no admin password
 LANG_COOKIE = "gw_lang"
 
@@ -117,7 +120,7 @@ async def security(request: web.Request, handler: Handler) -> web.StreamResponse
     )
     session = state.sessions.get(request.cookies.get(SESSION_COOKIE))
     request[SESSION] = session
-    if request.method not in ("GET", "HEAD"):
+    if request.method not in ("GET", "HEAD") and request.path not in CSRF_EXEMPT:
         form = await request.post()
         token = form.get(CSRF_FIELD)
         if (
@@ -248,8 +251,11 @@ async def disconnect(request: web.Request) -> web.StreamResponse:
 
 async def oauth_callback(request: web.Request) -> web.StreamResponse:
     """Where Microsoft and Google send the browser back; the state names the sign-in."""
+    response = dict(await request.post()) if request.method == "POST" else dict(request.query)
     try:
-        result = await _state(request).broker.complete_consent(dict(request.query))
+        result = await _state(request).broker.complete_consent(
+            {key: str(value) for key, value in response.items()}
+        )
     except OAuthError as error:
         log.warning("admin.consent_failed", reason=str(error))
         return _consent_failed(request, error)
@@ -345,6 +351,7 @@ def build_app(state: AdminState) -> web.Application:
     app.router.add_post("/accounts/{account}/disconnect", disconnect)
     app.router.add_post("/accounts/{account}/consent-link", create_consent_link)
     app.router.add_get("/oauth/callback", oauth_callback)
+    app.router.add_post("/oauth/callback", oauth_callback)
     app.router.add_get("/consent/{token}", consent_page)
     app.router.add_post("/consent/{token}", consent)
     app.router.add_get("/google-client", google_client_page)

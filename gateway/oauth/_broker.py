@@ -67,11 +67,9 @@ class TokenBroker:
         settings: Settings,
         store: Store,
         notifier: Notifier | None = None,
-        clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.store = store
-        self.clock = clock
         self.notifier = notifier
         trust = outbound.trust_file(settings.state_dir, settings.ca_bundle)
         session = lambda: outbound.requests_session(trust)  # noqa: E731 - a factory per call
@@ -95,17 +93,21 @@ class TokenBroker:
         Raises ReauthRequired (a person must connect the mailbox) or AuthUnavailable (retry).
         """
         cached = self._tokens.get(username)
-        if cached and cached.fresh(self.clock(), REFRESH_MARGIN):
+        if cached and cached.fresh(time.time(), REFRESH_MARGIN):
             return cached.value
         lock = self._locks.setdefault(username, asyncio.Lock())
         async with lock:  # single flight: the first caller refreshes, the rest reuse its token
             cached = self._tokens.get(username)
-            if cached and cached.fresh(self.clock(), REFRESH_MARGIN):
+            if cached and cached.fresh(time.time(), REFRESH_MARGIN):
                 return cached.value
             token = await self._refresh(self.account(username))
             self._tokens[username] = token
             register_secret(token.value)
             return token.value
+
+    def invalidate(self, username: str) -> None:
+        """Forget the cached access token, e.g. after the provider rejected it with a 401."""
+        self._tokens.pop(username, None)
 
     async def _refresh(self, account: AccountSettings) -> AccessToken:
         self.refresh_count[account.username] = self.refresh_count.get(account.username, 0) + 1
@@ -198,19 +200,19 @@ class TokenBroker:
             flow = await asyncio.to_thread(
                 self.microsoft.start, scopes, self.redirect_uri(), account.address
             )
-            self._pending[flow["state"]] = _Pending(username, self.clock(), microsoft_flow=flow)
+            self._pending[flow["state"]] = _Pending(username, time.time(), microsoft_flow=flow)
             return flow["auth_uri"]
         if account.provider == "google":
             client = await self.google_client()
             url, pending = self.google.start(client, scopes, self.redirect_uri(), account.address)
-            self._pending[pending.state] = _Pending(username, self.clock(), google=pending)
+            self._pending[pending.state] = _Pending(username, time.time(), google=pending)
             return url
         raise ConsentError(f"account {username!r} uses a password server; nothing to connect")
 
     async def complete_consent(self, response: Mapping[str, str]) -> AccountStatus:
         """Finish the sign-in the browser came back from; the state must be one we issued."""
         pending = self._pending.pop(response.get("state", ""), None)
-        if pending is None or self.clock() - pending.created > PENDING_LIFETIME:
+        if pending is None or time.time() - pending.created > PENDING_LIFETIME:
             raise ConsentError(
                 "this sign-in response was not started here or has expired; start again"
             )
@@ -304,7 +306,7 @@ class TokenBroker:
         self._tokens.pop(username, None)
 
     def _expire_pending(self) -> None:
-        now = self.clock()
+        now = time.time()
         for state in [s for s, p in self._pending.items() if now - p.created > PENDING_LIFETIME]:
             del self._pending[state]
 

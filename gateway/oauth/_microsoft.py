@@ -79,7 +79,13 @@ class MicrosoftAuth:
     def start(self, scopes: list[str], redirect_uri: str, login_hint: str) -> dict[str, Any]:
         """Begin auth code + PKCE; the returned flow holds ``auth_uri`` and must be kept."""
         flow = self._app().initiate_auth_code_flow(
-            scopes, redirect_uri=redirect_uri, login_hint=login_hint, prompt="select_account"
+            scopes,
+            redirect_uri=redirect_uri,
+            login_hint=login_hint,
+            prompt="select_account",
+            # The code arrives in a POST body, not in a URL that browsers keep in history and
+            # proxies log (RFC 9700 §4.3.1).
+            response_mode="form_post",
         )
         if "auth_uri" not in flow:
             raise ConsentError(_describe(flow))
