@@ -23,7 +23,7 @@ from .app import Gateway
 from .config import Settings, load_settings
 from .logs import get_logger
 from .passwords import hash_password
-from .sandbox import Sandbox
+from .sandbox import App, Sandbox
 from .sandbox.upstream import Dovecot, missing_binaries
 
 log = get_logger(__name__)
@@ -76,6 +76,8 @@ class Demo:
         self.accounts: list[DemoAccount] = []
         self.gateway: Gateway | None = None
         self.admin_password = _password()
+        self.microsoft_app: App | None = None
+        self.google_app: App | None = None
 
     async def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -90,6 +92,9 @@ class Demo:
         settings = self._write_config(upstream)
         self.gateway = Gateway(settings)
         await self.gateway.start()
+        assert self.gateway.broker is not None
+        for app in (self.microsoft_app, self.google_app):
+            app.redirect_uris = (self.gateway.broker.redirect_uri(),)
 
     async def stop(self) -> None:
         if self.gateway is not None:
@@ -133,8 +138,10 @@ class Demo:
 
     def _write_config(self, upstream: dict[str, Any] | None) -> Settings:
         sandbox = self.sandbox
-        microsoft_app = sandbox.add_app("microsoft", public=True, name="mail gateway demo")
-        google_app = sandbox.add_app("google", name="mail gateway demo")
+        self.microsoft_app = sandbox.add_app("microsoft", public=True, name="mail gateway demo")
+        # The Google client is *not* written to the config: as with a real Workspace, the admin
+        # enters its ID and secret on the admin page first.
+        self.google_app = sandbox.add_app("google", name="mail gateway demo")
         accounts = []
         for account in self.accounts:
             entry: dict[str, Any] = {
@@ -151,14 +158,12 @@ class Demo:
             "admin": {"password_hash": hash_password(self.admin_password)},
             "ca_bundle": str(sandbox.ca_file),
             "microsoft": {
-                "client_id": microsoft_app.client_id,
+                "client_id": self.microsoft_app.client_id,
                 "tenant": sandbox.microsoft.tenant_id,
                 "authority_host": sandbox.url,
                 "graph_url": f"{sandbox.url}/v1.0",
             },
             "google": {
-                "client_id": google_app.client_id,
-                "client_secret": google_app.client_secret,
                 "auth_uri": f"{sandbox.url}/o/oauth2/v2/auth",
                 "token_uri": f"{sandbox.url}/token",
                 "gmail_url": sandbox.url,
@@ -196,6 +201,13 @@ class Demo:
         if self.dovecot is None:
             lines.append("    (no upstream account: Dovecot is not installed)")
         lines += [
+            "",
+            "  To connect the mailboxes: sign in to the admin page; enter this Google OAuth",
+            '  client under "Google OAuth client", then press Connect for each account and',
+            "  accept on the sandbox's consent page (your browser will not know the sandbox's",
+            "  certificate authority: accept the warning, or import the CA file below).",
+            f"    Google client ID      {self.google_app.client_id}",
+            f"    Google client secret  {self.google_app.client_secret}",
             "",
             f"  sandbox clouds {self.sandbox.url}  (CA {self.sandbox.ca_file})",
             f"  config         {self.state_dir / 'config.yaml'}",

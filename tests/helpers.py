@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import socket
+import ssl
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
 
 from gateway.passwords import hash_password
 
@@ -48,3 +53,46 @@ def base_config(state_dir: Path, **overrides: Any) -> dict:
     }
     config.update(overrides)
     return config
+
+
+def csrf_token(page: httpx.Response) -> str:
+    match = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert match, page.text
+    return match.group(1)
+
+
+class AdminBrowser:
+    """An admin's browser: cookies for the gateway, and the sandbox's CA for the clouds."""
+
+    def __init__(self, gateway: Any, sandbox: Any) -> None:
+        self.admin = httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{gateway.ports['admin']}", timeout=30
+        )
+        self.cloud = httpx.AsyncClient(
+            verify=ssl.create_default_context(cafile=sandbox.ca_file), timeout=30
+        )
+
+    async def sign_in(self, password: str = PASSWORD) -> None:
+        page = await self.admin.get("/login")
+        data = {"csrf_token": csrf_token(page), "password": password}
+        assert (await self.admin.post("/login", data=data)).status_code == 303
+
+    async def post(self, path: str, **data: str) -> httpx.Response:
+        page = await self.admin.get("/")
+        return await self.admin.post(path, data={"csrf_token": csrf_token(page), **data})
+
+    async def consent(self, provider_url: str) -> httpx.Response:
+        """Follow the provider's (auto-consent) answer back into the gateway's callback:
+        a redirect (Google) or an auto-submitting form (Microsoft's form_post)."""
+        answer = await self.cloud.get(provider_url)
+        if answer.status_code in (302, 303):
+            callback = urlsplit(answer.headers["location"])
+            return await self.admin.get(f"{callback.path}?{callback.query}")
+        assert answer.status_code == 200, answer.text
+        action = urlsplit(re.search(r"action='([^']+)'", answer.text).group(1))
+        fields = dict(re.findall(r"name='([^']+)' value='([^']*)'", answer.text))
+        return await self.admin.post(action.path, data=fields)
+
+    async def close(self) -> None:
+        await self.admin.aclose()
+        await self.cloud.aclose()

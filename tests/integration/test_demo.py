@@ -15,6 +15,7 @@ import yaml
 
 from gateway.config import load_settings
 from gateway.demo import Demo
+from tests.helpers import AdminBrowser, csrf_token
 
 
 async def test_demo_wires_the_gateway_to_seeded_sandbox_mailboxes(tmp_path: Path) -> None:
@@ -38,18 +39,32 @@ async def test_demo_wires_the_gateway_to_seeded_sandbox_mailboxes(tmp_path: Path
         assert settings.ca_bundle == sandbox.ca_file
         imap = settings.accounts[2].upstream.imap
         assert imap.port == demo.dovecot.imaps_port and imap.ca_file == demo.dovecot.ca_file
-        async with httpx.AsyncClient() as client:
-            base = f"http://127.0.0.1:{demo.gateway.ports['admin']}"
-            page = await client.get(f"{base}/login")
-            token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
-            signed_in = await client.post(
-                f"{base}/login", data={"csrf_token": token, "password": demo.admin_password}
-            )
-        assert signed_in.status_code == 303 and signed_in.headers["location"] == "/"
         assert f"admin password {demo.admin_password}" in " ".join(text.split())
+        await _connect_through_the_admin_page(demo, text)
     finally:
         await demo.stop()
     assert demo.dovecot is not None and not demo.dovecot.running
+
+
+async def _connect_through_the_admin_page(demo: Demo, instructions: str) -> None:
+    """What the printed instructions tell a new user to do, for both cloud accounts."""
+    demo.sandbox.context.consent = "auto"  # the consent screen itself is tested in the sandbox
+    browser = AdminBrowser(demo.gateway, demo.sandbox)
+    try:
+        await browser.sign_in(demo.admin_password)
+        client_id = re.search(r"Google client ID\s+(\S+)", instructions).group(1)
+        secret = re.search(r"Google client secret\s+(\S+)", instructions).group(1)
+        form = await browser.admin.get("/google-client")
+        data = {"csrf_token": csrf_token(form), "client_id": client_id, "client_secret": secret}
+        assert (await browser.admin.post("/google-client", data=data)).status_code == 303
+        for username in ("crm", "scanner"):
+            start = await browser.post(f"/accounts/{username}/connect")
+            done = await browser.consent(start.headers["location"])
+            assert "is connected" in done.text, done.text
+        for username in ("crm", "scanner"):
+            assert (await demo.gateway.broker.status(username)).state == "connected"
+    finally:
+        await browser.close()
 
 
 def test_demo_command_prints_how_to_connect_and_stops_on_ctrl_c(tmp_path: Path) -> None:

@@ -17,16 +17,10 @@ from gateway.app import Gateway
 from gateway.config import load_settings
 from gateway.oauth import ReauthRequired
 from gateway.sandbox import Sandbox
-from tests.helpers import PASSWORD, base_config
+from tests.helpers import AdminBrowser, base_config, csrf_token
 
 MS_ADDRESS = "crm@contoso.example"
 GOOGLE_ADDRESS = "scanner@example.com"
-
-
-def _csrf(page: httpx.Response) -> str:
-    match = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
-    assert match, page.text
-    return match.group(1)
 
 
 def sandbox_config(sandbox: Sandbox, state_dir: Path, **overrides: object) -> dict:
@@ -72,52 +66,16 @@ async def wired(
         await running.stop()
 
 
-class Browser:
-    """An admin's browser: cookies for the gateway, and the sandbox's CA for the clouds."""
-
-    def __init__(self, gateway: Gateway, sandbox: Sandbox) -> None:
-        self.admin = httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{gateway.ports['admin']}", timeout=30
-        )
-        self.cloud = httpx.AsyncClient(
-            verify=ssl.create_default_context(cafile=sandbox.ca_file), timeout=30
-        )
-
-    async def sign_in(self) -> None:
-        page = await self.admin.get("/login")
-        await self.admin.post("/login", data={"csrf_token": _csrf(page), "password": PASSWORD})
-
-    async def post(self, path: str, **data: str) -> httpx.Response:
-        page = await self.admin.get("/")
-        return await self.admin.post(path, data={"csrf_token": _csrf(page), **data})
-
-    async def consent(self, provider_url: str) -> httpx.Response:
-        """Follow the provider's (auto-consent) answer back into the gateway's callback:
-        a redirect (Google) or an auto-submitting form (Microsoft's form_post)."""
-        answer = await self.cloud.get(provider_url)
-        if answer.status_code in (302, 303):
-            callback = urlsplit(answer.headers["location"])
-            return await self.admin.get(f"{callback.path}?{callback.query}")
-        assert answer.status_code == 200, answer.text
-        action = urlsplit(re.search(r"action='([^']+)'", answer.text).group(1))
-        fields = dict(re.findall(r"name='([^']+)' value='([^']*)'", answer.text))
-        return await self.admin.post(action.path, data=fields)
-
-    async def close(self) -> None:
-        await self.admin.aclose()
-        await self.cloud.aclose()
-
-
 @pytest.fixture
-async def browser(wired: tuple[Gateway, Sandbox]) -> AsyncIterator[Browser]:
-    client = Browser(*wired)
+async def browser(wired: tuple[Gateway, Sandbox]) -> AsyncIterator[AdminBrowser]:
+    client = AdminBrowser(*wired)
     await client.sign_in()
     yield client
     await client.close()
 
 
 async def test_microsoft_connect_through_the_admin_page(
-    wired: tuple[Gateway, Sandbox], browser: Browser
+    wired: tuple[Gateway, Sandbox], browser: AdminBrowser
 ) -> None:
     gateway, sandbox = wired
     start = await browser.post("/accounts/crm/connect")
@@ -137,7 +95,9 @@ async def test_microsoft_connect_through_the_admin_page(
     assert token not in page.text
 
 
-async def test_forged_state_is_refused(wired: tuple[Gateway, Sandbox], browser: Browser) -> None:
+async def test_forged_state_is_refused(
+    wired: tuple[Gateway, Sandbox], browser: AdminBrowser
+) -> None:
     gateway, _ = wired
     start = await browser.post("/accounts/crm/connect")
     answer = await browser.cloud.get(start.headers["location"])
@@ -149,7 +109,7 @@ async def test_forged_state_is_refused(wired: tuple[Gateway, Sandbox], browser: 
 
 
 async def test_only_the_mailbox_owner_can_consent(
-    wired: tuple[Gateway, Sandbox], browser: Browser
+    wired: tuple[Gateway, Sandbox], browser: AdminBrowser
 ) -> None:
     gateway, _ = wired
     start = await browser.post("/accounts/crm/connect")
@@ -164,7 +124,7 @@ async def test_only_the_mailbox_owner_can_consent(
 
 
 async def test_google_client_form_then_connect(
-    wired: tuple[Gateway, Sandbox], browser: Browser
+    wired: tuple[Gateway, Sandbox], browser: AdminBrowser
 ) -> None:
     gateway, sandbox = wired
     app = gateway.google_app  # type: ignore[attr-defined]
@@ -175,7 +135,7 @@ async def test_google_client_form_then_connect(
     saved = await browser.admin.post(
         "/google-client",
         data={
-            "csrf_token": _csrf(form),
+            "csrf_token": csrf_token(form),
             "client_id": app.client_id,
             "client_secret": app.client_secret,
         },
@@ -199,7 +159,7 @@ async def test_google_client_form_then_connect(
     assert profile.status_code == 200 and profile.json()["emailAddress"] == GOOGLE_ADDRESS
 
 
-async def connect_microsoft(browser: Browser, sandbox: Sandbox) -> None:
+async def connect_microsoft(browser: AdminBrowser, sandbox: Sandbox) -> None:
     # MSAL serves a cached access token until less than 5 minutes remain; with shorter-lived
     # tokens every silent call really refreshes, which is what these tests need to observe.
     sandbox.directory.access_lifetime["microsoft"] = 240
@@ -209,7 +169,7 @@ async def connect_microsoft(browser: Browser, sandbox: Sandbox) -> None:
 
 
 async def test_fifty_concurrent_callers_cause_one_refresh(
-    wired: tuple[Gateway, Sandbox], browser: Browser
+    wired: tuple[Gateway, Sandbox], browser: AdminBrowser
 ) -> None:
     gateway, sandbox = wired
     await connect_microsoft(browser, sandbox)
@@ -224,7 +184,7 @@ async def test_fifty_concurrent_callers_cause_one_refresh(
 
 
 async def test_revoked_grant_marks_needs_reconsent_once(
-    wired: tuple[Gateway, Sandbox], browser: Browser
+    wired: tuple[Gateway, Sandbox], browser: AdminBrowser
 ) -> None:
     gateway, sandbox = wired
     await connect_microsoft(browser, sandbox)
@@ -249,17 +209,17 @@ async def test_revoked_grant_marks_needs_reconsent_once(
 
 
 async def test_consent_link_works_once_without_the_admin_password(
-    wired: tuple[Gateway, Sandbox], browser: Browser
+    wired: tuple[Gateway, Sandbox], browser: AdminBrowser
 ) -> None:
     gateway, _ = wired
     page = await browser.post("/accounts/crm/consent-link")
     link = re.search(r'value="(http://localhost:\d+/consent/[^"]+)"', page.text).group(1)
     path = urlsplit(link).path
-    owner = Browser(gateway, wired[1])  # no admin sign-in
+    owner = AdminBrowser(gateway, wired[1])  # no admin sign-in
     try:
         landing = await owner.admin.get(path)
         assert landing.status_code == 200 and MS_ADDRESS in landing.text
-        go = await owner.admin.post(path, data={"csrf_token": _csrf(landing)})
+        go = await owner.admin.post(path, data={"csrf_token": csrf_token(landing)})
         assert go.status_code == 303
         done = await owner.consent(go.headers["location"])
         assert f"{MS_ADDRESS} is connected" in done.text
@@ -270,7 +230,7 @@ async def test_consent_link_works_once_without_the_admin_password(
 
 
 async def test_no_token_or_secret_in_the_database_or_pages(
-    wired: tuple[Gateway, Sandbox], browser: Browser
+    wired: tuple[Gateway, Sandbox], browser: AdminBrowser
 ) -> None:
     gateway, sandbox = wired
     await connect_microsoft(browser, sandbox)
