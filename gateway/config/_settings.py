@@ -230,6 +230,25 @@ class UpstreamSettings:
 
 
 @dataclass(frozen=True)
+class SendingSettings:
+    """How one account's outgoing mail is handled."""
+
+    allowed_from: tuple[str, ...] = field_info(
+        (),
+        fix="a list of addresses this account may use as From/sender besides its mailbox "
+        "address and the provider's send-as aliases",
+    )
+    save_to_sent: bool = field_info(
+        True, fix="true to keep a copy in Sent Items (Microsoft; Gmail always keeps one)"
+    )
+    pace_per_minute: int | None = field_info(
+        None,
+        fix="at most this many messages per minute to the provider, or null for no pacing",
+        check=lambda n: None if 1 <= n <= 10000 else f"{n} is outside 1-10000",
+    )
+
+
+@dataclass(frozen=True)
 class AccountSettings:
     """A local login of a legacy program, and the mailbox it stands for."""
 
@@ -247,6 +266,7 @@ class AccountSettings:
     upstream: UpstreamSettings | None = field_info(
         None, fix="describe the smtp and imap (or pop3) servers of this mailbox"
     )
+    sending: SendingSettings = field_info(SendingSettings())
 
 
 @dataclass(frozen=True)
@@ -272,6 +292,56 @@ class AdminSettings:
         60,
         fix="minutes of inactivity before the admin must sign in again (5-1440)",
         check=lambda m: None if 5 <= m <= 1440 else f"{m} is outside 5-1440",
+    )
+
+
+PlaintextAuth = Literal["never", "loopback", "always"]
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    """The SMTP front's policy."""
+
+    plaintext_auth: PlaintextAuth = field_info(
+        "loopback",
+        fix="never (AUTH only after STARTTLS or on SMTPS), loopback (also in clear text from "
+        "this machine), or always (also in clear text from the network: not recommended)",
+    )
+    max_message_mb: int = field_info(
+        35,
+        fix="the largest message in MB (1-150; Microsoft 365 and Gmail default to 35)",
+        check=lambda n: None if 1 <= n <= 150 else f"{n} is outside 1-150",
+    )
+    max_recipients: int = field_info(
+        100,
+        fix="recipients per message (1-1000)",
+        check=lambda n: None if 1 <= n <= 1000 else f"{n} is outside 1-1000",
+    )
+    max_connections: int = field_info(
+        100,
+        fix="simultaneous SMTP connections (1-10000)",
+        check=lambda n: None if 1 <= n <= 10000 else f"{n} is outside 1-10000",
+    )
+    deliver_inline: bool = field_info(
+        False,
+        fix="true to try delivery before answering DATA, so a permanent refusal reaches the "
+        "program as 5xx (slower answers); false to queue and answer at once",
+    )
+
+
+@dataclass(frozen=True)
+class SpoolSettings:
+    """Retries of the outbound queue."""
+
+    retry_hours: int = field_info(
+        72,
+        fix="hours to keep retrying a temporary failure before it becomes a dead letter",
+        check=lambda n: None if 1 <= n <= 720 else f"{n} is outside 1-720",
+    )
+    max_backoff_minutes: int = field_info(
+        60,
+        fix="the longest wait between two attempts, in minutes (1-1440)",
+        check=lambda n: None if 1 <= n <= 1440 else f"{n} is outside 1-1440",
     )
 
 
@@ -304,6 +374,8 @@ class Settings:
     ca_bundle: Path | None = field_info(
         None, fix="the path of a PEM file of extra CA certificates for outbound HTTPS"
     )
+    smtp: SmtpSettings = field_info(SmtpSettings())
+    spool: SpoolSettings = field_info(SpoolSettings())
     admin: AdminSettings = field_info(AdminSettings())
     logging: LoggingSettings = field_info(LoggingSettings())
     accounts: tuple[AccountSettings, ...] = field_info(())

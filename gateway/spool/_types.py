@@ -1,0 +1,44 @@
+"""What the SMTP front hands to the spool, and what it gets back.
+
+Kept apart from the spool's machinery so that smtp_in depends on these few types only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """The SMTP envelope of one accepted message."""
+
+    account: str  # the local username that authenticated (accounts[].username)
+    mail_from: str  # MAIL FROM, possibly "" (null reverse-path)
+    rcpt_tos: tuple[str, ...]  # RCPT TO, in order, as given
+    smtputf8: bool
+    received_at: datetime  # UTC
+    client: str  # the peer's address, for logs and the Received header
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    """The spool's answer. ``reply`` is the full SMTP reply for the client ("250 2.0.0 ...").
+
+    Normally the message is queued and the reply is a 250 naming ``queue_id``. With inline
+    delivery configured, a permanent provider refusal comes back as a 5xx reply and nothing is
+    queued (``queue_id`` is None), so the legacy program learns at once.
+    """
+
+    reply: str
+    queue_id: str | None
+
+
+class SpoolError(Exception):
+    """The spool cannot take the message now (disk full, store unavailable): answer 451/452."""
+
+
+class Spool(Protocol):
+    async def submit(self, envelope: Envelope, message: bytes) -> SubmitResult:
+        """Store the message durably (fsynced) before returning; then deliver it."""
