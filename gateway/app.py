@@ -10,11 +10,12 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import __version__, tls
+from . import __version__, outbound, tls
 from .admin import server as admin_server
 from .config import Settings
 from .imap_out import server as imap_server
 from .logs import get_logger
+from .notify import WebhookNotifier
 from .oauth import TokenBroker
 from .pop3_out import server as pop3_server
 from .runtime import RunningListener
@@ -56,6 +57,11 @@ class Gateway:
             raise
         if "admin" in self.ports and not settings.admin.public_url:
             self.broker.public_url = f"http://localhost:{self.ports['admin']}"
+        if settings.admin.notify_webhook:
+            trust = outbound.trust_file(state_dir, settings.ca_bundle)
+            self.broker.notifier = WebhookNotifier(
+                settings.admin.notify_webhook, trust, self.broker.admin_url()
+            )
         await self.store.record_event("gateway.started", detail=f"version {__version__}")
         log.info(
             "gateway.started",

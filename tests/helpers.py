@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from gateway.passwords import hash_password
+from gateway.sandbox import Sandbox
 
 PASSWORD = "correct horse battery"
 # A cheap hash (2**10) keeps the suite fast; production hashes use 2**15.
@@ -96,3 +97,33 @@ class AdminBrowser:
     async def close(self) -> None:
         await self.admin.aclose()
         await self.cloud.aclose()
+
+
+MS_ADDRESS = "crm@contoso.example"
+GOOGLE_ADDRESS = "scanner@example.com"
+
+
+def sandbox_config(sandbox: Sandbox, state_dir: Path, **overrides: object) -> dict:
+    ms_app = sandbox.add_app("microsoft", public=True)
+    google_app = sandbox.add_app("google")
+    sandbox.add_user("microsoft", MS_ADDRESS)
+    sandbox.add_user("microsoft", "someone.else@contoso.example")
+    sandbox.add_user("google", GOOGLE_ADDRESS)
+    config = base_config(state_dir)
+    config.update(
+        ca_bundle=str(sandbox.ca_file),
+        microsoft={
+            "client_id": ms_app.client_id,
+            "tenant": sandbox.microsoft.tenant_id,
+            "authority_host": sandbox.url,
+            "graph_url": f"{sandbox.url}/v1.0",
+        },
+        google={
+            "auth_uri": f"{sandbox.url}/o/oauth2/v2/auth",
+            "token_uri": f"{sandbox.url}/token",
+            "gmail_url": sandbox.url,
+        },
+    )
+    config["_google_app"] = google_app  # not config: handed to the test
+    config.update(overrides)
+    return config

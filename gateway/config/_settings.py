@@ -288,6 +288,11 @@ class AdminSettings:
             else (f"{url!r} must be http(s)://host[:port] without a path")
         ),
     )
+    notify_webhook: str | None = field_info(
+        None,
+        fix="an http(s):// URL that receives a JSON POST when a mailbox needs re-consent, or null",
+        check=lambda url: None if re.match(r"^https?://\S+$", url) else f"{url!r} is not a URL",
+    )
     session_minutes: int = field_info(
         60,
         fix="minutes of inactivity before the admin must sign in again (5-1440)",

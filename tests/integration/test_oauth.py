@@ -17,36 +17,13 @@ from gateway.app import Gateway
 from gateway.config import load_settings
 from gateway.oauth import ReauthRequired
 from gateway.sandbox import Sandbox
-from tests.helpers import AdminBrowser, base_config, csrf_token
-
-MS_ADDRESS = "crm@contoso.example"
-GOOGLE_ADDRESS = "scanner@example.com"
-
-
-def sandbox_config(sandbox: Sandbox, state_dir: Path, **overrides: object) -> dict:
-    ms_app = sandbox.add_app("microsoft", public=True)
-    google_app = sandbox.add_app("google")
-    sandbox.add_user("microsoft", MS_ADDRESS)
-    sandbox.add_user("microsoft", "someone.else@contoso.example")
-    sandbox.add_user("google", GOOGLE_ADDRESS)
-    config = base_config(state_dir)
-    config.update(
-        ca_bundle=str(sandbox.ca_file),
-        microsoft={
-            "client_id": ms_app.client_id,
-            "tenant": sandbox.microsoft.tenant_id,
-            "authority_host": sandbox.url,
-            "graph_url": f"{sandbox.url}/v1.0",
-        },
-        google={
-            "auth_uri": f"{sandbox.url}/o/oauth2/v2/auth",
-            "token_uri": f"{sandbox.url}/token",
-            "gmail_url": sandbox.url,
-        },
-    )
-    config["_google_app"] = google_app  # not config: handed to the test
-    config.update(overrides)
-    return config
+from tests.helpers import (
+    GOOGLE_ADDRESS,
+    MS_ADDRESS,
+    AdminBrowser,
+    csrf_token,
+    sandbox_config,
+)
 
 
 @pytest.fixture

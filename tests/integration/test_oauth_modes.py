@@ -1,0 +1,150 @@
+"""The other ways to connect: device code from the CLI, app-only (client credentials), a
+Google service account with domain-wide delegation; and the admin webhook on re-consent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import ssl
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from aiohttp import web
+
+from gateway.app import Gateway
+from gateway.config import load_settings
+from gateway.oauth import ReauthRequired
+from gateway.sandbox import Sandbox
+from tests.helpers import GOOGLE_ADDRESS, MS_ADDRESS, AdminBrowser, sandbox_config
+
+
+def _write(path: Path, config: dict) -> Path:
+    config.pop("_google_app", None)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+async def _gateway_cli(*args: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    output, _ = await process.communicate()
+    return process.returncode or 0, output.decode()
+
+
+async def test_device_code_from_the_cli(sandbox: Sandbox, tmp_path: Path) -> None:
+    config = _write(tmp_path / "c.yaml", sandbox_config(sandbox, tmp_path / "state"))
+    sandbox.microsoft.set_device_poll_interval(1)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "connect", "crm", "--device", "-c", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    assert process.stdout is not None
+    instruction = (await asyncio.wait_for(process.stdout.readline(), 60)).decode()
+    user_code = re.search(r"enter the code (\S+)", instruction).group(1)
+    sandbox.microsoft.approve_device_code(user_code, MS_ADDRESS)
+    rest = (await asyncio.wait_for(process.stdout.read(), 60)).decode()
+    assert await process.wait() == 0, rest
+    assert f"crm: connected as {MS_ADDRESS}" in rest
+    code, listing = await _gateway_cli("accounts", "-c", str(config))
+    assert code == 0 and re.search(rf"crm\s+{MS_ADDRESS}\s+microsoft\s+connected as", listing)
+    code, refused = await _gateway_cli("connect", "scanner", "--device", "-c", str(config))
+    assert code == 1 and "Google does not allow Gmail scopes in the device flow" in refused
+
+
+async def test_app_only_needs_nobody_to_sign_in(sandbox: Sandbox, tmp_path: Path) -> None:
+    config = sandbox_config(sandbox, tmp_path / "state")
+    app = sandbox.add_app("microsoft", app_permissions=("Mail.Send", "Mail.ReadWrite"))
+    config["microsoft"].update(client_id=app.client_id, client_secret=app.client_secret)
+    config["microsoft"]["app_only"] = True
+    gateway = Gateway(load_settings(_write(tmp_path / "c.yaml", config)))
+    await gateway.start()
+    try:
+        assert (await gateway.broker.status("crm")).state == "app_only"
+        token = await gateway.broker.access_token("crm")
+        async with httpx.AsyncClient(
+            verify=ssl.create_default_context(cafile=sandbox.ca_file)
+        ) as graph:
+            inbox = await graph.get(
+                f"{sandbox.url}/v1.0/users/{MS_ADDRESS}/mailFolders/inbox/messages",
+                headers={"Authorization": f"Bearer {token}"},
+            )
+        assert inbox.status_code == 200, inbox.text
+    finally:
+        await gateway.stop()
+
+
+async def test_google_service_account_with_domain_wide_delegation(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    config = sandbox_config(sandbox, tmp_path / "state")
+    key = sandbox.google.add_service_account(
+        [
+            "https://www.googleapis.com/auth/gmail.send",
+            "https://www.googleapis.com/auth/gmail.readonly",
+        ],
+        sandbox.url,
+    )
+    key_file = tmp_path / "service-account.json"
+    key_file.write_text(json.dumps(key))
+    config["google"]["service_account_file"] = str(key_file)
+    gateway = Gateway(load_settings(_write(tmp_path / "c.yaml", config)))
+    await gateway.start()
+    try:
+        token = await gateway.broker.access_token("scanner")
+        async with httpx.AsyncClient(
+            verify=ssl.create_default_context(cafile=sandbox.ca_file)
+        ) as gmail:
+            profile = await gmail.get(
+                f"{sandbox.url}/gmail/v1/users/me/profile",
+                headers={"Authorization": f"Bearer {token}"},
+            )
+        assert profile.status_code == 200 and profile.json()["emailAddress"] == GOOGLE_ADDRESS
+        assert (await gateway.broker.status("scanner")).state == "app_only"
+    finally:
+        await gateway.stop()
+
+
+async def test_webhook_is_told_once_when_a_mailbox_needs_reconsent(
+    sandbox: Sandbox, tmp_path: Path, unused_tcp_port: int
+) -> None:
+    received: list[dict] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+    config = sandbox_config(sandbox, tmp_path / "state")
+    config["admin"]["notify_webhook"] = f"http://127.0.0.1:{unused_tcp_port}/hook"
+    gateway = Gateway(load_settings(_write(tmp_path / "c.yaml", config)))
+    await gateway.start()
+    for registered in sandbox.directory.apps.values():
+        registered.redirect_uris = (gateway.broker.redirect_uri(),)
+    browser = AdminBrowser(gateway, sandbox)
+    try:
+        sandbox.directory.access_lifetime["microsoft"] = 240  # MSAL refreshes every call
+        await browser.sign_in()
+        start = await browser.post("/accounts/crm/connect")
+        assert "is connected" in (await browser.consent(start.headers["location"])).text
+        sandbox.directory.revoke_user(MS_ADDRESS)
+        for _ in range(3):
+            gateway.broker.invalidate("crm")
+            with pytest.raises(ReauthRequired, match="must be connected again"):
+                await gateway.broker.access_token("crm")
+        assert len(received) == 1
+        assert received[0]["event"] == "needs_reconsent" and received[0]["account"] == "crm"
+        assert received[0]["admin_url"] == gateway.broker.admin_url()
+    finally:
+        await browser.close()
+        await gateway.stop()
+        await runner.cleanup()
