@@ -8,8 +8,10 @@ inside async tests, or they would stall the very loop that serves them.
 
 from __future__ import annotations
 
+import io
+import logging
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +82,17 @@ async def sandbox(tmp_path: Path) -> AsyncIterator[Sandbox]:
 def sandbox_tls(sandbox: Sandbox) -> ssl.SSLContext:
     """Client TLS context that trusts exactly the sandbox's CA (use with httpx: verify=...)."""
     return ssl.create_default_context(cafile=sandbox.ca_file)
+
+
+@pytest.fixture
+def captured_log() -> Iterator[io.StringIO]:
+    """A stream for ``configure_logging(..., stream)``; the root logger is restored after."""
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    levels = {name: logging.getLogger(name).level for name in ("mail.log", "twisted")}
+    yield stream
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)

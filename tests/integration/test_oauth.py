@@ -4,6 +4,8 @@ sandbox clouds over HTTPS, and the token lifecycle afterwards."""
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
 import re
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -15,6 +17,7 @@ import pytest
 
 from gateway.app import Gateway
 from gateway.config import load_settings
+from gateway.logs import configure_logging
 from gateway.oauth import ReauthRequired
 from gateway.sandbox import Sandbox
 from tests.helpers import (
@@ -206,16 +209,23 @@ async def test_consent_link_works_once_without_the_admin_password(
         await owner.close()
 
 
-async def test_no_token_or_secret_in_the_database_or_pages(
-    wired: tuple[Gateway, Sandbox], browser: AdminBrowser
+async def test_no_token_or_secret_in_the_database_logs_or_pages(
+    wired: tuple[Gateway, Sandbox], browser: AdminBrowser, captured_log: io.StringIO
 ) -> None:
     gateway, sandbox = wired
+    log = captured_log
+    configure_logging("debug", "json", log)  # every library at DEBUG, through our formatter
+    logging.getLogger("mail.log").setLevel(logging.DEBUG)
     await connect_microsoft(browser, sandbox)
+    gateway.broker.invalidate("crm")
     token = await gateway.broker.access_token("crm")
     refresh = [g.token for g in sandbox.directory.grants.values() if g.kind == "refresh"]
     page = (await browser.admin.get("/")).text
     state = gateway.settings.state_dir
     database = b"".join(p.read_bytes() for p in sorted(state.glob("gateway.db*")))
+    codes = [c for c in re.findall(r"code=([\w.-]{20,})", log.getvalue())]
     for secret in [token, *refresh]:
         assert secret.encode() not in database and secret not in page
+        assert secret not in log.getvalue()
+    assert "oauth.connected" in log.getvalue() and not codes
     assert refresh  # the sandbox did issue refresh tokens to look for
