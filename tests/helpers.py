@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import socket
 import ssl
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import yaml
 
 from gateway.passwords import hash_password
-from gateway.sandbox import Sandbox
+from gateway.sandbox import App, Sandbox
 
 PASSWORD = "correct horse battery"
 # A cheap hash (2**10) keeps the suite fast; production hashes use 2**15.
@@ -103,7 +107,8 @@ MS_ADDRESS = "crm@contoso.example"
 GOOGLE_ADDRESS = "scanner@example.com"
 
 
-def sandbox_config(sandbox: Sandbox, state_dir: Path, **overrides: object) -> dict:
+def sandbox_config(sandbox: Sandbox, state_dir: Path, **overrides: object) -> tuple[dict, App]:
+    """A gateway config wired to the sandbox clouds, and the Google app (entered later)."""
     ms_app = sandbox.add_app("microsoft", public=True)
     google_app = sandbox.add_app("google")
     sandbox.add_user("microsoft", MS_ADDRESS)
@@ -124,6 +129,25 @@ def sandbox_config(sandbox: Sandbox, state_dir: Path, **overrides: object) -> di
             "gmail_url": sandbox.url,
         },
     )
-    config["_google_app"] = google_app  # not config: handed to the test
     config.update(overrides)
-    return config
+    return config, google_app
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(
+    config: dict, path: Path, sandbox: Sandbox | None = None
+) -> AsyncIterator[Any]:
+    """Write ``config`` to ``path`` and run a gateway on it; sandbox apps learn its callback."""
+    from gateway.app import Gateway
+    from gateway.config import load_settings
+
+    await asyncio.to_thread(path.write_text, yaml.safe_dump(config))
+    gateway = Gateway(load_settings(path))
+    await gateway.start()
+    if sandbox is not None:
+        for app in sandbox.directory.apps.values():
+            app.redirect_uris = (gateway.broker.redirect_uri(),)
+    try:
+        yield gateway
+    finally:
+        await gateway.stop()

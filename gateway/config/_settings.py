@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -23,6 +24,15 @@ _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9
 _ADDRESS = re.compile(r"^[^@\s<>()\[\],;:\"]+@[^@\s<>()\[\],;:\"]+\.[^@\s<>()\[\],;:\".]+$")
 _USERNAME = re.compile(r"^[A-Za-z0-9._@+-]{1,128}$")
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+
+
+def in_range(low: int, high: int) -> Callable[[int], str | None]:
+    """A check that a whole number lies within ``low``-``high``, inclusive."""
+
+    def check(value: int) -> str | None:
+        return None if low <= value <= high else f"{value} is outside {low}-{high}"
+
+    return check
 
 
 def check_port(port: int) -> str | None:
@@ -244,7 +254,7 @@ class SendingSettings:
     pace_per_minute: int | None = field_info(
         None,
         fix="at most this many messages per minute to the provider, or null for no pacing",
-        check=lambda n: None if 1 <= n <= 10000 else f"{n} is outside 1-10000",
+        check=in_range(1, 10000),
     )
 
 
@@ -296,7 +306,7 @@ class AdminSettings:
     session_minutes: int = field_info(
         60,
         fix="minutes of inactivity before the admin must sign in again (5-1440)",
-        check=lambda m: None if 5 <= m <= 1440 else f"{m} is outside 5-1440",
+        check=in_range(5, 1440),
     )
 
 
@@ -315,17 +325,17 @@ class SmtpSettings:
     max_message_mb: int = field_info(
         35,
         fix="the largest message in MB (1-150; Microsoft 365 and Gmail default to 35)",
-        check=lambda n: None if 1 <= n <= 150 else f"{n} is outside 1-150",
+        check=in_range(1, 150),
     )
     max_recipients: int = field_info(
         100,
         fix="recipients per message (1-1000)",
-        check=lambda n: None if 1 <= n <= 1000 else f"{n} is outside 1-1000",
+        check=in_range(1, 1000),
     )
     max_connections: int = field_info(
         100,
         fix="simultaneous SMTP connections (1-10000)",
-        check=lambda n: None if 1 <= n <= 10000 else f"{n} is outside 1-10000",
+        check=in_range(1, 10000),
     )
     deliver_inline: bool = field_info(
         False,
@@ -341,12 +351,12 @@ class SpoolSettings:
     retry_hours: int = field_info(
         72,
         fix="hours to keep retrying a temporary failure before it becomes a dead letter",
-        check=lambda n: None if 1 <= n <= 720 else f"{n} is outside 1-720",
+        check=in_range(1, 720),
     )
     max_backoff_minutes: int = field_info(
         60,
         fix="the longest wait between two attempts, in minutes (1-1440)",
-        check=lambda n: None if 1 <= n <= 1440 else f"{n} is outside 1-1440",
+        check=in_range(1, 1440),
     )
 
 

@@ -8,7 +8,7 @@ import io
 import logging
 import re
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -16,7 +16,6 @@ import httpx
 import pytest
 
 from gateway.app import Gateway
-from gateway.config import load_settings
 from gateway.logs import configure_logging
 from gateway.oauth import ReauthRequired
 from gateway.sandbox import Sandbox
@@ -25,25 +24,17 @@ from tests.helpers import (
     MS_ADDRESS,
     AdminBrowser,
     csrf_token,
+    running_gateway,
     sandbox_config,
 )
 
 
 @pytest.fixture
-async def wired(
-    sandbox: Sandbox, write_config: Callable[..., Path], tmp_path: Path
-) -> AsyncIterator[tuple[Gateway, Sandbox]]:
-    config = sandbox_config(sandbox, tmp_path / "state")
-    google_app = config.pop("_google_app")
-    running = Gateway(load_settings(write_config(config)))
-    await running.start()
-    for app in sandbox.directory.apps.values():
-        app.redirect_uris = (running.broker.redirect_uri(),)
-    running.google_app = google_app  # type: ignore[attr-defined]
-    try:
-        yield running, sandbox
-    finally:
-        await running.stop()
+async def wired(sandbox: Sandbox, tmp_path: Path) -> AsyncIterator[tuple[Gateway, Sandbox]]:
+    config, google_app = sandbox_config(sandbox, tmp_path / "state")
+    async with running_gateway(config, tmp_path / "config.yaml", sandbox) as gateway:
+        gateway.google_app = google_app  # type: ignore[attr-defined]
+        yield gateway, sandbox
 
 
 @pytest.fixture

@@ -16,16 +16,15 @@ import yaml
 from aiohttp import web
 
 from gateway.app import Gateway
-from gateway.config import load_settings
 from gateway.oauth import ReauthRequired
 from gateway.sandbox import Sandbox
-from tests.helpers import GOOGLE_ADDRESS, MS_ADDRESS, AdminBrowser, sandbox_config
-
-
-def _write(path: Path, config: dict) -> Path:
-    config.pop("_google_app", None)
-    path.write_text(yaml.safe_dump(config))
-    return path
+from tests.helpers import (
+    GOOGLE_ADDRESS,
+    MS_ADDRESS,
+    AdminBrowser,
+    running_gateway,
+    sandbox_config,
+)
 
 
 async def _gateway_cli(*args: str) -> tuple[int, str]:
@@ -38,7 +37,8 @@ async def _gateway_cli(*args: str) -> tuple[int, str]:
 
 
 async def test_device_code_from_the_cli(sandbox: Sandbox, tmp_path: Path) -> None:
-    config = _write(tmp_path / "c.yaml", sandbox_config(sandbox, tmp_path / "state"))
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(sandbox_config(sandbox, tmp_path / "state")[0]))
     sandbox.microsoft.set_device_poll_interval(1)
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "connect", "crm", "--device", "-c", str(config),
@@ -58,13 +58,11 @@ async def test_device_code_from_the_cli(sandbox: Sandbox, tmp_path: Path) -> Non
 
 
 async def test_app_only_needs_nobody_to_sign_in(sandbox: Sandbox, tmp_path: Path) -> None:
-    config = sandbox_config(sandbox, tmp_path / "state")
+    config, _ = sandbox_config(sandbox, tmp_path / "state")
     app = sandbox.add_app("microsoft", app_permissions=("Mail.Send", "Mail.ReadWrite"))
     config["microsoft"].update(client_id=app.client_id, client_secret=app.client_secret)
     config["microsoft"]["app_only"] = True
-    gateway = Gateway(load_settings(_write(tmp_path / "c.yaml", config)))
-    await gateway.start()
-    try:
+    async with running_gateway(config, tmp_path / "c.yaml") as gateway:
         assert (await gateway.broker.status("crm")).state == "app_only"
         token = await gateway.broker.access_token("crm")
         async with httpx.AsyncClient(
@@ -75,14 +73,12 @@ async def test_app_only_needs_nobody_to_sign_in(sandbox: Sandbox, tmp_path: Path
                 headers={"Authorization": f"Bearer {token}"},
             )
         assert inbox.status_code == 200, inbox.text
-    finally:
-        await gateway.stop()
 
 
 async def test_google_service_account_with_domain_wide_delegation(
     sandbox: Sandbox, tmp_path: Path
 ) -> None:
-    config = sandbox_config(sandbox, tmp_path / "state")
+    config, _ = sandbox_config(sandbox, tmp_path / "state")
     key = sandbox.google.add_service_account(
         [
             "https://www.googleapis.com/auth/gmail.send",
@@ -93,9 +89,7 @@ async def test_google_service_account_with_domain_wide_delegation(
     key_file = tmp_path / "service-account.json"
     key_file.write_text(json.dumps(key))
     config["google"]["service_account_file"] = str(key_file)
-    gateway = Gateway(load_settings(_write(tmp_path / "c.yaml", config)))
-    await gateway.start()
-    try:
+    async with running_gateway(config, tmp_path / "c.yaml") as gateway:
         token = await gateway.broker.access_token("scanner")
         async with httpx.AsyncClient(
             verify=ssl.create_default_context(cafile=sandbox.ca_file)
@@ -106,8 +100,6 @@ async def test_google_service_account_with_domain_wide_delegation(
             )
         assert profile.status_code == 200 and profile.json()["emailAddress"] == GOOGLE_ADDRESS
         assert (await gateway.broker.status("scanner")).state == "app_only"
-    finally:
-        await gateway.stop()
 
 
 async def test_webhook_is_told_once_when_a_mailbox_needs_reconsent(
@@ -124,12 +116,20 @@ async def test_webhook_is_told_once_when_a_mailbox_needs_reconsent(
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
-    config = sandbox_config(sandbox, tmp_path / "state")
+    config, _ = sandbox_config(sandbox, tmp_path / "state")
     config["admin"]["notify_webhook"] = f"http://127.0.0.1:{unused_tcp_port}/hook"
-    gateway = Gateway(load_settings(_write(tmp_path / "c.yaml", config)))
-    await gateway.start()
-    for registered in sandbox.directory.apps.values():
-        registered.redirect_uris = (gateway.broker.redirect_uri(),)
+    try:
+        async with running_gateway(config, tmp_path / "c.yaml", sandbox) as gateway:
+            await _revoke_three_times(gateway, sandbox)
+            assert len(received) == 1
+            assert received[0]["event"] == "needs_reconsent"
+            assert received[0]["account"] == "crm"
+            assert received[0]["admin_url"] == gateway.broker.admin_url()
+    finally:
+        await runner.cleanup()
+
+
+async def _revoke_three_times(gateway: Gateway, sandbox: Sandbox) -> None:
     browser = AdminBrowser(gateway, sandbox)
     try:
         sandbox.directory.access_lifetime["microsoft"] = 240  # MSAL refreshes every call
@@ -141,10 +141,5 @@ async def test_webhook_is_told_once_when_a_mailbox_needs_reconsent(
             gateway.broker.invalidate("crm")
             with pytest.raises(ReauthRequired, match="must be connected again"):
                 await gateway.broker.access_token("crm")
-        assert len(received) == 1
-        assert received[0]["event"] == "needs_reconsent" and received[0]["account"] == "crm"
-        assert received[0]["admin_url"] == gateway.broker.admin_url()
     finally:
         await browser.close()
-        await gateway.stop()
-        await runner.cleanup()
