@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Install the system packages the integration tests need (real Dovecot, Postfix and mail clients).
+# Install the system packages the integration tests need (real Dovecot, Postfix and mail clients,
+# and Chromium for the admin page's browser test, driven by PyPI's playwright from the test extra;
+# `playwright install`, which downloads its own browser builds, is not used).
 #
 # Idempotent and non-interactive: run as root on Debian 12. Repeated runs skip apt entirely when every
 # package is already present, so CI can call it unconditionally. The tests start their OWN private
@@ -11,6 +13,7 @@ PACKAGES=(
     dovecot-core dovecot-imapd dovecot-pop3d dovecot-lmtpd postfix
     curl swaks fetchmail mutt openssl
     libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl tmux
+    chromium
 )
 
 say() { printf 'install-test-deps: %s\n' "$*"; }
@@ -96,7 +99,7 @@ if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     say "disabled dovecot/postfix systemd units"
 fi
 
-for bin in dovecot doveadm postfix postconf curl swaks openssl; do
+for bin in dovecot doveadm postfix postconf curl swaks openssl chromium; do
     command -v "$bin" >/dev/null || { say "ERROR: $bin not found after install" >&2; exit 1; }
 done
 say "done: $(dovecot --version | cut -d' ' -f1) dovecot, postfix $(postconf -d -h mail_version)"

@@ -28,12 +28,30 @@ from .auth import CSRF_FIELD, SESSION_COOKIE, AdminSession, LoginThrottle, Sessi
 log = get_logger(__name__)
 
 SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    # same-origin, not no-referrer: with no-referrer Chromium sends "Origin: null" on form
+    # posts, and the Origin check below could not tell our own forms from a forged one.
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
+
+
+def content_security_policy(settings: Settings) -> str:
+    """Forms may post to this page and, for Connect, redirect on to the sign-in providers."""
+    providers = {
+        _origin(settings.microsoft.authority_host),
+        _origin(settings.google.auth_uri),
+    }
+    targets = " ".join(["'self'", *sorted(providers)])
+    return f"default-src 'none'; style-src 'unsafe-inline'; form-action {targets}"
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 PUBLIC_PATHS = frozenset({"/login", "/healthz", "/lang", "/oauth/callback"})
 # The OAuth state parameter is the CSRF token of the sign-in response (RFC 6749 §10.12), and
 # Microsoft's form_post arrives cross-site by design.
@@ -59,6 +77,10 @@ class AdminState:
     listeners: ListenerView
     sessions: SessionStore
     throttle: LoginThrottle = field(default_factory=LoginThrottle)
+    csp: str = ""
+
+    def __post_init__(self) -> None:
+        self.csp = content_security_policy(self.settings)
 
 
 STATE = web.AppKey("state", AdminState)
@@ -133,14 +155,19 @@ async def security(request: web.Request, handler: Handler) -> web.StreamResponse
             response: web.StreamResponse = render(
                 request, "message.html", 403, message=message, failed=True
             )
-            response.headers.update(SECURITY_HEADERS)
+            _secure_headers(state, response)
             return response
     public = request.path in PUBLIC_PATHS or request.path.startswith(PUBLIC_PREFIXES)
     if not public and not (session and session.signed_in):
         raise web.HTTPSeeOther("/login")
     response = await handler(request)
-    response.headers.update(SECURITY_HEADERS)
+    _secure_headers(state, response)
     return response
+
+
+def _secure_headers(state: AdminState, response: web.StreamResponse) -> None:
+    response.headers.update(SECURITY_HEADERS)
+    response.headers["Content-Security-Policy"] = state.csp
 
 
 async def login_page(request: web.Request) -> web.StreamResponse:

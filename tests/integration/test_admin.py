@@ -99,5 +99,9 @@ async def test_security_headers(browser: httpx.AsyncClient) -> None:
     page = await browser.get("/login")
     assert page.headers["x-frame-options"] == "DENY"
     assert "default-src 'none'" in page.headers["content-security-policy"]
+    assert (
+        "form-action 'self' https://accounts.google.com" in page.headers["content-security-policy"]
+    )
+    assert page.headers["referrer-policy"] == "same-origin"
     assert page.headers["cache-control"] == "no-store"
     assert 'name="viewport"' in page.text  # readable on a phone

@@ -18,7 +18,7 @@ SECURITY_HEADERS = {
     "frame-ancestors 'none'",
     "X-Frame-Options": "DENY",
     "Cache-Control": "no-store",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # no-referrer makes Chromium post "Origin: null"
 }
 
 _STYLE = (
