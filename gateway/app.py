@@ -10,7 +10,10 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import __version__, outbound, tls
+import httpx
+
+from . import __version__, outbound, providers, tls
+from .accounts import Accounts
 from .admin import server as admin_server
 from .config import Settings
 from .imap_out import server as imap_server
@@ -20,7 +23,9 @@ from .oauth import TokenBroker
 from .pop3_out import server as pop3_server
 from .runtime import RunningListener
 from .smtp_in import server as smtp_server
+from .spool import FileSpool
 from .store import SecretBox, Store, load_or_create_key
+from .throttle import LoginThrottle
 
 log = get_logger(__name__)
 
@@ -36,6 +41,12 @@ class Gateway:
         self.settings = settings
         self.store: Store | None = None
         self.broker: TokenBroker | None = None
+        self.accounts = Accounts(settings.accounts)
+        # One throttle for every protocol: guesses over SMTP and IMAP count together.
+        self.login_throttle = LoginThrottle()
+        self.http: httpx.AsyncClient | None = None
+        self.spool: FileSpool | None = None
+        self.smtp_front: smtp_server.SmtpFront | None = None
         self.listeners: dict[str, RunningListener] = {}
 
     @property
@@ -49,8 +60,8 @@ class Gateway:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         key = await asyncio.to_thread(load_or_create_key, state_dir)
         self.store = await Store.open(state_dir, SecretBox(key))
-        self.broker = TokenBroker(settings, self.store)
         try:
+            await self._start_core()
             await self._start_listeners()
         except BaseException:
             await self.stop()
@@ -58,9 +69,8 @@ class Gateway:
         if "admin" in self.ports and not settings.admin.public_url:
             self.broker.public_url = f"http://localhost:{self.ports['admin']}"
         if settings.admin.notify_webhook:
-            trust = outbound.trust_file(state_dir, settings.ca_bundle)
             self.broker.notifier = WebhookNotifier(
-                settings.admin.notify_webhook, trust, self.broker.admin_url()
+                settings.admin.notify_webhook, self._trust, self.broker.admin_url()
             )
         await self.store.record_event("gateway.started", detail=f"version {__version__}")
         log.info(
@@ -72,10 +82,39 @@ class Gateway:
             **self.ports,
         )
 
+    async def _start_core(self) -> None:
+        """Broker, provider senders and the spool: everything the listeners hand work to."""
+        settings = self.settings
+        assert self.store is not None
+        self.broker = TokenBroker(settings, self.store)
+        self._trust = outbound.trust_file(settings.state_dir, settings.ca_bundle)
+        self.http = outbound.async_client(self._trust)
+        senders = providers.senders(settings, self.http, self.broker, self._trust)
+        self.spool = FileSpool.from_settings(settings, senders)
+        await self.spool.start()
+        self.broker.on_connected = self.spool.release  # a reconnected mailbox gets its held mail
+        self.smtp_front = smtp_server.SmtpFront(
+            settings,
+            self.accounts,
+            self.spool,
+            account_state=self.broker.reconnect_needed,
+            throttle=self.login_throttle,
+        )
+
     async def stop(self) -> None:
-        """Close listeners (newest first) and then the store; safe to call more than once."""
+        """Stop taking work, finish or park what is in flight, then close; idempotent.
+
+        Listeners close first (newest first), so nothing new arrives; the spool then lets
+        in-flight sends finish (what remains stays on disk for the next start); last the store.
+        """
         for name in reversed(list(self.listeners)):
             await self.listeners.pop(name).close()
+        if self.spool is not None:
+            await self.spool.stop()
+            self.spool = None
+        if self.http is not None:
+            await self.http.aclose()
+            self.http = None
         if self.store is not None:
             await self.store.record_event("gateway.stopped")
             await self.store.close()
@@ -103,11 +142,13 @@ class Gateway:
 
         def smtp(implicit: bool) -> Any:
             return lambda name, host, port: smtp_server.serve(
-                name, host, port, hostname, ssl_context, implicit
+                name, host, port, hostname, ssl_context, implicit, self.smtp_front
             )
 
         def twisted(module: Any, implicit: bool) -> Any:
-            return lambda name, host, port: module.serve(name, host, port, twisted_tls, implicit)
+            return lambda name, host, port: module.serve(
+                name, host, port, twisted_tls, implicit, self._mailbox_login
+            )
 
         return {
             "smtp": smtp(False),
@@ -120,6 +161,19 @@ class Gateway:
                 name, host, port, settings, self._broker(), lambda: self.ports
             ),
         }
+
+    async def _mailbox_login(self, username: str, password: str, client: str) -> str | None:
+        """IMAP/POP3 login until the INBOX is served: None for a wrong password, else what to
+        tell the client (reconnect the mailbox on the admin page, or "not served yet")."""
+        if self.login_throttle.retry_after(client, username.casefold()):
+            return None
+        account = await self.accounts.authenticate(username, password)
+        if account is None:
+            self.login_throttle.record_failure(client, username.casefold())
+            log.warning("mailbox.login_failed", username=username, client=client)
+            return None
+        reconnect = await self._broker().reconnect_needed(account.username)
+        return reconnect or imap_server.NOT_READY
 
     def _broker(self) -> TokenBroker:
         assert self.broker is not None, "start() opens the store and builds the broker first"

@@ -68,6 +68,17 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_option(connect)
     connect.set_defaults(handler=_connect)
 
+    queue = commands.add_parser(
+        "queue",
+        help="list, retry, delete or release outgoing mail",
+        description="list: queued, held and dead messages with reasons; retry [ID]: try again "
+        "now (all when no ID); delete ID: drop a message; release ACCOUNT: send its held mail.",
+    )
+    queue.add_argument("action", choices=("list", "retry", "delete", "release"))
+    queue.add_argument("target", nargs="?", help="a message ID, or for release an account")
+    _add_config_option(queue)
+    queue.set_defaults(handler=_queue)
+
     accounts = commands.add_parser("accounts", help="list the accounts and their connection state")
     _add_config_option(accounts)
     accounts.set_defaults(handler=_accounts)
@@ -190,6 +201,9 @@ def _connect(args: argparse.Namespace) -> int:
                 args.account, lambda message: print(message, flush=True)
             )
             print(f"{status.account.username}: connected as {status.principal}")
+            from .spool import queue_main  # a running gateway sends the held mail shortly
+
+            queue_main(broker.settings.state_dir / "spool", "release", args.account)
             return EXIT_OK
         url, expires = await broker.create_consent_link(args.account)
         address = broker.account(args.account).address
@@ -200,6 +214,19 @@ def _connect(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return _with_broker(args, job)
+
+
+def _queue(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    if args.action in ("delete", "release") and not args.target:
+        what = "message ID" if args.action == "delete" else "account"
+        print(f"gateway queue {args.action}: say which {what}", file=sys.stderr)
+        return EXIT_CONFIG
+    from .spool import queue_main
+
+    return queue_main(settings.state_dir / "spool", args.action, args.target)
 
 
 def _accounts(args: argparse.Namespace) -> int:

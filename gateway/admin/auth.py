@@ -12,12 +12,10 @@ import hmac
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 SESSION_COOKIE = "gw_admin"
 CSRF_FIELD = "csrf_token"
-MAX_FAILURES = 5
-FAILURE_WINDOW = 300.0  # seconds: 5 wrong passwords per 5 minutes per client address
 
 
 @dataclass
@@ -70,28 +68,3 @@ class SessionStore:
         now = self.clock()
         for stale in [s for s in self._sessions.values() if now - s.last_seen > self.lifetime]:
             del self._sessions[stale.id]
-
-
-@dataclass
-class LoginThrottle:
-    """Wrong passwords per client address within a sliding window."""
-
-    clock: Callable[[], float] = time.monotonic
-    failures: dict[str, list[float]] = field(default_factory=dict)
-
-    def wait_seconds(self, client: str) -> int:
-        """0 if this client may try now, else how long until it may."""
-        recent = self._recent(client)
-        if len(recent) < MAX_FAILURES:
-            return 0
-        return max(1, int(recent[0] + FAILURE_WINDOW - self.clock()) + 1)
-
-    def failed(self, client: str) -> None:
-        self.failures[client] = [*self._recent(client), self.clock()]
-
-    def succeeded(self, client: str) -> None:
-        self.failures.pop(client, None)
-
-    def _recent(self, client: str) -> list[float]:
-        cutoff = self.clock() - FAILURE_WINDOW
-        return [t for t in self.failures.get(client, []) if t > cutoff]

@@ -7,6 +7,7 @@ signed-in admin; every POST needs the session's CSRF token (see :mod:`.auth`).
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,8 +23,9 @@ from ..oauth import ConsentError, OAuthError, TokenBroker
 from ..oauth._scopes import short
 from ..passwords import parse_hash, verify_password
 from ..runtime import RunningListener
+from ..throttle import LoginThrottle
 from . import i18n
-from .auth import CSRF_FIELD, SESSION_COOKIE, AdminSession, LoginThrottle, SessionStore
+from .auth import CSRF_FIELD, SESSION_COOKIE, AdminSession, SessionStore
 
 log = get_logger(__name__)
 
@@ -76,7 +78,8 @@ class AdminState:
     broker: TokenBroker
     listeners: ListenerView
     sessions: SessionStore
-    throttle: LoginThrottle = field(default_factory=LoginThrottle)
+    # 5 wrong admin passwords per 5 minutes per client address.
+    throttle: LoginThrottle = field(default_factory=lambda: LoginThrottle(limit=5))
     csp: str = ""
 
     def __post_init__(self) -> None:
@@ -194,7 +197,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     assert session is not None  # the CSRF check guarantees a session
     translate = i18n.translator(request[LANGUAGE])
     client = request.remote or "?"
-    wait = state.throttle.wait_seconds(client)
+    wait = math.ceil(state.throttle.retry_after(client))
     if wait:
         error = translate("sign_in_throttled", seconds=wait)
         return render(request, "login.html", 429, enabled=True, error=error)
@@ -206,7 +209,7 @@ async def login(request: web.Request) -> web.StreamResponse:
         and await asyncio.to_thread(verify_password, password, parse_hash(stored))
     )
     if not ok:
-        state.throttle.failed(client)
+        state.throttle.record_failure(client)
         log.warning("admin.sign_in_failed", client=client)
         return render(
             request,
@@ -215,7 +218,6 @@ async def login(request: web.Request) -> web.StreamResponse:
             enabled=stored is not None,
             error=translate("sign_in_failed"),
         )
-    state.throttle.succeeded(client)
     fresh = state.sessions.sign_in(session)
     log.info("admin.signed_in", client=client)
     response = web.HTTPSeeOther("/")

@@ -80,6 +80,8 @@ class TokenBroker:
         self._locks: dict[str, asyncio.Lock] = {}
         self._pending: dict[str, _Pending] = {}
         self.refresh_count: dict[str, int] = {}  # per account; observable by tests and status
+        # Called with the username after a mailbox is connected (the spool releases held mail).
+        self.on_connected: Callable[[str], Awaitable[None]] | None = None
         # Where browsers reach the admin page; the app sets the bound port once it listens.
         self.public_url = settings.admin.public_url or (
             f"http://localhost:{settings.listeners.admin_port}"
@@ -158,6 +160,17 @@ class TokenBroker:
         self._tokens.pop(account.username, None)
         if self.notifier is not None and not auth.admin_notified:
             await self.notifier(account.username, self._reauth_message(account, why))
+
+    async def reconnect_needed(self, username: str) -> str | None:
+        """A sentence for the legacy client when the mailbox cannot be used until a person
+        connects it (again) on the admin page; None when it is connected or needs no consent."""
+        status = await self.status(username)
+        if status.state == "needs_reconsent":
+            why = status.last_error or "its consent was revoked or expired"
+            return self._reauth_message(status.account, why)
+        if status.state == "not_connected":
+            return self._reauth_message(status.account, "it has not been connected yet")
+        return None
 
     def _reauth_message(self, account: AccountSettings, why: str) -> str:
         return (
@@ -270,6 +283,8 @@ class TokenBroker:
         await self.store.record_event("oauth.connected", account.username, connected.principal)
         self._tokens.pop(account.username, None)
         log.info("oauth.connected", account=account.username, principal=connected.principal)
+        if self.on_connected is not None:
+            await self.on_connected(account.username)
 
     async def create_consent_link(self, username: str) -> tuple[str, datetime]:
         """A one-time link for the mailbox owner (no admin password needed); (url, expiry).

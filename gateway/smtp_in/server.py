@@ -1,63 +1,53 @@
-"""The SMTP listeners (STARTTLS submission and implicit TLS), on aiosmtpd.
+"""The SMTP listeners (STARTTLS submission and implicit TLS), on aiosmtpd and the shared loop.
 
-Mail delivery is not wired up yet: every transaction is refused with a *temporary* error, so a
-legacy program keeps its mail queued and retries, instead of bouncing it.
+Each listener is one asyncio server; both share one :class:`SmtpFront` (accounts, spool,
+throttle, connection count). Build the front once and call :func:`serve` per port.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
-
-from ..logs import get_logger
 from ..runtime import ConnectionRegistry, RunningListener
+from .front import AccountState, SmtpFront
+from .handler import SubmissionHandler
+from .protocol import GatewaySMTP
 
-log = get_logger(__name__)
-
-NOT_READY = "451 4.3.2 This gateway does not deliver mail yet; keep the message and retry later"
-
-
-class _NotReadyHandler:
-    async def handle_MAIL(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list
-    ) -> str:
-        return NOT_READY
-
-
-class _GatewaySMTP(SMTP):
-    def __init__(self, registry: ConnectionRegistry, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._registry = registry
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self._registry.add(self, transport.close)
-
-    def connection_lost(self, error: Exception | None) -> None:
-        self._registry.discard(self)
-        super().connection_lost(error)
+__all__ = ["AccountState", "SmtpFront", "serve"]
 
 
 async def serve(
-    name: str, host: str, port: int, hostname: str, tls: ssl.SSLContext, implicit_tls: bool
+    name: str,
+    host: str,
+    port: int,
+    hostname: str,
+    tls: ssl.SSLContext,
+    implicit_tls: bool,
+    front: SmtpFront,
 ) -> RunningListener:
     """Start one SMTP listener. ``implicit_tls`` selects SMTPS; otherwise STARTTLS is offered."""
     registry = ConnectionRegistry()
+    handler = SubmissionHandler(front, hostname)
+    loop = asyncio.get_running_loop()
 
-    def build() -> SMTP:
-        return _GatewaySMTP(
+    def build() -> GatewaySMTP:
+        return GatewaySMTP(
+            front,
             registry,
-            handler=_NotReadyHandler(),
+            implicit_tls,
+            handler=handler,
             hostname=hostname,  # without it aiosmtpd resolves the FQDN per connection, blocking
             ident="mail gateway ESMTP",
             tls_context=None if implicit_tls else tls,
+            data_size_limit=front.size_limit,
             enable_SMTPUTF8=True,
+            # We decide where AUTH is allowed (policy.plaintext_auth_allowed); aiosmtpd's own
+            # rule cannot see implicit TLS and would refuse AUTH on SMTPS.
+            auth_require_tls=False,
+            loop=loop,
         )
 
-    loop = asyncio.get_running_loop()
     server = await loop.create_server(build, host, port, ssl=tls if implicit_tls else None)
 
     async def close() -> None:

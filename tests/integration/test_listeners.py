@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from gateway.app import Gateway
+from tests.helpers import PASSWORD
 
 HOST = "127.0.0.1"
 
@@ -27,7 +28,7 @@ def _client_tls(gateway: Gateway) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=gateway.settings.state_dir / "tls" / "ca.crt")
 
 
-async def test_smtp_starttls_then_refuses_mail_temporarily(gateway: Gateway) -> None:
+async def test_smtp_starttls_then_no_mail_without_auth(gateway: Gateway) -> None:
     def session() -> tuple:
         with smtplib.SMTP(HOST, gateway.ports["smtp"], timeout=10) as client:
             banner = client.ehlo()
@@ -38,8 +39,7 @@ async def test_smtp_starttls_then_refuses_mail_temporarily(gateway: Gateway) -> 
 
     (code, _), advertised, (mail_code, mail_text) = await asyncio.to_thread(session)
     assert code == 250 and advertised
-    assert mail_code == 451
-    assert b"4.3.2" in mail_text and b"retry" in mail_text
+    assert mail_code == 530 and mail_text.startswith(b"5.7.0")
 
 
 async def test_smtps_is_implicit_tls(gateway: Gateway) -> None:
@@ -60,16 +60,21 @@ async def test_imap_greets_offers_starttls_and_refuses_login_clearly(gateway: Ga
             greeting = client.welcome
             before = client.capabilities
             client.starttls(ssl_context=_client_tls(gateway))
-            with pytest.raises(imaplib.IMAP4.error) as refused:
+            with pytest.raises(imaplib.IMAP4.error) as wrong:
                 client.login("crm", "whatever")
-            return greeting, before, str(refused.value)
+            with pytest.raises(imaplib.IMAP4.error) as unconnected:
+                client.login("crm", PASSWORD)
+            return greeting, before, str(wrong.value), str(unconnected.value)
         finally:
             client.shutdown()
 
-    greeting, capabilities, refusal = await asyncio.to_thread(session)
+    greeting, capabilities, wrong, unconnected = await asyncio.to_thread(session)
     assert greeting.startswith(b"* OK")
     assert "STARTTLS" in capabilities and "LOGINDISABLED" in capabilities
-    assert "UNAVAILABLE" in refusal and "does not serve mailboxes yet" in refusal
+    assert "[AUTHENTICATIONFAILED]" in wrong
+    # The right password: the answer names what to do and where.
+    assert "[UNAVAILABLE] The mailbox crm@contoso.example must be connected again" in unconnected
+    assert f"http://localhost:{gateway.ports['admin']}" in unconnected
 
 
 async def test_imaps_is_implicit_tls(gateway: Gateway) -> None:
@@ -95,15 +100,19 @@ async def test_pop3_greets_and_refuses_pass_clearly(gateway: Gateway, listener: 
         try:
             greeting = client.getwelcome()
             client.user("crm")
-            with pytest.raises(poplib.error_proto) as refused:
+            with pytest.raises(poplib.error_proto) as wrong:
                 client.pass_("whatever")
-            return greeting, str(refused.value)
+            client.user("scanner")
+            with pytest.raises(poplib.error_proto) as unconnected:
+                client.pass_(PASSWORD)
+            return greeting, str(wrong.value), str(unconnected.value)
         finally:
             client.quit()
 
-    greeting, refusal = await asyncio.to_thread(session)
+    greeting, wrong, unconnected = await asyncio.to_thread(session)
     assert greeting.startswith(b"+OK") and b"<" not in greeting  # no APOP timestamp
-    assert "[SYS/TEMP]" in refusal
+    assert "-ERR [AUTH]" in wrong
+    assert "[SYS/TEMP] The mailbox scanner@example.com must be connected again" in unconnected
 
 
 async def test_admin_page_and_health(gateway: Gateway) -> None:
@@ -175,12 +184,18 @@ async def test_real_clients_curl_and_swaks(gateway: Gateway) -> None:
         "--tls-verify",
         "--tls-sni",
         "localhost",
+        "--auth-user",
+        "crm",
+        "--auth-password",
+        PASSWORD,
         "--from",
-        "app@contoso.example",
+        "crm@contoso.example",
         "--to",
         "someone@example.net",
     )
     assert imap.returncode == 67, imap.stderr  # 67: curl's "login denied"
     assert pop3.returncode == 67
     assert admin.stdout == "200"
-    assert "451 4.3.2" in swaks.stdout, swaks.stdout + swaks.stderr
+    # Not connected yet: accepted and held until the owner connects the mailbox.
+    assert "250 2.0.0" in swaks.stdout and swaks.returncode == 0, swaks.stdout + swaks.stderr
+    assert [r.state for r in gateway.spool.messages()] in (["queued"], ["held"])

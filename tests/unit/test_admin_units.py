@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from gateway.admin import i18n
-from gateway.admin.auth import LoginThrottle, SessionStore
+from gateway.admin.auth import SessionStore
+from gateway.throttle import LoginThrottle
 
 TEMPLATES = Path(i18n.__file__).parent / "templates"
 
@@ -36,13 +37,13 @@ def test_sessions_expire_after_inactivity() -> None:
 
 def test_throttle_window_slides() -> None:
     clock = FakeClock()
-    throttle = LoginThrottle(clock=clock)
+    throttle = LoginThrottle(limit=5, clock=clock)
     for _ in range(5):
-        throttle.failed("127.0.0.1")
-    assert throttle.wait_seconds("127.0.0.1") == 301
-    assert throttle.wait_seconds("127.0.0.2") == 0
-    clock.now += 301
-    assert throttle.wait_seconds("127.0.0.1") == 0
+        throttle.record_failure("127.0.0.1")
+    assert throttle.retry_after("127.0.0.1") == 300
+    assert throttle.retry_after("127.0.0.2") == 0
+    clock.now += 300
+    assert throttle.retry_after("127.0.0.1") == 0
 
 
 @pytest.mark.parametrize(

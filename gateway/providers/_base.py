@@ -1,0 +1,37 @@
+"""The interface every outbound backend implements, and what it needs from the OAuth layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..config import AccountSettings
+from ..spool._types import Envelope
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    """What the provider said when it took the message (for the delivery log)."""
+
+    detail: str  # e.g. "graph sendMail 202", "gmail id 18c...", "upstream 250 2.0.0 Ok: ..."
+
+
+class Sender(Protocol):
+    async def send(
+        self, account: AccountSettings, envelope: Envelope, message: bytes
+    ) -> DeliveryResult:
+        """Deliver ``message`` for ``envelope``; raise Temporary, Permanent or ReauthRequired."""
+
+    async def already_sent(self, account: AccountSettings, message_id: str) -> bool | None:
+        """Whether the mailbox's sent mail holds ``message_id``; None when it cannot tell.
+
+        Asked before re-sending a message whose earlier attempt may have reached the provider.
+        """
+
+
+class TokenSource(Protocol):
+    """The part of :class:`gateway.oauth.TokenBroker` the API senders use."""
+
+    async def access_token(self, username: str) -> str: ...
+
+    def invalidate(self, username: str) -> None: ...

@@ -1,0 +1,145 @@
+"""Gmail API sender: the ``/upload/`` endpoint, in one request or resumable for large mail.
+
+Gmail sends to the To/Cc/Bcc headers (see ``_mime`` for how they are made to match the
+envelope) and silently rewrites a From that is not the account's address or a verified send-as
+alias, still answering 200. So the From is checked against ``settings/sendAs`` first (that
+needs gmail.readonly or settings.basic), and a message Gmail would rewrite is refused with the
+reason instead of going out under another name.
+"""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from ..config import AccountSettings
+from ..spool._types import Envelope
+from ._base import DeliveryResult, TokenSource
+from ._errors import Permanent, ReauthRequired, Temporary
+from ._http import Api, classify, error_code, send
+from ._mime import Prepared, prepare
+
+MEDIA_LIMIT = 5 * 1024 * 1024  # uploadType=media is reported to stop around 5 MB
+PIECE = 8 * 1024 * 1024  # resumable chunks must be multiples of 256 KiB
+SEND_AS_TTL = 600.0  # seconds a send-as list is trusted
+
+
+class GmailSender:
+    def __init__(self, client: httpx.AsyncClient, tokens: TokenSource, gmail_url: str) -> None:
+        self.client = client
+        self.tokens = tokens
+        self.gmail_url = gmail_url.rstrip("/")
+        self._send_as: dict[str, tuple[float, frozenset[str]]] = {}
+
+    async def send(
+        self, account: AccountSettings, envelope: Envelope, message: bytes
+    ) -> DeliveryResult:
+        prepared = prepare(message, envelope)
+        api = Api(self.client, self.tokens, account.username)
+        await self._check_from(api, account, prepared.from_address)
+        url = f"{self.gmail_url}/upload/gmail/v1/users/me/messages/send"
+        if prepared.size <= MEDIA_LIMIT:
+            response = await api.call(
+                "POST",
+                url,
+                "Gmail send",
+                params={"uploadType": "media"},
+                content=prepared.joined(),
+                headers={"Content-Type": "message/rfc822"},
+            )
+        else:
+            response = await self._resumable(api, url, prepared)
+        return DeliveryResult(f"gmail id {response.json().get('id')} ({prepared.size} bytes)")
+
+    async def already_sent(self, account: AccountSettings, message_id: str) -> bool | None:
+        api = Api(self.client, self.tokens, account.username)
+        try:
+            response = await api.call(
+                "GET",
+                f"{self.gmail_url}/gmail/v1/users/me/messages",
+                "Gmail sent-mail lookup",
+                params={"q": f"rfc822msgid:{message_id.strip('<>')}", "labelIds": "SENT"},
+            )
+        except (Permanent, ReauthRequired):
+            return None  # gmail.send only: listing needs gmail.readonly, so we cannot tell
+        return bool(response.json().get("messages"))
+
+    async def _check_from(
+        self, api: Api, account: AccountSettings, from_address: str | None
+    ) -> None:
+        if from_address is None or from_address == account.address.lower():
+            return  # no From (Gmail adds the primary) or the primary itself: never rewritten
+        cached = self._send_as.get(account.username)
+        if cached is None or cached[0] < time.monotonic():
+            try:
+                response = await api.call(
+                    "GET",
+                    f"{self.gmail_url}/gmail/v1/users/me/settings/sendAs",
+                    "Gmail send-as list",
+                )
+            except ReauthRequired as error:
+                raise Permanent(
+                    f"cannot confirm that {account.address} may send as {from_address}: reading "
+                    f"Gmail's send-as aliases needs the gmail.readonly scope ({error}); Gmail "
+                    "would silently rewrite an unverified From",
+                    553,
+                    "5.7.1",
+                ) from error
+            allowed = frozenset(
+                str(entry.get("sendAsEmail", "")).lower()
+                for entry in response.json().get("sendAs", [])
+                if entry.get("isPrimary") or entry.get("verificationStatus") == "accepted"
+            )
+            cached = (time.monotonic() + SEND_AS_TTL, allowed)
+            self._send_as[account.username] = cached
+        if from_address not in cached[1]:
+            raise Permanent(
+                f"From {from_address} is not a verified Gmail send-as address of "
+                f"{account.address}; Gmail would rewrite it to {account.address}",
+                553,
+                "5.7.1",
+            )
+
+    async def _resumable(self, api: Api, url: str, prepared: Prepared) -> httpx.Response:
+        """Open a session, then PUT pieces; a 308 says how much arrived (``Range: bytes=0-N``)."""
+        opened = await api.call(
+            "POST",
+            url,
+            "Gmail open upload",
+            params={"uploadType": "resumable"},
+            json={},
+            headers={
+                "X-Upload-Content-Type": "message/rfc822",
+                "X-Upload-Content-Length": str(prepared.size),
+            },
+        )
+        location = opened.headers.get("Location")
+        if not location:
+            raise Temporary("Gmail open upload: no session Location in the answer")
+        offset, total, stalls = 0, prepared.size, 0
+        while True:
+            piece = prepared.range(offset, offset + PIECE)
+            end = offset + len(piece) - 1
+            # The session URL is the credential, as googleapiclient's resumable uploads use it.
+            response = await send(
+                self.client,
+                "PUT",
+                location,
+                "Gmail upload",
+                content=piece,
+                headers={"Content-Range": f"bytes {offset}-{end}/{total}"},
+            )
+            if response.status_code in (200, 201):
+                return response
+            if response.status_code != 308:
+                error = classify(response, "Gmail upload")
+                if isinstance(error, Permanent) and response.status_code == 404:
+                    code, message = error_code(response)
+                    raise Temporary(f"Gmail upload: session lost ({code}: {message})")
+                raise error
+            received = response.headers.get("Range", "")
+            before, offset = offset, int(received.rsplit("-", 1)[1]) + 1 if received else 0
+            stalls = stalls + 1 if offset <= before else 0
+            if stalls > 3:
+                raise Temporary("Gmail upload: the server keeps asking for the same bytes")

@@ -1,0 +1,211 @@
+"""Microsoft Graph sender: MIME sendMail, or draft + attachment upload sessions + send.
+
+Graph caps every request body at 4 MB, and MIME goes base64-encoded, so sendMail takes messages
+up to about 3 MB. A larger message becomes a MIME draft of itself *without* its big attachments
+(so every original header survives), the attachments follow through upload sessions in ≤ 3 MiB
+pieces (or, under 3 MiB, as JSON file attachments), and the draft is sent. The original bytes
+are held once; attachments are decoded a window at a time (see ``_parts``).
+
+Save-to-Sent: MIME sends (sendMail and a sent draft) are always filed in Sent Items; only JSON
+sendMail can skip that, and converting MIME to Graph's JSON loses headers and structure, so
+``sending.save_to_sent: false`` cannot be honoured for Microsoft accounts (logged once per send).
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from email import policy
+from email.parser import BytesParser
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from ..config import AccountSettings
+from ..logs import get_logger
+from ..spool._types import Envelope
+from ._base import DeliveryResult, TokenSource
+from ._errors import Permanent, ReauthRequired, Temporary
+from ._http import Api, classify, error_code, send
+from ._mime import Prepared, prepare
+from ._parts import Attachment, attachments
+
+log = get_logger(__name__)
+
+REQUEST_CAP = 4 * 1024 * 1024 - 16 * 1024  # "The maximum request length supported is 4MB."
+UPLOAD_MIN = 3 * 1024 * 1024  # smaller attachments may not use an upload session
+UPLOAD_PIECE = 3 * 1024 * 1024  # "< 4 MB" per PUT; in order
+_HEADERS = BytesParser(policy=policy.default)
+
+
+def _b64_size(size: int) -> int:
+    return 4 * math.ceil(size / 3)
+
+
+class GraphSender:
+    def __init__(self, client: httpx.AsyncClient, tokens: TokenSource, graph_url: str) -> None:
+        self.client = client
+        self.tokens = tokens
+        self.graph_url = graph_url.rstrip("/")
+
+    async def send(
+        self, account: AccountSettings, envelope: Envelope, message: bytes
+    ) -> DeliveryResult:
+        prepared = prepare(message, envelope)
+        if prepared.dropped:
+            log.info(
+                "graph.recipients_dropped", account=account.username, count=len(prepared.dropped)
+            )
+        if not account.sending.save_to_sent:
+            log.info("graph.saved_anyway", account=account.username)
+        api = Api(self.client, self.tokens, account.username)
+        if _b64_size(prepared.size) <= REQUEST_CAP:
+            await api.call(
+                "POST",
+                f"{self.graph_url}/me/sendMail",
+                "Graph sendMail",
+                content=base64.b64encode(prepared.joined()),
+                headers={"Content-Type": "text/plain"},
+            )
+            return DeliveryResult(f"graph sendMail accepted ({prepared.size} bytes)")
+        return await self._send_large(api, prepared)
+
+    async def already_sent(self, account: AccountSettings, message_id: str) -> bool | None:
+        api = Api(self.client, self.tokens, account.username)
+        literal = message_id.replace("'", "''")
+        try:
+            response = await api.call(
+                "GET",
+                f"{self.graph_url}/me/mailFolders/sentitems/messages",
+                "Graph Sent Items lookup",
+                params={"$filter": f"internetMessageId eq '{literal}'", "$select": "id"},
+            )
+        except (Permanent, ReauthRequired):
+            return None  # no Mail.Read (send-only consent), or a refused filter: cannot tell
+        return bool(response.json().get("value"))
+
+    async def _send_large(self, api: Api, prepared: Prepared) -> DeliveryResult:
+        raw = prepared.raw
+        head = _HEADERS.parsebytes(prepared.head, headersonly=True)
+        lifted = _choose(attachments(raw, prepared.body_offset, head), prepared.size)
+        draft = prepared.head + _without(raw, prepared.body_offset, lifted)
+        base = f"{self.graph_url}/me/messages"
+        created = await api.call(
+            "POST",
+            base,
+            "Graph create draft",
+            content=base64.b64encode(draft),
+            headers={"Content-Type": "text/plain"},
+        )
+        del draft
+        message_url = f"{base}/{quote(str(created.json()['id']), safe='')}"
+        for attachment in lifted:
+            if attachment.size >= UPLOAD_MIN:
+                await self._upload(api, message_url, raw, attachment)
+            else:
+                await api.call(
+                    "POST",
+                    f"{message_url}/attachments",
+                    "Graph add attachment",
+                    json={
+                        "@odata.type": "#microsoft.graph.fileAttachment",
+                        **_describe(attachment),
+                        "contentBytes": base64.b64encode(
+                            b"".join(attachment.decoded(raw, UPLOAD_PIECE))
+                        ).decode("ascii"),
+                    },
+                )
+        await api.call("POST", f"{message_url}/send", "Graph send draft")
+        return DeliveryResult(
+            f"graph draft sent with {len(lifted)} uploaded attachment(s) ({prepared.size} bytes)"
+        )
+
+    async def _upload(self, api: Api, message_url: str, raw: bytes, item: Attachment) -> None:
+        session = await api.call(
+            "POST",
+            f"{message_url}/attachments/createUploadSession",
+            "Graph create upload session",
+            json={"AttachmentItem": {"attachmentType": "file", **_describe(item)}},
+        )
+        upload_url = str(session.json()["uploadUrl"])
+        offset = 0
+        for piece in item.decoded(raw, UPLOAD_PIECE):
+            end = offset + len(piece) - 1
+            # The URL is pre-authenticated: a bearer token here is refused (wrong audience).
+            response = await send(
+                self.client,
+                "PUT",
+                upload_url,
+                "Graph attachment upload",
+                content=piece,
+                headers={
+                    "Content-Type": "application/octet-stream",
+                    "Content-Range": f"bytes {offset}-{end}/{item.size}",
+                },
+            )
+            if response.status_code >= 300:
+                error = classify(response, "Graph attachment upload")
+                if isinstance(error, Permanent) and response.status_code != 413:
+                    # An expired or lost session: the next attempt starts over with a new draft.
+                    code, message = error_code(response)
+                    raise Temporary(
+                        f"Graph attachment upload: HTTP {response.status_code} {code}: {message}"
+                    )
+                raise error
+            offset = end + 1
+
+
+def _describe(item: Attachment) -> dict[str, Any]:
+    return {
+        "name": item.name,
+        "size": item.size,
+        "contentType": item.content_type,
+        "isInline": item.inline,
+        "contentId": item.content_id,
+    }
+
+
+def _choose(found: list[Attachment], size: int) -> list[Attachment]:
+    """The attachments to lift, largest first, until the rest fits one sendable request."""
+    lifted: list[Attachment] = []
+    for item in sorted(found, key=lambda a: a.size, reverse=True):
+        if _b64_size(size) <= REQUEST_CAP:
+            break
+        if item.size < UPLOAD_MIN and _b64_size(item.size) + 4096 > REQUEST_CAP:
+            raise Permanent(
+                f"attachment {item.name!r} ({item.size} bytes) is too big for a Graph request "
+                "and too small for an upload session",
+                552,
+                "5.3.4",
+            )
+        lifted.append(item)
+        size -= item.cut_end - item.cut_start
+    if _b64_size(size) > REQUEST_CAP:
+        raise Permanent(
+            "message too large for Graph: without its attachments it still exceeds the 4 MB "
+            "request limit",
+            552,
+            "5.3.4",
+        )
+    return sorted(lifted, key=lambda a: a.cut_start)
+
+
+def _without(raw: bytes, start: int, lifted: list[Attachment]) -> bytes:
+    """The body with the lifted parts cut out; a multipart left empty gets an empty text part."""
+    newline = b"\r\n" if b"\r\n" in raw[:1000] else b"\n"
+    emptied = {
+        a.parent for a in lifted if sum(1 for b in lifted if b.parent == a.parent) == a.siblings
+    }
+    pieces, position, filled = [], start, set()
+    for item in lifted:
+        pieces.append(raw[position : item.cut_start])
+        if item.parent in emptied and item.parent not in filled:
+            filled.add(item.parent)
+            pieces.append(
+                newline + b"--" + item.boundary + newline
+                + b"Content-Type: text/plain; charset=utf-8" + newline + newline
+            )  # fmt: skip
+        position = item.cut_end
+    pieces.append(raw[position:])
+    return b"".join(pieces)

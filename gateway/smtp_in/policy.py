@@ -1,0 +1,109 @@
+"""Submission policy as plain functions of their inputs, so each rule is testable on its own.
+
+Bare CR and LF: aiosmtpd ends DATA only at <CRLF>.<CRLF> (tested), so nothing can end a
+message early here. What is left is the content: a "\\n.\\n" inside it could smuggle a second
+message through a lenient MTA further on (an upstream SMTP account), and bare line endings make
+parsers disagree about where headers end. So every bare CR or LF is *normalized* to CRLF before
+anything reads the message (Postfix 3.9's default, ``smtpd_forbid_bare_newline = normalize``):
+our From check, the provider and any upstream MTA then see the same lines, and the upstream
+sender dot-stuffs them. Refusing instead would break the many legacy programs that write LF-only
+files, which is what this gateway exists to keep working.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import ipaddress
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from email.parser import Parser
+from email.utils import format_datetime
+
+_SENDER_HEADERS = ("From", "Sender")
+_HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.:\[\]_-]")
+
+
+def is_loopback(peer_host: str) -> bool:
+    """127.0.0.0/8, ::1, and IPv4-mapped loopback (a dual-stack socket's view of 127.0.0.1)."""
+    try:
+        address = ipaddress.ip_address(peer_host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def plaintext_auth_allowed(policy: str, peer_host: str, tls_active: bool) -> bool:
+    """Whether AUTH may be offered here: always under TLS, else per ``smtp.plaintext_auth``
+    (never, loopback or always)."""
+    if tls_active or policy == "always":
+        return True
+    return policy == "loopback" and is_loopback(peer_host)
+
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def normalize_line_endings(content: bytes) -> bytes:
+    """Every CR, LF or CRLF becomes CRLF; a message already in CRLF is returned as is."""
+    crlf = content.count(b"\r\n")
+    if content.count(b"\r") == crlf and content.count(b"\n") == crlf:
+        return content  # the common case, decided by counting in C
+    return _LINE_END.sub(b"\r\n", content)
+
+
+@dataclass(frozen=True)
+class HeaderSender:
+    header: str  # "From" or "Sender"
+    address: str | None  # None: the header could not be read as addresses
+
+
+def header_senders(content: bytes) -> list[HeaderSender]:
+    """Every address in every From and Sender header (a duplicated From is a classic bypass)."""
+    end = content.find(b"\r\n\r\n")
+    head = content[: end + 2] if end >= 0 else content
+    message = Parser(policy=email.policy.default).parsestr(
+        head.decode("utf-8", "surrogateescape"), headersonly=True
+    )
+    found: list[HeaderSender] = []
+    for name in _SENDER_HEADERS:
+        for value in message.get_all(name, []):
+            found += _addresses(name, value)
+    return found
+
+
+def _addresses(name: str, value: object) -> list[HeaderSender]:
+    """Addresses of one header; unreadable ones (defects, no address) come back as None."""
+    try:
+        addresses = [a.addr_spec for a in value.addresses]  # type: ignore[attr-defined]
+        defective = bool(value.defects)  # type: ignore[attr-defined]
+    except Exception:  # the email package raises many types on hostile input
+        return [HeaderSender(name, None)]
+    if defective or not addresses or any("@" not in a for a in addresses):
+        return [HeaderSender(name, None)]
+    return [HeaderSender(name, address) for address in addresses]
+
+
+def received_header(
+    helo: str | None,
+    client_host: str,
+    hostname: str,
+    *,
+    tls: bool,
+    smtputf8: bool,
+    when: datetime,
+) -> bytes:
+    """A Received trace header (RFC 5321 4.4, protocol names from RFC 3848 and RFC 6531).
+
+    It names no recipient ("for <...>"): with several recipients that would show a Bcc
+    recipient to everyone. The account name is left out too, as Postfix does by default.
+    """
+    protocol = ("UTF8SMTP" if smtputf8 else "ESMTP") + ("S" if tls else "") + "A"
+    helo_name = _HELO_UNSAFE.sub("", helo or "")[:255] or "unknown"
+    literal = f"IPv6:{client_host}" if ":" in client_host else client_host
+    return (
+        f"Received: from {helo_name} ([{literal}])\r\n"
+        f"\tby {hostname} with {protocol};\r\n"
+        f"\t{format_datetime(when)}\r\n"
+    ).encode("ascii")

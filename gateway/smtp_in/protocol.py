@@ -1,0 +1,209 @@
+"""One SMTP connection: aiosmtpd's protocol with the gateway's authentication and limits.
+
+aiosmtpd's ``authenticator`` callback is synchronous, and an ``async def`` one makes every AUTH
+succeed (docs/protocol-servers.md section 5). So PLAIN and LOGIN are implemented here as async
+mechanisms that await the password check themselves; the library's own fallback (no
+authenticator configured) refuses every login, so nothing else can let a wrong password in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import collections
+import re
+from base64 import b64decode
+from typing import Any, AnyStr
+
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session, TLSSetupException, syntax
+
+from ..logs import get_logger
+from ..runtime import ConnectionRegistry
+from . import replies
+from .front import SmtpFront
+from .policy import plaintext_auth_allowed
+
+log = get_logger(__name__)
+
+_NULL_SENDER = re.compile(r"^FROM:\s*<\s*>", re.IGNORECASE)
+_BAD_BASE64 = "501 5.5.2 Cannot decode base64"
+_BAD_PLAIN = "501 5.5.2 Cannot split the PLAIN credentials"
+
+
+class _Session(Session):
+    """aiosmtpd's Session logs a deprecation warning whenever it sets ``login_data``, which it
+    does on every successful AUTH; this one stores it silently."""
+
+    @property
+    def login_data(self) -> Any:
+        return self._login_data
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        self._login_data = value
+
+
+class GatewaySMTP(SMTP):
+    """aiosmtpd's SMTP with our AUTH, TLS awareness, limits and reply wording."""
+
+    def __init__(
+        self, front: SmtpFront, registry: ConnectionRegistry, implicit_tls: bool, **kwargs: Any
+    ) -> None:
+        self._front = front
+        self._registry = registry
+        self._implicit_tls = implicit_tls
+        self._refused = False
+        # aiosmtpd keeps these limits in a class-level dict that every connection mutates.
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        super().__init__(**kwargs)
+
+    # -- connection state ------------------------------------------------------------------
+
+    def tls_active(self) -> bool:
+        """aiosmtpd only knows the TLS it started (STARTTLS), not the listener's implicit TLS."""
+        return self._implicit_tls or self._tls_protocol is not None
+
+    def peer_host(self) -> str:
+        assert self.session is not None and self.session.peer is not None
+        return str(self.session.peer[0])
+
+    def may_offer_auth(self) -> bool:
+        return plaintext_auth_allowed(
+            self._front.smtp.plaintext_auth, self.peer_host(), self.tls_active()
+        )
+
+    def _create_session(self) -> Session:
+        return _Session(self.loop)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        starting_tls = self._original_transport is not None  # the second call, after STARTTLS
+        if not starting_tls:
+            if not self._front.admit():
+                self._refused = True
+                log.warning("smtp.too_many_connections", peer=transport.get_extra_info("peername"))
+                transport.write(f"{replies.TOO_MANY_CONNECTIONS}\r\n".encode())  # type: ignore[attr-defined]
+                transport.close()
+                return
+            self._registry.add(self, transport.close)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        self._registry.discard(self)
+        self._front.release()
+        super().connection_lost(error)
+
+    async def push(self, status: AnyStr) -> None:
+        """Every reply leaves with an enhanced status code (challenges are bytes: untouched)."""
+        if isinstance(status, str):
+            status = replies.standardize(status, self.data_size_limit)  # type: ignore[assignment]
+        await super().push(status)
+
+    async def handle_exception(self, error: Exception) -> str:
+        """Details go to the log only; the client gets a retryable reply and a clean slate."""
+        if isinstance(error, TLSSetupException):
+            log.info("smtp.tls_failed", client=self.peer_host(), error=repr(error.__cause__))
+        else:
+            log.exception("smtp.internal_error", client=self.peer_host())
+        self._set_rset_state()
+        return replies.INTERNAL_ERROR
+
+    # -- commands --------------------------------------------------------------------------
+
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        if not self.may_offer_auth():
+            await self.push(replies.ENCRYPTION_REQUIRED)
+            return
+        wait = self._front.throttle.retry_after(self._client_key())
+        if wait:
+            log.warning("smtp.auth_throttled", client=self.peer_host())
+            await self.push(replies.login_throttled(wait))
+            return
+        await super().smtp_AUTH(arg)
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        assert self.session is not None
+        if not self.session.authenticated:
+            await self.push(replies.AUTH_REQUIRED)
+        elif arg and _NULL_SENDER.match(arg):
+            await self.push(replies.NULL_SENDER)
+        else:
+            await super().smtp_MAIL(arg)
+
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str) -> None:
+        """Reveals nothing: the same answer for every address, known or not."""
+        await self.push(replies.VRFY_NOTHING)
+
+    async def smtp_EXPN(self, arg: str) -> None:
+        await self.push(replies.EXPN_NOTHING)
+
+    # -- AUTH mechanisms (found by aiosmtpd through their auth_ prefix) -----------------------
+
+    async def auth_PLAIN(self, _: object, args: list[str]) -> AuthResult:
+        blob = await self._initial_response(args, "")
+        if blob is None:
+            return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\0")
+        if len(parts) != 3:
+            await self.push(_BAD_PLAIN)
+            return AuthResult(success=False, handled=True)
+        authzid, login, password = parts
+        if authzid and authzid.lower() != login.lower():
+            return self._refuse(login, "acting for another user is not supported")
+        return await self._verify(login, password)
+
+    async def auth_LOGIN(self, _: object, args: list[str]) -> AuthResult:
+        login = await self._initial_response(args, "Username:")
+        if login is None:
+            return AuthResult(success=False, handled=True)
+        password = await self._challenge("Password:")
+        if password is None:
+            return AuthResult(success=False, handled=True)
+        return await self._verify(login, password)
+
+    async def _initial_response(self, args: list[str], challenge: str) -> bytes | None:
+        """The credentials given on the AUTH line, or asked for; None once a reply was sent."""
+        if len(args) == 1:
+            return await self._challenge(challenge)
+        try:
+            return b64decode(args[1], validate=True)
+        except binascii.Error:
+            await self.push(_BAD_BASE64)
+            return None
+
+    async def _challenge(self, text: str) -> bytes | None:
+        answer = await self.challenge_auth(text)
+        return None if answer is MISSING else answer  # type: ignore[return-value]
+
+    async def _verify(self, login: bytes, password: bytes) -> AuthResult:
+        try:
+            username, secret = login.decode("utf-8"), password.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._refuse(login, "credentials are not UTF-8")
+        keys = (self._client_key(), self._user_key(username))
+        wait = self._front.throttle.retry_after(*keys)
+        if wait:
+            log.warning("smtp.auth_throttled", client=self.peer_host(), user=username[:64])
+            return AuthResult(success=False, handled=False, message=replies.login_throttled(wait))
+        account = await self._front.accounts.authenticate(username, secret)
+        if account is None:
+            return self._refuse(login, "wrong username or password")
+        log.info("smtp.auth_ok", client=self.peer_host(), user=account.username)
+        return AuthResult(success=True, auth_data=account)
+
+    def _refuse(self, login: bytes, reason: str) -> AuthResult:
+        username = login.decode("utf-8", "replace")
+        self._front.throttle.record_failure(self._client_key(), self._user_key(username))
+        log.warning("smtp.auth_failed", client=self.peer_host(), user=username[:64], reason=reason)
+        return AuthResult(success=False, handled=False, message=replies.AUTH_INVALID)
+
+    def _client_key(self) -> str:
+        return f"client:{self.peer_host()}"
+
+    @staticmethod
+    def _user_key(username: str) -> str:
+        return f"user:{username.casefold()}"

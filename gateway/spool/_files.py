@@ -1,0 +1,210 @@
+"""The spool's on-disk form: one message file and one small JSON state file per message.
+
+``queue/<id>.eml`` holds the bytes, ``queue/<id>.json`` the envelope and delivery state. A
+message exists once its JSON file has been renamed into ``queue/`` and the directory fsynced;
+an ``.eml`` without its JSON is debris of an interrupted submit (the client got no 250) and is
+removed at start. Every state change rewrites the JSON to a temporary name, fsyncs, renames,
+and fsyncs the directory, so a crash leaves either the old state or the new one.
+
+These functions block (fsync); the spool calls them through ``asyncio.to_thread``. They are
+also what ``gateway queue`` uses directly, with or without a running gateway.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from ._types import Envelope
+
+State = Literal["queued", "held", "dead"]
+_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)", re.I | re.M)
+_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
+DELIVERY_LOG = "deliveries.jsonl"
+_LOG_ROTATE_BYTES = 8 * 1024 * 1024
+
+
+@dataclass
+class Record:
+    """One spooled message's envelope and delivery state (the JSON file)."""
+
+    id: str
+    envelope: Envelope
+    message_id: str
+    size: int
+    state: State = "queued"
+    created: float = field(default_factory=time.time)
+    retry_since: float = field(default_factory=time.time)  # start of the retry window
+    attempts: int = 0
+    attempt_started: bool = False  # an attempt began and may have reached the provider
+    next_attempt: float = 0.0  # epoch seconds
+    reason: str = ""  # last temporary error, why held, or why dead
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        data["envelope"]["received_at"] = self.envelope.received_at.isoformat()
+        data["envelope"]["rcpt_tos"] = list(self.envelope.rcpt_tos)
+        return json.dumps(data, ensure_ascii=False).encode()
+
+    @classmethod
+    def from_json(cls, text: bytes) -> Record:
+        data: dict[str, Any] = json.loads(text)
+        env = data.pop("envelope")
+        envelope = Envelope(
+            account=env["account"],
+            mail_from=env["mail_from"],
+            rcpt_tos=tuple(env["rcpt_tos"]),
+            smtputf8=env["smtputf8"],
+            received_at=datetime.fromisoformat(env["received_at"]),
+            client=env["client"],
+        )
+        return cls(envelope=envelope, **data)
+
+
+def new_id() -> str:
+    """Sortable by submission time, unguessable enough to name a file."""
+    return f"{time.time_ns() // 1_000_000:012X}{secrets.token_hex(4).upper()}"
+
+
+def message_id_header(raw: bytes, hostname: str) -> tuple[bytes, str]:
+    """(bytes to prepend, Message-ID): an existing Message-ID, or a new header to add.
+
+    Dedupe after a crash finds the message in the provider's sent mail by this id, so a message
+    without one gets one before it is stored.
+    """
+    blank = _BLANK_LINE.search(raw)
+    head = raw[: blank.start()] if blank else raw
+    found = _MESSAGE_ID.search(head)
+    if found:
+        value = b" ".join(found.group(1).split()).decode("utf-8", "replace")
+        bracketed = re.search(r"<[^<>\s]+>", value)
+        if bracketed:
+            return b"", bracketed.group(0)
+    newline = b"\r\n" if b"\r\n" in raw[:1000] else b"\n"
+    created = f"<{uuid.uuid4().hex}@{hostname}>"
+    return b"Message-ID: " + created.encode() + newline, created
+
+
+class SpoolFiles:
+    """The directory layout and its durable operations."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.queue = directory / "queue"
+        self.tmp = directory / "tmp"
+        self.log = directory / DELIVERY_LOG
+
+    def prepare(self) -> None:
+        """Create the directories; drop temp files and message files no JSON commits."""
+        for path in (self.queue, self.tmp):
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for leftover in self.tmp.iterdir():
+            leftover.unlink(missing_ok=True)
+        committed = {p.stem for p in self.queue.glob("*.json")}
+        for message in self.queue.glob("*.eml"):
+            if message.stem not in committed:
+                message.unlink(missing_ok=True)
+
+    def message_path(self, queue_id: str) -> Path:
+        return self.queue / f"{queue_id}.eml"
+
+    def state_path(self, queue_id: str) -> Path:
+        return self.queue / f"{queue_id}.json"
+
+    def commit(self, record: Record, pieces: Iterable[bytes]) -> None:
+        """Store a new message durably: after this returns, it survives a crash."""
+        message_tmp = self._write_temp(record.id + ".eml", pieces)
+        state_tmp = self._write_temp(record.id + ".json", [record.to_json()])
+        _fsync_dir(self.tmp)
+        os.replace(message_tmp, self.message_path(record.id))
+        os.replace(state_tmp, self.state_path(record.id))
+        _fsync_dir(self.queue)
+
+    def save(self, record: Record) -> bool:
+        """Replace a record's state; False (and nothing written) if it was deleted meanwhile."""
+        if not self.message_path(record.id).exists():
+            return False
+        state_tmp = self._write_temp(record.id + ".json", [record.to_json()])
+        os.replace(state_tmp, self.state_path(record.id))
+        _fsync_dir(self.queue)
+        return True
+
+    def remove(self, queue_id: str) -> bool:
+        """Forget a message (state first: that is the commit). False if it was not there."""
+        existed = self.state_path(queue_id).exists()
+        self.state_path(queue_id).unlink(missing_ok=True)
+        self.message_path(queue_id).unlink(missing_ok=True)
+        _fsync_dir(self.queue)
+        return existed
+
+    def read_message(self, queue_id: str) -> bytes:
+        return self.message_path(queue_id).read_bytes()
+
+    def load(self, queue_id: str) -> Record | None:
+        try:
+            return Record.from_json(self.state_path(queue_id).read_bytes())
+        except FileNotFoundError:
+            return None
+
+    def records(self) -> list[Record]:
+        """Every committed message, oldest first."""
+        found = []
+        for path in sorted(self.queue.glob("*.json")):
+            record = self.load(path.stem)
+            if record is not None:
+                found.append(record)
+        return found
+
+    def log_delivery(self, record: Record, result: str, detail: str) -> None:
+        line = {
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            "queue_id": record.id,
+            "message_id": record.message_id,
+            "account": record.envelope.account,
+            "recipients": len(record.envelope.rcpt_tos),
+            "result": result,
+            "detail": detail,
+        }
+        if self.log.exists() and self.log.stat().st_size > _LOG_ROTATE_BYTES:
+            os.replace(self.log, self.log.with_suffix(".jsonl.1"))
+        with self.log.open("a", encoding="utf-8") as out:
+            out.write(json.dumps(line, ensure_ascii=False) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+
+    def recent_deliveries(self, limit: int) -> list[dict[str, Any]]:
+        """The last ``limit`` delivery-log lines, newest first."""
+        if not self.log.exists():
+            return []
+        lines = self.log.read_text(encoding="utf-8").splitlines()[-limit:]
+        return [json.loads(line) for line in reversed(lines) if line.strip()]
+
+    def _write_temp(self, name: str, pieces: Iterable[bytes]) -> Path:
+        path = self.tmp / f"{name}.{secrets.token_hex(4)}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            for piece in pieces:
+                view = memoryview(piece)
+                while view:
+                    view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return path
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,389 @@
+"""The durable outbound queue and its delivery worker.
+
+``submit`` returns only after the message and its state are fsynced (see ``_files``). The
+worker, an asyncio task on the gateway's loop, delivers what is due through the account's
+:class:`~gateway.providers.Sender`:
+
+* at most ``per_mailbox`` requests at once per account (Graph allows 4 per mailbox), and at most
+  ``pace_per_minute`` sends per account when configured;
+* Temporary → retried after the provider's Retry-After, or else a capped exponential backoff with
+  jitter, until ``retry_window`` has passed, then dead;
+* ReauthRequired → held; released by :meth:`release` (the account was reconnected), by any later
+  successful send of the same account, or by a periodic retry every ``held_retry`` seconds;
+* Permanent → dead, with the provider's reason, until someone retries or deletes it.
+
+Delivery is at-least-once. The state file says when an attempt *started*; a message whose
+attempt started but never finished (crash, kill, stop timeout) is looked up in the provider's
+sent mail by Message-ID before it is sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from ..config import AccountSettings, Settings
+from ..logs import get_logger
+from ..providers._errors import Permanent, ReauthRequired, Temporary
+from ._files import Record, SpoolFiles, message_id_header, new_id
+from ._types import Envelope, SpoolError, SubmitResult
+
+if TYPE_CHECKING:
+    from ..providers import Sender
+
+log = get_logger(__name__)
+
+Outcome = Literal["sent", "retry", "held", "dead", "gone"]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A permanent refusal seen during inline delivery, as the SMTP reply to give."""
+
+    reply: str
+
+
+class FileSpool:
+    """The spool: ``submit`` from smtp_in, ``start``/``stop`` from the app, queue tools."""
+
+    def __init__(
+        self,
+        directory: Path,
+        accounts: Iterable[AccountSettings],
+        senders: Mapping[str, Sender],
+        *,
+        hostname: str = "localhost",
+        deliver_inline: bool = False,
+        retry_window: float = 72 * 3600.0,
+        max_backoff: float = 3600.0,
+        first_backoff: float = 30.0,
+        held_retry: float = 900.0,
+        rescan_interval: float = 30.0,
+        per_mailbox: int = 4,
+        max_in_flight: int = 64,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self.files = SpoolFiles(directory)
+        self.accounts = {a.username: a for a in accounts}
+        self.senders = senders
+        self.hostname = hostname
+        self.deliver_inline = deliver_inline
+        self.retry_window = retry_window
+        self.max_backoff = max_backoff
+        self.first_backoff = first_backoff
+        self.held_retry = held_retry
+        self.rescan_interval = rescan_interval
+        self.per_mailbox = per_mailbox
+        self.max_in_flight = max_in_flight
+        self.jitter = jitter
+        self._records: dict[str, Record] = {}
+        self._busy: set[str] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._next_slot: dict[str, float] = {}
+        self._releases: dict[str, int] = {}  # per account: how often it was released
+        self._wake = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.files.prepare()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, senders: Mapping[str, Sender]) -> FileSpool:
+        return cls(
+            settings.state_dir / "spool",
+            settings.accounts,
+            senders,
+            hostname=settings.hostname,
+            deliver_inline=settings.smtp.deliver_inline,
+            retry_window=settings.spool.retry_hours * 3600.0,
+            max_backoff=settings.spool.max_backoff_minutes * 60.0,
+        )
+
+    # -- submission ---------------------------------------------------------------------------
+
+    async def submit(self, envelope: Envelope, message: bytes) -> SubmitResult:
+        prefix, message_id = message_id_header(message, self.hostname)
+        record = Record(new_id(), envelope, message_id, len(prefix) + len(message))
+        try:
+            await asyncio.to_thread(self.files.commit, record, (prefix, message))
+        except OSError as error:
+            log.error("spool.submit_failed", error=str(error))
+            raise SpoolError(f"cannot store the message: {error.strerror or error}") from error
+        log.info("spool.queued", queue_id=record.id, account=envelope.account, size=record.size)
+        queued = SubmitResult(f"250 2.0.0 Ok: queued as {record.id}", record.id)
+        if not self.deliver_inline:
+            self._track(record)
+            return queued
+        self._busy.add(record.id)
+        try:
+            outcome = await self._attempt(record, prefix + message, inline=True)
+        finally:
+            self._busy.discard(record.id)
+        if isinstance(outcome, Refusal):
+            return SubmitResult(outcome.reply, None)
+        if outcome in ("retry", "held"):
+            self._track(record)
+        return queued
+
+    # -- the worker -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load what is on disk (a previous run's queue included) and start delivering."""
+        await self._rescan()
+        self._stopping = False
+        self._runner = asyncio.create_task(self._run(), name="spool-worker")
+        log.info("spool.started", queued=len(self._records))
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Stop starting sends; wait up to ``grace`` seconds for those in flight, then cancel.
+
+        What is left stays on disk for the next start; a cancelled attempt is marked as started
+        and so is looked up in sent mail before it is sent again.
+        """
+        if self._runner is not None:
+            # A flag, not cancel(): Python 3.11's wait_for can swallow a cancellation.
+            self._stopping = True
+            self._wake.set()
+            await self._runner
+            self._runner = None
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        log.info("spool.stopped", left=len(self._records))
+
+    async def _run(self) -> None:
+        last_scan = time.monotonic()
+        while not self._stopping:
+            if time.monotonic() - last_scan >= self.rescan_interval:
+                await self._rescan()
+                last_scan = time.monotonic()
+            now = time.time()
+            waiting = [
+                r
+                for r in self._records.values()
+                if r.id not in self._busy and r.state in ("queued", "held")
+            ]
+            waiting.sort(key=lambda r: (r.next_attempt, r.id))
+            for record in waiting:
+                if record.next_attempt > now or len(self._busy) >= self.max_in_flight:
+                    break
+                self._busy.add(record.id)
+                task = asyncio.create_task(self._deliver(record), name=f"spool-{record.id}")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            pending = [r.next_attempt for r in waiting if r.id not in self._busy]
+            pause = self.rescan_interval - (time.monotonic() - last_scan)
+            if pending and len(self._busy) < self.max_in_flight:
+                pause = min(pause, max(0.0, min(pending) - time.time()))
+            self._wake.clear()
+            if self._stopping:
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(pause, 0.0)):
+                    await self._wake.wait()
+
+    async def _deliver(self, record: Record) -> None:
+        try:
+            await self._attempt(record, None)
+        finally:
+            self._busy.discard(record.id)
+            self._wake.set()
+
+    async def _rescan(self) -> None:
+        """Take the disk's word for every message not in flight (``gateway queue`` edits it)."""
+        on_disk = {r.id: r for r in await asyncio.to_thread(self.files.records)}
+        for queue_id in list(self._records):
+            if queue_id not in on_disk and queue_id not in self._busy:
+                del self._records[queue_id]
+        for queue_id, record in on_disk.items():
+            if queue_id not in self._busy:
+                self._records[queue_id] = record
+
+    def _track(self, record: Record) -> None:
+        self._records[record.id] = record
+        self._wake.set()
+
+    # -- one attempt ----------------------------------------------------------------------------
+
+    async def _attempt(
+        self, record: Record, message: bytes | None, inline: bool = False
+    ) -> Outcome | Refusal:
+        """Deliver once. Inline (``message`` given), a permanent refusal is returned as the
+        SMTP reply and the message is forgotten instead of dead-lettered."""
+        account = self.accounts.get(record.envelope.account)
+        sender = self.senders.get(account.provider) if account else None
+        if account is None or sender is None:
+            await self._dead(record, f"account {record.envelope.account!r} is not configured")
+            return "dead"
+        await self._pace(account)
+        releases = self._releases.get(account.username, 0)
+        async with self._slot(account.username):
+            try:
+                if message is None:
+                    message = await asyncio.to_thread(self.files.read_message, record.id)
+                if record.attempt_started:
+                    found = await sender.already_sent(account, record.message_id)
+                    if found:
+                        await self._sent(record, "found in sent mail after an interrupted attempt")
+                        return "sent"
+                record.attempt_started = True
+                record.attempts += 1
+                if not await asyncio.to_thread(self.files.save, record):
+                    return self._gone(record)
+                result = await sender.send(account, record.envelope, message)
+            except FileNotFoundError:
+                return self._gone(record)
+            except Temporary as error:
+                return await self._retry(record, str(error), error.retry_after)
+            except ReauthRequired as error:
+                if self._releases.get(account.username, 0) != releases:
+                    return await self._retry(record, str(error), 0.0)  # reconnected meanwhile
+                return await self._hold(record, str(error))
+            except Permanent as error:
+                if not inline:
+                    await self._dead(record, error.reason)
+                    return "dead"
+                await self._forget(record, "refused", error.reason)
+                text = " ".join(error.reason.split())[:400]  # one reply line, bounded
+                return Refusal(f"{error.smtp_code} {error.status} {text}")
+            except Exception as error:  # a bug must not lose the mail or spin: retry later
+                log.exception("spool.attempt_failed", queue_id=record.id)
+                return await self._retry(record, f"internal error: {error!r}", None)
+        await self._sent(record, result.detail)
+        await self.release(account.username)  # a send worked: the account's held mail may go
+        return "sent"
+
+    def _slot(self, username: str) -> asyncio.Semaphore:
+        slot = self._slots.get(username)
+        if slot is None:
+            slot = self._slots[username] = asyncio.Semaphore(self.per_mailbox)
+        return slot
+
+    async def _pace(self, account: AccountSettings) -> None:
+        """Space sends ``60 / pace_per_minute`` seconds apart per account, when configured."""
+        per_minute = account.sending.pace_per_minute
+        if not per_minute:
+            return
+        now = time.monotonic()
+        start = max(now, self._next_slot.get(account.username, now))
+        self._next_slot[account.username] = start + 60.0 / per_minute
+        await asyncio.sleep(start - now)
+
+    def backoff(self, attempts: int, retry_after: float | None) -> float:
+        """Seconds until the next attempt: the provider's Retry-After (plus up to 10 %), or
+        ``first_backoff`` doubling per attempt up to ``max_backoff``, jittered to 50-100 %."""
+        if retry_after is not None:
+            return retry_after * (1.0 + 0.1 * self.jitter())
+        ceiling = min(self.max_backoff, self.first_backoff * 2 ** max(0, attempts - 1))
+        return ceiling * (0.5 + 0.5 * self.jitter())
+
+    async def _retry(self, record: Record, reason: str, retry_after: float | None) -> Outcome:
+        now = time.time()
+        if now - record.retry_since >= self.retry_window:
+            hours = self.retry_window / 3600
+            await self._dead(record, f"still failing after {hours:g} h: {reason}")
+            return "dead"
+        record.state, record.reason = "queued", reason
+        record.next_attempt = now + self.backoff(record.attempts, retry_after)
+        await self._save(record)
+        log.info("spool.retry", queue_id=record.id, attempts=record.attempts, reason=reason)
+        return "retry"
+
+    async def _hold(self, record: Record, reason: str) -> Outcome:
+        record.state, record.reason = "held", reason
+        record.next_attempt = time.time() + self.held_retry
+        await self._save(record)
+        log.warning("spool.held", queue_id=record.id, account=record.envelope.account)
+        return "held"
+
+    async def _dead(self, record: Record, reason: str) -> None:
+        record.state, record.reason = "dead", reason
+        await self._save(record)
+        await asyncio.to_thread(self.files.log_delivery, record, "dead", reason)
+        log.warning("spool.dead", queue_id=record.id, reason=reason)
+
+    async def _sent(self, record: Record, detail: str) -> None:
+        await self._forget(record, "sent", detail)
+        log.info("spool.sent", queue_id=record.id, detail=detail)
+
+    async def _forget(self, record: Record, result: str, detail: str) -> None:
+        """Remove the files, then log the outcome (a crash between repeats no delivery)."""
+        self._records.pop(record.id, None)
+        await asyncio.to_thread(self.files.remove, record.id)
+        await asyncio.to_thread(self.files.log_delivery, record, result, detail)
+
+    async def _save(self, record: Record) -> None:
+        if await asyncio.to_thread(self.files.save, record):
+            self._records[record.id] = record
+        else:
+            self._gone(record)
+
+    def _gone(self, record: Record) -> Outcome:
+        """Deleted by ``gateway queue delete`` while in flight."""
+        self._records.pop(record.id, None)
+        return "gone"
+
+    # -- queue tools --------------------------------------------------------------------------
+
+    async def release(self, account: str) -> int:
+        """The account was reconnected: send its held mail now. Returns how many.
+
+        An attempt in flight that ends in "reauth required" after this call is retried at once
+        rather than held, since it may have used the token from before the reconnection.
+        """
+        self._releases[account] = self._releases.get(account, 0) + 1
+        count = 0
+        for record in list(self._records.values()):
+            if record.envelope.account == account and record.state == "held":
+                record.state, record.next_attempt = "queued", 0.0
+                await self._save(record)
+                count += 1
+        self._wake.set()
+        return count
+
+    async def retry(self, queue_id: str | None = None) -> int:
+        """Make one message (or every waiting, held and dead one) due now, with a new window."""
+        changed = await asyncio.to_thread(retry_files, self.files, queue_id)
+        await self._rescan()
+        self._wake.set()
+        return changed
+
+    async def delete(self, queue_id: str) -> bool:
+        """Drop a message without delivering it (logged as deleted)."""
+        record = self._records.get(queue_id) or await asyncio.to_thread(self.files.load, queue_id)
+        if record is None:
+            return False
+        await self._forget(record, "deleted", "deleted by the admin")
+        return True
+
+    def messages(self) -> list[Record]:
+        """Every message in the spool (queued, held, dead), oldest first."""
+        return sorted(self._records.values(), key=lambda r: r.id)
+
+    def recent_deliveries(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The delivery log, newest first: message-id, account, recipients, result, time."""
+        return self.files.recent_deliveries(limit)
+
+
+def retry_files(files: SpoolFiles, queue_id: str | None, held_for: str | None = None) -> int:
+    """Make messages due now on disk (the running worker picks this up on its next rescan):
+    one message, the held mail of account ``held_for``, or every message."""
+    changed = 0
+    for record in files.records():
+        if queue_id is not None and record.id != queue_id:
+            continue
+        if held_for is not None and (record.envelope.account, record.state) != (held_for, "held"):
+            continue
+        record.state, record.next_attempt = "queued", 0.0
+        record.retry_since = time.time()
+        if files.save(record):
+            changed += 1
+    return changed

@@ -1,0 +1,211 @@
+"""The SMTP front's rules, one function at a time: AUTH exposure, content checks, replies,
+login throttling."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from gateway.accounts import Accounts
+from gateway.config import AccountSettings, SendingSettings
+from gateway.smtp_in import replies
+from gateway.smtp_in.handler import content_refusal
+from gateway.smtp_in.policy import (
+    HeaderSender,
+    header_senders,
+    normalize_line_endings,
+    plaintext_auth_allowed,
+    received_header,
+)
+from gateway.throttle import LoginThrottle
+from tests.helpers import PASSWORD_HASH
+
+# -- where AUTH may be offered -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("policy", "peer", "tls", "allowed"),
+    [
+        ("loopback", "127.0.0.1", False, True),
+        ("loopback", "127.20.30.40", False, True),
+        ("loopback", "::1", False, True),
+        ("loopback", "::ffff:127.0.0.1", False, True),
+        ("loopback", "192.0.2.7", False, False),
+        ("loopback", "2001:db8::7", False, False),
+        ("loopback", "not-an-address", False, False),
+        ("loopback", "192.0.2.7", True, True),
+        ("never", "127.0.0.1", False, False),
+        ("never", "192.0.2.7", True, True),
+        ("always", "192.0.2.7", False, True),
+    ],
+)
+def test_plaintext_auth_follows_policy_and_peer(
+    policy: str, peer: str, tls: bool, allowed: bool
+) -> None:
+    assert plaintext_auth_allowed(policy, peer, tls) is allowed
+
+
+# -- message content -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "normalized"),
+    [
+        (b"a\r\nb\r\n", b"a\r\nb\r\n"),
+        (b"", b""),
+        (b"a\nb\r\n", b"a\r\nb\r\n"),
+        (b"a\rb\r\n", b"a\r\nb\r\n"),
+        (b"a\r\n.\n", b"a\r\n.\r\n"),
+        (b"a\n.\r\n", b"a\r\n.\r\n"),
+        (b"a\r\r\n", b"a\r\n\r\n"),
+        (b"a\r\n\n", b"a\r\n\r\n"),
+    ],
+)
+def test_bare_line_endings_become_crlf(content: bytes, normalized: bytes) -> None:
+    assert normalize_line_endings(content) == normalized
+
+
+def test_header_senders_reads_every_from_and_sender_and_ignores_the_body() -> None:
+    content = (
+        "From: =?utf-8?q?Ann_=E2=9C=93?= <ann@example.org>, bob@example.org\r\n"
+        'Sender: "Zoë" <zoe@例子.广告>\r\n'
+        "From: carl@example.org\r\n"
+        "\r\nFrom: body@example.org\r\n"
+    ).encode()
+    assert [(s.header, s.address) for s in header_senders(content)] == [
+        ("From", "ann@example.org"),
+        ("From", "bob@example.org"),
+        ("From", "carl@example.org"),
+        ("Sender", "zoe@例子.广告"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "header", ["From: undisclosed\r\n", "From: <a@b@c>\r\n", "From:\r\n", "From: \xff\xfe\r\n"]
+)
+def test_unreadable_from_is_reported_as_such(header: str) -> None:
+    content = header.encode("utf-8", "surrogateescape") + b"\r\nbody\r\n"
+    assert header_senders(content) == [HeaderSender("From", None)]
+
+
+def test_message_without_sender_headers_has_none() -> None:
+    assert header_senders(b"Subject: hi\r\n\r\nbody\r\n") == []
+    assert header_senders(b"") == []
+
+
+ACCOUNT = AccountSettings(
+    username="crm",
+    password_hash=PASSWORD_HASH,
+    provider="microsoft",
+    address="crm@contoso.example",
+    sending=SendingSettings(allowed_from=("sales@contoso.example",)),
+)
+
+
+@pytest.mark.parametrize(
+    ("content", "reply_start"),
+    [
+        (b"From: crm@contoso.example\r\n\r\nhi\r\n", None),
+        (b"From: Sales <SALES@contoso.example>\r\n\r\nhi\r\n", None),
+        (b"Subject: no From, the provider fills it in\r\n\r\nhi\r\n", None),
+        (b"From: ceo@contoso.example\r\n\r\nhi\r\n", "550 5.7.1 The From header <ceo@"),
+        # A bare CR hiding a second From: after normalization it is a second From header.
+        (b"From: crm@contoso.example\rFrom: ceo@contoso.example\r\n\r\n", "550 5.7.1"),
+    ],
+)
+def test_content_refusal(content: bytes, reply_start: str | None) -> None:
+    normalized = normalize_line_endings(content)
+    refusal = content_refusal(Accounts([ACCOUNT]), ACCOUNT, normalized)
+    if reply_start is None:
+        assert refusal is None
+    else:
+        assert refusal is not None and refusal.startswith(reply_start)
+
+
+def test_received_header_names_no_recipient_and_cleans_the_helo_name() -> None:
+    when = datetime(2026, 11, 29, 3, 0, tzinfo=UTC)
+    header = received_header(
+        "evil\r\nBcc: x", "::1", "gw.local", tls=True, smtputf8=True, when=when
+    )
+    assert header == (
+        b"Received: from evilBcc:x ([IPv6:::1])\r\n"
+        b"\tby gw.local with UTF8SMTPSA;\r\n"
+        b"\tSun, 29 Nov 2026 03:00:00 +0000\r\n"
+    )
+    plain = received_header(None, "127.0.0.1", "gw", tls=False, smtputf8=False, when=when)
+    assert plain.startswith(b"Received: from unknown ([127.0.0.1])\r\n\tby gw with ESMTPA;")
+
+
+# -- replies -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("250 OK", "250 2.0.0 OK"),
+        ("221 Bye", "221 2.0.0 Bye"),
+        ("220 Ready to start TLS", "220 2.0.0 Ready to start TLS"),
+        ("503 Error: need RCPT command", "503 5.5.1 Error: need RCPT command"),
+        ("501 Syntax: MAIL FROM: <address>", "501 5.5.4 Syntax: MAIL FROM: <address>"),
+        (
+            "555 MAIL FROM parameters not recognized",
+            "555 5.5.4 MAIL FROM parameters not recognized",
+        ),
+        ('500 Error: command "FROB" not recognized', "500 5.5.1 Command not recognized"),
+        ("500 Line too long (see RFC5321 4.5.3.1.6)", replies.LINE_TOO_LONG),
+        ("552 Error: Too much mail data", "552 5.3.4 Message too big: the limit is 35 MB"),
+        ("599 Something new", "599 5.0.0 Something new"),
+        (
+            "535 5.7.8 Authentication credentials invalid",
+            "535 5.7.8 Authentication credentials invalid",
+        ),
+        ("220 gw.local mail gateway ESMTP", "220 gw.local mail gateway ESMTP"),
+        ("250-SIZE 36700160", "250-SIZE 36700160"),
+        ("250 PIPELINING", "250 PIPELINING"),
+        ("354 End data with <CR><LF>.<CR><LF>", "354 End data with <CR><LF>.<CR><LF>"),
+    ],
+)
+def test_standardize_gives_enhanced_codes_but_leaves_greeting_and_ehlo(
+    raw: str, expected: str
+) -> None:
+    assert replies.standardize(raw, 35 * 2**20) == expected
+
+
+# -- login throttling ----------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_throttle_blocks_after_limit_and_slides_with_time() -> None:
+    clock = Clock()
+    throttle = LoginThrottle(limit=3, window=100, clock=clock)
+    for at in (0, 10, 20):
+        clock.now = at
+        assert throttle.retry_after("client:a") == 0
+        throttle.record_failure("client:a", "user:crm")
+    assert throttle.retry_after("client:a") == pytest.approx(80)
+    assert throttle.retry_after("user:crm") == pytest.approx(80)
+    assert throttle.retry_after("client:b", "user:other") == 0
+    assert throttle.retry_after("client:b", "user:crm") == pytest.approx(80)
+    clock.now = 100  # the first failure has left the window
+    assert throttle.retry_after("client:a", "user:crm") == 0
+    throttle.record_failure("client:a")
+    assert throttle.retry_after("client:a") == pytest.approx(10)
+
+
+def test_throttle_memory_is_bounded() -> None:
+    clock = Clock()
+    throttle = LoginThrottle(limit=1, window=100, clock=clock, max_keys=10)
+    for n in range(50):
+        clock.now = n
+        throttle.record_failure(f"user:{n}")
+    assert len(throttle._failures) == 10
+    assert throttle.retry_after("user:49") > 0  # the newest are kept
+    assert throttle.retry_after("user:0") == 0

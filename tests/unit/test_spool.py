@@ -1,0 +1,262 @@
+"""The spool with a scripted sender: durability, retry/backoff, held, dead, inline, restart,
+pacing and the queue command."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import json
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from gateway.config import AccountSettings, SendingSettings
+from gateway.oauth import ReauthRequired
+from gateway.providers import DeliveryResult, Permanent, Temporary
+from gateway.spool import Envelope, FileSpool, SpoolError, queue_main
+from tests.helpers import PASSWORD_HASH
+
+RAW = b"From: a@example.com\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nbody\r\n"
+
+
+class Scripted:
+    """Answers each send with the next scripted outcome (an exception to raise, or success)."""
+
+    def __init__(self, *outcomes: Exception | None, sent_ids: set[str] | None = None) -> None:
+        self.outcomes = list(outcomes)
+        self.calls: list[tuple[float, bytes]] = []
+        self.sent_ids = sent_ids or set()
+
+    async def send(
+        self, account: AccountSettings, envelope: Envelope, raw: bytes
+    ) -> DeliveryResult:
+        self.calls.append((time.monotonic(), raw))
+        outcome = self.outcomes.pop(0) if self.outcomes else None
+        if outcome is not None:
+            raise outcome
+        return DeliveryResult("ok")
+
+    async def already_sent(self, account: AccountSettings, message_id: str) -> bool | None:
+        return message_id in self.sent_ids
+
+
+def account(pace: int | None = None) -> AccountSettings:
+    return AccountSettings(
+        username="crm",
+        password_hash=PASSWORD_HASH,
+        provider="microsoft",
+        address="a@example.com",
+        sending=SendingSettings(pace_per_minute=pace),
+    )
+
+
+def envelope(user: str = "crm") -> Envelope:
+    return Envelope(user, "a@example.com", ("b@example.org",), False, datetime.now(UTC), "::1")
+
+
+def make(tmp_path: Path, sender: Scripted, pace: int | None = None, **options: object) -> FileSpool:
+    settings = {"first_backoff": 0.02, "max_backoff": 0.1, "rescan_interval": 0.2, **options}
+    return FileSpool(tmp_path / "spool", [account(pace)], {"microsoft": sender}, **settings)  # type: ignore[arg-type]
+
+
+async def until(check: Callable[[], bool], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_submit_is_on_disk_before_the_reply_and_gets_a_message_id(tmp_path: Path) -> None:
+    spool = make(tmp_path, Scripted())
+    result = await spool.submit(envelope(), RAW)
+    assert result.reply == f"250 2.0.0 Ok: queued as {result.queue_id}"
+    queue = tmp_path / "spool" / "queue"
+    stored = (queue / f"{result.queue_id}.eml").read_bytes()
+    state = json.loads((queue / f"{result.queue_id}.json").read_text())
+    assert stored.endswith(RAW) and stored.startswith(b"Message-ID: <")
+    assert state["message_id"] in stored.decode() and state["state"] == "queued"
+    assert list((tmp_path / "spool" / "tmp").iterdir()) == []
+
+
+async def test_existing_message_id_is_kept(tmp_path: Path) -> None:
+    spool = make(tmp_path, Scripted())
+    raw = b"Message-ID:\r\n <x.1@example.com>\r\n" + RAW
+    result = await spool.submit(envelope(), raw)
+    (record,) = spool.messages()
+    assert record.message_id == "<x.1@example.com>"
+    assert (tmp_path / "spool" / "queue" / f"{result.queue_id}.eml").read_bytes() == raw
+
+
+async def test_disk_failure_is_a_spool_error(tmp_path: Path) -> None:
+    spool = make(tmp_path, Scripted())
+    (tmp_path / "spool" / "tmp").rmdir()
+    with pytest.raises(SpoolError, match="cannot store the message"):
+        await spool.submit(envelope(), RAW)
+
+
+def test_backoff_honours_decimal_retry_after_and_caps_exponential(tmp_path: Path) -> None:
+    spool = make(tmp_path, Scripted(), first_backoff=10.0, max_backoff=60.0, jitter=lambda: 1.0)
+    assert spool.backoff(1, 2.128) == pytest.approx(2.128 * 1.1)
+    assert [spool.backoff(n, None) for n in (1, 2, 3, 4, 9)] == [10, 20, 40, 60, 60]
+    low = make(tmp_path, Scripted(), first_backoff=10.0, max_backoff=60.0, jitter=lambda: 0.0)
+    assert low.backoff(2, None) == 10.0
+
+
+async def test_temporary_failures_are_retried_then_sent(tmp_path: Path) -> None:
+    sender = Scripted(Temporary("503", 0.05), Temporary("reset"))
+    spool = make(tmp_path, sender)
+    await spool.start()
+    try:
+        await spool.submit(envelope(), RAW)
+        await until(lambda: spool.messages() == [])
+    finally:
+        await spool.stop()
+    assert len(sender.calls) == 3
+    assert sender.calls[1][0] - sender.calls[0][0] >= 0.05
+    (logged,) = spool.recent_deliveries()
+    assert logged["result"] == "sent" and logged["recipients"] == 1
+
+
+async def test_retry_window_ends_in_a_dead_letter(tmp_path: Path) -> None:
+    spool = make(tmp_path, Scripted(*[Temporary("down")] * 50), retry_window=0.15)
+    await spool.start()
+    try:
+        await spool.submit(envelope(), RAW)
+        await until(lambda: [r.state for r in spool.messages()] == ["dead"])
+    finally:
+        await spool.stop()
+    assert spool.messages()[0].reason.startswith("still failing after")
+
+
+async def test_permanent_is_dead_and_inline_permanent_is_a_5xx(tmp_path: Path) -> None:
+    refusal = Permanent("HTTP 403 ErrorSendAsDenied: no", 553, "5.7.1")
+    spool = make(tmp_path, Scripted(refusal))
+    await spool.start()
+    try:
+        await spool.submit(envelope(), RAW)
+        await until(lambda: [r.state for r in spool.messages()] == ["dead"])
+    finally:
+        await spool.stop()
+    assert spool.messages()[0].reason == refusal.reason
+
+    inline = make(tmp_path / "inline", Scripted(refusal), deliver_inline=True)
+    result = await inline.submit(envelope(), RAW)
+    assert (result.reply, result.queue_id) == ("553 5.7.1 HTTP 403 ErrorSendAsDenied: no", None)
+    assert inline.messages() == [] and not any((tmp_path / "inline/spool/queue").iterdir())
+
+
+async def test_inline_temporary_is_queued_and_inline_success_is_logged(tmp_path: Path) -> None:
+    sender = Scripted(Temporary("429", 5.0), None)
+    spool = make(tmp_path, sender, deliver_inline=True)
+    first = await spool.submit(envelope(), RAW)
+    assert first.reply.startswith("250 ") and [r.state for r in spool.messages()] == ["queued"]
+    second = await spool.submit(envelope(), RAW)
+    assert second.reply.startswith("250 ") and len(spool.messages()) == 1
+    assert spool.recent_deliveries()[0]["queue_id"] == second.queue_id
+
+
+async def test_held_until_release_and_released_by_a_later_success(tmp_path: Path) -> None:
+    sender = Scripted(ReauthRequired("reconnect crm"), ReauthRequired("reconnect crm"))
+    spool = make(tmp_path, sender, held_retry=60.0)
+    await spool.start()
+    try:
+        await spool.submit(envelope(), RAW)
+        await until(lambda: [r.state for r in spool.messages()] == ["held"])
+        assert await spool.release("crm") == 1
+        await until(lambda: len(sender.calls) == 2 and spool.messages()[0].state == "held")
+        await spool.submit(envelope(), RAW)  # succeeds, and takes the held one along
+        await until(lambda: spool.messages() == [])
+    finally:
+        await spool.stop()
+    assert len(sender.calls) == 4
+
+
+async def test_restart_resumes_from_disk_and_checks_sent_mail_first(tmp_path: Path) -> None:
+    spool = make(tmp_path, Scripted())
+    queued = await spool.submit(envelope(), RAW)
+    (record,) = spool.messages()
+    record.attempt_started = True
+    spool.files.save(record)
+    (tmp_path / "spool" / "queue" / "debris.eml").write_bytes(b"half a submit")
+
+    sender = Scripted(sent_ids={record.message_id})
+    again = make(tmp_path, sender)
+    await again.start()
+    try:
+        await until(lambda: again.messages() == [])
+    finally:
+        await again.stop()
+    assert sender.calls == []  # found in sent mail: not sent again
+    assert not (tmp_path / "spool" / "queue" / "debris.eml").exists()
+    assert again.recent_deliveries()[0]["queue_id"] == queued.queue_id
+
+
+async def test_pacing_spaces_sends(tmp_path: Path) -> None:
+    sender = Scripted()
+    spool = make(tmp_path, sender, pace=600)  # one every 0.1 s
+    await spool.start()
+    try:
+        for _ in range(3):
+            await spool.submit(envelope(), RAW)
+        await until(lambda: spool.messages() == [])
+    finally:
+        await spool.stop()
+    times = [t for t, _ in sender.calls]
+    assert min(b - a for a, b in itertools.pairwise(times)) >= 0.09
+
+
+async def test_unknown_account_is_dead(tmp_path: Path) -> None:
+    spool = make(tmp_path, Scripted())
+    await spool.start()
+    try:
+        await spool.submit(envelope("gone"), RAW)
+        await until(lambda: [r.state for r in spool.messages()] == ["dead"])
+    finally:
+        await spool.stop()
+    assert "'gone' is not configured" in spool.messages()[0].reason
+
+
+async def test_queue_command_lists_retries_and_deletes(tmp_path: Path) -> None:
+    spool = make(tmp_path, Scripted(Permanent("refused for a reason")))
+    await spool.start()
+    try:
+        dead = await spool.submit(envelope(), RAW)
+        await until(lambda: [r.state for r in spool.messages()] == ["dead"])
+        other = await spool.submit(envelope(), RAW)
+        await until(lambda: len(spool.messages()) == 1)
+    finally:
+        await spool.stop()
+    directory = tmp_path / "spool"
+    out = io.StringIO()
+    assert queue_main(directory, "list", out=out) == 0
+    assert dead.queue_id in out.getvalue() and "reason: refused for a reason" in out.getvalue()
+    assert other.queue_id not in out.getvalue()  # delivered
+
+    assert queue_main(directory, "retry", dead.queue_id, out=io.StringIO()) == 0
+    (record,) = spool.files.records()
+    assert (record.state, record.next_attempt) == ("queued", 0.0)
+    assert queue_main(directory, "delete", "nope", out=io.StringIO()) == 1
+    assert queue_main(directory, "delete", dead.queue_id, out=io.StringIO()) == 0
+    assert spool.files.records() == []
+    assert spool.recent_deliveries()[0]["result"] == "deleted"
+    assert queue_main(directory, "frobnicate", out=io.StringIO()) == 2
+
+
+async def test_queue_release_makes_an_accounts_held_mail_due(tmp_path: Path) -> None:
+    spool = make(tmp_path, Scripted(ReauthRequired("reconnect")), held_retry=60.0)
+    await spool.start()
+    try:
+        await spool.submit(envelope(), RAW)
+        await until(lambda: [r.state for r in spool.messages()] == ["held"])
+    finally:
+        await spool.stop()
+    out = io.StringIO()
+    assert queue_main(tmp_path / "spool", "release", "other", out=out) == 0
+    assert spool.files.records()[0].state == "held"
+    assert queue_main(tmp_path / "spool", "release", "crm", out=out) == 0
+    assert "1 held message(s) of crm released" in out.getvalue()
+    assert spool.files.records()[0].state == "queued"
