@@ -158,7 +158,7 @@ class Gateway:
             "pop3": twisted(pop3_server, False),
             "pop3s": twisted(pop3_server, True),
             "admin": lambda name, host, port: admin_server.serve(
-                name, host, port, settings, self._broker(), lambda: self.ports
+                name, host, port, settings, self._broker(), self.spool, lambda: self.ports
             ),
         }
 

@@ -23,6 +23,7 @@ from ..oauth import ConsentError, OAuthError, TokenBroker
 from ..oauth._scopes import short
 from ..passwords import parse_hash, verify_password
 from ..runtime import RunningListener
+from ..spool import FileSpool
 from ..throttle import LoginThrottle
 from . import i18n
 from .auth import CSRF_FIELD, SESSION_COOKIE, AdminSession, SessionStore
@@ -76,6 +77,7 @@ _templates.filters["scope_name"] = short
 class AdminState:
     settings: Settings
     broker: TokenBroker
+    spool: FileSpool
     listeners: ListenerView
     sessions: SessionStore
     # 5 wrong admin passwords per 5 minutes per client address.
@@ -357,6 +359,24 @@ async def save_google_client(request: web.Request) -> web.StreamResponse:
     raise web.HTTPSeeOther("/")
 
 
+async def queue_page(request: web.Request) -> web.Response:
+    spool = _state(request).spool
+    deliveries = await asyncio.to_thread(spool.recent_deliveries, 50)
+    return render(request, "queue.html", messages=spool.messages(), deliveries=deliveries)
+
+
+async def retry_message(request: web.Request) -> web.StreamResponse:
+    await _state(request).spool.retry(request.match_info["id"])
+    raise web.HTTPSeeOther("/queue")
+
+
+async def delete_message(request: web.Request) -> web.StreamResponse:
+    queue_id = request.match_info["id"]
+    if await _state(request).spool.delete(queue_id):
+        log.info("admin.queue_deleted", queue_id=queue_id)
+    raise web.HTTPSeeOther("/queue")
+
+
 async def switch_language(request: web.Request) -> web.StreamResponse:
     language = request.query.get("to")
     target = request.query.get("next", "/")
@@ -388,6 +408,9 @@ def build_app(state: AdminState) -> web.Application:
     app.router.add_get("/login", login_page)
     app.router.add_post("/login", login)
     app.router.add_post("/logout", logout)
+    app.router.add_get("/queue", queue_page)
+    app.router.add_post("/queue/{id}/retry", retry_message)
+    app.router.add_post("/queue/{id}/delete", delete_message)
     app.router.add_get("/lang", switch_language)
     app.router.add_get("/healthz", healthz)
     return app
@@ -399,10 +422,11 @@ async def serve(
     port: int,
     settings: Settings,
     broker: TokenBroker,
+    spool: FileSpool,
     listeners: ListenerView,
 ) -> RunningListener:
     lifetime = settings.admin.session_minutes * 60
-    state = AdminState(settings, broker, listeners, SessionStore(lifetime))
+    state = AdminState(settings, broker, spool, listeners, SessionStore(lifetime))
     runner = web.AppRunner(build_app(state), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port)

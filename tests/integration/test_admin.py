@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+import smtplib
 from collections.abc import AsyncIterator
 
 import httpx
@@ -105,3 +107,32 @@ async def test_security_headers(browser: httpx.AsyncClient) -> None:
     assert page.headers["referrer-policy"] == "same-origin"
     assert page.headers["cache-control"] == "no-store"
     assert 'name="viewport"' in page.text  # readable on a phone
+
+
+async def test_queue_page_shows_held_mail_and_deletes_it(
+    gateway: Gateway, browser: httpx.AsyncClient
+) -> None:
+    def submit() -> None:
+        with smtplib.SMTP("127.0.0.1", gateway.ports["smtp"], timeout=10) as client:
+            client.login("crm", PASSWORD)  # plaintext AUTH is allowed from loopback
+            client.sendmail(
+                "crm@contoso.example",
+                ["someone@example.net"],
+                b"From: crm@contoso.example\r\nSubject: held\r\nMessage-ID: <held-1@test>\r\n"
+                b"\r\nbody\r\n",
+            )
+
+    await asyncio.to_thread(submit)
+    await sign_in(browser)
+    for _ in range(100):  # the worker marks it held after its first attempt
+        if [m.state for m in gateway.spool.messages()] == ["held"]:
+            break
+        await asyncio.sleep(0.05)
+    page = await browser.get("/queue")
+    assert page.status_code == 200
+    assert "&lt;held-1@test&gt;" in page.text and "held (mailbox must be reconnected)" in page.text
+    (message,) = gateway.spool.messages()
+    deleted = await browser.post(f"/queue/{message.id}/delete", data={"csrf_token": _csrf(page)})
+    assert deleted.status_code == 303 and gateway.spool.messages() == []
+    log = await browser.get("/queue")
+    assert "Nothing is waiting" in log.text and "deleted" in log.text
