@@ -209,6 +209,14 @@ class Demo:
             f"    Google client ID      {self.google_app.client_id}",
             f"    Google client secret  {self.google_app.client_secret}",
             "",
+            "  Then send as a legacy program would, for example:",
+            f"    swaks --server localhost:{ports.get('smtp')} --tls --auth-user crm "
+            f"--auth-password {self.accounts[0].password} \\",
+            f"      --from {MICROSOFT_ADDRESS} --to someone@example.org",
+            "  and see what the sandbox cloud sent:",
+            f"    curl -s --cacert {self.sandbox.ca_file} -H 'X-Sandbox-Control: 1' "
+            f"{self.sandbox.url}/_sandbox/users/{MICROSOFT_ADDRESS}/sent",
+            "",
             f"  sandbox clouds {self.sandbox.url}  (CA {self.sandbox.ca_file})",
             f"  config         {self.state_dir / 'config.yaml'}",
             "",
