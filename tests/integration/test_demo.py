@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
+import smtplib
+import ssl
 import subprocess
 import sys
 import time
@@ -65,6 +68,34 @@ async def _connect_through_the_admin_page(demo: Demo, instructions: str) -> None
             assert (await demo.gateway.broker.status(username)).state == "connected"
     finally:
         await browser.close()
+    await _send_as_the_printed_example_does(demo)
+
+
+async def _send_as_the_printed_example_does(demo: Demo) -> None:
+    crm = next(a for a in demo.accounts if a.username == "crm")
+
+    def submit() -> None:
+        with smtplib.SMTP("localhost", demo.gateway.ports["smtp"], timeout=10) as client:
+            client.starttls(context=ssl.create_default_context(cafile=_gateway_ca(demo)))
+            client.login(crm.username, crm.password)
+            client.sendmail(
+                crm.address,
+                ["someone@example.org"],
+                f"From: {crm.address}\r\nTo: someone@example.org\r\nSubject: demo\r\n\r\nhi\r\n",
+            )
+
+    await asyncio.to_thread(submit)
+    user = demo.sandbox.directory.user(crm.address)
+    for _ in range(200):
+        sent = demo.sandbox.ops(user).sent(user)
+        if sent:
+            break
+        await asyncio.sleep(0.05)
+    assert [m.recipients for m in sent] == [("someone@example.org",)]
+
+
+def _gateway_ca(demo: Demo) -> str:
+    return str(demo.gateway.settings.state_dir / "tls" / "ca.crt")
 
 
 def test_demo_command_prints_how_to_connect_and_stops_on_ctrl_c(tmp_path: Path) -> None:
