@@ -79,6 +79,7 @@ MESSAGES: dict[str, dict[str, str]] = {
             "that mailbox's own account on the next page."
         ),
         "continue": "Continue to sign-in",
+        "token_valid_until": "access token valid until {time}",
         "queue": "Outgoing mail",
         "queue_empty": "Nothing is waiting: every accepted message was delivered.",
         "queued_message": "Message",
@@ -165,6 +166,7 @@ MESSAGES: dict[str, dict[str, str]] = {
             "次のページで、このメールボックス本人のアカウントでサインインしてください。"
         ),
         "continue": "サインインへ進む",
+        "token_valid_until": "アクセストークンの有効期限 {time}",
         "queue": "送信待ちのメール",
         "queue_empty": "待機中のメールはありません。受け付けたメールはすべて配送済みです。",
         "queued_message": "メッセージ",

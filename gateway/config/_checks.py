@@ -112,11 +112,14 @@ def _check_provider(
 
 def check_app_only(settings: Settings, v: Validator) -> None:
     microsoft = settings.microsoft
-    if microsoft is not None and microsoft.app_only and microsoft.client_secret is None:
+    if microsoft is None or not microsoft.app_only:
+        return
+    if microsoft.client_secret is None and microsoft.client_certificate is None:
         v.report(
             ("microsoft", "app_only"),
-            "app-only access needs microsoft.client_secret",
-            "add the app's client secret, or set app_only: false to let each mailbox consent",
+            "app-only access needs microsoft.client_secret or microsoft.client_certificate",
+            "add the app's client secret or certificate, or set app_only: false to let each "
+            "mailbox consent",
         )
 
 

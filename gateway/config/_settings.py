@@ -154,6 +154,12 @@ class MicrosoftSettings:
         check=check_client_id,
     )
     client_secret: Secret | None = field_info(None)
+    client_certificate: Path | None = field_info(
+        None,
+        fix="a PEM file holding the app's certificate and its unencrypted private key (the "
+        "certificate uploaded to the app registration), instead of a client secret",
+        check=check_readable_file,
+    )
     tenant: str = field_info(
         "organizations",
         fix="use your tenant ID or domain (contoso.onmicrosoft.com), or organizations",
@@ -168,7 +174,7 @@ class MicrosoftSettings:
     app_only: bool = field_info(
         False,
         fix="true to use application permissions (client credentials) for every mailbox of the "
-        "tenant; needs client_secret and an admin's consent in Entra",
+        "tenant; needs client_secret or client_certificate, and an admin's consent in Entra",
     )
 
 

@@ -51,6 +51,7 @@ class AccountStatus:
     missing: tuple[_scopes.ScopeNeed, ...] = ()
     since: datetime | None = None
     last_error: str | None = None
+    token_expires: datetime | None = None  # of the access token in memory, if any
 
 
 @dataclass
@@ -356,6 +357,10 @@ class TokenBroker:
 
     # -- status ---------------------------------------------------------------------------------
 
+    def _token_expiry(self, username: str) -> datetime | None:
+        cached = self._tokens.get(username)
+        return None if cached is None else datetime.fromtimestamp(cached.expires_at, UTC)
+
     async def status(self, username: str) -> AccountStatus:
         account = self.account(username)
         needed = self.needed(account)
@@ -364,7 +369,8 @@ class TokenBroker:
         if (account.provider == "microsoft" and self.settings.microsoft.app_only) or (
             account.provider == "google" and self.settings.google.service_account_file
         ):
-            return AccountStatus(account, "app_only", needed=needed)
+            expires = self._token_expiry(username)
+            return AccountStatus(account, "app_only", needed=needed, token_expires=expires)
         auth = await self.store.get_account_auth(username)
         if auth is None:
             return AccountStatus(account, "not_connected", needed=needed, missing=needed)
@@ -377,6 +383,7 @@ class TokenBroker:
             missing=tuple(_scopes.missing(needed, auth.scopes)),
             since=auth.reconsent_since if auth.state == "needs_reconsent" else auth.updated_at,
             last_error=auth.last_error,
+            token_expires=self._token_expiry(username),
         )
 
     async def statuses(self) -> list[AccountStatus]:

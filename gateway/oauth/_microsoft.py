@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 import msal
 import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from ..config import MicrosoftSettings
 from ._errors import AuthUnavailable, ConsentError, ReauthRequired
@@ -66,15 +68,24 @@ class MicrosoftAuth:
             "instance_discovery": host in _MICROSOFT_HOSTS,
         }
         try:
-            secret = self.settings.client_secret
-            if secret is None:
+            credential = self._credential()
+            if credential is None:
                 return msal.PublicClientApplication(self.settings.client_id, **common)
             return msal.ConfidentialClientApplication(
-                self.settings.client_id, client_credential=secret.value, **common
+                self.settings.client_id, client_credential=credential, **common
             )
         except (requests.RequestException, ValueError) as error:
             message = f"cannot reach Microsoft sign-in at {self.authority}: {error}"
             raise AuthUnavailable(message) from error
+
+    def _credential(self) -> str | dict[str, str] | None:
+        """The app's credential: a certificate (preferred, MSAL signs an assertion), a secret,
+        or None for a public client."""
+        if self.settings.client_certificate is not None:
+            return _certificate_credential(self.settings.client_certificate.read_bytes())
+        if self.settings.client_secret is not None:
+            return self.settings.client_secret.value
+        return None
 
     def start(self, scopes: list[str], redirect_uri: str, login_hint: str) -> dict[str, Any]:
         """Begin auth code + PKCE; the returned flow holds ``auth_uri`` and must be kept."""
@@ -130,13 +141,35 @@ class MicrosoftAuth:
 
     def app_only(self) -> AccessToken:
         """Client credentials: the application's own permissions, for any mailbox of the tenant."""
-        if self.settings.client_secret is None:
-            raise ReauthRequired("app-only access needs microsoft.client_secret in the config")
+        if self._credential() is None:
+            raise ReauthRequired(
+                "app-only access needs microsoft.client_secret or client_certificate in the config"
+            )
         try:
             result = self._app().acquire_token_for_client(["https://graph.microsoft.com/.default"])
         except (requests.RequestException, msal.exceptions.MsalServiceError) as error:
             raise AuthUnavailable(f"Microsoft sign-in is unavailable: {error}") from error
         return _access(result, None)
+
+
+def _certificate_credential(pem: bytes) -> dict[str, str]:
+    """MSAL's certificate credential from one PEM file holding the key and the certificate.
+
+    Giving MSAL the public certificate (not only a SHA-1 thumbprint) makes it sign with PS256
+    and send the SHA-256 thumbprint, as Entra now prefers.
+    """
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+        certificates = x509.load_pem_x509_certificates(pem)
+    except (ValueError, TypeError) as error:
+        raise ReauthRequired(f"microsoft.client_certificate is not usable: {error}") from error
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode("ascii")
+    certificate_pem = certificates[0].public_bytes(serialization.Encoding.PEM).decode("ascii")
+    return {"private_key": key_pem, "public_certificate": certificate_pem}
 
 
 def _describe(result: Mapping[str, Any]) -> str:

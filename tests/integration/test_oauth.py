@@ -58,6 +58,7 @@ async def test_microsoft_connect_through_the_admin_page(
     page = await browser.admin.get("/")
     assert f"connected as {MS_ADDRESS}" in page.text and "Mail.ReadWrite" in page.text
     token = await gateway.broker.access_token("crm")
+    assert "access token valid until" in (await browser.admin.get("/")).text
     async with httpx.AsyncClient(
         verify=ssl.create_default_context(cafile=sandbox.ca_file)
     ) as graph:

@@ -8,12 +8,17 @@ import json
 import re
 import ssl
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 
 from gateway.app import Gateway
 from gateway.oauth import ReauthRequired
@@ -57,11 +62,45 @@ async def test_device_code_from_the_cli(sandbox: Sandbox, tmp_path: Path) -> Non
     assert code == 1 and "Google does not allow Gmail scopes in the device flow" in refused
 
 
-async def test_app_only_needs_nobody_to_sign_in(sandbox: Sandbox, tmp_path: Path) -> None:
+def _app_certificate(path: Path) -> bytes:
+    """An RSA key and self-signed certificate in one PEM file; returns the certificate PEM."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gateway app")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=30))
+        .sign(key, hashes.SHA256())
+    )
+    certificate_pem = certificate.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    path.write_bytes(key_pem + certificate_pem)
+    return certificate_pem
+
+
+@pytest.mark.parametrize("credential", ["secret", "certificate"])
+async def test_app_only_needs_nobody_to_sign_in(
+    sandbox: Sandbox, tmp_path: Path, credential: str
+) -> None:
     config, _ = sandbox_config(sandbox, tmp_path / "state")
     app = sandbox.add_app("microsoft", app_permissions=("Mail.Send", "Mail.ReadWrite"))
-    config["microsoft"].update(client_id=app.client_id, client_secret=app.client_secret)
-    config["microsoft"]["app_only"] = True
+    config["microsoft"].update(client_id=app.client_id, app_only=True)
+    if credential == "secret":
+        config["microsoft"]["client_secret"] = app.client_secret
+    else:
+        pem_file = tmp_path / "app.pem"
+        certificate = await asyncio.to_thread(_app_certificate, pem_file)
+        sandbox.microsoft.register_certificate(app.client_id, certificate)
+        config["microsoft"]["client_certificate"] = str(pem_file)
     async with running_gateway(config, tmp_path / "c.yaml") as gateway:
         assert (await gateway.broker.status("crm")).state == "app_only"
         token = await gateway.broker.access_token("crm")
