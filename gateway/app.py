@@ -19,7 +19,7 @@ from .config import Settings
 from .imap_out import server as imap_server
 from .logs import get_logger
 from .notify import WebhookNotifier
-from .oauth import TokenBroker
+from .oauth import OAuthError, TokenBroker
 from .pop3_out import server as pop3_server
 from .runtime import RunningListener
 from .smtp_in import server as smtp_server
@@ -47,6 +47,8 @@ class Gateway:
         self.http: httpx.AsyncClient | None = None
         self.spool: FileSpool | None = None
         self.smtp_front: smtp_server.SmtpFront | None = None
+        self.senders: dict[str, providers.Sender] = {}
+        self._learning: asyncio.Task[None] | None = None
         self.listeners: dict[str, RunningListener] = {}
 
     @property
@@ -89,10 +91,12 @@ class Gateway:
         self.broker = TokenBroker(settings, self.store)
         self._trust = outbound.trust_file(settings.state_dir, settings.ca_bundle)
         self.http = outbound.async_client(self._trust)
-        senders = providers.senders(settings, self.http, self.broker, self._trust)
-        self.spool = FileSpool.from_settings(settings, senders)
+        self.senders = providers.senders(settings, self.http, self.broker, self._trust)
+        self.spool = FileSpool.from_settings(settings, self.senders)
         await self.spool.start()
-        self.broker.on_connected = self.spool.release  # a reconnected mailbox gets its held mail
+        self.broker.on_connected = self._on_connected
+        # In the background: a slow provider must not hold up the listeners.
+        self._learning = asyncio.create_task(self._learn_all_send_as())
         self.smtp_front = smtp_server.SmtpFront(
             settings,
             self.accounts,
@@ -109,6 +113,9 @@ class Gateway:
         """
         for name in reversed(list(self.listeners)):
             await self.listeners.pop(name).close()
+        if self._learning is not None:
+            self._learning.cancel()
+            self._learning = None
         if self.spool is not None:
             await self.spool.stop()
             self.spool = None
@@ -161,6 +168,36 @@ class Gateway:
                 name, host, port, settings, self._broker(), self.spool, lambda: self.ports
             ),
         }
+
+    async def _on_connected(self, username: str) -> None:
+        """A mailbox was (re)connected: send its held mail, learn its send-as aliases."""
+        assert self.spool is not None
+        await self.spool.release(username)
+        await self._learn_send_as(username)
+
+    async def _learn_all_send_as(self) -> None:
+        for account in self.settings.accounts:
+            await self._learn_send_as(account.username)
+
+    async def _learn_send_as(self, username: str) -> None:
+        """Let the SMTP front accept the provider's verified send-as aliases as From (Gmail).
+
+        Microsoft has no API that lists Send As rights; there, ``sending.allowed_from`` names
+        them and Graph refuses the rest (ErrorSendAsDenied).
+        """
+        sender = self.senders.get("google")
+        account = self.accounts.get(username)
+        if not isinstance(sender, providers.GmailSender) or account is None:
+            return
+        if account.provider != "google":
+            return
+        try:
+            aliases = await sender.send_as_addresses(account)
+        except (OAuthError, providers.Temporary, providers.Permanent) as error:
+            log.info("smtp.send_as_unknown", account=username, reason=str(error))
+            return
+        self.accounts.set_send_as_aliases(username, aliases)
+        log.info("smtp.send_as_learned", account=username, aliases=len(aliases))
 
     async def _mailbox_login(self, username: str, password: str, client: str) -> str | None:
         """IMAP/POP3 login until the INBOX is served: None for a wrong password, else what to

@@ -70,36 +70,51 @@ class GmailSender:
     ) -> None:
         if from_address is None or from_address == account.address.lower():
             return  # no From (Gmail adds the primary) or the primary itself: never rewritten
-        cached = self._send_as.get(account.username)
-        if cached is None or cached[0] < time.monotonic():
-            try:
-                response = await api.call(
-                    "GET",
-                    f"{self.gmail_url}/gmail/v1/users/me/settings/sendAs",
-                    "Gmail send-as list",
-                )
-            except ReauthRequired as error:
-                raise Permanent(
-                    f"cannot confirm that {account.address} may send as {from_address}: reading "
-                    f"Gmail's send-as aliases needs the gmail.readonly scope ({error}); Gmail "
-                    "would silently rewrite an unverified From",
-                    553,
-                    "5.7.1",
-                ) from error
-            allowed = frozenset(
-                str(entry.get("sendAsEmail", "")).lower()
-                for entry in response.json().get("sendAs", [])
-                if entry.get("isPrimary") or entry.get("verificationStatus") == "accepted"
-            )
-            cached = (time.monotonic() + SEND_AS_TTL, allowed)
-            self._send_as[account.username] = cached
-        if from_address not in cached[1]:
+        allowed = await self._send_as_list(api, account, from_address)
+        if from_address not in allowed:
             raise Permanent(
                 f"From {from_address} is not a verified Gmail send-as address of "
                 f"{account.address}; Gmail would rewrite it to {account.address}",
                 553,
                 "5.7.1",
             )
+
+    async def send_as_addresses(self, account: AccountSettings) -> frozenset[str]:
+        """The primary address and verified send-as aliases of the account (cached).
+
+        Raises ReauthRequired when they cannot be read (not connected, or no gmail.readonly).
+        """
+        return await self._send_as_list(
+            Api(self.client, self.tokens, account.username), account, None
+        )
+
+    async def _send_as_list(
+        self, api: Api, account: AccountSettings, from_address: str | None
+    ) -> frozenset[str]:
+        cached = self._send_as.get(account.username)
+        if cached is not None and cached[0] >= time.monotonic():
+            return cached[1]
+        try:
+            response = await api.call(
+                "GET", f"{self.gmail_url}/gmail/v1/users/me/settings/sendAs", "Gmail send-as list"
+            )
+        except ReauthRequired as error:
+            if from_address is None:
+                raise
+            raise Permanent(
+                f"cannot confirm that {account.address} may send as {from_address}: reading "
+                f"Gmail's send-as aliases needs the gmail.readonly scope ({error}); Gmail "
+                "would silently rewrite an unverified From",
+                553,
+                "5.7.1",
+            ) from error
+        allowed = frozenset(
+            str(entry.get("sendAsEmail", "")).lower()
+            for entry in response.json().get("sendAs", [])
+            if entry.get("isPrimary") or entry.get("verificationStatus") == "accepted"
+        )
+        self._send_as[account.username] = (time.monotonic() + SEND_AS_TTL, allowed)
+        return allowed
 
     async def _resumable(self, api: Api, url: str, prepared: Prepared) -> httpx.Response:
         """Open a session, then PUT pieces; a 308 says how much arrived (``Range: bytes=0-N``)."""

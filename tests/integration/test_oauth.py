@@ -221,3 +221,19 @@ async def test_no_token_or_secret_in_the_database_logs_or_pages(
         assert secret not in log.getvalue()
     assert "oauth.connected" in log.getvalue() and not codes
     assert refresh  # the sandbox did issue refresh tokens to look for
+
+
+async def test_gmail_send_as_aliases_become_allowed_from_addresses(
+    wired: tuple[Gateway, Sandbox], browser: AdminBrowser
+) -> None:
+    """The default allowed From: the mailbox and its verified send-as aliases (learned)."""
+    gateway, sandbox = wired
+    sandbox.directory.user(GOOGLE_ADDRESS).send_as = ("info@example.com",)
+    app = gateway.google_app  # type: ignore[attr-defined]
+    await gateway.broker.set_google_client(app.client_id, app.client_secret)
+    scanner = gateway.accounts.get("scanner")
+    assert not gateway.accounts.may_send_as(scanner, "info@example.com")
+    start = await browser.post("/accounts/scanner/connect")
+    assert "is connected" in (await browser.consent(start.headers["location"])).text
+    assert gateway.accounts.may_send_as(scanner, "info@example.com")
+    assert not gateway.accounts.may_send_as(scanner, "ceo@example.com")
