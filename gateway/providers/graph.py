@@ -63,13 +63,13 @@ class GraphSender:
         if _b64_size(prepared.size) <= REQUEST_CAP:
             await api.call(
                 "POST",
-                f"{self.graph_url}/me/sendMail",
+                f"{self._mailbox(account)}/sendMail",
                 "Graph sendMail",
                 content=base64.b64encode(prepared.joined()),
                 headers={"Content-Type": "text/plain"},
             )
             return DeliveryResult(f"graph sendMail accepted ({prepared.size} bytes)")
-        return await self._send_large(api, prepared)
+        return await self._send_large(api, prepared, self._mailbox(account))
 
     async def already_sent(self, account: AccountSettings, message_id: str) -> bool | None:
         api = Api(self.client, self.tokens, account.username)
@@ -77,7 +77,7 @@ class GraphSender:
         try:
             response = await api.call(
                 "GET",
-                f"{self.graph_url}/me/mailFolders/sentitems/messages",
+                f"{self._mailbox(account)}/mailFolders/sentitems/messages",
                 "Graph Sent Items lookup",
                 params={"$filter": f"internetMessageId eq '{literal}'", "$select": "id"},
             )
@@ -85,12 +85,18 @@ class GraphSender:
             return None  # no Mail.Read (send-only consent), or a refused filter: cannot tell
         return bool(response.json().get("value"))
 
-    async def _send_large(self, api: Api, prepared: Prepared) -> DeliveryResult:
+    def _mailbox(self, account: AccountSettings) -> str:
+        """``/users/{address}``, not ``/me``: the same path serves a delegated token (the
+        owner's own mailbox) and an app-only token (any mailbox of the tenant), where ``/me``
+        is refused ("only valid with delegated authentication flow")."""
+        return f"{self.graph_url}/users/{quote(account.address, safe='@')}"
+
+    async def _send_large(self, api: Api, prepared: Prepared, mailbox: str) -> DeliveryResult:
         raw = prepared.raw
         head = _HEADERS.parsebytes(prepared.head, headersonly=True)
         lifted = _choose(attachments(raw, prepared.body_offset, head), prepared.size)
         draft = prepared.head + _without(raw, prepared.body_offset, lifted)
-        base = f"{self.graph_url}/me/messages"
+        base = f"{mailbox}/messages"
         created = await api.call(
             "POST",
             base,
