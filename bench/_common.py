@@ -1,0 +1,175 @@
+"""Shared plumbing of the benchmarks: the sandbox tenant, gateway configs, child processes.
+
+Not a test helper: nothing here asserts; it builds the pieces and measures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+HOST = "127.0.0.1"
+USERNAME = "crm"
+PASSWORD = "bench horse battery staple"  # noqa: S105 (a throwaway local account)
+SENDER = "crm@contoso.example"
+RECIPIENT = "ann@example.org"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+async def start_sandbox(state_dir: Path) -> tuple[Any, Any, Any]:
+    """A sandbox with one Microsoft mailbox and an app-only app (no consent needed)."""
+    from gateway.sandbox import Sandbox
+
+    sandbox = Sandbox(state_dir)
+    await sandbox.start()
+    app = sandbox.add_app("microsoft", app_permissions=("Mail.Send", "Mail.ReadWrite"))
+    user = sandbox.add_user("microsoft", SENDER)
+    return sandbox, app, user
+
+
+def gateway_config(sandbox: Any, app: Any, state_dir: Path, smtp_port: int) -> dict:
+    """Only the plain SMTP listener (AUTH in clear is allowed from loopback by default)."""
+    from gateway.passwords import hash_password
+
+    listeners: dict[str, Any] = {
+        f"{name}_port": None for name in ("smtps", "imap", "imaps", "pop3", "pop3s", "admin")
+    }
+    listeners["smtp_port"] = smtp_port
+    return {
+        "state_dir": str(state_dir),
+        "listeners": listeners,
+        "ca_bundle": str(sandbox.ca_file),
+        "microsoft": {
+            "client_id": app.client_id,
+            "client_secret": app.client_secret,
+            "app_only": True,
+            "tenant": sandbox.microsoft.tenant_id,
+            "authority_host": sandbox.url,
+            "graph_url": f"{sandbox.url}/v1.0",
+        },
+        "logging": {"level": "info", "format": "json"},
+        # The production hash cost (2**15): each SMTP connection pays it once at AUTH.
+        "accounts": [
+            {
+                "username": USERNAME,
+                "password_hash": hash_password(PASSWORD),
+                "provider": "microsoft",
+                "address": SENDER,
+            }
+        ],
+    }
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+async def wait_for_banner(port: int, process: asyncio.subprocess.Process, limit: float) -> float:
+    """Wait until ``port`` greets with 220; returns seconds waited. Gives up after ``limit``."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit:
+        if process.returncode is not None:
+            raise RuntimeError(f"child exited with {process.returncode} before listening")
+        try:
+            reader, writer = await asyncio.open_connection(HOST, port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        line = await asyncio.wait_for(reader.readline(), 10)
+        writer.write(b"QUIT\r\n")
+        writer.close()
+        if line.startswith(b"220"):
+            return time.monotonic() - start
+    raise RuntimeError(f"nothing answered on port {port} within {limit}s")
+
+
+async def stop_child(process: asyncio.subprocess.Process, limit: float = 30) -> int:
+    """SIGTERM, then SIGKILL after ``limit`` seconds; only this child, by its pid."""
+    if process.returncode is None:
+        process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), limit)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+    return process.returncode
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS / VmHWM (kB) of a process, from /proc."""
+    values = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0])
+    return values
+
+
+class ProbeClient:
+    """Talks to a child that runs bench/_probe.py: one JSON line per command on stdin/stdout."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+
+    async def ready(self, limit: float = 60) -> dict:
+        return await self._read(limit)
+
+    async def command(self, name: str, limit: float = 30) -> dict:
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"{name}\n".encode())
+        await self.process.stdin.drain()
+        return await self._read(limit)
+
+    async def _read(self, limit: float) -> dict:
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + limit
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RuntimeError("the probe did not answer in time")
+            line = await asyncio.wait_for(self.process.stdout.readline(), remaining)
+            if not line:
+                raise RuntimeError(f"the probe's process ended (rc {self.process.returncode})")
+            if line.startswith(b"PROBE "):
+                return json.loads(line[6:])
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, int(-(-fraction * len(ordered) // 1)))  # ceil
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    extra = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + extra if extra else "")
+    return env
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by a process (from /proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
