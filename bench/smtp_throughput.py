@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import queue
 import shutil
@@ -82,10 +83,8 @@ def _client(
             result.errors.append(f"connect/auth: {error!r}")
     finally:
         # Every client is connected and authenticated before the clock starts.
-        try:
+        with contextlib.suppress(threading.BrokenBarrierError):
             barrier.wait(timeout)
-        except threading.BrokenBarrierError:
-            pass
     if not ready:
         if smtp is not None:
             smtp.close()
@@ -109,10 +108,8 @@ def _client(
             with lock:
                 result.latencies.append(elapsed)
     finally:
-        try:
+        with contextlib.suppress(OSError, smtplib.SMTPException):
             smtp.quit()
-        except (OSError, smtplib.SMTPException):
-            pass
 
 
 async def run_clients(
