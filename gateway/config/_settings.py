@@ -359,6 +359,11 @@ class SpoolSettings:
         fix="hours to keep retrying a temporary failure before it becomes a dead letter",
         check=in_range(1, 720),
     )
+    first_backoff_seconds: int = field_info(
+        30,
+        fix="the wait before the first retry, in seconds (1-3600); it doubles each time",
+        check=in_range(1, 3600),
+    )
     max_backoff_minutes: int = field_info(
         60,
         fix="the longest wait between two attempts, in minutes (1-1440)",

@@ -103,6 +103,7 @@ class FileSpool:
             deliver_inline=settings.smtp.deliver_inline,
             retry_window=settings.spool.retry_hours * 3600.0,
             max_backoff=settings.spool.max_backoff_minutes * 60.0,
+            first_backoff=float(settings.spool.first_backoff_seconds),
         )
 
     # -- submission ---------------------------------------------------------------------------

@@ -373,8 +373,9 @@ async def test_throttling_outage_and_resets_during_a_burst_deliver_each_exactly_
 ) -> None:
     """30 messages while Graph and Gmail answer 429 (decimal Retry-After), 503 and drop
     connections: each accepted message is in the Sent list once, by Message-ID."""
-    # Resets carry no Retry-After, so the spool's own first backoff (30 s, not in the config)
-    # applies; shortened here so the test stays fast. Retry-After values are the providers'.
+    # Resets carry no Retry-After, so the spool's own first backoff applies (config
+    # spool.first_backoff_seconds, at least 1 s); shortened below that here so the test stays
+    # fast. Retry-After values are the providers'.
     live.gateway.spool.first_backoff = 0.2
     for target in ("graph", "gmail"):
         live.sandbox.faults.add(Fault(target, "429", remaining=4, retry_after="0.35"))
