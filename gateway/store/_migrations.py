@@ -59,6 +59,19 @@ MIGRATIONS: tuple[Migration, ...] = (
             "used_at TEXT)",
         ),
     ),
+    Migration(
+        4,
+        "INBOX views: UIDVALIDITY, UIDNEXT and sync cursor per account; provider id to UID map",
+        (
+            "CREATE TABLE mailbox_state ("
+            "account TEXT PRIMARY KEY, uidvalidity INTEGER NOT NULL, uidnext INTEGER NOT NULL, "
+            "sync_cursor TEXT, updated_at TEXT NOT NULL)",
+            "CREATE TABLE mailbox_uids ("
+            "account TEXT NOT NULL, uid INTEGER NOT NULL, provider_id TEXT NOT NULL, "
+            "internal_date TEXT NOT NULL, flags TEXT NOT NULL, "
+            "PRIMARY KEY (account, uid), UNIQUE (account, provider_id))",
+        ),
+    ),
 )
 
 _CREATE_VERSION_TABLE = (

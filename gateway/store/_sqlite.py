@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -308,6 +308,91 @@ class Store:
         except sqlite3.Error as exc:
             raise _explain(self._path, exc) from exc
 
+    # INBOX views (gateway.mailbox): the UID map of each account, written one sync at a time.
+
+    async def load_mailbox(self, account: str) -> tuple[MailboxState | None, list[MailboxUid]]:
+        """The account's view state and its UID map in UID order; (None, []) before a sync."""
+
+        def load(conn: sqlite3.Connection) -> tuple[MailboxState | None, list[MailboxUid]]:
+            row = conn.execute(
+                "SELECT uidvalidity, uidnext, sync_cursor FROM mailbox_state WHERE account = ?",
+                (account,),
+            ).fetchone()
+            if row is None:
+                return None, []
+            rows = conn.execute(
+                "SELECT uid, provider_id, internal_date, flags FROM mailbox_uids "
+                "WHERE account = ? ORDER BY uid",
+                (account,),
+            ).fetchall()
+            entries = [
+                MailboxUid(uid, pid, datetime.fromisoformat(date), tuple(flags.split()))
+                for uid, pid, date, flags in rows
+            ]
+            return MailboxState(row[0], row[1], row[2]), entries
+
+        return await self._run(load)
+
+    async def save_mailbox_changes(
+        self,
+        account: str,
+        state: MailboxState,
+        added: Sequence[MailboxUid] = (),
+        removed: Sequence[str] = (),
+        flags: Mapping[str, tuple[str, ...]] | None = None,
+        *,
+        replace: bool = False,
+    ) -> None:
+        """Apply one sync to the UID map in a single transaction, cursor included.
+
+        The map and the cursor move together, so a crash leaves either the old map with the old
+        cursor (the sync is replayed, idempotently) or both new. ``replace`` drops every row
+        first: a rebuild under a new UIDVALIDITY.
+        """
+
+        def save(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if replace:
+                    conn.execute("DELETE FROM mailbox_uids WHERE account = ?", (account,))
+                conn.executemany(
+                    "DELETE FROM mailbox_uids WHERE account = ? AND provider_id = ?",
+                    [(account, pid) for pid in removed],
+                )
+                conn.executemany(
+                    "INSERT INTO mailbox_uids "
+                    "(account, uid, provider_id, internal_date, flags) VALUES (?, ?, ?, ?, ?)",
+                    [
+                        (
+                            account,
+                            e.uid,
+                            e.provider_id,
+                            _time_text(e.internal_date),
+                            " ".join(e.flags),
+                        )
+                        for e in added
+                    ],
+                )
+                conn.executemany(
+                    "UPDATE mailbox_uids SET flags = ? WHERE account = ? AND provider_id = ?",
+                    [(" ".join(f), account, pid) for pid, f in (flags or {}).items()],
+                )
+                conn.execute(
+                    "INSERT INTO mailbox_state "
+                    "(account, uidvalidity, uidnext, sync_cursor, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (account) DO UPDATE SET "
+                    "uidvalidity = excluded.uidvalidity, uidnext = excluded.uidnext, "
+                    "sync_cursor = excluded.sync_cursor, updated_at = excluded.updated_at",
+                    (account, state.uidvalidity, state.uidnext, state.cursor, _now_text()),
+                )
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+        await self._run(save)
+
 
 def _open_database(path: Path) -> tuple[sqlite3.Connection, int]:
     """Worker-thread half of :meth:`Store.open`: connect, configure, migrate."""
@@ -381,3 +466,22 @@ _AUTH_SELECT = (
     "SELECT account, provider, state, principal, scopes, token_ciphertext, updated_at, "
     "reconsent_since, last_error, admin_notified FROM account_auth"
 )
+
+
+@dataclass(frozen=True, slots=True)
+class MailboxState:
+    """An INBOX view's identity and progress: UIDVALIDITY, the next UID, the provider cursor."""
+
+    uidvalidity: int
+    uidnext: int
+    cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class MailboxUid:
+    """One UID map row: ``internal_date`` is timezone-aware UTC, ``flags`` IMAP flag names."""
+
+    uid: int
+    provider_id: str
+    internal_date: datetime
+    flags: tuple[str, ...] = ()

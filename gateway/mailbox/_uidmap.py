@@ -1,0 +1,153 @@
+"""Provider id → IMAP UID, per account, persisted in the store.
+
+IMAP clients cache by (UIDVALIDITY, UID), so the rules are strict (RFC 3501 2.3.1.1): UIDs
+ascend in arrival order and are never reused — ``uidnext`` only grows, and a message that
+leaves and comes back gets a new UID — and UIDVALIDITY changes only when the map is rebuilt
+from scratch (ids that cannot be matched). Arrival order within one batch is the provider's
+arrival time, then id; UIDs are never derived from dates (imports can be back-dated).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from ..store import Store
+from ..store._sqlite import MailboxState, MailboxUid
+from ._sources import SEEN, RemoteMessage
+
+Entry = MailboxUid
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What one change did to the map, in UIDs: for EXISTS / EXPUNGE / FETCH FLAGS."""
+
+    added: list[int] = field(default_factory=list)
+    removed: list[int] = field(default_factory=list)
+    flags_changed: list[int] = field(default_factory=list)
+    rebuilt: bool = False
+
+
+def _flags(seen: bool) -> tuple[str, ...]:
+    return (SEEN,) if seen else ()
+
+
+def new_uidvalidity(previous: int | None = None) -> int:
+    """Seconds since the epoch (a common server choice), and always above the previous one."""
+    now = int(time.time()) & 0xFFFFFFFF or 1
+    return max(now, (previous or 0) + 1)
+
+
+class UidMap:
+    """The in-memory copy of one account's map; every change is written before it is seen."""
+
+    def __init__(self, store: Store, account: str) -> None:
+        self.store = store
+        self.account = account
+        self.state = MailboxState(new_uidvalidity(), 1, None)
+        self.by_uid: dict[int, Entry] = {}
+        self.by_id: dict[str, Entry] = {}
+        self.known = False  # whether a sync was ever saved
+
+    @classmethod
+    async def load(cls, store: Store, account: str) -> UidMap:
+        uids = cls(store, account)
+        state, entries = await store.load_mailbox(account)
+        if state is not None:
+            uids.state, uids.known = state, True
+            for entry in entries:
+                uids.by_uid[entry.uid] = uids.by_id[entry.provider_id] = entry
+        return uids
+
+    @property
+    def uidvalidity(self) -> int:
+        return self.state.uidvalidity
+
+    @property
+    def uidnext(self) -> int:
+        return self.state.uidnext
+
+    @property
+    def cursor(self) -> str | None:
+        return self.state.cursor
+
+    def entries(self) -> list[Entry]:
+        return [self.by_uid[uid] for uid in sorted(self.by_uid)]
+
+    async def apply(
+        self,
+        added: Iterable[RemoteMessage],
+        removed: Iterable[str],
+        seen: Mapping[str, bool],
+        cursor: str,
+    ) -> Applied:
+        """Apply changes idempotently: known ids in ``added`` only update \\Seen, unknown ids
+        in ``removed``/``seen`` are ignored, an id both removed and added is removed."""
+        gone_set = set(removed)
+        gone = [pid for pid in gone_set if pid in self.by_id]
+        fresh: dict[str, RemoteMessage] = {}
+        flags: dict[str, tuple[str, ...]] = {}
+        reads = dict(seen)
+        for message in added:
+            if message.id in gone_set:
+                continue
+            if message.id in self.by_id:
+                reads[message.id] = message.seen
+            else:
+                fresh[message.id] = message
+        for pid, is_seen in reads.items():
+            entry = self.by_id.get(pid)
+            if entry is not None and pid not in gone_set and entry.flags != _flags(is_seen):
+                flags[pid] = _flags(is_seen)
+        ordered = sorted(fresh.values(), key=lambda m: (m.internal_date, m.id))
+        new = [
+            Entry(self.uidnext + n, m.id, m.internal_date, _flags(m.seen))
+            for n, m in enumerate(ordered)
+        ]
+        state = MailboxState(self.uidvalidity, self.uidnext + len(new), cursor)
+        await self.store.save_mailbox_changes(self.account, state, new, gone, flags)
+        return self._commit(state, new, gone, flags)
+
+    async def reconcile(self, snapshot: Iterable[RemoteMessage], cursor: str) -> Applied:
+        """A full listing, matched by id: survivors keep their UIDs, the rest come and go."""
+        listed = list(snapshot)
+        present = {m.id for m in listed}
+        return await self.apply(listed, [p for p in self.by_id if p not in present], {}, cursor)
+
+    async def rebuild(self, snapshot: Iterable[RemoteMessage], cursor: str) -> Applied:
+        """Start over under a new UIDVALIDITY: for ids that cannot be matched to the old ones."""
+        ordered = sorted(snapshot, key=lambda m: (m.internal_date, m.id))
+        new = [Entry(n, m.id, m.internal_date, _flags(m.seen)) for n, m in enumerate(ordered, 1)]
+        state = MailboxState(new_uidvalidity(self.uidvalidity), len(new) + 1, cursor)
+        await self.store.save_mailbox_changes(self.account, state, new, replace=True)
+        self.by_uid.clear()
+        self.by_id.clear()
+        applied = self._commit(state, new, [], {})
+        return Applied(applied.added, [], [], rebuilt=True)
+
+    def _commit(
+        self,
+        state: MailboxState,
+        new: list[Entry],
+        gone: list[str],
+        flags: Mapping[str, tuple[str, ...]],
+    ) -> Applied:
+        applied = Applied()
+        for pid in gone:
+            entry = self.by_id.pop(pid)
+            del self.by_uid[entry.uid]
+            applied.removed.append(entry.uid)
+        for pid, new_flags in flags.items():
+            old = self.by_id[pid]
+            entry = Entry(old.uid, pid, old.internal_date, new_flags)
+            self.by_uid[old.uid] = self.by_id[pid] = entry
+            applied.flags_changed.append(old.uid)
+        for entry in new:
+            self.by_uid[entry.uid] = self.by_id[entry.provider_id] = entry
+            applied.added.append(entry.uid)
+        self.state, self.known = state, True
+        applied.removed.sort()
+        applied.flags_changed.sort()
+        return applied
