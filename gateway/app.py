@@ -15,9 +15,10 @@ import httpx
 from . import __version__, outbound, providers, tls
 from .accounts import Accounts
 from .admin import server as admin_server
-from .config import Settings
+from .config import AccountSettings, Settings
 from .imap_out import server as imap_server
 from .logs import get_logger
+from .mailbox import GmailSource, GraphSource, MailboxSource, MailboxView
 from .notify import WebhookNotifier
 from .oauth import OAuthError, TokenBroker
 from .pop3_out import server as pop3_server
@@ -49,6 +50,7 @@ class Gateway:
         self.smtp_front: smtp_server.SmtpFront | None = None
         self.senders: dict[str, providers.Sender] = {}
         self._learning: asyncio.Task[None] | None = None
+        self.views: dict[str, MailboxView] = {}
         self.listeners: dict[str, RunningListener] = {}
 
     @property
@@ -152,18 +154,23 @@ class Gateway:
                 name, host, port, hostname, ssl_context, implicit, self.smtp_front
             )
 
-        def twisted(module: Any, implicit: bool) -> Any:
-            return lambda name, host, port: module.serve(
+        def imap(implicit: bool) -> Any:
+            return lambda name, host, port: imap_server.serve(
                 name, host, port, twisted_tls, implicit, self._mailbox_login
+            )
+
+        def pop3(implicit: bool) -> Any:
+            return lambda name, host, port: pop3_server.serve(
+                name, host, port, twisted_tls, implicit, self._authenticate, self._mailbox_for
             )
 
         return {
             "smtp": smtp(False),
             "smtps": smtp(True),
-            "imap": twisted(imap_server, False),
-            "imaps": twisted(imap_server, True),
-            "pop3": twisted(pop3_server, False),
-            "pop3s": twisted(pop3_server, True),
+            "imap": imap(False),
+            "imaps": imap(True),
+            "pop3": pop3(False),
+            "pop3s": pop3(True),
             "admin": lambda name, host, port: admin_server.serve(
                 name, host, port, settings, self._broker(), self.spool, lambda: self.ports
             ),
@@ -199,9 +206,8 @@ class Gateway:
         self.accounts.set_send_as_aliases(username, aliases)
         log.info("smtp.send_as_learned", account=username, aliases=len(aliases))
 
-    async def _mailbox_login(self, username: str, password: str, client: str) -> str | None:
-        """IMAP/POP3 login until the INBOX is served: None for a wrong password, else what to
-        tell the client (reconnect the mailbox on the admin page, or "not served yet")."""
+    async def _authenticate(self, username: str, password: str, client: str) -> str | None:
+        """The account name for a right password (throttled per client and user), else None."""
         if self.login_throttle.retry_after(client, username.casefold()):
             return None
         account = await self.accounts.authenticate(username, password)
@@ -209,8 +215,43 @@ class Gateway:
             self.login_throttle.record_failure(client, username.casefold())
             log.warning("mailbox.login_failed", username=username, client=client)
             return None
-        reconnect = await self._broker().reconnect_needed(account.username)
+        return account.username
+
+    async def _mailbox_login(self, username: str, password: str, client: str) -> str | None:
+        """IMAP login until the INBOX is served over IMAP: None for a wrong password, else what
+        to tell the client (reconnect the mailbox on the admin page, or "not served yet")."""
+        account = await self._authenticate(username, password, client)
+        if account is None:
+            return None
+        reconnect = await self._broker().reconnect_needed(account)
         return reconnect or imap_server.NOT_READY
+
+    async def _mailbox_for(self, username: str) -> MailboxView | str:
+        """The account's INBOX view (one per account, shared by every session), or the sentence
+        saying why it cannot be served."""
+        reconnect = await self._broker().reconnect_needed(username)
+        if reconnect:
+            return reconnect
+        view = self.views.get(username)
+        if view is None:
+            source = self._mailbox_source(self.accounts.get(username))
+            if source is None:
+                return "This gateway does not serve this mailbox's INBOX yet (upstream accounts)"
+            assert self.store is not None
+            view = await MailboxView.open(self.store, username, source)
+            self.views[username] = view
+        return view
+
+    def _mailbox_source(self, account: AccountSettings | None) -> MailboxSource | None:
+        settings, http, broker = self.settings, self.http, self._broker()
+        if account is None or http is None:
+            return None
+        if account.provider == "microsoft":
+            graph = settings.microsoft.graph_url
+            return GraphSource(http, broker, graph, account.username, account.address)
+        if account.provider == "google":
+            return GmailSource(http, broker, settings.google.gmail_url, account.username)
+        return None
 
     def _broker(self) -> TokenBroker:
         assert self.broker is not None, "start() opens the store and builds the broker first"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import poplib
 import re
 import signal
 import smtplib
@@ -69,6 +70,7 @@ async def _connect_through_the_admin_page(demo: Demo, instructions: str) -> None
     finally:
         await browser.close()
     await _send_as_the_printed_example_does(demo)
+    await _read_the_inbox_over_pop3(demo)
 
 
 async def _send_as_the_printed_example_does(demo: Demo) -> None:
@@ -92,6 +94,27 @@ async def _send_as_the_printed_example_does(demo: Demo) -> None:
             break
         await asyncio.sleep(0.05)
     assert [m.recipients for m in sent] == [("someone@example.org",)]
+
+
+async def _read_the_inbox_over_pop3(demo: Demo) -> None:
+    """The seeded INBOX through the gateway's POP3S listener, read from the sandbox Graph."""
+    crm = next(a for a in demo.accounts if a.username == "crm")
+
+    def session() -> list[bytes]:
+        context = ssl.create_default_context(cafile=_gateway_ca(demo))
+        client = poplib.POP3_SSL("localhost", demo.gateway.ports["pop3s"], context=context)
+        try:
+            client.user(crm.username)
+            client.pass_(crm.password)
+            count, _ = client.stat()
+            return [b"\r\n".join(client.retr(n + 1)[1]) for n in range(count)]
+        finally:
+            client.quit()
+
+    messages = await asyncio.to_thread(session)
+    assert len(messages) == 3
+    joined = b"\n".join(messages)
+    assert b"Subject: Quarterly figures" in joined and b'filename="q.csv"' in joined
 
 
 def _gateway_ca(demo: Demo) -> str:
