@@ -14,6 +14,7 @@ from twisted.internet.protocol import Factory
 from twisted.mail import imap4
 
 from ..runtime import ConnectionRegistry, RunningListener, as_deferred, listen_twisted
+from ._compat import CompatIMAP4Server
 
 # (username, password, client address) -> None for a wrong password (or a throttled client),
 # else the sentence to answer NO with.
@@ -21,7 +22,7 @@ LoginCheck = Callable[[str, str, str], Awaitable[str | None]]
 NOT_READY = "This gateway does not serve mailboxes yet"
 
 
-class _GatewayIMAP4Server(imap4.IMAP4Server):
+class _GatewayIMAP4Server(CompatIMAP4Server):
     IDENT = b"mail gateway IMAP4rev1 ready"
 
     def connectionMade(self) -> None:
