@@ -156,7 +156,7 @@ class Gateway:
 
         def imap(implicit: bool) -> Any:
             return lambda name, host, port: imap_server.serve(
-                name, host, port, twisted_tls, implicit, self._mailbox_login
+                name, host, port, twisted_tls, implicit, self._authenticate, self._mailbox_for
             )
 
         def pop3(implicit: bool) -> Any:
@@ -216,15 +216,6 @@ class Gateway:
             log.warning("mailbox.login_failed", username=username, client=client)
             return None
         return account.username
-
-    async def _mailbox_login(self, username: str, password: str, client: str) -> str | None:
-        """IMAP login until the INBOX is served over IMAP: None for a wrong password, else what
-        to tell the client (reconnect the mailbox on the admin page, or "not served yet")."""
-        account = await self._authenticate(username, password, client)
-        if account is None:
-            return None
-        reconnect = await self._broker().reconnect_needed(account)
-        return reconnect or imap_server.NOT_READY
 
     async def _mailbox_for(self, username: str) -> MailboxView | str:
         """The account's INBOX view (one per account, shared by every session), or the sentence

@@ -6,7 +6,9 @@ names the defect it fixes. FETCH is answered entirely by our own loop over the r
 exception while rendering one message is logged and answered with ``NO`` instead of dropping the
 connection. The mailbox objects must provide ``IMessageFile.open()`` (the raw RFC 822 bytes) and a
 ``getSize()`` equal to the length of their CRLF form (``_render.to_crlf``), so RFC822.SIZE never
-needs the body.
+needs the body. A mailbox may also provide ``fetch_items(messages, query, uid)``: it is then
+called instead of ``fetch`` with the parsed FETCH items, so it can download bodies only when an
+item renders them (Twisted #9197).
 """
 
 from __future__ import annotations
@@ -250,7 +252,13 @@ class CompatIMAP4Server(imap4.IMAP4Server):
             self.transport.registerProducer(self._throttle, True)
         except RuntimeError:  # another producer is registered; go on without backpressure
             self._throttle = _Throttle()
-        deferred = maybeDeferred(self.mbox.fetch, messages, uid=uid)
+        # A mailbox with ``fetch_items`` is told the query (Twisted #9197), so it downloads
+        # bodies only for the items that render them.
+        fetch_items = getattr(self.mbox, "fetch_items", None)
+        if fetch_items is not None:
+            deferred = maybeDeferred(fetch_items, messages, query, uid=uid)
+        else:
+            deferred = maybeDeferred(self.mbox.fetch, messages, uid=uid)
         deferred.addCallback(
             lambda found: self._fetch_batch(iter(found), tag, query, uid, old_timeout, False)
         )

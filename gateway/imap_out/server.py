@@ -1,25 +1,39 @@
-"""The IMAP listeners (STARTTLS and implicit TLS), on Twisted's IMAP4 server.
+"""The IMAP listeners (STARTTLS and implicit TLS), on Twisted's IMAP4 server, over the INBOX.
 
-Mailbox access is not wired up yet. LOGIN already checks the local password, and answers with
-the one thing the admin can act on: a mailbox that must be connected (again) on the admin page
-is named with the page's address; otherwise the reply says the INBOX is not served yet.
+Login: ``login(username, password, client)`` checks the local password (None = refused, answered
+``NO [AUTHENTICATIONFAILED]``) and returns the account name; ``mailbox_for(account)`` returns its
+:class:`MailboxView`, or the sentence saying why it cannot be served (e.g. the mailbox must be
+connected again on the admin page), answered ``NO [UNAVAILABLE] <sentence>``. The same path serves
+``LOGIN`` and ``AUTHENTICATE PLAIN/LOGIN``; AUTHENTICATE is offered only over TLS (after STARTTLS,
+or on the implicit-TLS port), never in clear text. What a session sees is in :mod:`._mailbox`.
 """
 
 from __future__ import annotations
 
+import binascii
+from base64 import b64decode, b64encode
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.protocol import Factory
 from twisted.mail import imap4
 
+from ..logs import get_logger
+from ..mailbox import MailboxView
 from ..runtime import ConnectionRegistry, RunningListener, as_deferred, listen_twisted
 from ._compat import CompatIMAP4Server
+from ._mailbox import InboxAccount
 
-# (username, password, client address) -> None for a wrong password (or a throttled client),
-# else the sentence to answer NO with.
+# (username, password, client address) -> the account name, or None for a wrong password (or a
+# throttled client).
 LoginCheck = Callable[[str, str, str], Awaitable[str | None]]
-NOT_READY = "This gateway does not serve mailboxes yet"
+MailboxFor = Callable[[str], Awaitable[MailboxView | str]]
+"""``mailbox_for(account)``: the account's view, or a sentence saying why it is unavailable."""
+
+log = get_logger(__name__)
+
+_WRONG = b"[AUTHENTICATIONFAILED] Wrong username or password"
 
 
 class _GatewayIMAP4Server(CompatIMAP4Server):
@@ -33,26 +47,101 @@ class _GatewayIMAP4Server(CompatIMAP4Server):
         self.factory.connections.discard(self)
         super().connectionLost(reason)
 
+    # -- LOGIN and AUTHENTICATE ------------------------------------------------------------------
+
     def do_LOGIN(self, tag: bytes, user: bytes, passwd: bytes) -> None:
         if b"LOGINDISABLED" in self.capabilities():  # a STARTTLS port before STARTTLS
             self.sendNegativeResponse(tag, b"[PRIVACYREQUIRED] Use STARTTLS first")
             return
-        client = self.transport.getPeer().host
-        deferred = as_deferred(self.factory.login(_text(user), _text(passwd), client))
-        deferred.addCallback(self._answer_login, tag)
-        deferred.addErrback(self._login_failed, tag)
+        self._sign_in(tag, _text(user), _text(passwd))
 
     unauth_LOGIN = (do_LOGIN, imap4.IMAP4Server.arg_astring, imap4.IMAP4Server.arg_finalastring)
 
-    def _answer_login(self, sentence: str | None, tag: bytes) -> None:
-        if sentence is None:
-            self.sendNegativeResponse(tag, b"[AUTHENTICATIONFAILED] Wrong username or password")
-        else:
-            self.sendNegativeResponse(tag, b"[UNAVAILABLE] " + sentence.encode("utf-8"))
+    def authenticate(self, chal: Any, tag: bytes) -> None:
+        """AUTHENTICATE through the same check as LOGIN (stock needs a cred portal)."""
+        self._setupChallenge(chal, tag)
+
+    def _setupChallenge(self, chal: Any, tag: bytes) -> None:
+        """Stock's challenge loop, ending in :meth:`_sign_in` so replies carry response codes."""
+        try:
+            challenge = chal.getChallenge()
+        except Exception:
+            self.factory.log_failure("AUTHENTICATE challenge failed")
+            self.sendNegativeResponse(tag, b"[SERVERBUG] Authentication failed")
+            return
+        self.parseState = "pending"
+        self._pendingLiteral = defer.Deferred()
+        self.sendContinuationRequest(b64encode(challenge))
+        self._pendingLiteral.addCallback(self._auth_chunk, chal, tag)
+        self._pendingLiteral.addErrback(lambda failure: self._login_failed(failure, tag))
+
+    def _auth_chunk(self, line: bytes, chal: Any, tag: bytes) -> None:
+        if line.strip() == b"*":
+            self.sendBadResponse(tag, b"AUTHENTICATE cancelled")
+            return
+        try:
+            chal.setResponse(b64decode(line, validate=True))
+        except (binascii.Error, ValueError):
+            self.sendBadResponse(tag, b"AUTHENTICATE response is not base64")
+            return
+        if chal.moreChallenges():
+            self._setupChallenge(chal, tag)
+            return
+        self._sign_in(tag, _text(chal.username or b""), _text(chal.password or b""))
+
+    def _sign_in(self, tag: bytes, user: str, password: str) -> None:
+        client = self.transport.getPeer().host
+        deferred = as_deferred(self._open_account(user, password, client))
+        deferred.addCallback(self._answer_login, tag)
+        deferred.addErrback(self._login_failed, tag)
+
+    async def _open_account(self, user: str, password: str, client: str) -> InboxAccount | bytes:
+        account = await self.factory.login(user, password, client)
+        if account is None:
+            return _WRONG
+        view = await self.factory.mailbox_for(account)
+        if isinstance(view, str):
+            return b"[UNAVAILABLE] " + view.encode("utf-8")
+        return InboxAccount(account, view)
+
+    def _answer_login(self, outcome: InboxAccount | bytes, tag: bytes) -> None:
+        if isinstance(outcome, bytes):
+            self.sendNegativeResponse(tag, outcome)
+            return
+        log.info("imap.login", account=outcome.name, client=self.transport.getPeer().host)
+        self.account = outcome
+        self.state = "auth"
+        self.setTimeout(self.POSTAUTH_TIMEOUT)
+        self.sendPositiveResponse(tag, b"Logged in")
 
     def _login_failed(self, failure: Any, tag: bytes) -> None:
         self.factory.log_failure(failure)
         self.sendNegativeResponse(tag, b"[UNAVAILABLE] Internal error, please retry")
+
+    # -- NOOP: the cheap way for a polling client to see new mail ----------------------------
+
+    def do_NOOP(self, tag: bytes) -> None:
+        refresh = getattr(self.mbox, "refresh", None) if self.state == "select" else None
+        if refresh is None:
+            self.sendPositiveResponse(tag, b"NOOP completed")
+            return
+        deferred = as_deferred(refresh())
+        deferred.addCallback(self._refreshed, tag)
+        deferred.addErrback(self._refresh_failed, tag)
+
+    unauth_NOOP = (do_NOOP,)
+    auth_NOOP = unauth_NOOP
+    select_NOOP = unauth_NOOP
+
+    def _refreshed(self, exists: int | None, tag: bytes) -> None:
+        if exists is not None:
+            self.sendUntaggedResponse(b"%d EXISTS" % exists)
+        self.sendPositiveResponse(tag, b"NOOP completed")
+
+    def _refresh_failed(self, failure: Any, tag: bytes) -> None:
+        """The provider could not be asked now; the session goes on with what it has."""
+        self.factory.log_failure(failure)
+        self.sendPositiveResponse(tag, b"NOOP completed (mailbox not refreshed)")
 
 
 def _text(value: bytes | str) -> str:
@@ -62,30 +151,50 @@ def _text(value: bytes | str) -> str:
 class _IMAPFactory(Factory):
     noisy = False  # one log line per listener comes from the app, not two per factory
 
-    def __init__(self, tls_for_starttls: Any, login: LoginCheck, log_failure: Any) -> None:
+    def __init__(
+        self,
+        tls_for_starttls: Any,
+        implicit_tls: bool,
+        login: LoginCheck,
+        mailbox_for: MailboxFor,
+        log_failure: Callable[[Any], None],
+    ) -> None:
         self.connections = ConnectionRegistry()
         self._tls = tls_for_starttls
+        self._implicit_tls = implicit_tls
         self.login = login
+        self.mailbox_for = mailbox_for
         self.log_failure = log_failure
 
     def buildProtocol(self, addr: Any) -> _GatewayIMAP4Server:
-        # chal={} on purpose: with PLAIN registered here Twisted would accept AUTHENTICATE PLAIN
-        # in clear text on the STARTTLS port (see docs/protocol-servers.md).
-        protocol = _GatewayIMAP4Server(chal={}, contextFactory=self._tls)
+        # chal={} on the STARTTLS port on purpose: with PLAIN registered there Twisted would
+        # accept AUTHENTICATE PLAIN in clear text (docs/protocol-servers.md); it adds PLAIN and
+        # LOGIN itself after STARTTLS. The implicit-TLS port is encrypted from the first byte.
+        chal = (
+            {b"PLAIN": imap4.PLAINCredentials, b"LOGIN": imap4.LOGINCredentials}
+            if self._implicit_tls
+            else {}
+        )
+        protocol = _GatewayIMAP4Server(chal=chal, contextFactory=self._tls)
         protocol.factory = self
         return protocol
 
 
 async def serve(
-    name: str, host: str, port: int, tls_context: Any, implicit_tls: bool, login: LoginCheck
+    name: str,
+    host: str,
+    port: int,
+    tls_context: Any,
+    implicit_tls: bool,
+    login: LoginCheck,
+    mailbox_for: MailboxFor,
 ) -> RunningListener:
     """Start one IMAP listener; ``implicit_tls`` selects IMAPS, otherwise STARTTLS is offered."""
-    from ..logs import get_logger
 
-    log = get_logger(__name__)
+    def log_failure(failure: Any) -> None:
+        log.error("imap.error", error=str(getattr(failure, "value", failure)))
+
     factory = _IMAPFactory(
-        None if implicit_tls else tls_context,
-        login,
-        lambda failure: log.error("imap.login_error", error=str(failure.value)),
+        None if implicit_tls else tls_context, implicit_tls, login, mailbox_for, log_failure
     )
     return await listen_twisted(name, factory, host, port, tls_context if implicit_tls else None)

@@ -1,8 +1,8 @@
 """Every listener is a real server on a real socket, and answers real clients sensibly.
 
-Mail delivery and mailbox access are not built yet; what must hold already is that each
-listener greets, negotiates TLS the way its port promises, and refuses the rest with a clear
-protocol reply (a temporary one for SMTP, so no legacy program bounces its mail).
+Each listener greets, negotiates TLS the way its port promises, and refuses what it must with
+a clear protocol reply: no mail without AUTH, and a mailbox that is not connected yet named,
+with the admin page's address, in the IMAP/POP3 login answer.
 """
 
 from __future__ import annotations

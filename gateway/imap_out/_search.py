@@ -1,0 +1,175 @@
+"""SEARCH over flags, UIDs, sequence numbers, dates and header fields.
+
+Legacy pollers search for ``UNSEEN``, ``UID n:*`` or ``SINCE <date>``; these are answered from
+the listing, so such a SEARCH never downloads a message. FROM/TO/CC/BCC/SUBJECT/HEADER need the
+header, so the mailbox fetches the bodies (through the view's cache) only when
+:func:`needs_headers` says so; matching is a case-insensitive substring of the unfolded,
+RFC 2047-decoded value, as RFC 3501 asks. BODY/TEXT and other keys raise
+:class:`UnsupportedSearch`, which the server answers with BAD rather than a wrong result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date
+from email.header import decode_header, make_header
+
+from twisted.mail import imap4
+
+from ._seqset import parse_seqset
+
+_MONTHS = {
+    name: number
+    for number, name in enumerate(
+        ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"], 1
+    )
+}
+_FLAG_KEYS = {
+    "SEEN": ("\\Seen", True),
+    "UNSEEN": ("\\Seen", False),
+    "FLAGGED": ("\\Flagged", True),
+    "UNFLAGGED": ("\\Flagged", False),
+    "DELETED": ("\\Deleted", True),
+    "UNDELETED": ("\\Deleted", False),
+    "ANSWERED": ("\\Answered", True),
+    "UNANSWERED": ("\\Answered", False),
+    "DRAFT": ("\\Draft", True),
+    "UNDRAFT": ("\\Draft", False),
+}
+
+
+class UnsupportedSearch(imap4.MailboxException):
+    """A search key this gateway cannot answer from the listing (answered BAD)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One message as SEARCH sees it."""
+
+    seq: int
+    uid: int
+    flags: frozenset[str]
+    day: date  # INTERNALDATE's date (UTC), what SINCE/BEFORE/ON compare
+    headers: Callable[[str], list[bytes]] | None = None  # raw values of a field, when loaded
+
+
+_ADDRESS_KEYS = {"FROM", "TO", "CC", "BCC", "SUBJECT"}
+
+
+def needs_headers(query: list) -> bool:
+    """Whether any key needs the message header (then the bodies must be fetched)."""
+    for token in query:
+        if isinstance(token, list):
+            if needs_headers(token):
+                return True
+        elif token.upper().decode("ascii", "replace") in _ADDRESS_KEYS | {"HEADER"}:
+            return True
+    return False
+
+
+def _decoded(value: bytes) -> str:
+    """Unfolded, RFC 2047-decoded, case-folded: what a SEARCH string is compared with."""
+    text = value.decode("utf-8", "replace").replace("\r\n", "").replace("\n", "")
+    # Malformed encoded-words: compare the text as it is.
+    with contextlib.suppress(ValueError, LookupError, UnicodeError):
+        text = str(make_header(decode_header(text)))
+    return text.casefold()
+
+
+def _header_test(name: str, needle: bytes) -> Test:
+    wanted = needle.decode("utf-8", "replace").casefold()
+
+    def test(c: Candidate) -> bool:
+        if c.headers is None:
+            return False
+        values = c.headers(name.lower())
+        # RFC 3501: HEADER <name> "" matches every message that has the field.
+        return any(wanted in _decoded(v) for v in values)
+
+    return test
+
+
+Test = Callable[[Candidate], bool]
+
+
+def compile_query(query: list, last_seq: int, last_uid: int) -> Test:
+    """Turn Twisted's parsed search keys (nested lists of bytes) into one predicate (AND)."""
+    tokens = list(query)
+    tests: list[Test] = []
+    while tokens:
+        tests.append(_one(tokens, last_seq, last_uid))
+    return lambda c: all(test(c) for test in tests)
+
+
+def _one(tokens: list, last_seq: int, last_uid: int) -> Test:
+    token = tokens.pop(0)
+    if isinstance(token, list):
+        return compile_query(token, last_seq, last_uid)
+    key = token.decode("ascii", "replace").upper()
+    if key == "ALL":
+        return lambda c: True
+    if key in _FLAG_KEYS:
+        flag, wanted = _FLAG_KEYS[key]
+        return lambda c: (flag in c.flags) == wanted
+    if key == "NEW" or key == "RECENT":
+        return lambda c: False  # the gateway never reports \Recent
+    if key == "OLD":
+        return lambda c: True
+    if key == "NOT":
+        inner = _one(tokens, last_seq, last_uid)
+        return lambda c: not inner(c)
+    if key == "OR":
+        left = _one(tokens, last_seq, last_uid)
+        right = _one(tokens, last_seq, last_uid)
+        return lambda c: left(c) or right(c)
+    if key == "UID":
+        within = _within(_argument(tokens, key), last_uid)
+        return lambda c: within(c.uid)
+    if key in ("SINCE", "BEFORE", "ON"):
+        day = _day(_argument(tokens, key))
+        if key == "SINCE":
+            return lambda c: c.day >= day
+        if key == "BEFORE":
+            return lambda c: c.day < day
+        return lambda c: c.day == day
+    if key in _ADDRESS_KEYS:
+        return _header_test(key, _argument(tokens, key))
+    if key == "HEADER":
+        field = _argument(tokens, key).decode("ascii", "replace")
+        return _header_test(field, _argument(tokens, key))
+    if key[:1].isdigit() or key[:1] == "*":
+        within = _within(token, last_seq)
+        return lambda c: within(c.seq)
+    raise UnsupportedSearch(f"SEARCH {key} is not supported by this gateway")
+
+
+def _argument(tokens: list, key: str) -> bytes:
+    if not tokens or isinstance(tokens[0], list):
+        raise UnsupportedSearch(f"SEARCH {key} needs an argument")
+    return tokens.pop(0)
+
+
+def _within(token: bytes, last: int) -> Callable[[int], bool]:
+    """Membership in a sequence set; ``n:*`` beyond the last number still includes the last."""
+    try:
+        ranges = parse_seqset(token).ranges
+    except imap4.IllegalIdentifierError as error:
+        raise UnsupportedSearch(f"Bad sequence set {token!r}") from error
+    bounds = []
+    for low, high in ranges:
+        low = last if low is None else low
+        high = last if high is None else high
+        bounds.append((min(low, high), max(low, high)))
+    return lambda n: any(low <= n <= high for low, high in bounds)
+
+
+def _day(token: bytes) -> date:
+    """RFC 3501 ``date``: ``1-Feb-2026`` (optionally quoted)."""
+    text = token.decode("ascii", "replace").strip('"')
+    try:
+        day, month, year = text.split("-")
+        return date(int(year), _MONTHS[month.lower()], int(day))
+    except (ValueError, KeyError) as error:
+        raise UnsupportedSearch(f"Bad date {text!r}") from error
