@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -46,6 +47,7 @@ class Gateway:
         # One throttle for every protocol: guesses over SMTP and IMAP count together.
         self.login_throttle = LoginThrottle()
         self.http: httpx.AsyncClient | None = None
+        self._trust: Path | None = None  # the outbound CA bundle, written at start
         self.spool: FileSpool | None = None
         self.smtp_front: smtp_server.SmtpFront | None = None
         self.senders: dict[str, providers.Sender] = {}

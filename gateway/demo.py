@@ -213,6 +213,9 @@ class Demo:
             f"    swaks --server localhost:{ports.get('smtp')} --tls --auth-user crm "
             f"--auth-password {self.accounts[0].password} \\",
             f"      --from {MICROSOFT_ADDRESS} --to someone@example.org",
+            "  read the INBOX as a legacy program would:",
+            f"    curl --cacert {self.gateway.settings.state_dir / 'tls' / 'ca.crt'} "
+            f"-u crm:{self.accounts[0].password} 'imaps://localhost:{ports.get('imaps')}/INBOX;UID=1'",
             "  and see what the sandbox cloud sent:",
             f"    curl -s --cacert {self.sandbox.ca_file} -H 'X-Sandbox-Control: 1' "
             f"{self.sandbox.url}/_sandbox/users/{MICROSOFT_ADDRESS}/sent",
