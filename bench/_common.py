@@ -83,8 +83,15 @@ def write_yaml(path: Path, data: dict) -> Path:
     return path
 
 
-async def wait_for_banner(port: int, process: asyncio.subprocess.Process, limit: float) -> float:
-    """Wait until ``port`` greets with 220; returns seconds waited. Gives up after ``limit``."""
+async def wait_for_banner(
+    port: int,
+    process: asyncio.subprocess.Process,
+    limit: float,
+    expect: bytes = b"220",
+    goodbye: bytes = b"QUIT\r\n",
+) -> float:
+    """Wait until ``port`` greets with ``expect`` (SMTP's 220 unless told; ``b"* OK"`` for IMAP);
+    returns seconds waited. Gives up after ``limit``."""
     start = time.monotonic()
     while time.monotonic() - start < limit:
         if process.returncode is not None:
@@ -95,9 +102,9 @@ async def wait_for_banner(port: int, process: asyncio.subprocess.Process, limit:
             await asyncio.sleep(0.05)
             continue
         line = await asyncio.wait_for(reader.readline(), 10)
-        writer.write(b"QUIT\r\n")
+        writer.write(goodbye)
         writer.close()
-        if line.startswith(b"220"):
+        if line.startswith(expect):
             return time.monotonic() - start
     raise RuntimeError(f"nothing answered on port {port} within {limit}s")
 

@@ -1,0 +1,452 @@
+"""IMAP: the gateway's read-only INBOX (sandbox Graph behind it) against a private Dovecot holding
+the same messages, measured in the same run with the same imaplib client.
+
+    .venv/bin/python bench/imap_bench.py [--messages 5000] [--sync-messages 10000]
+                                         [--connections 1000] [--rounds 3] [--timeout 600]
+
+Layout: the sandbox (HTTPS Graph + sign-in) runs in this process on its event loop; the gateway
+runs as a child ``python -m gateway run -c CFG`` with only its STARTTLS IMAP listener (app-only
+Microsoft accounts, so nobody has to consent); Dovecot is ``gateway.sandbox.upstream.Dovecot``
+(its own processes). The same --messages messages (~10 KB, every 5th multipart/mixed with a
+base64 attachment) are APPENDed to a Dovecot user and seeded into the sandbox INBOX of
+``crm@contoso.example``, with the same arrival times. Measured, best of --rounds after one warm-up
+run of each command (the warm-up is timed too, as "cold"):
+
+- ``UID FETCH 1:* (UID FLAGS RFC822.SIZE INTERNALDATE)``
+- a Thunderbird-style header fetch of every message
+- ``UID FETCH <first 100 UIDs> (BODY.PEEK[])``
+
+plus the provider API calls of the first sync (LOGIN + first SELECT) of a second account whose
+INBOX holds --sync-messages messages, and the gateway's VmRSS per idle IMAP connection with
+--connections connections each LOGIN + EXAMINE INBOX. Everything is on 127.0.0.1 and bounded.
+
+The gateway refuses LOGIN before STARTTLS (``LOGINDISABLED``, even from loopback), so every
+gateway session does STARTTLS; Dovecot is measured both in clear and with STARTTLS, and the
+ratios are given against both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import imaplib
+import os
+import re
+import resource
+import shutil
+import ssl
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as c
+
+T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
+SYNC_ADDRESS = "sync@contoso.example"
+SYNC_ACCOUNT = "sync"
+DOVECOT_USER = "bench"
+HEADER_FIELDS = (
+    "From To Cc Bcc Subject Date Message-ID Priority X-Priority References Newsgroups "
+    "In-Reply-To Content-Type Reply-To"
+)
+
+
+def build_message(index: int, size: int, run_id: str) -> bytes:
+    """~``size`` bytes; every 5th is multipart/mixed (text + a base64 attachment)."""
+    line = b"The quick brown fox jumps over the lazy dog, message body line padding.\r\n"
+    multipart = index % 5 == 0
+    head = (
+        f"From: Sender {index % 37} <sender{index % 37}@example.org>\r\n"
+        f"To: CRM <{c.SENDER}>\r\nCc: Ann <{c.RECIPIENT}>\r\n"
+        f"Subject: bench message {index}\r\n"
+        f"Message-ID: <imap-{run_id}-{index}@bench.invalid>\r\n"
+        f"Date: {(T0 + timedelta(seconds=index)).strftime('%a, %d %b %Y %H:%M:%S +0000')}\r\n"
+        f"MIME-Version: 1.0\r\n"
+    ).encode()
+    if not multipart:
+        head += b"Content-Type: text/plain; charset=us-ascii\r\n\r\n"
+        body = (line * (size // len(line) + 1))[: max(0, size - len(head) - 2)]
+        return head + body + b"\r\n"
+    boundary = f"b-{run_id}-{index}"
+    head += f'Content-Type: multipart/mixed; boundary="{boundary}"\r\n\r\n'.encode()
+    text = line * 40
+    attachment_b64 = b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xtbm9wcXJzdHV2\r\n" * 120
+    parts = (
+        f"--{boundary}\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n".encode()
+        + text
+        + f'--{boundary}\r\nContent-Type: application/octet-stream; name="a{index}.bin"\r\n'
+        f"Content-Transfer-Encoding: base64\r\n"
+        f'Content-Disposition: attachment; filename="a{index}.bin"\r\n\r\n'.encode()
+        + attachment_b64[: max(0, size - len(head) - len(text) - 400)]
+        + f"--{boundary}--\r\n".encode()
+    )
+    return head + parts
+
+
+# -- imaplib side (in threads: the sandbox must keep serving on this process's loop) ------------
+
+
+def fetch_count(data: list) -> int:
+    """FETCH responses in an imaplib answer."""
+    count = 0
+    for item in data:
+        head = item[0] if isinstance(item, tuple) else item
+        if isinstance(head, bytes) and re.match(rb"\d+ \(", head):
+            count += 1
+    return count
+
+
+def timed_fetch(client: imaplib.IMAP4, uid_set: str, items: str) -> tuple[float, int, int]:
+    start = time.perf_counter()
+    typ, data = client.uid("FETCH", uid_set, items)
+    elapsed = time.perf_counter() - start
+    if typ != "OK":
+        raise RuntimeError(f"UID FETCH {uid_set} {items[:40]}: {typ} {data!r:.200}")
+    size = sum(len(x[1]) for x in data if isinstance(x, tuple))
+    return elapsed, fetch_count(data), size
+
+
+def connect(port: int, starttls: ssl.SSLContext | None, user: str, password: str, timeout: float):
+    client = imaplib.IMAP4(c.HOST, port, timeout=timeout)
+    if starttls is not None:
+        client.starttls(ssl_context=starttls)
+    client.login(user, password)
+    return client
+
+
+COMMANDS = [
+    ("listing", "1:*", "(UID FLAGS RFC822.SIZE INTERNALDATE)"),
+    ("headers", "1:*", f"(UID RFC822.SIZE FLAGS BODY.PEEK[HEADER.FIELDS ({HEADER_FIELDS})])"),
+    ("body x100", None, "(BODY.PEEK[])"),
+]
+
+
+def measure(client: imaplib.IMAP4, rounds: int, requests_of=None) -> dict:
+    """Cold (first) run and best of ``rounds`` warm runs of each command, in one session."""
+    typ, data = client.select("INBOX", readonly=True)
+    if typ != "OK":
+        raise RuntimeError(f"EXAMINE INBOX: {typ} {data}")
+    typ, data = client.uid("SEARCH", "ALL")
+    uids = [int(u) for u in data[0].split()]
+    first100 = f"{uids[0]}:{uids[min(99, len(uids) - 1)]}"
+    out = {"exists": int(client.untagged_responses.get("EXISTS", [b"0"])[-1]), "uids": len(uids)}
+    for name, uid_set, items in COMMANDS:
+        uid_set = uid_set or first100
+        before = requests_of() if requests_of else None
+        cold = timed_fetch(client, uid_set, items)
+        calls = None
+        if requests_of:
+            after = requests_of()
+            calls = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+        warm = [timed_fetch(client, uid_set, items) for _ in range(rounds)]
+        best = min(warm)
+        out[name] = {"cold": cold, "best": best, "cold_calls": calls}
+    return out
+
+
+# -- idle connections (asyncio streams: 1,000 threads would measure the client instead) ---------
+
+
+async def _command(reader, writer, tag: bytes, line: bytes, limit: float) -> list[bytes]:
+    writer.write(tag + b" " + line + b"\r\n")
+    await writer.drain()
+    lines = []
+    while True:
+        got = await asyncio.wait_for(reader.readline(), limit)
+        if not got:
+            raise ConnectionError(f"closed during {line[:20]!r}")
+        lines.append(got)
+        if got.startswith(tag + b" "):
+            if not got.startswith(tag + b" OK"):
+                raise RuntimeError(f"{line.split()[0]!r}: {got!r}")
+            return lines
+
+
+async def idle_connection(port: int, tls: ssl.SSLContext, password: str, limit: float):
+    reader, writer = await asyncio.open_connection(c.HOST, port)
+    await asyncio.wait_for(reader.readline(), limit)
+    await _command(reader, writer, b"a1", b"STARTTLS", limit)
+    await writer.start_tls(tls, server_hostname=c.HOST)
+    await _command(reader, writer, b"a2", f'LOGIN {c.USERNAME} "{password}"'.encode(), limit)
+    await _command(reader, writer, b"a3", b"EXAMINE INBOX", limit)
+    return writer
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def nofile_limit(pid: int) -> str:
+    with open(f"/proc/{pid}/limits") as limits:
+        for line in limits:
+            if line.startswith("Max open files"):
+                return " ".join(line.split()[3:5])
+    return "?"
+
+
+async def idle_rss(port: int, tls: ssl.SSLContext, pid: int, count: int, limit: float) -> dict:
+    await asyncio.sleep(1)
+    before = c.proc_status(pid)["VmRSS"]
+    fds_before = fd_count(pid)
+    writers, errors = [], []
+    gate = asyncio.Semaphore(64)
+
+    async def one() -> None:
+        async with gate:
+            try:
+                writers.append(await idle_connection(port, tls, c.PASSWORD, limit))
+            except (OSError, RuntimeError, TimeoutError, ConnectionError) as error:
+                errors.append(repr(error))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(count)))
+    setup = time.perf_counter() - start
+    await asyncio.sleep(2)
+    after = c.proc_status(pid)["VmRSS"]
+    fds_after = fd_count(pid)
+    for writer in writers:
+        writer.close()
+    with contextlib.suppress(Exception):
+        await asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True)
+    return {
+        "before": before,
+        "after": after,
+        "ok": len(writers),
+        "errors": errors,
+        "setup": setup,
+        "fds": (fds_before, fds_after),
+    }
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+def gateway_config(sandbox, app, state_dir: Path, imap_port: int) -> dict:
+    from gateway.passwords import hash_password
+
+    config = c.gateway_config(sandbox, app, state_dir, c.free_port())
+    config["listeners"]["smtp_port"] = None
+    config["listeners"]["imap_port"] = imap_port
+    config["accounts"].append(
+        {
+            "username": SYNC_ACCOUNT,
+            "password_hash": hash_password(c.PASSWORD),
+            "provider": "microsoft",
+            "address": SYNC_ADDRESS,
+        }
+    )
+    return config
+
+
+async def main(args: argparse.Namespace) -> int:
+    from gateway.sandbox.upstream import Dovecot
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = args.connections * 2 + 512
+    if soft < want:  # raised before the gateway starts, so the child inherits it
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
+    run_id = f"{int(time.time())}"
+    messages = [build_message(i, args.size, run_id) for i in range(args.messages)]
+    total_bytes = sum(map(len, messages))
+    work_dir = Path(tempfile.mkdtemp(prefix="bench-imap-"))
+    sandbox, app, user = await c.start_sandbox(work_dir / "sandbox")
+    dovecot = Dovecot()
+    process = None
+    report: list[str] = []
+    try:
+        # -- the same messages in both places --------------------------------------------------
+        await asyncio.to_thread(dovecot.start)
+        dovecot.add_user(DOVECOT_USER, c.PASSWORD)
+        started = time.perf_counter()
+
+        def append_all() -> None:
+            client = connect(dovecot.imap_port, None, DOVECOT_USER, c.PASSWORD, args.timeout)
+            try:
+                for i, raw in enumerate(messages):
+                    when = T0 + timedelta(minutes=i)
+                    typ, data = client.append("INBOX", None, when, raw)
+                    if typ != "OK":
+                        raise RuntimeError(f"APPEND {i}: {data}")
+            finally:
+                client.logout()
+
+        await asyncio.to_thread(append_all)
+        dovecot_fill = time.perf_counter() - started
+        ops = sandbox.ops(user)
+        started = time.perf_counter()
+        for i, raw in enumerate(messages):
+            ops.seed_inbox(user, raw, received_at=T0 + timedelta(minutes=i))
+        sync_user = sandbox.add_user("microsoft", SYNC_ADDRESS)
+        sync_ops = sandbox.ops(sync_user)
+        for i in range(args.sync_messages):
+            raw = messages[i % len(messages)]
+            sync_ops.seed_inbox(sync_user, raw, received_at=T0 + timedelta(minutes=i))
+        seed_time = time.perf_counter() - started
+
+        # -- the gateway -------------------------------------------------------------------------
+        port = c.free_port()
+        config = c.write_yaml(
+            work_dir / "gateway.yaml", gateway_config(sandbox, app, work_dir / "state", port)
+        )
+        log_path = work_dir / "gateway.log"
+        log_file = open(log_path, "wb")  # noqa: SIM115 (closed in finally)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "run", "-c", str(config),
+            env=c.child_env(), cwd=str(c.ROOT), stdout=log_file, stderr=log_file,
+        )  # fmt: skip
+        await c.wait_for_banner(port, process, 60, expect=b"* OK", goodbye=b"x LOGOUT\r\n")
+        gw_tls = ssl.create_default_context(cafile=str(work_dir / "state" / "tls" / "ca.crt"))
+        dc_tls = ssl.create_default_context(cafile=str(dovecot.ca_file))
+        dc_tls.check_hostname = False  # Dovecot's leaf names localhost; we dial 127.0.0.1
+
+        def requests() -> dict:
+            return dict(sandbox.faults.requests)
+
+        # First sync of the --sync-messages INBOX: LOGIN (opens the view) + first SELECT.
+        def first_sync() -> tuple[float, int]:
+            client = connect(port, gw_tls, SYNC_ACCOUNT, c.PASSWORD, args.timeout)
+            try:
+                start = time.perf_counter()
+                typ, data = client.select("INBOX", readonly=True)
+                took = time.perf_counter() - start
+                return took, int(data[0]) if typ == "OK" else -1
+            finally:
+                client.logout()
+
+        before = requests()
+        cpu = c.cpu_seconds(process.pid), c.cpu_seconds(os.getpid())
+        sync_took, sync_exists = await asyncio.to_thread(first_sync)
+        sync_cpu = c.cpu_seconds(process.pid) - cpu[0], c.cpu_seconds(os.getpid()) - cpu[1]
+        after = requests()
+        sync_calls = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+        sync_calls = {k: v for k, v in sync_calls.items() if v}
+
+        # Fetch benchmarks: Dovecot in clear, Dovecot with STARTTLS, the gateway (STARTTLS).
+        results = {}
+        for name, port_, tls, account, reqs in (
+            ("Dovecot (clear)", dovecot.imap_port, None, DOVECOT_USER, None),
+            ("Dovecot STARTTLS", dovecot.imap_port, dc_tls, DOVECOT_USER, None),
+            ("gateway STARTTLS", port, gw_tls, c.USERNAME, requests),
+        ):
+
+            def session(port_=port_, tls=tls, account=account, reqs=reqs) -> dict:
+                client = connect(port_, tls, account, c.PASSWORD, args.timeout)
+                try:
+                    return measure(client, args.rounds, reqs)
+                finally:
+                    client.logout()
+
+            results[name] = await asyncio.to_thread(session)
+
+        rss_before_idle = c.proc_status(process.pid)
+        idle = await idle_rss(port, gw_tls, process.pid, args.connections, args.timeout)
+        gw_limit = nofile_limit(process.pid)
+        gw_cpu = c.cpu_seconds(process.pid)
+        log_file.close()
+    finally:
+        if process is not None:
+            await c.stop_child(process)
+        await asyncio.to_thread(dovecot.stop)
+        await sandbox.stop()
+    log_text = log_path.read_text(errors="replace")
+    if not args.keep:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+    # -- report ------------------------------------------------------------------------------------
+    n = args.messages
+    p = report.append
+    p(
+        f"\nIMAP: {n} messages ({total_bytes / n:.0f} bytes average, every 5th multipart), "
+        f"loopback, imaplib, EXAMINE INBOX, best of {args.rounds} after one warm-up run"
+    )
+    p(
+        f"filled in {dovecot_fill:.1f}s (Dovecot, IMAP APPEND) and {seed_time:.1f}s "
+        f"(sandbox seed_inbox, {n} + {args.sync_messages} messages)"
+    )
+    p("gateway: LOGIN refused before STARTTLS (LOGINDISABLED), so its sessions use STARTTLS")
+    for name, r in results.items():
+        p(f"  {name}: EXISTS {r['exists']}, UIDs {r['uids']}")
+    p(f"{'':<20}{'command':<12}{'cold ms':>10}{'best ms':>10}{'msg/s':>10}{'responses':>10}")
+    for name, r in results.items():
+        for command, _, _ in COMMANDS:
+            cold, best = r[command]["cold"], r[command]["best"]
+            p(
+                f"{name:<20}{command:<12}{cold[0] * 1000:>10.1f}{best[0] * 1000:>10.1f}"
+                f"{best[1] / best[0]:>10.0f}{best[1]:>10}"
+            )
+    gw = results["gateway STARTTLS"]
+    for reference in ("Dovecot (clear)", "Dovecot STARTTLS"):
+        ref = results[reference]
+        ratios = ", ".join(
+            f"{command} {gw[command]['best'][0] / ref[command]['best'][0]:.2f}x"
+            for command, _, _ in COMMANDS
+        )
+        p(f"ratio gateway/{reference} (best, time): {ratios}")
+    for command, _, _ in COMMANDS:
+        calls = gw[command]["cold_calls"]
+        calls = {k: v for k, v in (calls or {}).items() if v}
+        p(f"gateway provider calls during the cold {command}: {calls or 'none'}")
+    p(
+        f"first sync (LOGIN + first SELECT) of a {args.sync_messages}-message INBOX: "
+        f"SELECT took {sync_took:.2f}s, EXISTS {sync_exists}, provider requests {sync_calls}"
+    )
+    p(
+        f"  CPU during LOGIN + SELECT: gateway process {sync_cpu[0]:.1f}s, benchmark process "
+        f"(sandbox Graph + client) {sync_cpu[1]:.1f}s"
+    )
+    per = (idle["after"] - idle["before"]) / max(1, idle["ok"])
+    p(
+        f"idle connections (STARTTLS + LOGIN + EXAMINE INBOX): {idle['ok']}/{args.connections} "
+        f"open in {idle['setup']:.1f}s, {len(idle['errors'])} errors; gateway VmRSS "
+        f"{idle['before'] / 1024:.1f} MiB -> {idle['after'] / 1024:.1f} MiB = {per:.1f} KiB "
+        f"per connection"
+    )
+    p(
+        f"gateway fds {idle['fds'][0]} -> {idle['fds'][1]}, its RLIMIT_NOFILE {gw_limit}; "
+        f"VmHWM {rss_before_idle['VmHWM'] / 1024:.1f} MiB before the idle test; "
+        f"gateway CPU total {gw_cpu:.1f}s"
+    )
+    for error in sorted(set(idle["errors"]))[:5]:
+        p(f"  idle error: {error[:200]}")
+    problems = [
+        line
+        for line in log_text.splitlines()
+        if '"level": "error"' in line or '"level": "warning"' in line or "Traceback" in line
+    ]
+    p(f"gateway log: {len(problems)} warning/error lines")
+    for line in problems[:5]:
+        p(f"  {line[:300]}")
+    if args.keep:
+        p(f"work directory kept: {work_dir}")
+    print("\n".join(report))
+    return 0
+
+
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=5000)
+    parser.add_argument("--sync-messages", type=int, default=10000)
+    parser.add_argument("--connections", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--size", type=int, default=10 * 1024, help="bytes per message (about)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds: socket timeouts")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    arguments = parser.parse_args()
+    if arguments.messages < 1:
+        parser.error("--messages must be at least 1")
+    return arguments
+
+
+if __name__ == "__main__":
+    arguments = _arguments()
+    from gateway.runtime import new_loop_with_reactor  # the reactor first, like the CLI
+
+    loop = new_loop_with_reactor()
+    try:
+        sys.exit(loop.run_until_complete(asyncio.wait_for(main(arguments), 1800)))
+    finally:
+        loop.close()
