@@ -151,3 +151,34 @@ async def running_gateway(
         yield gateway
     finally:
         await gateway.stop()
+
+
+READ_SCOPES = {
+    "microsoft": {"Mail.Read"},
+    "google": {"https://www.googleapis.com/auth/gmail.readonly"},
+}
+
+
+class SandboxTokens:
+    """Broker stand-in for provider-side tests: a real read-only sandbox access token (the
+    broker itself is tested through the admin pages)."""
+
+    def __init__(self, sandbox: Sandbox, user: Any) -> None:
+        self.sandbox, self.user = sandbox, user
+        self.app = sandbox.add_app(user.provider).client_id
+        self._token: str | None = None
+
+    async def access_token(self, username: str) -> str:
+        if self._token is None:
+            grant = self.sandbox.directory.issue(
+                "access",
+                self.user.provider,
+                self.app,
+                self.user.address,
+                READ_SCOPES[self.user.provider],
+            )
+            self._token = grant.token
+        return self._token
+
+    def invalidate(self, username: str) -> None:
+        self._token = None

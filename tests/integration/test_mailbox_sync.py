@@ -17,41 +17,13 @@ import pytest
 from gateway import outbound
 from gateway.mailbox import SEEN, CursorExpired, GmailSource, GraphSource, MailboxView
 from gateway.providers import Temporary
-from gateway.sandbox import Fault, Sandbox, User
+from gateway.sandbox import Fault, Sandbox
 from gateway.store import SecretBox, Store
+from tests.helpers import SandboxTokens
 
 KEY = bytes(range(32))
-SCOPES = {
-    "microsoft": {"Mail.Read"},
-    "google": {"https://www.googleapis.com/auth/gmail.readonly"},
-}
 TARGET = {"microsoft": "graph", "google": "gmail"}
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
-
-
-class SandboxTokens:
-    """Broker stand-in: one real sandbox access token per user, re-minted after invalidate."""
-
-    def __init__(self, sandbox: Sandbox, user: User) -> None:
-        self.sandbox = sandbox
-        self.user = user
-        self.app = sandbox.add_app(user.provider).client_id
-        self._token: str | None = None
-
-    async def access_token(self, username: str) -> str:
-        if self._token is None:
-            grant = self.sandbox.directory.issue(
-                "access",
-                self.user.provider,
-                self.app,
-                self.user.address,
-                SCOPES[self.user.provider],
-            )
-            self._token = grant.token
-        return self._token
-
-    def invalidate(self, username: str) -> None:
-        self._token = None
 
 
 class World:
