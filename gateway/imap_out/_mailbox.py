@@ -1,18 +1,18 @@
 """Twisted's IAccount / IMailbox / IMessage over one account's :class:`MailboxView`.
 
-Only INBOX exists. Each SELECT syncs the view and freezes a list of messages for the session:
-sequence numbers are positions in that list, so they change only through EXPUNGE responses this
-session sends (NOOP appends new mail and reports EXISTS; messages removed at the provider stay
-until the next SELECT, a safe point).
+Only INBOX exists. Each SELECT syncs the view and takes its message list: sequence numbers are
+positions in this session's list, so they change only through EXPUNGE responses the session
+sends. Changes (new mail, mail that left the provider's INBOX, flags set by another session or
+at the provider, deletions by another session) reach the session from the view as they happen
+and are queued; :meth:`InboxMailbox.drain` turns them into EXISTS / EXPUNGE / FETCH FLAGS at a
+safe point (NOOP, CHECK, IDLE), never in the middle of a FETCH, STORE or SEARCH.
 
-Flags live in :class:`LocalFlags`, one per view (so per account, shared by IMAP and IMAPS
-sessions), in memory only: they start from the provider's read state, are not persisted across
-gateway restarts and are never written back to the provider (least privilege: Mail.Read /
-gmail.readonly). EXPUNGE and CLOSE remove \\Deleted messages from this session's list only; the
-provider is untouched and the next session sees them again (still flagged \\Deleted).
+Flags and deletions live in the view (per account, in the store, shared by every session);
+whether they also reach the provider is the account's :class:`ReadingPolicy`.
 
 Bodies are fetched only when the FETCH needs them (``fetch_items`` receives the parsed query from
-:class:`CompatIMAP4Server`); RFC822.SIZE alone uses the view's remembered size.
+:class:`CompatIMAP4Server`); RFC822.SIZE alone uses the view's stored size. A FETCH of a body
+section without .PEEK sets \\Seen, as RFC 3501 6.4.5 says, and then also returns FLAGS.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import io
 import re
-import weakref
 from collections.abc import Iterable
 from email.utils import format_datetime
 from typing import Any
@@ -28,7 +27,7 @@ from typing import Any
 from twisted.mail import imap4
 from zope.interface import implementer
 
-from ..mailbox import MailboxView, MessageInfo
+from ..mailbox import MailboxView, MessageInfo, crlf_form
 from ..runtime import as_deferred
 from . import _render
 from ._search import Candidate, compile_query, needs_headers
@@ -37,41 +36,6 @@ INBOX = "INBOX"
 FLAGS = ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")
 _NEEDS_BODY = {"body", "bodystructure", "envelope", "rfc822", "rfc822header", "rfc822text"}
 _PARALLEL_FETCHES = 8
-
-
-class LocalFlags:
-    """Per-account flags kept by the gateway, by provider id (so a rebuilt UID map keeps them);
-    a message without an entry has the provider's flags."""
-
-    def __init__(self) -> None:
-        self._flags: dict[str, frozenset[str]] = {}
-
-    def of(self, info: MessageInfo) -> frozenset[str]:
-        kept = self._flags.get(info.provider_id)
-        return kept if kept is not None else frozenset(info.flags)
-
-    def change(self, info: MessageInfo, names: Iterable[str], how: int) -> frozenset[str]:
-        """``how``: 1 adds, -1 removes, 0 replaces (STORE +FLAGS / -FLAGS / FLAGS)."""
-        wanted = {_canonical(n) for n in names if _canonical(n) in FLAGS}
-        current = set(self.of(info))
-        updated = current | wanted if how > 0 else current - wanted if how < 0 else wanted
-        self._flags[info.provider_id] = frozenset(updated)
-        return self._flags[info.provider_id]
-
-
-_VIEW_FLAGS: weakref.WeakKeyDictionary[MailboxView, LocalFlags] = weakref.WeakKeyDictionary()
-
-
-def flags_for(view: MailboxView) -> LocalFlags:
-    """The one flag store of the view's account (both IMAP listeners share it)."""
-    found = _VIEW_FLAGS.get(view)
-    if found is None:
-        found = _VIEW_FLAGS[view] = LocalFlags()
-    return found
-
-
-def _canonical(name: str) -> str:
-    return next((f for f in FLAGS if f.lower() == name.lower()), name)
 
 
 @implementer(imap4.IMailboxInfo)
@@ -109,7 +73,7 @@ class InboxAccount:
             if name.upper() != INBOX:
                 return None
             await self.view.sync()
-            return InboxMailbox(self.view, flags_for(self.view), bool(rw))
+            return InboxMailbox(self.view, bool(rw))
 
         return as_deferred(open_())
 
@@ -155,8 +119,10 @@ def _wildcard(pattern: str) -> re.Pattern[str]:
 class GatewayMessage:
     """One message of a FETCH; the body is present only if the FETCH needed it."""
 
-    def __init__(self, info: MessageInfo, flags: LocalFlags, raw: bytes | None, size: int) -> None:
-        self.info, self._flags, self.raw, self.size = info, flags, raw, size
+    def __init__(
+        self, info: MessageInfo, flags: frozenset[str], raw: bytes | None, size: int
+    ) -> None:
+        self.info, self.flags, self.raw, self.size = info, flags, raw, size
 
     def open(self) -> io.BytesIO:
         if self.raw is None:
@@ -170,7 +136,7 @@ class GatewayMessage:
         return self.info.uid
 
     def getFlags(self) -> list[str]:
-        return sorted(self._flags.of(self.info))
+        return sorted(self.flags)
 
     def getInternalDate(self) -> str:
         return format_datetime(self.info.internal_date)
@@ -178,22 +144,49 @@ class GatewayMessage:
 
 def _fields(raw: bytes) -> Any:
     """name (lower case) -> the raw values of every such field of the top-level header."""
-    root = _render.index(_render.to_crlf(raw))
+    root = _render.index(crlf_form(raw))
     return lambda name: [
         line.split(b":", 1)[1].strip(b" \t\r\n") for field, line in root.fields if field == name
     ]
 
 
-@implementer(imap4.IMailbox, imap4.ISearchableMailbox)
-class InboxMailbox:
-    """The INBOX of one SELECT: a frozen, ordered message list over the shared view."""
 
-    def __init__(self, view: MailboxView, flags: LocalFlags, writeable: bool) -> None:
+
+class _Pending:
+    """Changes told by the view and not yet reported to this session's client."""
+
+    def __init__(self) -> None:
+        self.added = False
+        self.removed: set[int] = set()
+        self.flags: set[int] = set()
+
+    def __bool__(self) -> bool:
+        return self.added or bool(self.removed or self.flags)
+
+
+@implementer(imap4.IMailbox, imap4.ISearchableMailbox, imap4.ICloseableMailbox)
+class InboxMailbox:
+    """The INBOX of one SELECT: this session's ordered message list over the shared view."""
+
+    def __init__(self, view: MailboxView, writeable: bool) -> None:
         self.view = view
-        self.flags = flags
         self.writeable = writeable
-        self.messages = view.messages()
-        self.listeners: list[Any] = []
+        self.messages: list[MessageInfo] = list(view.messages())
+        self.listeners: list[Any] = []  # sessions; told by ``mailbox_changed()`` of changes
+        self._pending = _Pending()
+        view.watch(self._told)
+
+    def close(self) -> None:
+        """ICloseableMailbox: the session left INBOX (CLOSE, UNSELECT, logout, lost)."""
+        self.view.unwatch(self._told)
+        self.listeners.clear()
+
+    def flags_of(self, info: MessageInfo) -> frozenset[str]:
+        """Flags now; a message already gone from the view keeps its last known flags."""
+        try:
+            return self.view.flags(info.uid)
+        except KeyError:
+            return frozenset(info.flags)
 
     # -- what SELECT and STATUS report -------------------------------------------------------
 
@@ -201,7 +194,7 @@ class InboxMailbox:
         return list(FLAGS)
 
     def getPermanentFlags(self) -> list[str]:
-        """Kept for the gateway's lifetime (in memory), hence reported as permanent."""
+        """Kept in the gateway's store per account, hence permanent."""
         return list(FLAGS) if self.writeable else []
 
     def getHierarchicalDelimiter(self) -> str:
@@ -223,11 +216,11 @@ class InboxMailbox:
         return 0
 
     def getUnseenCount(self) -> int:
-        return sum(1 for info in self.messages if "\\Seen" not in self.flags.of(info))
+        return sum(1 for info in self.messages if "\\Seen" not in self.flags_of(info))
 
     def getFirstUnseen(self) -> int | None:
         for seq, info in enumerate(self.messages, 1):
-            if "\\Seen" not in self.flags.of(info):
+            if "\\Seen" not in self.flags_of(info):
                 return seq
         return None
 
@@ -251,17 +244,48 @@ class InboxMailbox:
         if listener in self.listeners:
             self.listeners.remove(listener)
 
-    # -- NOOP --------------------------------------------------------------------------------
+    # -- changes from the view, reported at safe points --------------------------------------
 
-    async def refresh(self) -> int | None:
-        """Sync and append new mail; the new EXISTS count if it grew, else None."""
+    def _told(self, applied: Any, origin: object) -> None:
+        pending = self._pending
+        pending.added |= bool(applied.added)
+        pending.removed.update(applied.removed)
+        if origin is not self:  # this session already answered its own STORE
+            pending.flags.update(applied.flags_changed)
+        if pending:
+            for listener in list(self.listeners):
+                notify = getattr(listener, "mailbox_changed", None)
+                if notify is not None:
+                    notify()
+
+    async def refresh(self) -> None:
+        """NOOP: ask the provider now (the changes arrive through :meth:`_told`)."""
         await self.view.sync()
-        known = self.messages[-1].uid if self.messages else 0
-        added = [info for info in self.view.messages() if info.uid > known]
-        if not added:
-            return None
-        self.messages.extend(added)
-        return len(self.messages)
+
+    def drain(self) -> list[bytes]:
+        """The untagged responses for every pending change, applied to this session's list:
+        EXPUNGE (each number valid after the previous ones), then EXISTS, then FETCH FLAGS."""
+        pending, self._pending = self._pending, _Pending()
+        lines = [b"%d EXPUNGE" % seq for seq in self._drop(pending.removed)]
+        if pending.added:
+            known = self.messages[-1].uid if self.messages else 0
+            fresh = [info for info in self.view.messages() if info.uid > known]
+            if fresh:
+                self.messages.extend(fresh)
+                lines.append(b"%d EXISTS" % len(self.messages))
+        for seq, info in enumerate(self.messages, 1):
+            if info.uid in pending.flags:
+                names = " ".join(sorted(self.flags_of(info))).encode()
+                lines.append(b"%d FETCH (FLAGS (%b) UID %d)" % (seq, names, info.uid))
+        return lines
+
+    def _drop(self, uids: set[int]) -> list[int]:
+        """Remove these UIDs from the session's list; their sequence numbers as EXPUNGE must
+        report them: each counted after the previous removals (so highest first is simplest)."""
+        gone = [seq for seq, info in enumerate(self.messages, 1) if info.uid in uids]
+        for seq in reversed(gone):
+            del self.messages[seq - 1]
+        return list(reversed(gone))
 
     # -- FETCH / STORE / SEARCH / EXPUNGE ----------------------------------------------------
 
@@ -288,7 +312,19 @@ class InboxMailbox:
         kinds = None if query is None else {item.type for item in query}
         body = kinds is None or bool(kinds & _NEEDS_BODY)
         size = kinds is None or "rfc822size" in kinds
-        return as_deferred(self._load(self._selected(messages, uid), body, size))
+        chosen = self._selected(messages, uid)
+        return as_deferred(self._fetch(chosen, query, body, size))
+
+    async def _fetch(
+        self, chosen: list[tuple[int, MessageInfo]], query: list | None, body: bool, size: bool
+    ) -> list[tuple[int, GatewayMessage]]:
+        if self.writeable and query is not None and _marks_seen(query):
+            unseen = [info.uid for _, info in chosen if "\\Seen" not in self.flags_of(info)]
+            if unseen:
+                await self.view.store_flags(unseen, ["\\Seen"], 1, origin=self)
+                if not any(item.type == "flags" for item in query):
+                    query.append(imap4._FetchParser.Flags())
+        return await self._load(chosen, body, size)
 
     async def _load(
         self, chosen: list[tuple[int, MessageInfo]], body: bool, size: bool
@@ -300,23 +336,27 @@ class InboxMailbox:
                 try:
                     raw = await self.view.fetch(info.uid) if body else None
                     if raw is not None:
-                        length = len(_render.to_crlf(raw))
+                        length = len(crlf_form(raw))
                     else:
                         length = await self.view.size(info.uid) if size else 0
                 except KeyError:  # gone from the view since SELECT: nothing to show
                     return None
-            return seq, GatewayMessage(info, self.flags, raw, length)
+            return seq, GatewayMessage(info, self.flags_of(info), raw, length)
 
         found = await asyncio.gather(*(one(seq, info) for seq, info in chosen))
         return [item for item in found if item is not None]
 
-    def store(self, messages: Any, flags: list[str], mode: int, uid: bool) -> dict[int, list]:
+    def store(self, messages: Any, flags: list[str], mode: int, uid: bool) -> Any:
         if not self.writeable:
             raise imap4.ReadOnlyMailbox()
-        return {
-            seq: sorted(self.flags.change(info, flags, mode))
-            for seq, info in self._selected(messages, uid)
-        }
+        chosen = self._selected(messages, uid)
+        return as_deferred(self._store(chosen, flags, mode))
+
+    async def _store(
+        self, chosen: list[tuple[int, MessageInfo]], flags: list[str], mode: int
+    ) -> dict[int, list[str]]:
+        now = await self.view.store_flags([i.uid for _, i in chosen], flags, mode, origin=self)
+        return {seq: sorted(now.get(info.uid, self.flags_of(info))) for seq, info in chosen}
 
     def search(self, query: list, uid: bool) -> Any:
         """Sequence numbers (the server turns them into UIDs for UID SEARCH); bodies are
@@ -338,22 +378,26 @@ class InboxMailbox:
                 Candidate(
                     seq,
                     info.uid,
-                    self.flags.of(info),
+                    self.flags_of(info),
                     info.internal_date.date(),
                     loaded.get(seq),
                 )
             )
         ]
 
-    def expunge(self) -> list[int]:
-        """Hide \\Deleted messages from this session only; highest number first, so every
-        EXPUNGE response is valid after the previous ones. The provider is untouched."""
-        gone = [
-            seq for seq, info in enumerate(self.messages, 1) if "\\Deleted" in self.flags.of(info)
-        ]
-        for seq in reversed(gone):
-            del self.messages[seq - 1]
-        return list(reversed(gone))
+    def expunge(self) -> Any:
+        """Remove \\Deleted messages: from the view for every session of the account (kept,
+        archived or trashed at the provider per the account's policy), and from this
+        session's list, highest number first so every EXPUNGE response stays valid."""
+        if not self.writeable:
+            raise imap4.ReadOnlyMailbox()
+        return as_deferred(self._expunge())
+
+    async def _expunge(self) -> list[int]:
+        doomed = [info.uid for info in self.messages if "\\Deleted" in self.flags_of(info)]
+        await self.view.delete(doomed, origin=self)
+        self._pending.removed.difference_update(doomed)
+        return self._drop(set(doomed))
 
     def addMessage(self, message: Any, flags: Any = (), date: Any = None) -> Any:
         from twisted.internet.defer import fail
@@ -362,3 +406,18 @@ class InboxMailbox:
 
     def copy(self, message: Any) -> Any:
         raise imap4.MailboxException("COPY is not supported: only INBOX exists")
+
+
+def _marks_seen(query: list) -> bool:
+    """RFC 3501 6.4.5: BODY[...] without .PEEK, RFC822 and RFC822.TEXT set \\Seen."""
+    for item in query:
+        if item.type in ("rfc822", "rfc822text"):
+            return True
+        if item.type == "body" and not item.peek and _is_section(item):
+            return True
+    return False
+
+
+def _is_section(item: Any) -> bool:
+    """BODY[...] (a section, maybe empty) as opposed to BODY, the structure."""
+    return bool(item.header is not None or item.text or item.mime or item.empty or item.part)

@@ -118,30 +118,70 @@ class _GatewayIMAP4Server(CompatIMAP4Server):
         self.factory.log_failure(failure)
         self.sendNegativeResponse(tag, b"[UNAVAILABLE] Internal error, please retry")
 
-    # -- NOOP: the cheap way for a polling client to see new mail ----------------------------
+    # -- NOOP, CHECK and IDLE: where changes at the provider reach the client -----------------
 
     def do_NOOP(self, tag: bytes) -> None:
+        """Sync with the provider now, then report every pending change."""
         refresh = getattr(self.mbox, "refresh", None) if self.state == "select" else None
         if refresh is None:
             self.sendPositiveResponse(tag, b"NOOP completed")
             return
         deferred = as_deferred(refresh())
-        deferred.addCallback(self._refreshed, tag)
-        deferred.addErrback(self._refresh_failed, tag)
+        deferred.addCallback(self._refreshed, tag, b"NOOP")
+        deferred.addErrback(self._refresh_failed, tag, b"NOOP")
 
     unauth_NOOP = (do_NOOP,)
     auth_NOOP = unauth_NOOP
     select_NOOP = unauth_NOOP
 
-    def _refreshed(self, exists: int | None, tag: bytes) -> None:
-        if exists is not None:
-            self.sendUntaggedResponse(b"%d EXISTS" % exists)
-        self.sendPositiveResponse(tag, b"NOOP completed")
+    def do_CHECK(self, tag: bytes) -> None:
+        deferred = as_deferred(self.mbox.refresh())
+        deferred.addCallback(self._refreshed, tag, b"CHECK")
+        deferred.addErrback(self._refresh_failed, tag, b"CHECK")
 
-    def _refresh_failed(self, failure: Any, tag: bytes) -> None:
+    select_CHECK = (do_CHECK,)
+
+    def _refreshed(self, _: object, tag: bytes, command: bytes) -> None:
+        self._report_changes()
+        self.sendPositiveResponse(tag, command + b" completed")
+
+    def _refresh_failed(self, failure: Any, tag: bytes, command: bytes) -> None:
         """The provider could not be asked now; the session goes on with what it has."""
         self.factory.log_failure(failure)
-        self.sendPositiveResponse(tag, b"NOOP completed (mailbox not refreshed)")
+        self._report_changes()
+        self.sendPositiveResponse(tag, command + b" completed (mailbox not refreshed)")
+
+    def _report_changes(self) -> None:
+        drain = getattr(self.mbox, "drain", None)
+        if drain is not None and not self._lost:
+            for line in drain():
+                self.sendUntaggedResponse(line)
+
+    def mailbox_changed(self) -> None:
+        """The view changed: an idling client hears it now, the others at their next NOOP."""
+        if self.parseState == "idle":
+            self._report_changes()
+
+    def do_IDLE(self, tag: bytes) -> None:
+        """RFC 2177: report what is pending, then every change as it arrives, until DONE.
+        The view's poller asks the provider every ``reading.poll_seconds``."""
+        self.sendContinuationRequest(b"idling")
+        self.parseTag = tag
+        self.lastState = self.parseState
+        self.parseState = "idle"  # the 30-minute autologout timer goes on (RFC 2177)
+        self._report_changes()
+
+    select_IDLE = (do_IDLE,)
+    auth_IDLE = select_IDLE
+
+    def parse_idle(self, line: bytes) -> None:
+        self.parseState = self.lastState
+        del self.lastState
+        tag, self.parseTag = self.parseTag, None
+        if line.strip().upper() == b"DONE":
+            self.sendPositiveResponse(tag, b"IDLE terminated")
+        else:
+            self.sendBadResponse(tag, b"Expected DONE to end IDLE")
 
 
 def _text(value: bytes | str) -> str:

@@ -1,7 +1,8 @@
 """The provider-neutral INBOX view shared by IMAP and POP3.
 
 :class:`MailboxView` keeps one account's provider id → UID map in the store and syncs it from a
-:class:`MailboxSource` (:class:`GraphSource`, :class:`GmailSource`); frontends never see HTTP.
+:class:`MailboxSource` (:class:`GraphSource`, :class:`GmailSource`, the upstream IMAP and POP3
+sources); frontends never see HTTP or the upstream protocols.
 """
 
 from ._sources import (
@@ -11,13 +12,23 @@ from ._sources import (
     GmailSource,
     GraphSource,
     MailboxSource,
+    NotSupported,
     RemoteMessage,
     Snapshot,
 )
 from ._uidmap import Applied, UidMap
-from ._view import BodyCache, MailboxView, MessageInfo
+from ._view import (
+    KNOWN_FLAGS,
+    BodyCache,
+    MailboxView,
+    MessageInfo,
+    OnDelete,
+    ReadingPolicy,
+    crlf_form,
+)
 
 __all__ = [
+    "KNOWN_FLAGS",
     "SEEN",
     "Applied",
     "BodyCache",
@@ -28,7 +39,11 @@ __all__ = [
     "MailboxSource",
     "MailboxView",
     "MessageInfo",
+    "NotSupported",
+    "OnDelete",
+    "ReadingPolicy",
     "RemoteMessage",
     "Snapshot",
     "UidMap",
+    "crlf_form",
 ]

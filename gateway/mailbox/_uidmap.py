@@ -9,9 +9,10 @@ arrival time, then id; UIDs are never derived from dates (imports can be back-da
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 
 from ..store import Store
 from ..store._sqlite import MailboxState, MailboxUid
@@ -50,6 +51,7 @@ class UidMap:
         self.by_uid: dict[int, Entry] = {}
         self.by_id: dict[str, Entry] = {}
         self.known = False  # whether a sync was ever saved
+        self._writing = asyncio.Lock()  # one change at a time: sync results and local edits
 
     @classmethod
     async def load(cls, store: Store, account: str) -> UidMap:
@@ -82,14 +84,26 @@ class UidMap:
         removed: Iterable[str],
         seen: Mapping[str, bool],
         cursor: str,
+        present: frozenset[str] | None = None,
     ) -> Applied:
         """Apply changes idempotently: known ids in ``added`` only update \\Seen, unknown ids
-        in ``removed``/``seen`` are ignored, an id both removed and added is removed."""
-        gone_set = set(removed)
+        in ``removed``/``seen`` are ignored, an id both removed and added is removed; with
+        ``present``, every known id missing from it is removed too."""
+        async with self._writing:
+            return await self._apply(list(added), set(removed), dict(seen), cursor, present)
+
+    async def _apply(
+        self,
+        added: list[RemoteMessage],
+        gone_set: set[str],
+        reads: dict[str, bool],
+        cursor: str,
+        present: frozenset[str] | None,
+    ) -> Applied:
+        if present is not None:
+            gone_set |= {pid for pid in self.by_id if pid not in present}
         gone = [pid for pid in gone_set if pid in self.by_id]
         fresh: dict[str, RemoteMessage] = {}
-        flags: dict[str, tuple[str, ...]] = {}
-        reads = dict(seen)
         for message in added:
             if message.id in gone_set:
                 continue
@@ -97,18 +111,40 @@ class UidMap:
                 reads[message.id] = message.seen
             else:
                 fresh[message.id] = message
-        for pid, is_seen in reads.items():
-            entry = self.by_id.get(pid)
-            if entry is not None and pid not in gone_set and entry.flags != _flags(is_seen):
-                flags[pid] = _flags(is_seen)
+        updated = [
+            _provider_seen(entry, is_seen)
+            for pid, is_seen in reads.items()
+            if (entry := self.by_id.get(pid)) is not None
+            and pid not in gone_set
+            and entry.flags != _flags(is_seen)
+        ]
         ordered = sorted(fresh.values(), key=lambda m: (m.internal_date, m.id))
         new = [
-            Entry(self.uidnext + n, m.id, m.internal_date, _flags(m.seen))
+            Entry(self.uidnext + n, m.id, m.internal_date, _flags(m.seen), m.size)
             for n, m in enumerate(ordered)
         ]
         state = MailboxState(self.uidvalidity, self.uidnext + len(new), cursor)
-        await self.store.save_mailbox_changes(self.account, state, new, gone, flags)
-        return self._commit(state, new, gone, flags)
+        await self.store.save_mailbox_changes(self.account, state, new, gone, updated)
+        return self._commit(state, new, gone, updated)
+
+    async def update(self, pids: Iterable[str], change: Callable[[Entry], Entry]) -> list[Entry]:
+        """Save a local change (the gateway's flags, a size, a deletion) of known messages.
+
+        ``change`` gets the current entry under the write lock, so concurrent changes to the
+        same message (a size learnt during a STORE) never overwrite each other. Returns the
+        entries that really changed; unknown ids are ignored.
+        """
+        async with self._writing:
+            changed = [
+                new
+                for pid in dict.fromkeys(pids)
+                if (old := self.by_id.get(pid)) is not None and (new := change(old)) != old
+            ]
+            if changed:
+                await self.store.save_mailbox_changes(self.account, None, updated=changed)
+                for entry in changed:
+                    self.by_uid[entry.uid] = self.by_id[entry.provider_id] = entry
+            return changed
 
     async def reconcile(self, snapshot: Iterable[RemoteMessage], cursor: str) -> Applied:
         """A full listing, matched by id: survivors keep their UIDs, the rest come and go."""
@@ -119,31 +155,29 @@ class UidMap:
     async def rebuild(self, snapshot: Iterable[RemoteMessage], cursor: str) -> Applied:
         """Start over under a new UIDVALIDITY: for ids that cannot be matched to the old ones."""
         ordered = sorted(snapshot, key=lambda m: (m.internal_date, m.id))
-        new = [Entry(n, m.id, m.internal_date, _flags(m.seen)) for n, m in enumerate(ordered, 1)]
+        new = [
+            Entry(n, m.id, m.internal_date, _flags(m.seen), m.size)
+            for n, m in enumerate(ordered, 1)
+        ]
         state = MailboxState(new_uidvalidity(self.uidvalidity), len(new) + 1, cursor)
-        await self.store.save_mailbox_changes(self.account, state, new, replace=True)
-        self.by_uid.clear()
-        self.by_id.clear()
-        applied = self._commit(state, new, [], {})
+        async with self._writing:
+            await self.store.save_mailbox_changes(self.account, state, new, replace=True)
+            self.by_uid.clear()
+            self.by_id.clear()
+            applied = self._commit(state, new, [], [])
         return Applied(applied.added, [], [], rebuilt=True)
 
     def _commit(
-        self,
-        state: MailboxState,
-        new: list[Entry],
-        gone: list[str],
-        flags: Mapping[str, tuple[str, ...]],
+        self, state: MailboxState, new: list[Entry], gone: list[str], updated: list[Entry]
     ) -> Applied:
         applied = Applied()
         for pid in gone:
             entry = self.by_id.pop(pid)
             del self.by_uid[entry.uid]
             applied.removed.append(entry.uid)
-        for pid, new_flags in flags.items():
-            old = self.by_id[pid]
-            entry = Entry(old.uid, pid, old.internal_date, new_flags)
-            self.by_uid[old.uid] = self.by_id[pid] = entry
-            applied.flags_changed.append(old.uid)
+        for entry in updated:
+            self.by_uid[entry.uid] = self.by_id[entry.provider_id] = entry
+            applied.flags_changed.append(entry.uid)
         for entry in new:
             self.by_uid[entry.uid] = self.by_id[entry.provider_id] = entry
             applied.added.append(entry.uid)
@@ -151,3 +185,12 @@ class UidMap:
         applied.removed.sort()
         applied.flags_changed.sort()
         return applied
+
+
+def _provider_seen(entry: Entry, seen: bool) -> Entry:
+    """The provider's read state changed (someone read the mail elsewhere): it wins over the
+    gateway's own \\Seen too, the other local flags stay."""
+    local = entry.local_flags
+    if local is not None:
+        local = tuple(sorted({*local} - {SEEN} | ({SEEN} if seen else set())))
+    return replace(entry, flags=_flags(seen), local_flags=local)

@@ -1,28 +1,67 @@
 """One account's INBOX as IMAP and POP3 see it: UIDs, flags, dates, bodies on demand.
 
+There is one view per account, shared by every IMAP and POP3 session of it, so there is one UID
+map, one body cache and one poller per mailbox however many clients are connected.
+
 The view owns the sync policy: incremental from the stored cursor; a full listing matched by id
 when there is no cursor or the provider forgot it (Gmail history 404, Graph delta 410), keeping
 the UIDs of every message still there; a rebuild under a new UIDVALIDITY only for a source
-whose ids are not stable. Syncs are serialised per view (one poller per mailbox). Bodies are
-fetched only when asked for and kept in a byte-capped LRU cache; the size of every body ever
-fetched is remembered, so RFC822.SIZE is always the length of the bytes served.
+whose ids are not stable. Every change — from a sync, or from a client (STORE, EXPUNGE, DELE) —
+is saved in the store first and then told to the sessions watching the view, which turn it into
+EXISTS / EXPUNGE / FETCH at their next safe point.
+
+Local state is the default (least privilege): flags a client sets and messages a client deletes
+are kept per account in the store, and the provider is untouched. With
+:class:`ReadingPolicy` an admin opts in to mirroring \\Seen/\\Flagged, and to archiving or
+trashing at the provider what a client deletes; those calls run in the background, after the
+client's answer, and a failure is logged (the local state already holds).
+
+Bodies are fetched only when asked for and kept in a byte-capped LRU cache; the exact size of
+every body ever fetched is stored, so RFC822.SIZE never costs a download twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
+import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Literal
 
 from ..logs import get_logger
 from ..store import Store
-from ._sources import CursorExpired, MailboxSource
-from ._uidmap import Applied, UidMap
+from ._sources import SEEN, CursorExpired, MailboxSource, NotSupported
+from ._uidmap import Applied, Entry, UidMap
 
 log = get_logger(__name__)
 
 DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
+DEFAULT_POLL_SECONDS = 30.0
+FLAGGED = "\\Flagged"
+KNOWN_FLAGS = (SEEN, "\\Answered", FLAGGED, "\\Deleted", "\\Draft")
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+def crlf_form(raw: bytes) -> bytes:
+    """Bare LF line ends as CRLF: IMAP and POP3 serve CRLF lines (as Dovecot does for LF-only
+    mail). Sizes are always of this form, so RFC822.SIZE and LIST match the bytes served."""
+    if raw.count(b"\n") == raw.count(b"\r\n"):
+        return raw
+    return _BARE_LF.sub(b"\r\n", raw)
+
+
+OnDelete = Literal["keep", "archive", "trash"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadingPolicy:
+    """What client changes do at the provider; the defaults change nothing there."""
+
+    mirror_flags: bool = False  # \\Seen and \\Flagged (Mail.ReadWrite / gmail.modify)
+    on_delete: OnDelete = "keep"  # EXPUNGE / DELE: keep, archive or trash at the provider
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +71,12 @@ class MessageInfo:
     uid: int
     provider_id: str
     internal_date: datetime
-    flags: tuple[str, ...]
+    flags: tuple[str, ...]  # at the time of the listing; ask :meth:`MailboxView.flags` for now
+    size: int | None = None  # exact CRLF size, once known
+
+
+Watcher = Callable[[Applied, object], None]
+"""Told of every change: (what changed in UIDs, who caused it: a session, or None)."""
 
 
 class BodyCache:
@@ -59,6 +103,9 @@ class BodyCache:
             _, oldest = self._items.popitem(last=False)
             self.used -= len(oldest)
 
+    def ids(self) -> list[str]:
+        return list(self._items)
+
     def discard(self, key: str) -> None:
         raw = self._items.pop(key, None)
         if raw is not None:
@@ -68,12 +115,27 @@ class BodyCache:
 class MailboxView:
     """Create with :meth:`open`; call :meth:`sync` to pull provider changes."""
 
-    def __init__(self, uids: UidMap, source: MailboxSource, cache: BodyCache) -> None:
+    def __init__(
+        self,
+        uids: UidMap,
+        source: MailboxSource,
+        cache: BodyCache,
+        policy: ReadingPolicy = ReadingPolicy(),
+        poll_seconds: float = DEFAULT_POLL_SECONDS,
+    ) -> None:
         self._uids = uids
         self.source = source
         self.cache = cache
-        self._sizes: dict[str, int] = {}
+        self.policy = policy
+        self.poll_seconds = poll_seconds
         self._sync_lock = asyncio.Lock()
+        self._last_sync_started = float("-inf")
+        self._listing: tuple[MessageInfo, ...] | None = None
+        self._watchers: list[Watcher] = []
+        self._poller: asyncio.Task[None] | None = None
+        self._sizes: dict[str, int] = {}  # learnt, not yet saved
+        self._saving_sizes: asyncio.Task[None] | None = None
+        self._mirror = _Mirror(source, uids.account)
 
     @classmethod
     async def open(
@@ -82,8 +144,15 @@ class MailboxView:
         account: str,
         source: MailboxSource,
         cache: BodyCache | None = None,
+        policy: ReadingPolicy = ReadingPolicy(),
+        poll_seconds: float = DEFAULT_POLL_SECONDS,
     ) -> MailboxView:
-        return cls(await UidMap.load(store, account), source, cache or BodyCache())
+        uids = await UidMap.load(store, account)
+        return cls(uids, source, cache or BodyCache(), policy, poll_seconds)
+
+    @property
+    def account(self) -> str:
+        return self._uids.account
 
     @property
     def uidvalidity(self) -> int:
@@ -93,56 +162,223 @@ class MailboxView:
     def uidnext(self) -> int:
         return self._uids.uidnext
 
-    def messages(self) -> list[MessageInfo]:
-        return [
-            MessageInfo(e.uid, e.provider_id, e.internal_date, e.flags)
-            for e in self._uids.entries()
-        ]
+    def messages(self) -> tuple[MessageInfo, ...]:
+        """The visible messages in UID order; one shared tuple until something changes."""
+        if self._listing is None:
+            self._listing = tuple(
+                MessageInfo(e.uid, e.provider_id, e.internal_date, _effective(e), e.size)
+                for e in self._uids.entries()
+                if not e.hidden
+            )
+        return self._listing
+
+    def flags(self, uid: int) -> frozenset[str]:
+        """The message's flags now (the gateway's own if a client set any, else the
+        provider's); KeyError when the message left the view."""
+        entry = self._uids.by_uid[uid]
+        if entry.hidden:
+            raise KeyError(uid)
+        return frozenset(_effective(entry))
+
+    # -- syncing and watching ----------------------------------------------------------------
 
     async def sync(self) -> Applied:
-        """Bring the map up to date with the provider; safe to repeat and to run concurrently."""
+        """Bring the map up to date with the provider; safe to repeat and to run concurrently.
+
+        Callers that queue behind a sync which started after they asked share its result
+        (returned empty here; watchers were told), so a thousand NOOPs cost one provider round.
+        """
+        asked = time.monotonic()
         async with self._sync_lock:
-            uids = self._uids
-            if uids.cursor is not None:
+            if self._last_sync_started >= asked:
+                return Applied()
+            self._last_sync_started = time.monotonic()
+            applied = await self._sync_once()
+        self._changed(applied, None)
+        return applied
+
+    async def _sync_once(self) -> Applied:
+        uids = self._uids
+        if uids.cursor is not None:
+            try:
+                changes = await self.source.changes_since(uids.cursor)
+            except CursorExpired as expired:
+                log.info("mailbox.resync", account=uids.account, reason=str(expired))
+            else:
+                return await uids.apply(
+                    changes.added, changes.removed, changes.seen, changes.cursor, changes.present
+                )
+        snapshot = await self.source.list_inbox()
+        if uids.known and not self.source.ids_stable:
+            self.cache = BodyCache(self.cache.capacity)
+            return await uids.rebuild(snapshot.messages, snapshot.cursor)
+        return await uids.reconcile(snapshot.messages, snapshot.cursor)
+
+    def watch(self, watcher: Watcher) -> None:
+        """Tell ``watcher`` of every change; while anyone watches, poll the provider every
+        ``poll_seconds`` (one poller per view, whatever the number of watchers)."""
+        self._watchers.append(watcher)
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll(), name=f"poll {self.account}")
+
+    def unwatch(self, watcher: Watcher) -> None:
+        if watcher in self._watchers:
+            self._watchers.remove(watcher)
+        if not self._watchers and self._poller is not None:
+            self._poller.cancel()
+            self._poller = None
+
+    async def _poll(self) -> None:
+        while self._watchers:
+            await asyncio.sleep(self.poll_seconds)
+            try:
+                await self.sync()
+            except Exception as error:  # the provider is down or the grant revoked: try later
+                log.warning("mailbox.poll_failed", account=self.account, error=str(error))
+
+    def _changed(self, applied: Applied, origin: object) -> None:
+        if applied.removed:
+            live = self._uids.by_id
+            for provider_id in [p for p in self.cache.ids() if p not in live]:
+                self.cache.discard(provider_id)
+        if applied.added or applied.removed or applied.flags_changed or applied.rebuilt:
+            self._listing = None
+            for watcher in list(self._watchers):
                 try:
-                    changes = await self.source.changes_since(uids.cursor)
-                except CursorExpired as expired:
-                    log.info("mailbox.resync", account=uids.account, reason=str(expired))
-                else:
-                    applied = await uids.apply(
-                        changes.added, changes.removed, changes.seen, changes.cursor
-                    )
-                    self._forget(applied)
-                    return applied
-            snapshot = await self.source.list_inbox()
-            if uids.known and not self.source.ids_stable:
-                applied = await uids.rebuild(snapshot.messages, snapshot.cursor)
-                self.cache = BodyCache(self.cache.capacity)
-                self._sizes.clear()
-                return applied
-            applied = await uids.reconcile(snapshot.messages, snapshot.cursor)
-            self._forget(applied)
-            return applied
+                    watcher(applied, origin)
+                except Exception:
+                    log.exception("mailbox.watcher_failed", account=self.account)
+
+    # -- client changes ----------------------------------------------------------------------
+
+    async def store_flags(
+        self, uids: Iterable[int], names: Iterable[str], how: int, origin: object = None
+    ) -> dict[int, frozenset[str]]:
+        """STORE: ``how`` 1 adds, -1 removes, 0 replaces; unknown flag names are ignored.
+        Returns the flags now of every UID still in the view."""
+        wanted = {_canonical(n) for n in names} & set(KNOWN_FLAGS)
+
+        def change(entry: Entry) -> Entry:
+            current = set(_effective(entry))
+            new = current | wanted if how > 0 else current - wanted if how < 0 else wanted
+            return replace(entry, local_flags=tuple(sorted(new)))
+
+        pids = [e.provider_id for e in self._entries(uids)]
+        changed = await self._uids.update(pids, change)
+        self._changed(Applied(flags_changed=sorted(e.uid for e in changed)), origin)
+        if self.policy.mirror_flags:
+            for entry in changed:
+                self._mirror.flags(entry.provider_id, _effective(entry))
+        return {e.uid: frozenset(_effective(e)) for e in self._entries(uids)}
+
+    async def delete(self, uids: Iterable[int], origin: object = None) -> list[int]:
+        """EXPUNGE / DELE: the messages leave the view for every session of this account, and
+        at the provider they are kept, archived or trashed as the policy says."""
+        pids = [e.provider_id for e in self._entries(uids)]
+        changed = await self._uids.update(pids, lambda e: replace(e, hidden=True))
+        self._changed(Applied(removed=sorted(e.uid for e in changed)), origin)
+        if self.policy.on_delete != "keep":
+            for entry in changed:
+                self._mirror.remove(entry.provider_id, self.policy.on_delete)
+        return [e.uid for e in changed]
+
+    def _entries(self, uids: Iterable[int]) -> list[Entry]:
+        by_uid = self._uids.by_uid
+        return [e for uid in uids if (e := by_uid.get(uid)) is not None and not e.hidden]
+
+    # -- bodies ------------------------------------------------------------------------------
 
     async def fetch(self, uid: int) -> bytes:
         """The raw message as the provider holds it; KeyError for a UID not in the view."""
-        provider_id = self._uids.by_uid[uid].provider_id
-        raw = self.cache.get(provider_id)
+        entry = self._uids.by_uid[uid]
+        raw = self.cache.get(entry.provider_id)
         if raw is None:
-            raw = await self.source.fetch_raw(provider_id)
-            self.cache.put(provider_id, raw)
-            self._sizes[provider_id] = len(raw)
+            raw = await self.source.fetch_raw(entry.provider_id)
+            self.cache.put(entry.provider_id, raw)
+            if entry.size is None:
+                self._learn_size(entry.provider_id, len(crlf_form(raw)))
         return raw
 
     async def size(self, uid: int) -> int:
-        """RFC822.SIZE: the length of the bytes :meth:`fetch` serves (fetched once if unknown)."""
-        known = self._sizes.get(self._uids.by_uid[uid].provider_id)
-        return known if known is not None else len(await self.fetch(uid))
+        """The exact size of :func:`crlf_form` of the message (downloaded once if unknown)."""
+        entry = self._uids.by_uid[uid]
+        known = entry.size if entry.size is not None else self._sizes.get(entry.provider_id)
+        return known if known is not None else len(crlf_form(await self.fetch(uid)))
 
-    def _forget(self, applied: Applied) -> None:
-        """Drop cached bodies of removed messages (their ids are not kept either)."""
-        if applied.removed:
-            live = self._uids.by_id
-            for provider_id in [p for p in self._sizes if p not in live]:
-                self._sizes.pop(provider_id, None)
-                self.cache.discard(provider_id)
+    def _learn_size(self, provider_id: str, size: int) -> None:
+        """Remember a size and save it soon: many sizes learnt together are one write."""
+        self._sizes[provider_id] = size
+        if self._saving_sizes is None or self._saving_sizes.done():
+            self._saving_sizes = asyncio.create_task(self._save_sizes())
+
+    async def _save_sizes(self) -> None:
+        while self._sizes:
+            await asyncio.sleep(0)  # let the other downloads of this FETCH add theirs
+            sizes, self._sizes = self._sizes, {}
+            try:
+                await self._uids.update(sizes, _with_size(sizes))
+            except Exception as error:  # only a cost: the size is learnt again next time
+                log.warning("mailbox.size_not_saved", account=self.account, error=str(error))
+            self._listing = None
+
+    async def close(self) -> None:
+        """Stop polling, save learnt sizes and let queued provider changes finish."""
+        self._watchers.clear()
+        if self._poller is not None:
+            self._poller.cancel()
+            self._poller = None
+        if self._saving_sizes is not None:
+            await self._saving_sizes
+        await self._mirror.drain()
+
+
+class _Mirror:
+    """The provider changes a policy asks for, sent one at a time in the background."""
+
+    def __init__(self, source: MailboxSource, account: str) -> None:
+        self.source = source
+        self.account = account
+        self._queue: asyncio.Queue[tuple[str, str, object]] = asyncio.Queue()
+        self._worker: asyncio.Task[None] | None = None
+
+    def flags(self, provider_id: str, flags: Iterable[str]) -> None:
+        self._put("flags", provider_id, frozenset(flags))
+
+    def remove(self, provider_id: str, how: str) -> None:
+        self._put("remove", provider_id, how)
+
+    def _put(self, op: str, provider_id: str, arg: object) -> None:
+        self._queue.put_nowait((op, provider_id, arg))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._run(), name=f"mirror {self.account}")
+
+    async def _run(self) -> None:
+        while not self._queue.empty():
+            op, provider_id, arg = self._queue.get_nowait()
+            try:
+                if op == "flags":
+                    flags = arg if isinstance(arg, frozenset) else frozenset()
+                    await self.source.set_flags(provider_id, SEEN in flags, FLAGGED in flags)
+                else:
+                    await self.source.remove(provider_id, arg)  # type: ignore[arg-type]
+                log.info("mailbox.mirrored", account=self.account, op=op)
+            except NotSupported as error:
+                log.warning("mailbox.mirror_unsupported", account=self.account, reason=str(error))
+            except Exception as error:
+                log.warning("mailbox.mirror_failed", account=self.account, op=op, error=str(error))
+
+    async def drain(self) -> None:
+        if self._worker is not None:
+            await self._worker
+
+
+def _with_size(sizes: dict[str, int]) -> Callable[[Entry], Entry]:
+    return lambda entry: replace(entry, size=sizes[entry.provider_id])
+
+
+def _effective(entry: Entry) -> tuple[str, ...]:
+    return entry.local_flags if entry.local_flags is not None else entry.flags
+
+
+def _canonical(name: str) -> str:
+    return next((f for f in KNOWN_FLAGS if f.lower() == name.lower()), name)

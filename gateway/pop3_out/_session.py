@@ -2,22 +2,21 @@
 
 POP3 (RFC 1939) numbers messages 1..n for the whole session and never renumbers them, so the
 session takes a snapshot of :meth:`MailboxView.messages` right after the login sync and keeps
-it; mail arriving later is seen by the next session. Deletions are a per-session mark only:
-the provider is never touched (least privilege, the default policy of the gateway), and QUIT
-merely logs what the client asked to delete. A client in "delete after download" mode
-therefore sees the messages again in its next session, but with the same UIDLs, which is how
-it knows not to download them twice.
+it; mail arriving later is seen by the next session. DELE marks a message; QUIT (the UPDATE
+state) hands the marked ones to :meth:`MailboxView.delete`: they leave the account's view for
+every later POP3 and IMAP session, and at the provider they are kept (the default), archived or
+trashed as the account's reading policy says, never deleted. A dropped connection deletes
+nothing (RFC 1939 6).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import re
+from typing import Any
 
-from ..mailbox import MailboxView, MessageInfo
+from ..mailbox import MailboxView, MessageInfo, crlf_form
 
-_BARE_LINE_END = re.compile(rb"\r?\n|\r")
 _SIZE_FETCHES = 8
 
 
@@ -32,18 +31,6 @@ def uidl_of(provider_id: str) -> bytes:
     within one maildrop practically impossible.
     """
     return hashlib.sha256(provider_id.encode("utf-8")).hexdigest()[:32].encode("ascii")
-
-
-def wire_form(raw: bytes) -> bytes:
-    """The message as POP3 serves it: the provider's bytes with every line ending CRLF.
-
-    Messages stored with CRLF (the norm for Graph and Gmail raw MIME) are served byte for byte;
-    only bare LF or CR are turned into CRLF, since POP3 is a CRLF line protocol.
-    """
-    pairs = raw.count(b"\r\n")
-    if raw.count(b"\n") == pairs and raw.count(b"\r") == pairs:
-        return raw
-    return _BARE_LINE_END.sub(b"\r\n", raw)
 
 
 def top_of(wire: bytes, lines: int) -> bytes:
@@ -66,12 +53,13 @@ class NoSuchMessage(LookupError):
 class Pop3Session:
     """The messages of one session; every reply-worthy failure is :class:`NoSuchMessage`."""
 
-    def __init__(self, account: str, view: MailboxView, messages: list[MessageInfo]) -> None:
+    def __init__(
+        self, account: str, view: MailboxView, messages: tuple[MessageInfo, ...]
+    ) -> None:
         self.account = account
         self.view = view
         self.messages = messages
         self.deleted: set[int] = set()
-        self._sizes: dict[int, int] = {}
 
     @classmethod
     async def start(cls, account: str, view: MailboxView) -> Pop3Session:
@@ -91,17 +79,19 @@ class Pop3Session:
         return [n for n in range(1, len(self.messages) + 1) if n not in self.deleted]
 
     async def wire(self, number: int) -> bytes:
-        raw = await self.view.fetch(self.info(number).uid)
-        wire = wire_form(raw)
-        self._sizes[number] = len(wire)
-        return wire
+        """The message as RETR sends it before dot-stuffing: the provider's bytes with CRLF
+        line ends (byte for byte when they already have them)."""
+        return crlf_form(await self._view_call(self.view.fetch, number))
 
     async def size(self, number: int) -> int:
-        """Octets RETR will send before dot-stuffing (RFC 1939), fetching the body if unknown."""
-        self.info(number)
-        if number not in self._sizes:
-            await self.wire(number)
-        return self._sizes[number]
+        """Octets RETR will send (RFC 1939), from the view's stored size when known."""
+        return await self._view_call(self.view.size, number)
+
+    async def _view_call(self, call: Any, number: int) -> Any:
+        try:
+            return await call(self.info(number).uid)
+        except KeyError:  # deleted by another session since this one started
+            raise NoSuchMessage(f"Message {number} was deleted by another session") from None
 
     async def sizes(self) -> dict[int, int]:
         """Sizes of all live messages; unknown ones fetched a few at a time, not one by one."""
@@ -121,3 +111,8 @@ class Pop3Session:
     def delete(self, number: int) -> None:
         self.info(number)
         self.deleted.add(number)
+
+    async def commit(self) -> int:
+        """QUIT: apply the DELEs (see the module docstring); how many left the view."""
+        uids = [self.messages[n - 1].uid for n in sorted(self.deleted)]
+        return len(await self.view.delete(uids))

@@ -322,19 +322,27 @@ def _protocol_class() -> type:
         def do_NOOP(self) -> None:
             self.transport.write(ok())
 
-        def do_QUIT(self) -> None:
+        def do_QUIT(self) -> Any:
             session = self.session
-            if session is not None:
-                # Deletions are per session only: the provider is never changed by default.
+            if session is None or not session.deleted:
+                self.transport.write(ok(b"Bye"))
+                self.transport.loseConnection()
+                return None
+
+            async def update() -> bytes:
+                deleted = await session.commit()
                 log.info(
                     "pop3.quit",
                     account=session.account,
                     client=self.client,
-                    deleted_in_session=len(session.deleted),
-                    provider_changed=False,
+                    deleted=deleted,
+                    at_provider=session.view.policy.on_delete,
                 )
-            self.transport.write(ok(b"Bye"))
-            self.transport.loseConnection()
+                return ok(b"Bye, %d messages deleted" % deleted)
+
+            deferred = self._reply_later(update(), "QUIT")
+            deferred.addBoth(lambda _: self.transport.loseConnection())
+            return deferred
 
         def _session(self) -> Pop3Session:
             assert self.session is not None, "processCommand allows this only after login"

@@ -72,6 +72,15 @@ MIGRATIONS: tuple[Migration, ...] = (
             "PRIMARY KEY (account, uid), UNIQUE (account, provider_id))",
         ),
     ),
+    Migration(
+        5,
+        "INBOX views: exact sizes, the gateway's own flags and local deletions per message",
+        (
+            "ALTER TABLE mailbox_uids ADD COLUMN size INTEGER",
+            "ALTER TABLE mailbox_uids ADD COLUMN local_flags TEXT",
+            "ALTER TABLE mailbox_uids ADD COLUMN hidden INTEGER NOT NULL DEFAULT 0",
+        ),
+    ),
 )
 
 _CREATE_VERSION_TABLE = (

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -321,13 +321,21 @@ class Store:
             if row is None:
                 return None, []
             rows = conn.execute(
-                "SELECT uid, provider_id, internal_date, flags FROM mailbox_uids "
-                "WHERE account = ? ORDER BY uid",
+                "SELECT uid, provider_id, internal_date, flags, size, local_flags, hidden "
+                "FROM mailbox_uids WHERE account = ? ORDER BY uid",
                 (account,),
             ).fetchall()
             entries = [
-                MailboxUid(uid, pid, datetime.fromisoformat(date), tuple(flags.split()))
-                for uid, pid, date, flags in rows
+                MailboxUid(
+                    uid,
+                    pid,
+                    datetime.fromisoformat(date),
+                    tuple(flags.split()),
+                    size,
+                    None if local is None else tuple(local.split()),
+                    bool(hidden),
+                )
+                for uid, pid, date, flags, size, local, hidden in rows
             ]
             return MailboxState(row[0], row[1], row[2]), entries
 
@@ -336,55 +344,26 @@ class Store:
     async def save_mailbox_changes(
         self,
         account: str,
-        state: MailboxState,
+        state: MailboxState | None,
         added: Sequence[MailboxUid] = (),
         removed: Sequence[str] = (),
-        flags: Mapping[str, tuple[str, ...]] | None = None,
+        updated: Sequence[MailboxUid] = (),
         *,
         replace: bool = False,
     ) -> None:
-        """Apply one sync to the UID map in a single transaction, cursor included.
+        """Apply one change to the UID map in a single transaction, cursor included.
 
         The map and the cursor move together, so a crash leaves either the old map with the old
-        cursor (the sync is replayed, idempotently) or both new. ``replace`` drops every row
-        first: a rebuild under a new UIDVALIDITY.
+        cursor (the sync is replayed, idempotently) or both new. ``updated`` rows replace the
+        mutable columns (flags, size, local flags, hidden) of rows with the same provider id;
+        ``state`` None leaves the state row alone (a local change, not a sync). ``replace``
+        drops every row first: a rebuild under a new UIDVALIDITY.
         """
 
         def save(conn: sqlite3.Connection) -> None:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                if replace:
-                    conn.execute("DELETE FROM mailbox_uids WHERE account = ?", (account,))
-                conn.executemany(
-                    "DELETE FROM mailbox_uids WHERE account = ? AND provider_id = ?",
-                    [(account, pid) for pid in removed],
-                )
-                conn.executemany(
-                    "INSERT INTO mailbox_uids "
-                    "(account, uid, provider_id, internal_date, flags) VALUES (?, ?, ?, ?, ?)",
-                    [
-                        (
-                            account,
-                            e.uid,
-                            e.provider_id,
-                            _time_text(e.internal_date),
-                            " ".join(e.flags),
-                        )
-                        for e in added
-                    ],
-                )
-                conn.executemany(
-                    "UPDATE mailbox_uids SET flags = ? WHERE account = ? AND provider_id = ?",
-                    [(" ".join(f), account, pid) for pid, f in (flags or {}).items()],
-                )
-                conn.execute(
-                    "INSERT INTO mailbox_state "
-                    "(account, uidvalidity, uidnext, sync_cursor, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (account) DO UPDATE SET "
-                    "uidvalidity = excluded.uidvalidity, uidnext = excluded.uidnext, "
-                    "sync_cursor = excluded.sync_cursor, updated_at = excluded.updated_at",
-                    (account, state.uidvalidity, state.uidnext, state.cursor, _now_text()),
-                )
+                _save_mailbox(conn, account, state, added, removed, updated, replace)
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -392,6 +371,46 @@ class Store:
             conn.execute("COMMIT")
 
         await self._run(save)
+
+
+def _save_mailbox(
+    conn: sqlite3.Connection,
+    account: str,
+    state: MailboxState | None,
+    added: Sequence[MailboxUid],
+    removed: Sequence[str],
+    updated: Sequence[MailboxUid],
+    replace: bool,
+) -> None:
+    if replace:
+        conn.execute("DELETE FROM mailbox_uids WHERE account = ?", (account,))
+    conn.executemany(
+        "DELETE FROM mailbox_uids WHERE account = ? AND provider_id = ?",
+        [(account, pid) for pid in removed],
+    )
+    conn.executemany(
+        "INSERT INTO mailbox_uids (account, uid, provider_id, internal_date, flags, size, "
+        "local_flags, hidden) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [(account, e.uid, e.provider_id, _time_text(e.internal_date), *_mutable(e)) for e in added],
+    )
+    conn.executemany(
+        "UPDATE mailbox_uids SET flags = ?, size = ?, local_flags = ?, hidden = ? "
+        "WHERE account = ? AND provider_id = ?",
+        [(*_mutable(e), account, e.provider_id) for e in updated],
+    )
+    if state is not None:
+        conn.execute(
+            "INSERT INTO mailbox_state (account, uidvalidity, uidnext, sync_cursor, updated_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (account) DO UPDATE SET "
+            "uidvalidity = excluded.uidvalidity, uidnext = excluded.uidnext, "
+            "sync_cursor = excluded.sync_cursor, updated_at = excluded.updated_at",
+            (account, state.uidvalidity, state.uidnext, state.cursor, _now_text()),
+        )
+
+
+def _mutable(entry: MailboxUid) -> tuple[str, int | None, str | None, int]:
+    local = None if entry.local_flags is None else " ".join(entry.local_flags)
+    return " ".join(entry.flags), entry.size, local, int(entry.hidden)
 
 
 def _open_database(path: Path) -> tuple[sqlite3.Connection, int]:
@@ -479,9 +498,14 @@ class MailboxState:
 
 @dataclass(frozen=True, slots=True)
 class MailboxUid:
-    """One UID map row: ``internal_date`` is timezone-aware UTC, ``flags`` IMAP flag names."""
+    """One UID map row: ``internal_date`` is timezone-aware UTC, ``flags`` the provider's IMAP
+    flags; ``size`` the exact CRLF size once known; ``local_flags`` the gateway's own flags when
+    a client changed them (None: the provider's); ``hidden`` a local deletion (EXPUNGE, DELE)."""
 
     uid: int
     provider_id: str
     internal_date: datetime
     flags: tuple[str, ...] = ()
+    size: int | None = None
+    local_flags: tuple[str, ...] | None = None
+    hidden: bool = False

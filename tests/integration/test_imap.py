@@ -238,7 +238,8 @@ async def test_store_seen_search_noop_and_expunge(world: World) -> None:
     assert out["noop"][0] == "OK" and out["exists"] and out["exists"][-1] == b"4"
     assert out["expunge"] == ("OK", [b"1"])
     assert out["count_after"] == [b"1 2 3"]
-    # The provider is untouched: the next session sees all four messages again.
+    # The deletion is the gateway's (every later session of the account sees three messages);
+    # the provider is untouched: its INBOX still holds all four.
 
     def again() -> int:
         client = world.logged_in(implicit=True)
@@ -247,7 +248,8 @@ async def test_store_seen_search_noop_and_expunge(world: World) -> None:
         finally:
             client.logout()
 
-    assert await asyncio.to_thread(again) == 4
+    assert await asyncio.to_thread(again) == 3
+    assert len(world.sandbox.ops(world.user).inbox_ids(world.user)) == 4
 
 
 async def test_wrong_password_and_authenticate_plain_after_starttls(world: World) -> None:

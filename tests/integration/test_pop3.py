@@ -161,7 +161,7 @@ async def test_retr_top_list_stat_are_the_provider_bytes(world: Pop3World) -> No
     assert joined(top2) == head + b"x\r\nx\r\n"
 
 
-async def test_dele_is_per_session_and_rset_undoes_it(world: Pop3World) -> None:
+async def test_dele_applies_at_quit_locally_and_rset_undoes_it(world: Pop3World) -> None:
     raws = [world.seed(f"d{n}") for n in range(3)]
 
     def first() -> tuple:
@@ -196,7 +196,9 @@ async def test_dele_is_per_session_and_rset_undoes_it(world: Pop3World) -> None:
             client.quit()
 
     count, again, body = await asyncio.to_thread(second)
-    assert (count, again, body) == (3, uidls, raws[0])  # the provider was not touched
+    # QUIT applied the DELE for the account (kept locally), the provider was not touched.
+    assert count == 2 and body == raws[1]
+    assert [u.split()[1] for u in again] == [u.split()[1] for u in uidls[1:]]
     assert len(world.ops.inbox_ids(world.user)) == 3
 
 
