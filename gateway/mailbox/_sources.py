@@ -15,25 +15,32 @@ import base64
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 from urllib.parse import quote
 
 import httpx
 
 from ..providers._base import TokenSource
-from ..providers._errors import Permanent
-from ..providers._http import Api
+from ..providers._errors import Permanent, ReauthRequired
+from ..providers._http import Api, classify, error_code
 
 SEEN = "\\Seen"
 
 
 @dataclass(frozen=True, slots=True)
 class RemoteMessage:
-    """A message in the provider's INBOX: its id, arrival time (UTC) and whether it is read."""
+    """A message in the provider's INBOX: its id, arrival time (UTC) and whether it is read.
+
+    ``size`` is the exact length of the CRLF form of the bytes :meth:`MailboxSource.fetch_raw`
+    returns, when the source knows it without downloading (upstream IMAP RFC822.SIZE, POP3
+    LIST); the APIs only give estimates, so there it is None and the view learns it on the
+    first download.
+    """
 
     id: str
     internal_date: datetime
     seen: bool
+    size: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +59,9 @@ class Changes:
     removed: list[str] = field(default_factory=list)
     seen: dict[str, bool] = field(default_factory=dict)  # id → \\Seen, for read-state changes
     cursor: str = ""
+    # For sources without removal events (upstream IMAP/POP3): every id now in the INBOX; a
+    # known id missing from it is removed. None: ``removed`` is complete.
+    present: frozenset[str] | None = None
 
 
 class CursorExpired(Exception):
@@ -70,6 +80,21 @@ class MailboxSource(Protocol):
         """Changes after ``cursor``; raise :class:`CursorExpired` when it is too old."""
 
     async def fetch_raw(self, provider_id: str) -> bytes: ...
+
+    async def set_flags(self, provider_id: str, seen: bool | None, flagged: bool | None) -> None:
+        """Mirror read/flagged state to the provider (opt-in; None leaves that flag alone).
+        Raise :class:`NotSupported` where the provider cannot keep it (POP3)."""
+
+    async def remove(self, provider_id: str, how: Removal) -> None:
+        """Take the message out of the INBOX at the provider: ``archive`` or ``trash``, never
+        a permanent deletion. Raise :class:`NotSupported` where neither exists (POP3)."""
+
+
+Removal = Literal["archive", "trash"]
+
+
+class NotSupported(Exception):
+    """The provider cannot do this mirroring operation; str() says why, for the admin."""
 
 
 def _parse_graph_date(text: str) -> datetime:
@@ -138,6 +163,53 @@ class GraphSource:
             headers=self.headers,
         )
         return response.content
+
+    async def set_flags(self, provider_id: str, seen: bool | None, flagged: bool | None) -> None:
+        changes: dict[str, Any] = {}
+        if seen is not None:
+            changes["isRead"] = seen
+        if flagged is not None:
+            changes["flag"] = {"flagStatus": "flagged" if flagged else "notFlagged"}
+        if changes:
+            await self._write("PATCH", provider_id, "", "Graph mark read/flagged", changes)
+
+    async def remove(self, provider_id: str, how: Removal) -> None:
+        # Well-known folder names; with ImmutableId the moved message keeps its id (201 + it).
+        folder = "archive" if how == "archive" else "deleteditems"
+        what = f"Graph move to {folder}"
+        await self._write("POST", provider_id, "/move", what, {"destinationId": folder})
+
+    async def _write(
+        self, method: str, provider_id: str, suffix: str, what: str, body: dict[str, Any]
+    ) -> None:
+        """A mirroring write; a message already gone (404 ErrorItemNotFound) is done."""
+        response = await self.api.call(
+            method,
+            f"{self.mailbox}/messages/{quote(provider_id, safe='')}{suffix}",
+            what,
+            json=body,
+            headers=self.headers,
+            ok=lambda status: status < 300 or status in (403, 404),
+        )
+        if response.status_code == 404 and error_code(response)[0] == "ErrorItemNotFound":
+            return
+        _check_write(response, what, "Mail.ReadWrite")
+
+
+def _check_write(response: httpx.Response, what: str, scope: str) -> None:
+    """Raise for a failed mirroring write as ``Api.call`` would, but say which scope a 403
+    for a missing permission lacks: mirroring is opt-in and asks for more than reading."""
+    if response.status_code < 300:
+        return
+    error = classify(response, what)
+    if isinstance(error, ReauthRequired):
+        code, message = error_code(response)
+        raise ReauthRequired(
+            f"{what}: HTTP 403 {code}: {message} — mirroring changes to the provider needs the "
+            f"{scope} scope, which this account's consent lacks: enable the option's scope and "
+            "reconnect the account"
+        )
+    raise error
 
 
 def _graph_item(
@@ -245,6 +317,39 @@ class GmailSource:
         )
         raw = str(response.json()["raw"])
         return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+
+    async def set_flags(self, provider_id: str, seen: bool | None, flagged: bool | None) -> None:
+        add: list[str] = []
+        remove: list[str] = []
+        if seen is not None:
+            (remove if seen else add).append("UNREAD")
+        if flagged is not None:
+            (add if flagged else remove).append("STARRED")
+        if add or remove:  # Gmail refuses a modify that changes nothing (400)
+            body = {"addLabelIds": add, "removeLabelIds": remove}
+            await self._write(provider_id, "modify", "Gmail mark read/flagged", body)
+
+    async def remove(self, provider_id: str, how: Removal) -> None:
+        # Archive = out of INBOX, kept in All Mail; trash = TRASH label (purged after 30 days).
+        if how == "archive":
+            body = {"removeLabelIds": ["INBOX"]}
+            await self._write(provider_id, "modify", "Gmail archive", body)
+        else:
+            await self._write(provider_id, "trash", "Gmail trash", None)
+
+    async def _write(
+        self, provider_id: str, action: str, what: str, body: dict[str, Any] | None
+    ) -> None:
+        """A mirroring write; a message already gone (404) is done."""
+        response = await self.api.call(
+            "POST",
+            f"{self.base}/messages/{quote(provider_id, safe='')}/{action}",
+            what,
+            json=body,
+            ok=lambda status: status < 300 or status in (403, 404),
+        )
+        if response.status_code != 404:
+            _check_write(response, what, "gmail.modify")
 
     async def _details(self, ids: Iterable[str]) -> list[RemoteMessage | None]:
         """internalDate and \\Seen per id, in order; None for one no longer in the INBOX."""
