@@ -19,7 +19,16 @@ from .admin import server as admin_server
 from .config import AccountSettings, Settings
 from .imap_out import server as imap_server
 from .logs import get_logger
-from .mailbox import GmailSource, GraphSource, MailboxSource, MailboxView
+from .mailbox import (
+    BodyCache,
+    GmailSource,
+    GraphSource,
+    MailboxSource,
+    MailboxView,
+    ReadingPolicy,
+    UpstreamImapSource,
+    UpstreamPop3Source,
+)
 from .notify import WebhookNotifier
 from .oauth import OAuthError, TokenBroker
 from .pop3_out import server as pop3_server
@@ -120,6 +129,9 @@ class Gateway:
         if self._learning is not None:
             self._learning.cancel()
             self._learning = None
+        for view in self.views.values():
+            await view.close()  # sizes learnt are saved, queued provider changes finish
+        self.views.clear()
         if self.spool is not None:
             await self.spool.stop()
             self.spool = None
@@ -156,14 +168,30 @@ class Gateway:
                 name, host, port, hostname, ssl_context, implicit, self.smtp_front
             )
 
+        cleartext = settings.reading.plaintext_auth
+
         def imap(implicit: bool) -> Any:
             return lambda name, host, port: imap_server.serve(
-                name, host, port, twisted_tls, implicit, self._authenticate, self._mailbox_for
+                name,
+                host,
+                port,
+                twisted_tls,
+                implicit,
+                self._authenticate,
+                self._mailbox_for,
+                cleartext,
             )
 
         def pop3(implicit: bool) -> Any:
             return lambda name, host, port: pop3_server.serve(
-                name, host, port, twisted_tls, implicit, self._authenticate, self._mailbox_for
+                name,
+                host,
+                port,
+                twisted_tls,
+                implicit,
+                self._authenticate,
+                self._mailbox_for,
+                cleartext,
             )
 
         return {
@@ -227,11 +255,20 @@ class Gateway:
             return reconnect
         view = self.views.get(username)
         if view is None:
-            source = self._mailbox_source(self.accounts.get(username))
-            if source is None:
-                return "This gateway does not serve this mailbox's INBOX yet (upstream accounts)"
+            account = self.accounts.get(username)
+            source = self._mailbox_source(account)
+            if account is None or source is None:
+                return "This account has no INBOX to read (its upstream has no imap or pop3 server)"
             assert self.store is not None
-            view = await MailboxView.open(self.store, username, source)
+            reading = self.settings.reading
+            view = await MailboxView.open(
+                self.store,
+                username,
+                source,
+                BodyCache(reading.cache_mb * 1024 * 1024),
+                ReadingPolicy(account.reading.mirror_flags, account.reading.on_delete),
+                reading.poll_seconds,
+            )
             self.views[username] = view
         return view
 
@@ -244,6 +281,13 @@ class Gateway:
             return GraphSource(http, broker, graph, account.username, account.address)
         if account.provider == "google":
             return GmailSource(http, broker, settings.google.gmail_url, account.username)
+        upstream, trust = account.upstream, self._trust
+        if upstream is None or trust is None:
+            return None
+        if upstream.imap is not None:
+            return UpstreamImapSource(upstream.imap, trust)
+        if upstream.pop3 is not None:
+            return UpstreamPop3Source(upstream.pop3, trust)
         return None
 
     def _broker(self) -> TokenBroker:

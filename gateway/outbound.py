@@ -18,6 +18,8 @@ import certifi
 import httpx
 import requests
 
+from .config import UpstreamServer
+
 # Debian/Ubuntu, Fedora/RHEL, then the bundle that ships with certifi.
 _SYSTEM_BUNDLES = (
     Path("/etc/ssl/certs/ca-certificates.crt"),
@@ -70,3 +72,12 @@ def requests_session(ca_file: Path) -> requests.Session:
     session.proxies.update(urllib.request.getproxies())
     session.headers["User-Agent"] = USER_AGENT
     return session
+
+
+def upstream_context(server: UpstreamServer, trust: Path) -> ssl.SSLContext:
+    """TLS to an upstream SMTP/IMAP/POP3 server: the outbound trust plus the server's own
+    ``ca_file`` (a private CA); hostnames are verified."""
+    context = ssl.create_default_context(cafile=str(trust))
+    if server.ca_file is not None:
+        context.load_verify_locations(cafile=str(server.ca_file))
+    return context

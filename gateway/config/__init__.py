@@ -14,12 +14,14 @@ from pathlib import Path
 from ._checks import CHECKS
 from ._schema import Problem, Secret, Validator
 from ._settings import (
+    AccountReadingSettings,
     AccountSettings,
     AdminSettings,
     GoogleSettings,
     ListenerSettings,
     LoggingSettings,
     MicrosoftSettings,
+    ReadingSettings,
     SendingSettings,
     Settings,
     SmtpSettings,
@@ -31,6 +33,7 @@ from ._settings import (
 from ._yaml import YamlSyntaxError, load_with_lines
 
 __all__ = [
+    "AccountReadingSettings",
     "AccountSettings",
     "AdminSettings",
     "ConfigError",
@@ -39,6 +42,7 @@ __all__ = [
     "LoggingSettings",
     "MicrosoftSettings",
     "Problem",
+    "ReadingSettings",
     "Secret",
     "SendingSettings",
     "Settings",

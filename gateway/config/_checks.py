@@ -108,6 +108,13 @@ def _check_provider(
             "both upstream.imap and upstream.pop3 are set; the INBOX must come from one of them",
             "keep imap (preferred) or pop3",
         )
+    elif upstream.pop3 and account.reading is not None and account.reading.writes:
+        v.report(
+            (*path, "reading"),
+            "a POP3 upstream has no flags or folders, so nothing can be mirrored or archived "
+            "there (and the gateway never deletes mail for good)",
+            "set mirror_flags: false and on_delete: keep, or read the INBOX over upstream.imap",
+        )
 
 
 def check_app_only(settings: Settings, v: Validator) -> None:

@@ -264,6 +264,32 @@ class SendingSettings:
     )
 
 
+OnDelete = Literal["keep", "archive", "trash"]
+
+
+@dataclass(frozen=True)
+class AccountReadingSettings:
+    """What this account's IMAP/POP3 clients may change at the provider (nothing by default)."""
+
+    mirror_flags: bool = field_info(
+        False,
+        fix="true to copy \\Seen and \\Flagged set by IMAP clients to the provider (needs "
+        "Mail.ReadWrite / gmail.modify: reconnect the account after turning it on), false to "
+        "keep flags in the gateway",
+    )
+    on_delete: OnDelete = field_info(
+        "keep",
+        fix="what an IMAP EXPUNGE or POP3 DELE does at the provider: keep (nothing; the "
+        "message is only hidden from this account's clients), archive, or trash (both need "
+        "Mail.ReadWrite / gmail.modify); nothing is ever deleted for good",
+    )
+
+    @property
+    def writes(self) -> bool:
+        """Whether the provider is changed at all (so the write scope is needed)."""
+        return self.mirror_flags or self.on_delete != "keep"
+
+
 @dataclass(frozen=True)
 class AccountSettings:
     """A local login of a legacy program, and the mailbox it stands for."""
@@ -283,6 +309,7 @@ class AccountSettings:
         None, fix="describe the smtp and imap (or pop3) servers of this mailbox"
     )
     sending: SendingSettings = field_info(SendingSettings())
+    reading: AccountReadingSettings = field_info(AccountReadingSettings())
 
 
 @dataclass(frozen=True)
@@ -351,6 +378,30 @@ class SmtpSettings:
 
 
 @dataclass(frozen=True)
+class ReadingSettings:
+    """The IMAP and POP3 fronts' policy."""
+
+    plaintext_auth: PlaintextAuth = field_info(
+        "loopback",
+        fix="never (LOGIN/USER only after STARTTLS/STLS or on IMAPS/POP3S), loopback (also in "
+        "clear text from this machine), or always (also in clear text from the network: not "
+        "recommended)",
+    )
+    poll_seconds: int = field_info(
+        30,
+        fix="seconds between two checks of the provider while IMAP clients are connected, so "
+        "IDLE reports new mail within this time (1-3600)",
+        check=in_range(1, 3600),
+    )
+    cache_mb: int = field_info(
+        64,
+        fix="MB of message bodies kept in memory per mailbox, so a client reading a message "
+        "twice downloads it once (1-4096)",
+        check=in_range(1, 4096),
+    )
+
+
+@dataclass(frozen=True)
 class SpoolSettings:
     """Retries of the outbound queue."""
 
@@ -401,6 +452,7 @@ class Settings:
         None, fix="the path of a PEM file of extra CA certificates for outbound HTTPS"
     )
     smtp: SmtpSettings = field_info(SmtpSettings())
+    reading: ReadingSettings = field_info(ReadingSettings())
     spool: SpoolSettings = field_info(SpoolSettings())
     admin: AdminSettings = field_info(AdminSettings())
     logging: LoggingSettings = field_info(LoggingSettings())

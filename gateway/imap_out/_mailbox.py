@@ -150,8 +150,6 @@ def _fields(raw: bytes) -> Any:
     ]
 
 
-
-
 class _Pending:
     """Changes told by the view and not yet reported to this session's client."""
 

@@ -19,6 +19,7 @@ from twisted.internet import defer
 from twisted.internet.protocol import Factory
 from twisted.mail import imap4
 
+from ..cleartext import plaintext_auth_allowed
 from ..logs import get_logger
 from ..mailbox import MailboxView
 from ..runtime import ConnectionRegistry, RunningListener, as_deferred, listen_twisted
@@ -48,6 +49,18 @@ class _GatewayIMAP4Server(CompatIMAP4Server):
         super().connectionLost(reason)
 
     # -- LOGIN and AUTHENTICATE ------------------------------------------------------------------
+
+    def capabilities(self) -> dict[bytes, Any]:
+        """LOGINDISABLED before STARTTLS unless ``reading.plaintext_auth`` allows this client
+        (loopback by default); AUTHENTICATE is offered only under TLS either way."""
+        caps = super().capabilities()
+        if b"LOGINDISABLED" in caps and self._cleartext_allowed():
+            del caps[b"LOGINDISABLED"]
+        return caps
+
+    def _cleartext_allowed(self) -> bool:
+        peer = self.transport.getPeer().host
+        return plaintext_auth_allowed(self.factory.plaintext_auth, peer, tls_active=False)
 
     def do_LOGIN(self, tag: bytes, user: bytes, passwd: bytes) -> None:
         if b"LOGINDISABLED" in self.capabilities():  # a STARTTLS port before STARTTLS
@@ -198,8 +211,10 @@ class _IMAPFactory(Factory):
         login: LoginCheck,
         mailbox_for: MailboxFor,
         log_failure: Callable[[Any], None],
+        plaintext_auth: str,
     ) -> None:
         self.connections = ConnectionRegistry()
+        self.plaintext_auth = plaintext_auth
         self._tls = tls_for_starttls
         self._implicit_tls = implicit_tls
         self.login = login
@@ -228,13 +243,20 @@ async def serve(
     implicit_tls: bool,
     login: LoginCheck,
     mailbox_for: MailboxFor,
+    plaintext_auth: str = "loopback",
 ) -> RunningListener:
-    """Start one IMAP listener; ``implicit_tls`` selects IMAPS, otherwise STARTTLS is offered."""
+    """Start one IMAP listener; ``implicit_tls`` selects IMAPS, otherwise STARTTLS is offered.
+    ``plaintext_auth`` (never, loopback, always) says where LOGIN may come before STARTTLS."""
 
     def log_failure(failure: Any) -> None:
         log.error("imap.error", error=str(getattr(failure, "value", failure)))
 
     factory = _IMAPFactory(
-        None if implicit_tls else tls_context, implicit_tls, login, mailbox_for, log_failure
+        None if implicit_tls else tls_context,
+        implicit_tls,
+        login,
+        mailbox_for,
+        log_failure,
+        plaintext_auth,
     )
     return await listen_twisted(name, factory, host, port, tls_context if implicit_tls else None)

@@ -17,6 +17,7 @@ from ._sources import (
     Snapshot,
 )
 from ._uidmap import Applied, UidMap
+from ._upstream import UpstreamImapSource, UpstreamPop3Source
 from ._view import (
     KNOWN_FLAGS,
     BodyCache,
@@ -45,5 +46,7 @@ __all__ = [
     "RemoteMessage",
     "Snapshot",
     "UidMap",
+    "UpstreamImapSource",
+    "UpstreamPop3Source",
     "crlf_form",
 ]

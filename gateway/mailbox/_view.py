@@ -330,6 +330,9 @@ class MailboxView:
         if self._saving_sizes is not None:
             await self._saving_sizes
         await self._mirror.drain()
+        close = getattr(self.source, "close", None)  # an upstream connection to log out of
+        if close is not None:
+            await close()
 
 
 class _Mirror:

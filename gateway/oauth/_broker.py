@@ -118,7 +118,7 @@ class TokenBroker:
             return await asyncio.to_thread(self.microsoft.app_only)
         if account.provider == "google" and self.settings.google.service_account_file:
             info = json.loads(self.settings.google.service_account_file.read_text())
-            scopes = [need.scope for need in _scopes.google_service_account()]
+            scopes = [need.scope for need in self.needed(account)]
             return await asyncio.to_thread(
                 self.google.service_account, info, account.address, scopes
             )
@@ -200,9 +200,10 @@ class TokenBroker:
                 return _scopes.MICROSOFT_APP_ONLY
             return _scopes.microsoft_delegated()
         if account.provider == "google":
+            writes = account.reading.writes
             if self.settings.google.service_account_file:
-                return _scopes.google_service_account()
-            return _scopes.google_user()
+                return _scopes.google_service_account(writes)
+            return _scopes.google_user(writes)
         return ()
 
     async def begin_consent(self, username: str) -> str:

@@ -1,9 +1,10 @@
 """Which OAuth scopes each account needs, and why: least privilege that follows the features.
 
 The admin page shows this table, so every scope we ask for comes with the sentence that
-justifies it. Today every account sends and reads its INBOX; Microsoft messages over 3 MB must
-go through a draft and upload sessions, which needs Mail.ReadWrite (Mail.Send alone cannot
-create drafts), so that scope is requested unless large messages are turned off.
+justifies it. Every account sends and reads its INBOX; Microsoft messages over 3 MB must go
+through a draft and upload sessions, which needs Mail.ReadWrite (Mail.Send alone cannot create
+drafts). Google accounts get gmail.readonly, or gmail.modify when the account's reading policy
+writes to the mailbox (mirrored flags, archive or trash).
 """
 
 from __future__ import annotations
@@ -20,18 +21,18 @@ class ScopeNeed:
     reason: str  # for the admin page
 
 
-def microsoft_delegated(large_messages: bool = True) -> tuple[ScopeNeed, ...]:
-    needs = [ScopeNeed(f"{GRAPH}Mail.Send", "send the mail your programs submit by SMTP")]
-    if large_messages:
-        needs.append(
-            ScopeNeed(
-                f"{GRAPH}Mail.ReadWrite",
-                "read the INBOX for IMAP/POP3, and send messages over 3 MB (drafts + upload)",
-            )
-        )
-    else:
-        needs.append(ScopeNeed(f"{GRAPH}Mail.Read", "read the INBOX for IMAP/POP3"))
-    return tuple(needs)
+def microsoft_delegated() -> tuple[ScopeNeed, ...]:
+    """Mail.ReadWrite, not Mail.Read: messages over 3 MB need drafts and upload sessions (Mail.Send
+    alone cannot create drafts), so every account needs it; it also covers the opt-in reading
+    policies (mirrored flags, archive/trash)."""
+    return (
+        ScopeNeed(f"{GRAPH}Mail.Send", "send the mail your programs submit by SMTP"),
+        ScopeNeed(
+            f"{GRAPH}Mail.ReadWrite",
+            "read the INBOX for IMAP/POP3, send messages over 3 MB (drafts + upload), and copy "
+            "flags or archive/trash if this account's reading policy says so",
+        ),
+    )
 
 
 MICROSOFT_APP_ONLY = (
@@ -44,20 +45,31 @@ GOOGLE_IDENTITY = (
 )
 
 
-def google_user() -> tuple[ScopeNeed, ...]:
+def google_user(writes: bool = False) -> tuple[ScopeNeed, ...]:
+    """``writes``: the account's reading policy changes the mailbox (mirrored flags, archive or
+    trash), which needs gmail.modify instead of gmail.readonly."""
+    read = (
+        ScopeNeed(
+            f"{GMAIL}gmail.modify",
+            "read the INBOX for IMAP/POP3, check From addresses against your send-as list, and "
+            "copy flags or archive/trash as this account's reading policy says",
+        )
+        if writes
+        else ScopeNeed(
+            f"{GMAIL}gmail.readonly",
+            "read the INBOX for IMAP/POP3, and check From addresses against your send-as list",
+        )
+    )
     return (
         *GOOGLE_IDENTITY,
         ScopeNeed(f"{GMAIL}gmail.send", "send the mail your programs submit by SMTP"),
-        ScopeNeed(
-            f"{GMAIL}gmail.readonly",
-            "read the INBOX for IMAP/POP3, and check From addresses against your send-as list",
-        ),
+        read,
     )
 
 
-def google_service_account() -> tuple[ScopeNeed, ...]:
+def google_service_account(writes: bool = False) -> tuple[ScopeNeed, ...]:
     """Domain-wide delegation: no identity scopes (the subject is named by the admin)."""
-    return google_user()[len(GOOGLE_IDENTITY) :]
+    return google_user(writes)[len(GOOGLE_IDENTITY) :]
 
 
 def short(scope: str) -> str:

@@ -53,9 +53,7 @@ class NoSuchMessage(LookupError):
 class Pop3Session:
     """The messages of one session; every reply-worthy failure is :class:`NoSuchMessage`."""
 
-    def __init__(
-        self, account: str, view: MailboxView, messages: tuple[MessageInfo, ...]
-    ) -> None:
+    def __init__(self, account: str, view: MailboxView, messages: tuple[MessageInfo, ...]) -> None:
         self.account = account
         self.view = view
         self.messages = messages

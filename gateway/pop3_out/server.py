@@ -24,10 +24,10 @@ Errors never drop the connection: anything unexpected is logged with its details
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from ..cleartext import plaintext_auth_allowed
 from ..imap_out.server import LoginCheck
 from ..logs import get_logger
 from ..mailbox import MailboxView
@@ -69,15 +69,6 @@ def _number(word: bytes) -> int:
     if not word.isdigit():
         raise NoSuchMessage(f"Invalid number: {word.decode('ascii', 'replace')[:20]}")
     return int(word)
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
-    return (mapped or address).is_loopback
 
 
 def _protocol_class() -> type:
@@ -197,7 +188,7 @@ def _protocol_class() -> type:
         def listCapabilities(self) -> list[bytes]:
             caps = [b"TOP", b"UIDL", b"PIPELINING", b"RESP-CODES", b"AUTH-RESP-CODE"]
             if self.session is None:
-                if self.secure or _is_loopback(self.client):
+                if self._password_allowed():
                     caps.insert(1, b"USER")
                 if not self.secure and self.factory.tls is not None:
                     caps.append(b"STLS")
@@ -227,7 +218,15 @@ def _protocol_class() -> type:
         def do_AUTH(self, *args: bytes) -> None:
             self.transport.write(err(b"No SASL mechanisms, use USER and PASS"))
 
+        def _password_allowed(self) -> bool:
+            """Under TLS, or in clear text where ``reading.plaintext_auth`` allows it."""
+            policy = self.factory.plaintext_auth
+            return plaintext_auth_allowed(policy, self.client, tls_active=self.secure)
+
         def do_USER(self, user: bytes, *rest: bytes) -> None:
+            if not self._password_allowed():
+                self.transport.write(err(b"[AUTH] Use STLS first: no passwords in clear text"))
+                return
             self._userIs = b" ".join((user, *rest))
             self.transport.write(ok(b"Send PASS"))
 
@@ -359,8 +358,10 @@ async def serve(
     implicit_tls: bool,
     login: LoginCheck,
     mailbox_for: MailboxFor | None = None,
+    plaintext_auth: str = "loopback",
 ) -> RunningListener:
-    """Start one POP3 listener; ``implicit_tls`` selects POP3S, otherwise STLS is offered."""
+    """Start one POP3 listener; ``implicit_tls`` selects POP3S, otherwise STLS is offered.
+    ``plaintext_auth`` (never, loopback, always) says where USER/PASS may come before STLS."""
     from twisted.internet.protocol import Factory
 
     factory = Factory.forProtocol(_protocol_class())
@@ -370,4 +371,5 @@ async def serve(
     factory.mailbox_for = mailbox_for
     factory.implicit_tls = implicit_tls
     factory.tls = tls_context
+    factory.plaintext_auth = plaintext_auth
     return await listen_twisted(name, factory, host, port, tls_context if implicit_tls else None)

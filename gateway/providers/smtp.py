@@ -15,6 +15,7 @@ import ssl
 from pathlib import Path
 
 from ..config import AccountSettings, UpstreamServer
+from ..outbound import upstream_context
 from ..spool._types import Envelope
 from ._base import DeliveryResult
 from ._errors import Permanent, ReauthRequired, Temporary
@@ -56,10 +57,7 @@ class UpstreamSender:
         return None  # SMTP has no "sent mail" to look in
 
     def _context(self, server: UpstreamServer) -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=str(self.system_ca_file))
-        if server.ca_file is not None:
-            context.load_verify_locations(cafile=str(server.ca_file))
-        return context
+        return upstream_context(server, self.system_ca_file)
 
     def _connect(self, server: UpstreamServer) -> smtplib.SMTP:
         port = server.port_for("smtp")

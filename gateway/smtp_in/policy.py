@@ -13,7 +13,6 @@ files, which is what this gateway exists to keep working.
 from __future__ import annotations
 
 import email.policy
-import ipaddress
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,24 +21,6 @@ from email.utils import format_datetime
 
 _SENDER_HEADERS = ("From", "Sender")
 _HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.:\[\]_-]")
-
-
-def is_loopback(peer_host: str) -> bool:
-    """127.0.0.0/8, ::1, and IPv4-mapped loopback (a dual-stack socket's view of 127.0.0.1)."""
-    try:
-        address = ipaddress.ip_address(peer_host)
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return (mapped or address).is_loopback
-
-
-def plaintext_auth_allowed(policy: str, peer_host: str, tls_active: bool) -> bool:
-    """Whether AUTH may be offered here: always under TLS, else per ``smtp.plaintext_auth``
-    (never, loopback or always)."""
-    if tls_active or policy == "always":
-        return True
-    return policy == "loopback" and is_loopback(peer_host)
 
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")

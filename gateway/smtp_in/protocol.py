@@ -17,11 +17,11 @@ from typing import Any, AnyStr
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session, TLSSetupException, syntax
 
+from ..cleartext import plaintext_auth_allowed
 from ..logs import get_logger
 from ..runtime import ConnectionRegistry
 from . import replies
 from .front import SmtpFront
-from .policy import plaintext_auth_allowed
 
 log = get_logger(__name__)
 

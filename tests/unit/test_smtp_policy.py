@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from gateway.accounts import Accounts
+from gateway.cleartext import plaintext_auth_allowed
 from gateway.config import AccountSettings, SendingSettings
 from gateway.smtp_in import replies
 from gateway.smtp_in.handler import content_refusal
@@ -15,7 +16,6 @@ from gateway.smtp_in.policy import (
     HeaderSender,
     header_senders,
     normalize_line_endings,
-    plaintext_auth_allowed,
     received_header,
 )
 from gateway.throttle import LoginThrottle

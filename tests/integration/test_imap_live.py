@@ -1,0 +1,336 @@
+"""Changes reach connected clients, and the account's state survives restarts.
+
+Through the real gateway and the sandbox clouds, with imaplib (IDLE spoken on its socket):
+new mail at the provider arrives as EXISTS while a client IDLEs; a message moved out of the
+INBOX at the provider is EXPUNGEd; a read-state change at the provider arrives as FETCH FLAGS;
+an EXPUNGE in one session reaches another session and leaves the provider untouched; however
+many sessions idle, one poller asks the provider. After a restart the UIDs, UIDVALIDITY, the
+gateway's own flags and the learnt sizes are unchanged (no body is downloaded again for
+RFC822.SIZE). With the opt-in policy, \\Seen and EXPUNGE reach the provider (trash, never a
+permanent delete). ``reading.plaintext_auth`` rules LOGIN and USER before STARTTLS/STLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import imaplib
+import json
+import poplib
+import re
+import ssl
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.sandbox import Sandbox, User
+from tests.helpers import GOOGLE_ADDRESS, MS_ADDRESS, PASSWORD, running_gateway, sandbox_config
+
+HOST = "127.0.0.1"
+T0 = datetime(2026, 4, 1, 8, 0, tzinfo=UTC)
+POLL_SECONDS = 1
+WAIT = 15.0  # seconds an IDLE waits for a push: many poll intervals, never reached when green
+
+
+def _cloud_config(
+    provider: str, sandbox: Sandbox, tmp_path: Path, reading: dict | None = None, **top: Any
+) -> tuple[dict, str, str]:
+    """A config with one app-only (Microsoft) or service-account (Google) account: no consent
+    needed, so the INBOX is served right after start. Write scopes, so mirroring can work."""
+    config, _ = sandbox_config(sandbox, tmp_path / "state")
+    config["reading"] = {"poll_seconds": POLL_SECONDS, **top}
+    if provider == "microsoft":
+        app = sandbox.add_app("microsoft", app_permissions=("Mail.Send", "Mail.ReadWrite"))
+        config["microsoft"].update(
+            client_id=app.client_id, app_only=True, client_secret=app.client_secret
+        )
+        address, account = MS_ADDRESS, "crm"
+    else:
+        key = sandbox.google.add_service_account(
+            [
+                "https://www.googleapis.com/auth/gmail.send",
+                "https://www.googleapis.com/auth/gmail.readonly",
+                "https://www.googleapis.com/auth/gmail.modify",
+            ],
+            sandbox.url,
+        )
+        key_file = tmp_path / "service-account.json"
+        key_file.write_text(json.dumps(key))
+        config["google"]["service_account_file"] = str(key_file)
+        address, account = GOOGLE_ADDRESS, "scanner"
+    for entry in config["accounts"]:
+        if entry["username"] == account and reading:
+            entry["reading"] = reading
+    return config, address, account
+
+
+@dataclass
+class Live:
+    gateway: Any
+    sandbox: Sandbox
+    user: User
+    account: str
+    cafile: str
+    seeded: int = 0
+
+    def seed(self, subject: str) -> str:
+        raw = (
+            f"From: s@example.org\r\nTo: {self.user.address}\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{subject}@example.org>\r\n\r\nBody of {subject}.\r\n"
+        ).encode()
+        received = T0 + timedelta(minutes=self.seeded)
+        self.seeded += 1
+        return self.sandbox.ops(self.user).seed_inbox(self.user, raw, received_at=received)
+
+    def inbox(self) -> list[str]:
+        return self.sandbox.ops(self.user).inbox_ids(self.user)
+
+    def login(self) -> imaplib.IMAP4:
+        client = imaplib.IMAP4(HOST, self.gateway.ports["imap"], timeout=WAIT + 5)
+        client.starttls(ssl_context=ssl.create_default_context(cafile=self.cafile))
+        client.login(self.account, PASSWORD)
+        return client
+
+
+@contextlib.asynccontextmanager
+async def live_gateway(
+    provider: str, sandbox: Sandbox, tmp_path: Path, reading: dict | None = None, **top: Any
+) -> AsyncIterator[Live]:
+    config, address, account = _cloud_config(provider, sandbox, tmp_path, reading, **top)
+    user = sandbox.directory.user(address)
+    assert user is not None
+    async with running_gateway(config, tmp_path / "c.yaml") as gateway:
+        yield Live(gateway, sandbox, user, account, str(gateway.settings.state_dir / "tls/ca.crt"))
+
+
+@pytest.fixture(params=["microsoft", "google"])
+async def live(
+    request: pytest.FixtureRequest, sandbox: Sandbox, tmp_path: Path
+) -> AsyncIterator[Live]:
+    async with live_gateway(request.param, sandbox, tmp_path) as world:
+        yield world
+
+
+@contextlib.contextmanager
+def idling(client: imaplib.IMAP4) -> Iterator[Any]:
+    """IDLE on imaplib's socket; yields ``wait(pattern)`` → the first untagged line matching."""
+    tag = client._new_tag()
+    client.send(tag + b" IDLE\r\n")
+    assert client.readline().startswith(b"+"), "no continuation for IDLE"
+
+    def wait(pattern: bytes) -> bytes:
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            client.sock.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                line = client.readline()
+            except TimeoutError:
+                break
+            if re.search(pattern, line):
+                return line
+        raise AssertionError(f"no untagged {pattern!r} within {WAIT} s of IDLE")
+
+    try:
+        yield wait
+    finally:
+        client.sock.settimeout(WAIT)
+        client.send(b"DONE\r\n")
+        while True:
+            line = client.readline()
+            if line.startswith(tag):
+                assert b"OK" in line, line
+                break
+
+
+async def test_idle_reports_new_moved_and_read_mail(live: Live) -> None:
+    first = live.seed("a0")
+    live.seed("a1")
+
+    def session() -> dict[str, bytes]:
+        client = live.login()
+        try:
+            client.select("INBOX")
+            out = {}
+            with idling(client) as wait:
+                live.seed("a2")  # arrives at the provider while the client idles
+                out["exists"] = wait(rb"^\* \d+ EXISTS")
+                live.sandbox.ops(live.user).set_read(live.user, first, True)
+                out["flags"] = wait(rb"^\* \d+ FETCH \(FLAGS")
+                live.sandbox.ops(live.user).move(live.user, first, "archive")
+                out["expunge"] = wait(rb"^\* \d+ EXPUNGE")
+            out["after"] = client.search(None, "ALL")[1][0]
+            return out
+        finally:
+            client.logout()
+
+    out = await asyncio.to_thread(session)
+    assert out["exists"].strip() == b"* 3 EXISTS"
+    assert out["flags"].startswith(b"* 1 FETCH (FLAGS (\\Seen)")
+    assert out["expunge"].strip() == b"* 1 EXPUNGE"
+    assert out["after"] == b"1 2"
+
+
+async def test_expunge_reaches_other_sessions_and_leaves_the_provider_alone(
+    live: Live,
+) -> None:
+    for n in range(3):
+        live.seed(f"e{n}")
+
+    def sessions() -> tuple[bytes, list, int]:
+        watcher, deleter = live.login(), live.login()
+        try:
+            watcher.select("INBOX")
+            deleter.select("INBOX")
+            with idling(watcher) as wait:
+                deleter.store("2", "+FLAGS", "(\\Deleted)")
+                expunged = deleter.expunge()[1]
+                pushed = wait(rb"^\* \d+ EXPUNGE")
+            return pushed, expunged, int(watcher.select("INBOX")[1][0])
+        finally:
+            watcher.logout()
+            deleter.logout()
+
+    pushed, expunged, remaining = await asyncio.to_thread(sessions)
+    assert expunged == [b"2"] and pushed.strip() == b"* 2 EXPUNGE" and remaining == 2
+    assert len(live.inbox()) == 3  # the default policy keeps the message at the provider
+
+
+async def test_one_poller_per_mailbox(live: Live) -> None:
+    live.seed("p0")
+    clients = await asyncio.gather(*(asyncio.to_thread(live.login) for _ in range(5)))
+    for client in clients:
+        await asyncio.to_thread(client.select, "INBOX")
+    target = "graph" if live.account == "crm" else "gmail"
+    requests = live.sandbox.faults.requests
+    before = requests.get(target, 0)
+    await asyncio.sleep(POLL_SECONDS * 4.5)
+    polls = requests.get(target, 0) - before
+    for client in clients:
+        await asyncio.to_thread(client.logout)
+    # Five selected sessions, about four intervals: one poller makes about four rounds (a
+    # Gmail round is one history call; a Graph round one delta call), five would make 20.
+    assert 2 <= polls <= 6, polls
+    for _ in range(100):  # the last session left: polling stops once its close is processed
+        pollers = [t for t in asyncio.all_tasks() if t.get_name() == f"poll {live.account}"]
+        if not pollers:
+            break
+        await asyncio.sleep(0.05)
+    assert pollers == []
+
+
+@pytest.mark.parametrize("provider", ["microsoft", "google"])
+async def test_restart_keeps_uids_flags_and_sizes(
+    provider: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    async with live_gateway(provider, sandbox, tmp_path) as world:
+        for n in range(4):
+            world.seed(f"r{n}")
+
+        def first() -> tuple:
+            client = world.login()
+            try:
+                client.select("INBOX")
+                validity = client.untagged_responses["UIDVALIDITY"][-1]
+                listing = client.uid("FETCH", "1:*", "(UID RFC822.SIZE)")[1]
+                client.store("1", "+FLAGS", "(\\Flagged \\Answered)")
+                client.store("3", "+FLAGS", "(\\Deleted)")
+                client.expunge()
+                flags = client.uid("FETCH", "1:*", "(UID FLAGS)")[1]
+                return validity, listing, flags
+            finally:
+                client.logout()
+
+        validity, listing, flags = await asyncio.to_thread(first)
+    target = "graph" if provider == "microsoft" else "gmail"
+    async with live_gateway(provider, sandbox, tmp_path) as world:
+        before = sandbox.faults.requests.get(target, 0)
+
+        def second() -> tuple:
+            client = world.login()
+            try:
+                client.select("INBOX")
+                again = client.untagged_responses["UIDVALIDITY"][-1]
+                return (
+                    again,
+                    client.uid("FETCH", "1:*", "(UID FLAGS)")[1],
+                    client.uid("FETCH", "1:*", "(UID RFC822.SIZE)")[1],
+                )
+            finally:
+                client.logout()
+
+        again, flags_after, sizes_after = await asyncio.to_thread(second)
+        calls = sandbox.faults.requests.get(target, 0) - before
+    assert again == validity
+    assert flags_after == flags and len(flags_after) == 3  # the expunged one stays hidden
+    assert b"\\Flagged" in flags_after[0] and b"\\Answered" in flags_after[0]
+    sizes = dict(re.findall(rb"UID (\d+) RFC822.SIZE (\d+)", b" ".join(listing)))
+    del sizes[b"3"]
+    assert dict(re.findall(rb"UID (\d+) RFC822.SIZE (\d+)", b" ".join(sizes_after))) == sizes
+    assert calls <= 2, calls  # ... without downloading a body: one sync (plus a profile call)
+
+
+@pytest.mark.parametrize("provider", ["microsoft", "google"])
+async def test_opt_in_policy_mirrors_seen_and_trashes(
+    provider: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    reading = {"mirror_flags": True, "on_delete": "trash"}
+    async with live_gateway(provider, sandbox, tmp_path, reading) as world:
+        ids = [world.seed(f"m{n}") for n in range(2)]
+
+        def session() -> None:
+            client = world.login()
+            try:
+                client.select("INBOX")
+                client.fetch("1", "(BODY[])")  # no PEEK: sets \Seen (RFC 3501 6.4.5)
+                client.store("2", "+FLAGS", "(\\Deleted)")
+                client.expunge()
+            finally:
+                client.logout()
+
+        await asyncio.to_thread(session)
+        await world.gateway.views[world.account].close()  # the background calls finished
+        store = sandbox.ops(world.user).store
+        assert world.inbox() == [ids[0]]
+        if provider == "microsoft":
+            box = store.mailbox(world.user)
+            read, trashed = box.find(ids[0]), box.find(ids[1])
+            assert read is not None and read.is_read
+            assert trashed is not None and trashed.folder_id == box.folder("deleteditems").id
+        else:
+            box = store.mailbox(world.user)
+            assert "UNREAD" not in box.messages[ids[0]].labels
+            assert "TRASH" in box.messages[ids[1]].labels
+
+
+@pytest.mark.parametrize("policy", ["never", "loopback"])
+async def test_plaintext_login_policy(policy: str, sandbox: Sandbox, tmp_path: Path) -> None:
+    async with live_gateway("microsoft", sandbox, tmp_path, plaintext_auth=policy) as world:
+
+        def attempt() -> tuple[str, str]:
+            imap = imaplib.IMAP4(HOST, world.gateway.ports["imap"], timeout=10)
+            try:
+                imap_result = imap.login(world.account, PASSWORD)[0]
+            except imaplib.IMAP4.error as refused:
+                imap_result = str(refused)
+            finally:
+                imap.shutdown()
+            pop = poplib.POP3(HOST, world.gateway.ports["pop3"], timeout=10)
+            try:
+                pop_result = pop.user(world.account).decode()
+            except poplib.error_proto as refused:
+                pop_result = str(refused)
+            finally:
+                pop.close()
+            return imap_result, pop_result
+
+        imap_result, pop_result = await asyncio.to_thread(attempt)
+    if policy == "never":
+        assert "STARTTLS" in imap_result and "PRIVACYREQUIRED" in imap_result
+        assert "STLS" in pop_result and pop_result.startswith("b'-ERR")
+    else:
+        assert imap_result == "OK" and pop_result.startswith("+OK")
