@@ -139,11 +139,16 @@ def _route_twisted_logs() -> None:
     """Twisted logs through its own observer system; forward it into stdlib logging.
 
     Twisted accepts this once per process (a second call only logs a warning), hence the flag.
+    Events Twisted buffered before this call are dropped, not replayed: they were logged while
+    no log configuration existed, and replaying them would attribute them to whatever output
+    was configured first.
     """
     global _twisted_routed
     if _twisted_routed:
         return
     from twisted.logger import STDLibLogObserver, globalLogBeginner
 
-    globalLogBeginner.beginLoggingTo([STDLibLogObserver(name="twisted")], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo(
+        [STDLibLogObserver(name="twisted")], discardBuffer=True, redirectStandardIO=False
+    )
     _twisted_routed = True

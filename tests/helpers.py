@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import imaplib
 import re
 import socket
 import ssl
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -182,3 +184,37 @@ class SandboxTokens:
 
     def invalidate(self, username: str) -> None:
         self._token = None
+
+
+IDLE_WAIT = 15.0  # seconds an IDLE waits for a push: many poll intervals, never reached when green
+
+
+@contextlib.contextmanager
+def idling(client: imaplib.IMAP4) -> Iterator[Any]:
+    """IDLE on imaplib's socket; yields ``wait(pattern)`` → the first untagged line matching."""
+    tag = client._new_tag()
+    client.send(tag + b" IDLE\r\n")
+    assert client.readline().startswith(b"+"), "no continuation for IDLE"
+
+    def wait(pattern: bytes) -> bytes:
+        deadline = time.monotonic() + IDLE_WAIT
+        while time.monotonic() < deadline:
+            client.sock.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                line = client.readline()
+            except TimeoutError:
+                break
+            if re.search(pattern, line):
+                return line
+        raise AssertionError(f"no untagged {pattern!r} within {IDLE_WAIT} s of IDLE")
+
+    try:
+        yield wait
+    finally:
+        client.sock.settimeout(IDLE_WAIT)
+        client.send(b"DONE\r\n")
+        while True:
+            line = client.readline()
+            if line.startswith(tag):
+                assert b"OK" in line, line
+                break

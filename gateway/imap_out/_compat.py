@@ -14,6 +14,7 @@ item renders them (Twisted #9197).
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,10 +22,16 @@ from twisted.internet.defer import maybeDeferred, succeed
 from twisted.mail import imap4
 from twisted.python import log
 
+from ..mailbox import MailboxUnavailable
 from ..runtime import reactor
 from . import _render
+from ._search import UnsupportedSearch
 from ._seqset import parse_seqset
 
+# RFC 3501: tag = 1*<ASTRING-CHAR except "+">; command names are ASCII letters.
+_TAG = re.compile(rb'[^\x00-\x20\x7f-\xff(){%*"\\+]+')
+_COMMAND = re.compile(rb"[A-Za-z][A-Za-z0-9]*")
+_STORE_MODES = {p + b"FLAGS" + s for p in (b"", b"+", b"-") for s in (b"", b".SILENT")}
 _BATCH = 25  # messages rendered per reactor turn: other connections keep being served
 _MAX_PIPELINED = 1 << 20  # bytes queued behind a slow command before the client is cut off
 
@@ -101,17 +108,83 @@ class CompatIMAP4Server(imap4.IMAP4Server):
         super().lineReceived(line)
 
     def parse_command(self, line: bytes) -> Any:
+        """Stock parsing behind a check of the tag and command name, like Dovecot's.
+
+        Stock echoes any bytes back as a tag (NULs, 8-bit, even a ``+``), and a non-ASCII
+        command name made it answer ``NO [SERVERBUG] 'ascii' codec can't decode…``.
+        """
         words = line.split(None, 2)
+        if words and not _TAG.fullmatch(words[0]):
+            self.sendUntaggedResponse(b"BAD Error in IMAP command: invalid tag")
+            return None
+        if len(words) >= 2 and not _COMMAND.fullmatch(words[1]):
+            self.sendBadResponse(words[0], b"Error in IMAP command: unknown command")
+            return None
         if len(words) >= 2:
             self._inflight = words[0]
         try:
             return super().parse_command(line)
-        except Exception as error:
+        except Exception:
             log.err(None, "imap: command failed")
             self._inflight = None
             tag = words[0] if words else None
-            self.sendNegativeResponse(tag, b"[SERVERBUG] " + _ascii(str(error)))
+            # The details go to the log only: Python's error text means nothing to a client.
+            self.sendNegativeResponse(tag, b"[SERVERBUG] Internal error, the command was not run")
             return None
+
+    def _IMAP4Server__ebDispatch(self, failure: Any, tag: bytes) -> None:
+        """Argument parsing failed: stock sends ``BAD Server error: <Python text>`` for anything
+        but its own syntax errors (``FETCH`` without arguments: 'NoneType' object has no
+        attribute…); the protocol errors keep stock's sentences."""
+        if failure.check(
+            imap4.IllegalClientResponse, imap4.IllegalOperation, imap4.IllegalMailboxEncoding
+        ):
+            imap4.IMAP4Server._IMAP4Server__ebDispatch(self, failure, tag)  # type: ignore[attr-defined]
+            return
+        log.err(failure, "imap: could not parse the arguments")
+        self.sendBadResponse(tag, b"Error in IMAP command: invalid arguments")
+
+    def _IMAP4Server__ebSearch(self, failure: Any, tag: bytes) -> None:
+        """SEARCH failed: a refused key keeps its sentence, anything else no Python text."""
+        if failure.check(UnsupportedSearch, imap4.IllegalQueryError, imap4.IllegalClientResponse):
+            self.sendBadResponse(tag, _ascii(str(failure.value)))
+            return
+        if failure.check(IndexError, RecursionError):  # "SEARCH NOT", "OR SEEN", 3000 NOTs
+            self.sendBadResponse(tag, b"Error in IMAP command SEARCH: missing or invalid keys")
+            return
+        log.err(failure, "imap: search failed")
+        self.sendNegativeResponse(tag, b"[SERVERBUG] SEARCH failed")
+
+    def _ebCopySelectedMailbox(self, failure: Any, tag: bytes) -> None:
+        log.err(failure, "imap: copy failed")
+        self.sendNegativeResponse(tag, b"[SERVERBUG] COPY failed")
+
+    def _cbCopySelectedMailbox(
+        self, mbox: Any, tag: bytes, messages: Any, mailbox: str, uid: int
+    ) -> None:
+        """Stock answers a missing target with a str and raises TypeError instead."""
+        if not mbox:
+            self.sendNegativeResponse(tag, b"[TRYCREATE] No such mailbox")
+            return
+        imap4.IMAP4Server._cbCopySelectedMailbox(self, mbox, tag, messages, mailbox, uid)
+
+    def _IMAP4Server__ebCopy(self, failure: Any, tag: bytes) -> None:
+        if failure.check(imap4.MailboxException):
+            self.sendNegativeResponse(tag, b"[CANNOT] " + _ascii(str(failure.value)))
+            return
+        log.err(failure, "imap: copy failed")
+        self.sendNegativeResponse(tag, b"[SERVERBUG] COPY failed")
+
+    def arg_fetchatt(self, line: bytes) -> tuple[Any, bytes]:
+        """Stock's FETCH parser raises bare Exceptions ("Header list must begin with (")."""
+        if not line:
+            raise imap4.IllegalClientResponse("Missing FETCH items")
+        try:
+            return imap4.IMAP4Server.arg_fetchatt(self, line)
+        except imap4.IllegalClientResponse:
+            raise
+        except Exception as error:
+            raise imap4.IllegalClientResponse("Invalid FETCH items") from error
 
     def _respond(self, state: bytes, tag: bytes | None, message: bytes | None) -> None:
         super()._respond(state, tag, message)
@@ -135,10 +208,27 @@ class CompatIMAP4Server(imap4.IMAP4Server):
         finally:
             self._draining = False
 
+    # -- APPEND ----------------------------------------------------------------------------------
+
+    def do_APPEND(self, tag: bytes, _rest: bytes) -> None:
+        """Refuse APPEND before its literal is read: the INBOX is read-only.
+
+        Stock answers ``+`` to any announced size and buffers it (a temporary file beyond 10
+        MiB, so ``{999999999}`` let one client fill the disk) only to have ``addMessage``
+        refuse it; an APPEND to another mailbox even raised TypeError and left the client
+        waiting forever. RFC 3501 lets the server answer NO instead of the continuation.
+        """
+        self.sendNegativeResponse(tag, b"[CANNOT] APPEND is not supported: the INBOX is read-only")
+
+    auth_APPEND = (do_APPEND, imap4.IMAP4Server.arg_line)
+    select_APPEND = auth_APPEND
+
     # -- sequence sets ---------------------------------------------------------------------------
 
     def arg_seqset(self, line: bytes) -> tuple[Any, bytes]:
         """Linear replacement for Twisted's quadratic ``parseIdList``."""
+        if not line:
+            raise imap4.IllegalClientResponse("Missing message set")
         token, _, rest = line.partition(b" ")
         try:
             return parse_seqset(token), rest
@@ -179,6 +269,9 @@ class CompatIMAP4Server(imap4.IMAP4Server):
         self.sendPositiveResponse(tag, b"[" + mode + b"] " + cmdName + b" completed")
 
     def _ebSelectWork(self, failure: Any, cmdName: bytes, tag: bytes) -> None:
+        if failure.check(MailboxUnavailable):  # the provider's sentence, not a server bug
+            self.sendNegativeResponse(tag, b"[UNAVAILABLE] " + _ascii(str(failure.value)))
+            return
         log.err(failure, "imap: select failed")
         self.sendNegativeResponse(tag, cmdName + b" failed: server error")
 
@@ -204,6 +297,9 @@ class CompatIMAP4Server(imap4.IMAP4Server):
     def do_STORE(self, tag: bytes, messages: Any, mode: bytes, flags: list, uid: int = 0) -> None:
         """STORE whose failures answer NO (stock answers BAD to a read-only mailbox)."""
         mode = mode.upper()
+        if mode not in _STORE_MODES:  # stock took any other word as FLAGS (replace)
+            self.sendBadResponse(tag, b"Error in IMAP command STORE: invalid data item")
+            return
         silent = mode.endswith(b"SILENT")
         how = 1 if mode.startswith(b"+") else -1 if mode.startswith(b"-") else 0
         names = [f.decode("utf-8", "replace") if isinstance(f, bytes) else f for f in flags]
@@ -264,7 +360,7 @@ class CompatIMAP4Server(imap4.IMAP4Server):
         )
         deferred.addErrback(self._fetch_failed, tag, old_timeout)
 
-    select_FETCH = (do_FETCH, arg_seqset, imap4.IMAP4Server.arg_fetchatt)
+    select_FETCH = (do_FETCH, arg_seqset, arg_fetchatt)
 
     def _fetch_batch(
         self, found: Iterator, tag: bytes, query: list, uid: int, old_timeout: Any, failed: bool
@@ -303,10 +399,13 @@ class CompatIMAP4Server(imap4.IMAP4Server):
             self.sendPositiveResponse(tag, b"FETCH completed")
 
     def _fetch_failed(self, failure: Any, tag: bytes, old_timeout: Any) -> None:
-        log.err(failure, "imap: fetch failed")
         self._release_throttle()
         self.setTimeout(old_timeout)
         self._unblock()
+        if failure.check(MailboxUnavailable):
+            self.sendNegativeResponse(tag, b"[UNAVAILABLE] " + _ascii(str(failure.value)))
+            return
+        log.err(failure, "imap: fetch failed")
         self.sendNegativeResponse(tag, b"[SERVERBUG] FETCH failed")
 
     def _release_throttle(self) -> None:
@@ -332,7 +431,7 @@ class CompatIMAP4Server(imap4.IMAP4Server):
 
         items = [self._render_item(item, msg, root) for item in query]
         if uid and not any(item.type == "uid" for item in query):
-            items.append(b"UID %d" % msg.getUID())
+            items.insert(0, b"UID %d" % msg.getUID())  # first, where Dovecot puts it
         return b"* %d FETCH (%b)\r\n" % (seq, b" ".join(items))
 
     def _render_item(self, item: Any, msg: Any, root: Any) -> bytes:
@@ -388,7 +487,10 @@ def _render_body(item: Any, root: Any) -> bytes:
         if fields:
             names = [f.decode("latin-1") if isinstance(f, bytes) else f for f in fields]
             spec = "HEADER.FIELDS.NOT" if item.header.negate else "HEADER.FIELDS"
-            label = f"{spec} ({' '.join(n.upper() for n in names)})"
+            # bytes.upper() leaves 8-bit octets alone: str.upper() turned \xff into U+0178,
+            # which is not latin-1, and the message failed to render.
+            upper = b" ".join(n.encode("latin-1").upper() for n in names).decode("latin-1")
+            label = f"{spec} ({upper})"
         else:
             spec = label = "HEADER"
     elif item.text:

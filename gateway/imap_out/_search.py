@@ -94,19 +94,26 @@ def _header_test(name: str, needle: bytes) -> Test:
 Test = Callable[[Candidate], bool]
 
 
-def compile_query(query: list, last_seq: int, last_uid: int) -> Test:
+_MAX_DEPTH = 64  # nested NOT/OR/parentheses: real clients use a handful
+
+
+def compile_query(query: list, last_seq: int, last_uid: int, depth: int = 0) -> Test:
     """Turn Twisted's parsed search keys (nested lists of bytes) into one predicate (AND)."""
     tokens = list(query)
     tests: list[Test] = []
     while tokens:
-        tests.append(_one(tokens, last_seq, last_uid))
+        tests.append(_one(tokens, last_seq, last_uid, depth))
     return lambda c: all(test(c) for test in tests)
 
 
-def _one(tokens: list, last_seq: int, last_uid: int) -> Test:
+def _one(tokens: list, last_seq: int, last_uid: int, depth: int = 0) -> Test:
+    if not tokens:
+        raise UnsupportedSearch("SEARCH NOT and OR need a search key after them")
+    if depth > _MAX_DEPTH:
+        raise UnsupportedSearch(f"SEARCH nests more than {_MAX_DEPTH} levels")
     token = tokens.pop(0)
     if isinstance(token, list):
-        return compile_query(token, last_seq, last_uid)
+        return compile_query(token, last_seq, last_uid, depth + 1)
     key = token.decode("ascii", "replace").upper()
     if key == "ALL":
         return lambda c: True
@@ -118,11 +125,11 @@ def _one(tokens: list, last_seq: int, last_uid: int) -> Test:
     if key == "OLD":
         return lambda c: True
     if key == "NOT":
-        inner = _one(tokens, last_seq, last_uid)
+        inner = _one(tokens, last_seq, last_uid, depth + 1)
         return lambda c: not inner(c)
     if key == "OR":
-        left = _one(tokens, last_seq, last_uid)
-        right = _one(tokens, last_seq, last_uid)
+        left = _one(tokens, last_seq, last_uid, depth + 1)
+        right = _one(tokens, last_seq, last_uid, depth + 1)
         return lambda c: left(c) or right(c)
     if key == "UID":
         within = _within(_argument(tokens, key), last_uid)

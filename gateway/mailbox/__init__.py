@@ -21,6 +21,7 @@ from ._upstream import UpstreamImapSource, UpstreamPop3Source
 from ._view import (
     KNOWN_FLAGS,
     BodyCache,
+    MailboxUnavailable,
     MailboxView,
     MessageInfo,
     OnDelete,
@@ -38,6 +39,7 @@ __all__ = [
     "GmailSource",
     "GraphSource",
     "MailboxSource",
+    "MailboxUnavailable",
     "MailboxView",
     "MessageInfo",
     "NotSupported",

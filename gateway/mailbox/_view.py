@@ -23,15 +23,18 @@ every body ever fetched is stored, so RFC822.SIZE never costs a download twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Literal
 
 from ..logs import get_logger
+from ..oauth import OAuthError
+from ..providers._errors import DeliveryError
 from ..store import Store
 from ._sources import SEEN, CursorExpired, MailboxSource, NotSupported
 from ._uidmap import Applied, Entry, UidMap
@@ -54,6 +57,20 @@ def crlf_form(raw: bytes) -> bytes:
 
 
 OnDelete = Literal["keep", "archive", "trash"]
+
+
+class MailboxUnavailable(Exception):
+    """The provider cannot be read now (down, throttled, the grant revoked, a wrong upstream
+    password); ``str()`` is the provider layer's sentence, fit for the client and the admin."""
+
+
+@contextlib.contextmanager
+def _provider_call() -> Iterator[None]:
+    """One error type out of this layer, whatever the provider raised."""
+    try:
+        yield
+    except (DeliveryError, OAuthError) as error:
+        raise MailboxUnavailable(str(error)) from error
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +210,8 @@ class MailboxView:
             if self._last_sync_started >= asked:
                 return Applied()
             self._last_sync_started = time.monotonic()
-            applied = await self._sync_once()
+            with _provider_call():
+                applied = await self._sync_once()
         self._changed(applied, None)
         return applied
 
@@ -293,7 +311,8 @@ class MailboxView:
         entry = self._uids.by_uid[uid]
         raw = self.cache.get(entry.provider_id)
         if raw is None:
-            raw = await self.source.fetch_raw(entry.provider_id)
+            with _provider_call():
+                raw = await self.source.fetch_raw(entry.provider_id)
             self.cache.put(entry.provider_id, raw)
             if entry.size is None:
                 self._learn_size(entry.provider_id, len(crlf_form(raw)))

@@ -30,7 +30,7 @@ from typing import Any
 from ..cleartext import plaintext_auth_allowed
 from ..imap_out.server import LoginCheck
 from ..logs import get_logger
-from ..mailbox import MailboxView
+from ..mailbox import MailboxUnavailable, MailboxView
 from ..runtime import ConnectionRegistry, RunningListener, as_deferred, listen_twisted
 from ._session import NoSuchMessage, Pop3Session, top_of
 
@@ -174,6 +174,8 @@ def _protocol_class() -> type:
                     return await work
                 except NoSuchMessage as missing:
                     return err(str(missing).encode("utf-8"))
+                except MailboxUnavailable as unavailable:
+                    return err(b"[SYS/TEMP] " + str(unavailable).encode("utf-8", "replace"))
                 except Exception:
                     account = self.session.account if self.session else None
                     log.exception("pop3.error", command=what, client=self.client, account=account)

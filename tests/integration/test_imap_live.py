@@ -19,8 +19,7 @@ import json
 import poplib
 import re
 import ssl
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,12 +28,19 @@ from typing import Any
 import pytest
 
 from gateway.sandbox import Sandbox, User
-from tests.helpers import GOOGLE_ADDRESS, MS_ADDRESS, PASSWORD, running_gateway, sandbox_config
+from tests.helpers import (
+    GOOGLE_ADDRESS,
+    IDLE_WAIT,
+    MS_ADDRESS,
+    PASSWORD,
+    idling,
+    running_gateway,
+    sandbox_config,
+)
 
 HOST = "127.0.0.1"
 T0 = datetime(2026, 4, 1, 8, 0, tzinfo=UTC)
 POLL_SECONDS = 1
-WAIT = 15.0  # seconds an IDLE waits for a push: many poll intervals, never reached when green
 
 
 def _cloud_config(
@@ -91,7 +97,7 @@ class Live:
         return self.sandbox.ops(self.user).inbox_ids(self.user)
 
     def login(self) -> imaplib.IMAP4:
-        client = imaplib.IMAP4(HOST, self.gateway.ports["imap"], timeout=WAIT + 5)
+        client = imaplib.IMAP4(HOST, self.gateway.ports["imap"], timeout=IDLE_WAIT + 5)
         client.starttls(ssl_context=ssl.create_default_context(cafile=self.cafile))
         client.login(self.account, PASSWORD)
         return client
@@ -114,37 +120,6 @@ async def live(
 ) -> AsyncIterator[Live]:
     async with live_gateway(request.param, sandbox, tmp_path) as world:
         yield world
-
-
-@contextlib.contextmanager
-def idling(client: imaplib.IMAP4) -> Iterator[Any]:
-    """IDLE on imaplib's socket; yields ``wait(pattern)`` → the first untagged line matching."""
-    tag = client._new_tag()
-    client.send(tag + b" IDLE\r\n")
-    assert client.readline().startswith(b"+"), "no continuation for IDLE"
-
-    def wait(pattern: bytes) -> bytes:
-        deadline = time.monotonic() + WAIT
-        while time.monotonic() < deadline:
-            client.sock.settimeout(max(0.1, deadline - time.monotonic()))
-            try:
-                line = client.readline()
-            except TimeoutError:
-                break
-            if re.search(pattern, line):
-                return line
-        raise AssertionError(f"no untagged {pattern!r} within {WAIT} s of IDLE")
-
-    try:
-        yield wait
-    finally:
-        client.sock.settimeout(WAIT)
-        client.send(b"DONE\r\n")
-        while True:
-            line = client.readline()
-            if line.startswith(tag):
-                assert b"OK" in line, line
-                break
 
 
 async def test_idle_reports_new_moved_and_read_mail(live: Live) -> None:

@@ -1,0 +1,199 @@
+"""Real mail clients against the whole gateway, for a Graph and a Gmail account.
+
+* mutt (IMAPS, verifying the gateway's CA) loads the INBOX index (every message's headers) and
+  pipes one message out: the bytes are the provider's message;
+* fetchmail over IMAP in keep mode delivers each message once to an MDA, and a second run finds
+  nothing new (it marked them \\Seen, which the gateway remembers);
+* curl reads POP3 (STLS with ``--ssl-reqd``: LIST and RETR) and IMAP over STARTTLS.
+
+A missing client is a broken test machine, not a reason to skip: the test FAILS with the fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.gateway_accounts import Gateway, two_account_gateway
+from tests.helpers import PASSWORD
+
+INSTALL_HINT = "run scripts/install-test-deps.sh (as root) to install the mail clients"
+ACCOUNTS = pytest.mark.parametrize("account", ["crm", "scanner"], ids=["graph", "gmail"])
+
+
+def _require(tool: str) -> str:
+    found = shutil.which(tool)
+    if found is None:
+        pytest.fail(f"{tool} is not installed: {INSTALL_HINT}", pytrace=False)
+    return found
+
+
+def _message(account: str, n: int) -> bytes:
+    return (
+        f"From: Client Test <client@example.org>\r\nTo: {account}@example.com\r\n"
+        f"Subject: client {account} {n}\r\nMessage-ID: <client-{account}-{n}@example.org>\r\n"
+        f"Date: Mon, 2 Mar 2026 10:0{n}:00 +0000\r\nMIME-Version: 1.0\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+        f"Body {n}: gr\u00fc\u00dfe, \u65e5\u672c.\r\n.leading dot\r\n"
+    ).encode()
+
+
+@pytest.fixture(scope="module")
+async def gw(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gateway]:
+    async with two_account_gateway(tmp_path_factory.mktemp("clients")) as running:
+        running.raws = {}  # type: ignore[attr-defined]
+        for account in ("crm", "scanner"):
+            running.raws[account] = [_message(account, n) for n in range(3)]  # type: ignore[attr-defined]
+            for raw in running.raws[account]:  # type: ignore[attr-defined]
+                running.seed(account, raw)
+        yield running
+
+
+def _run(argv: list[str], home: Path, timeout: float = 30) -> subprocess.CompletedProcess:
+    env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "TERM": "xterm", "LANG": "C.UTF-8"}
+    return subprocess.run(argv, capture_output=True, timeout=timeout, env=env, check=False)
+
+
+def _lf(raw: bytes) -> bytes:
+    return raw.replace(b"\r\n", b"\n")
+
+
+# -- mutt --------------------------------------------------------------------------------------
+
+
+@ACCOUNTS
+async def test_mutt_reads_the_index_and_pipes_a_message(
+    gw: Gateway, account: str, tmp_path: Path
+) -> None:
+    _require("mutt")
+    script = _require("script")
+    raws = gw.raws[account]  # type: ignore[attr-defined]
+    piped = tmp_path / "piped.eml"
+    index = tmp_path / "index.txt"
+    muttrc = tmp_path / "muttrc"
+    muttrc.write_text(
+        f'set imap_user="{account}"\nset imap_pass="{PASSWORD}"\n'
+        f'set ssl_ca_certificates_file="{gw.cafile}"\nset ssl_force_tls=yes\n'
+        "set ssl_starttls=yes\nset imap_passive=no\nset mail_check=0\nset timeout=5\n"
+        "set sort=date-sent\nset pipe_decode=no\nset wait_key=no\nset header_cache=\n"
+        "set confirmappend=no\nset quit=yes\nset move=no\nset mbox_type=mbox\n"
+        f'set folder="imaps://localhost:{gw.ports["imaps"]}/"\nset spoolfile="+INBOX"\n'
+    )
+    # The index (every message's headers, as mutt fetched them) is piped out through
+    # <pipe-message> of all tagged messages; the first message is piped alone, raw.
+    keys = (
+        f"<tag-pattern>~A<enter><tag-prefix><pipe-message>cat >> {index}<enter>"
+        f"<untag-pattern>~A<enter><first-entry><pipe-message>cat > {piped}<enter><quit>"
+    )
+    command = f"mutt -n -F {muttrc} -e 'set pipe_split=yes' -e 'push \"{keys}\"'"
+    done = await asyncio.to_thread(
+        _run, [script, "-qefc", command, str(tmp_path / "typescript")], tmp_path, 60
+    )
+    transcript = (
+        (tmp_path / "typescript").read_bytes() if (tmp_path / "typescript").exists() else b""
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + transcript[-3000:]
+    assert index.exists(), transcript[-3000:]
+    # ("^" would be a control key in mutt's push, so the filtering happens here)
+    subjects = re.findall(rb"^Subject: (.*?)\r?$", index.read_bytes(), re.MULTILINE)
+    assert subjects == [f"client {account} {n}".encode() for n in range(3)]
+    for n in range(3):  # the index mutt drew from the headers it fetched
+        assert f"client {account} {n}".encode() in transcript
+    assert _lf(piped.read_bytes()) == _lf(raws[0])
+
+
+# -- fetchmail over IMAP ----------------------------------------------------------------------
+
+
+@ACCOUNTS
+async def test_fetchmail_imap_keep_mode_downloads_each_message_once(
+    gw: Gateway, account: str, tmp_path: Path
+) -> None:
+    fetchmail = _require("fetchmail")
+    raws = gw.raws[account]  # type: ignore[attr-defined]
+    out = tmp_path / "mda"
+    out.mkdir()
+    rc = tmp_path / "fetchmailrc"
+    # Graph over IMAPS, Gmail over STARTTLS: both verify the gateway's certificate.
+    if account == "crm":
+        transport = f"service {gw.ports['imaps']} protocol IMAP", "ssl"
+    else:
+        transport = f"service {gw.ports['imap']} protocol IMAP", "sslproto TLS1.2+"
+    rc.write_text(
+        f"poll localhost {transport[0]}\n"
+        f'  user "{account}" password "{PASSWORD}" keep {transport[1]}\n'
+        f"  sslcertck sslcertfile {gw.cafile}\n"
+        f"  mda \"sh -c 'cat > {out}/$$.eml'\"\n"
+    )
+    rc.chmod(0o600)
+    argv = [fetchmail, "-f", str(rc), "-i", str(tmp_path / "ids"), "--nosyslog", "-v"]
+
+    first = await asyncio.to_thread(_run, argv, tmp_path, 60)
+    log = (first.stdout + first.stderr).decode(errors="replace")
+    assert first.returncode == 0, log
+    assert "SSL/TLS: using protocol TLSv1.3" in log, log  # and the certificate was checked
+    if account == "scanner":
+        assert "upgrade to TLS succeeded" in log, log  # STARTTLS, before LOGIN
+    got = [p.read_bytes() for p in out.iterdir()]
+    assert len(got) == 3, log
+    for raw in raws:  # fetchmail adds its Received: line and writes LF line ends
+        assert sum(_lf(raw) in body for body in got) == 1, log
+    second = await asyncio.to_thread(_run, argv, tmp_path, 60)
+    assert second.returncode == 1, (second.stdout + second.stderr).decode(errors="replace")
+    assert len(list(out.iterdir())) == 3  # "no mail": each message arrived exactly once
+
+
+# -- curl --------------------------------------------------------------------------------------
+
+
+@ACCOUNTS
+async def test_curl_pop3_with_stls_lists_and_retrieves(
+    gw: Gateway, account: str, tmp_path: Path
+) -> None:
+    curl = _require("curl")
+    raws = gw.raws[account]  # type: ignore[attr-defined]
+    base = [curl, "-sS", "--ssl-reqd", "--cacert", gw.cafile, "-u", f"{account}:{PASSWORD}"]
+    url = f"pop3://localhost:{gw.ports['pop3']}"
+    listing = await asyncio.to_thread(_run, [*base, f"{url}/"], tmp_path)
+    assert listing.returncode == 0, listing.stderr
+    assert listing.stdout.split(b"\r\n")[:3] == [
+        b"%d %d" % (n, len(raw)) for n, raw in enumerate(raws, 1)
+    ]
+    second = await asyncio.to_thread(_run, [*base, f"{url}/2"], tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == raws[1]  # curl undoes the dot-stuffing of ".leading dot"
+    missing = await asyncio.to_thread(_run, [*base, f"{url}/99"], tmp_path)
+    assert missing.returncode != 0 and missing.stdout == b""
+    wrong = await asyncio.to_thread(
+        _run,
+        [curl, "-sS", "--ssl-reqd", "--cacert", gw.cafile, "-u", f"{account}:nope", f"{url}/"],
+        tmp_path,
+    )
+    assert wrong.returncode == 67  # CURLE_LOGIN_DENIED
+
+
+@ACCOUNTS
+async def test_curl_imap_with_starttls_fetches_by_index_and_section(
+    gw: Gateway, account: str, tmp_path: Path
+) -> None:
+    curl = _require("curl")
+    raws = gw.raws[account]  # type: ignore[attr-defined]
+    base = [curl, "-sS", "--ssl-reqd", "--cacert", gw.cafile, "-u", f"{account}:{PASSWORD}"]
+    url = f"imap://localhost:{gw.ports['imap']}/INBOX"
+    whole = await asyncio.to_thread(_run, [*base, f"{url}/;MAILINDEX=3"], tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    assert whole.stdout == raws[2]
+    header = await asyncio.to_thread(
+        _run, [*base, f"{url}/;MAILINDEX=1/;SECTION=HEADER.FIELDS%20(SUBJECT)"], tmp_path
+    )
+    assert header.returncode == 0, header.stderr
+    assert header.stdout == f"Subject: client {account} 0\r\n\r\n".encode()
+    search = await asyncio.to_thread(_run, [*base, "-X", 'SEARCH SUBJECT "client"', url], tmp_path)
+    assert search.returncode == 0, search.stderr
+    assert re.search(rb"\* SEARCH 1 2 3\b", search.stdout), search.stdout
