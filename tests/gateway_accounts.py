@@ -1,4 +1,4 @@
-"""A running gateway serving two sandbox accounts (Graph and Gmail), and raw-byte IMAP clients.
+"""A running gateway serving Graph, Gmail and upstream accounts, and raw-byte IMAP clients.
 
 Shared by the integration tests that talk to the whole gateway over real sockets
 (``test_imap_robustness``, ``test_gateway_differential``, ``test_mail_clients``). Both accounts
@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from gateway.sandbox import Sandbox, User
-from tests.helpers import GOOGLE_ADDRESS, MS_ADDRESS, PASSWORD, running_gateway, sandbox_config
+from gateway.sandbox.upstream import Dovecot, MailUser
+from tests.helpers import (
+    GOOGLE_ADDRESS,
+    MS_ADDRESS,
+    PASSWORD,
+    PASSWORD_HASH,
+    running_gateway,
+    sandbox_config,
+)
 
 HOST = "127.0.0.1"
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
@@ -52,6 +60,7 @@ class Gateway:
     users: dict[str, User]  # account name -> sandbox user
     cafile: str
     seeded: dict[str, int] = field(default_factory=dict)
+    upstream: dict[str, tuple[Dovecot, MailUser]] = field(default_factory=dict)
 
     @property
     def ports(self) -> dict[str, int]:
@@ -59,6 +68,10 @@ class Gateway:
 
     def seed(self, account: str, raw: bytes) -> None:
         """Deliver ``raw`` into the account's INBOX; arrival times follow the seeding order."""
+        if account in self.upstream:
+            dovecot, mail_user = self.upstream[account]
+            dovecot.deliver(mail_user.name, raw)
+            return
         user = self.users[account]
         n = self.seeded.get(account, 0)
         self.seeded[account] = n + 1
@@ -86,8 +99,12 @@ class Gateway:
 
 
 @contextlib.asynccontextmanager
-async def two_account_gateway(directory: Path) -> AsyncIterator[Gateway]:
-    """A sandbox and a gateway serving ``crm`` (Graph, app-only) and ``scanner`` (Gmail)."""
+async def two_account_gateway(
+    directory: Path, dovecot: Dovecot | None = None
+) -> AsyncIterator[Gateway]:
+    """A sandbox and a gateway serving ``crm`` (Graph, app-only) and ``scanner`` (Gmail); with
+    ``dovecot``, also ``legacy`` (its INBOX from upstream IMAP) and ``legacypop`` (from upstream
+    POP3), each a fresh Dovecot user reached over STARTTLS with the Dovecot CA."""
     sandbox = Sandbox(directory / "sandbox")
     await sandbox.start()
     try:
@@ -111,11 +128,40 @@ async def two_account_gateway(directory: Path) -> AsyncIterator[Gateway]:
             user = sandbox.directory.user(address)
             assert user is not None
             users[account] = user
+        upstream = _upstream_accounts(config, dovecot) if dovecot is not None else {}
         async with running_gateway(config, directory / "gateway.yaml") as gateway:
             cafile = str(gateway.settings.state_dir / "tls" / "ca.crt")
-            yield Gateway(gateway, sandbox, users, cafile)
+            yield Gateway(gateway, sandbox, users, cafile, upstream=upstream)
     finally:
         await sandbox.stop()
+
+
+def _upstream_accounts(config: dict, dovecot: Dovecot) -> dict[str, tuple[Dovecot, MailUser]]:
+    accounts = {}
+    for account, protocol, port in (
+        ("legacy", "imap", dovecot.imap_port),
+        ("legacypop", "pop3", dovecot.pop3_port),
+    ):
+        user = dovecot.new_user(account)
+        server = {
+            "host": "localhost",
+            "port": port,
+            "security": "starttls",
+            "username": user.name,
+            "password": user.password,
+            "ca_file": str(dovecot.ca_file),
+        }
+        config["accounts"].append(
+            {
+                "username": account,
+                "password_hash": PASSWORD_HASH,
+                "provider": "upstream",
+                "address": f"{account}@upstream.test",
+                "upstream": {protocol: server},
+            }
+        )
+        accounts[account] = (dovecot, user)
+    return accounts
 
 
 class RawIMAP:

@@ -1,4 +1,7 @@
-"""Real mail clients against the whole gateway, for a Graph and a Gmail account.
+"""Real mail clients against the whole gateway, for Graph, Gmail and upstream accounts.
+
+The upstream accounts read a real Dovecot: ``legacy`` over upstream IMAP, ``legacypop`` over
+upstream POP3; the clients see the same INBOX either way.
 
 * mutt (IMAPS, verifying the gateway's CA) loads the INBOX index (every message's headers) and
   pipes one message out: the bytes are the provider's message;
@@ -20,11 +23,16 @@ from pathlib import Path
 
 import pytest
 
+from gateway.sandbox.upstream import Dovecot
 from tests.gateway_accounts import Gateway, two_account_gateway
 from tests.helpers import PASSWORD
 
 INSTALL_HINT = "run scripts/install-test-deps.sh (as root) to install the mail clients"
-ACCOUNTS = pytest.mark.parametrize("account", ["crm", "scanner"], ids=["graph", "gmail"])
+ACCOUNTS = pytest.mark.parametrize(
+    "account",
+    ["crm", "scanner", "legacy", "legacypop"],
+    ids=["graph", "gmail", "upstream-imap", "upstream-pop3"],
+)
 
 
 def _require(tool: str) -> str:
@@ -45,10 +53,10 @@ def _message(account: str, n: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-async def gw(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gateway]:
-    async with two_account_gateway(tmp_path_factory.mktemp("clients")) as running:
+async def gw(tmp_path_factory: pytest.TempPathFactory, dovecot: Dovecot) -> AsyncIterator[Gateway]:
+    async with two_account_gateway(tmp_path_factory.mktemp("clients"), dovecot) as running:
         running.raws = {}  # type: ignore[attr-defined]
-        for account in ("crm", "scanner"):
+        for account in ("crm", "scanner", "legacy", "legacypop"):
             running.raws[account] = [_message(account, n) for n in range(3)]  # type: ignore[attr-defined]
             for raw in running.raws[account]:  # type: ignore[attr-defined]
                 running.seed(account, raw)
@@ -197,3 +205,38 @@ async def test_curl_imap_with_starttls_fetches_by_index_and_section(
     search = await asyncio.to_thread(_run, [*base, "-X", 'SEARCH SUBJECT "client"', url], tmp_path)
     assert search.returncode == 0, search.stderr
     assert re.search(rb"\* SEARCH 1 2 3\b", search.stdout), search.stdout
+
+
+# -- fetchmail over POP3 ----------------------------------------------------------------------
+
+
+@ACCOUNTS
+async def test_fetchmail_pop3_keep_mode_downloads_each_message_once(
+    gw: Gateway, account: str, tmp_path: Path
+) -> None:
+    """Keep mode remembers UIDLs: the second run finds nothing new, and the INBOX is intact."""
+    fetchmail = _require("fetchmail")
+    raws = gw.raws[account]  # type: ignore[attr-defined]
+    out = tmp_path / "mda"
+    out.mkdir()
+    rc = tmp_path / "fetchmailrc"
+    rc.write_text(
+        f"poll localhost service {gw.ports['pop3']} protocol POP3 uidl\n"
+        f'  user "{account}" password "{PASSWORD}" keep sslproto TLS1.2+\n'
+        f"  sslcertck sslcertfile {gw.cafile}\n"
+        f"  mda \"sh -c 'cat > {out}/$$.eml'\"\n"
+    )
+    rc.chmod(0o600)
+    argv = [fetchmail, "-f", str(rc), "-i", str(tmp_path / "ids"), "--nosyslog", "-v"]
+
+    first = await asyncio.to_thread(_run, argv, tmp_path, 60)
+    log = (first.stdout + first.stderr).decode(errors="replace")
+    assert first.returncode == 0, log
+    assert "upgrade to TLS succeeded" in log, log  # STLS before USER/PASS
+    got = [p.read_bytes() for p in out.iterdir()]
+    assert len(got) == len(raws), log
+    for raw in raws:  # fetchmail adds its Received: line and writes LF line ends
+        assert sum(_lf(raw) in body for body in got) == 1, log
+    second = await asyncio.to_thread(_run, argv, tmp_path, 60)
+    assert second.returncode == 1, (second.stdout + second.stderr).decode(errors="replace")
+    assert len(list(out.iterdir())) == len(raws)

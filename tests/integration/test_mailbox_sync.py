@@ -15,7 +15,14 @@ import httpx
 import pytest
 
 from gateway import outbound
-from gateway.mailbox import SEEN, CursorExpired, GmailSource, GraphSource, MailboxView
+from gateway.mailbox import (
+    SEEN,
+    CursorExpired,
+    GmailSource,
+    GraphSource,
+    MailboxUnavailable,
+    MailboxView,
+)
 from gateway.providers import Temporary
 from gateway.sandbox import Fault, Sandbox
 from gateway.store import SecretBox, Store
@@ -184,17 +191,19 @@ async def test_first_sync_api_calls(world: World) -> None:
 
 
 async def test_provider_outage_is_temporary_and_changes_nothing(world: World) -> None:
-    """A 503 mid-sync surfaces as the providers' Temporary (with Retry-After); the map and
-    cursor are untouched, and the next sync applies everything once."""
+    """A 503 mid-sync surfaces as MailboxUnavailable caused by the providers' Temporary (with
+    Retry-After); the map and cursor are untouched, and the next sync applies everything once."""
     ids = [world.seed(f"f{n}")[0] for n in range(2)]
     view = await world.view()
     await view.sync()
     before = (view.uidnext, view._uids.cursor, table(view))
     late, _ = world.seed("f2")
     world.sandbox.faults.add(Fault(TARGET[world.provider], "503", remaining=1))  # type: ignore[arg-type]
-    with pytest.raises(Temporary) as raised:
+    with pytest.raises(MailboxUnavailable) as raised:
         await view.sync()
-    assert raised.value.retry_after == pytest.approx(2.128)
+    cause = raised.value.__cause__
+    assert isinstance(cause, Temporary) and cause.retry_after == pytest.approx(2.128)
+    assert str(raised.value) == str(cause)
     assert (view.uidnext, view._uids.cursor, table(view)) == before
     applied = await view.sync()
     assert applied.added == [3] and table(view)[late] == (3, ())

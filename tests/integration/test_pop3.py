@@ -1,4 +1,5 @@
-"""The POP3 server over a real INBOX view of the sandbox, with real clients (poplib, fetchmail).
+"""The POP3 server over a real INBOX view of the sandbox, with poplib (fetchmail and curl:
+test_mail_clients.py).
 
 What must hold: RETR serves exactly the provider's bytes; TOP, LIST, STAT agree with them; UIDLs
 survive sessions, restarts and new mail; DELE hides a message for the session only and never
@@ -9,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import poplib
-import shutil
 import socket
 import ssl
-import subprocess
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -376,38 +375,3 @@ async def test_provider_trouble_is_a_temporary_error(world: Pop3World) -> None:
     finally:
         world.sandbox.faults.pending.clear()
     assert (await asyncio.to_thread(lambda: world.logged_in().stat()))[0] == 1
-
-
-async def test_fetchmail_keep_mode_downloads_each_message_once(
-    world: Pop3World, tmp_path: Path
-) -> None:
-    if shutil.which("fetchmail") is None:  # a missing client is a broken machine, not a skip
-        pytest.fail("fetchmail is not installed: run scripts/install-test-deps.sh", pytrace=False)
-    raws = [world.seed(f"f{n}") for n in range(2)]
-    out = tmp_path / "mda"
-    out.mkdir()
-    rc = tmp_path / "fetchmailrc"
-    rc.write_text(
-        f"poll {HOST} service {world.ports['pop3']} protocol POP3 uidl\n"
-        f'  user "desk" password "{PASSWORD}" keep sslproto \'\'\n'
-        f"  mda \"sh -c 'cat > {out}/$$.eml'\"\n"
-    )
-    rc.chmod(0o600)
-
-    def run() -> subprocess.CompletedProcess:
-        return subprocess.run(
-            ["fetchmail", "-f", str(rc), "-i", str(tmp_path / "ids"), "--nosyslog", "-v"],
-            capture_output=True,
-            timeout=60,
-            env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
-        )
-
-    first = await asyncio.to_thread(run)
-    assert first.returncode == 0, first.stderr.decode() + first.stdout.decode()
-    assert len(list(out.iterdir())) == 2
-    got = sorted(p.read_bytes() for p in out.iterdir())
-    for raw in raws:  # fetchmail adds its Received: line and turns CRLF into LF
-        assert any(raw.replace(b"\r\n", b"\n") in body for body in got)
-    second = await asyncio.to_thread(run)
-    assert second.returncode == 1  # "no new mail" in keep mode: UIDLs were remembered
-    assert len(list(out.iterdir())) == 2
