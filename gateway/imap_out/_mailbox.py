@@ -383,16 +383,18 @@ class InboxMailbox:
             )
         ]
 
-    def expunge(self) -> Any:
-        """Remove \\Deleted messages: from the view for every session of the account (kept,
-        archived or trashed at the provider per the account's policy), and from this
-        session's list, highest number first so every EXPUNGE response stays valid."""
+    def expunge(self, uids: Any = None) -> Any:
+        """Remove \\Deleted messages (only those in the UID set ``uids`` for UID EXPUNGE):
+        from the view for every session of the account (kept, archived or trashed at the
+        provider per the account's policy), and from this session's list, highest number
+        first so every EXPUNGE response stays valid."""
         if not self.writeable:
             raise imap4.ReadOnlyMailbox()
-        return as_deferred(self._expunge())
+        chosen = self.messages if uids is None else [i for _, i in self._selected(uids, True)]
+        return as_deferred(self._expunge(chosen))
 
-    async def _expunge(self) -> list[int]:
-        doomed = [info.uid for info in self.messages if "\\Deleted" in self.flags_of(info)]
+    async def _expunge(self, chosen: list[MessageInfo]) -> list[int]:
+        doomed = [info.uid for info in chosen if "\\Deleted" in self.flags_of(info)]
         await self.view.delete(doomed, origin=self)
         self._pending.removed.difference_update(doomed)
         return self._drop(set(doomed))

@@ -52,8 +52,10 @@ class _GatewayIMAP4Server(CompatIMAP4Server):
 
     def capabilities(self) -> dict[bytes, Any]:
         """LOGINDISABLED before STARTTLS unless ``reading.plaintext_auth`` allows this client
-        (loopback by default); AUTHENTICATE is offered only under TLS either way."""
+        (loopback by default); AUTHENTICATE is offered only under TLS either way. UIDPLUS for
+        UID EXPUNGE (APPEND and COPY, its other half, are refused: only INBOX exists)."""
         caps = super().capabilities()
+        caps[b"UIDPLUS"] = None
         if b"LOGINDISABLED" in caps and self._cleartext_allowed():
             del caps[b"LOGINDISABLED"]
         return caps
@@ -130,6 +132,41 @@ class _GatewayIMAP4Server(CompatIMAP4Server):
     def _login_failed(self, failure: Any, tag: bytes) -> None:
         self.factory.log_failure(failure)
         self.sendNegativeResponse(tag, b"[UNAVAILABLE] Internal error, please retry")
+
+    # -- EXPUNGE and UID EXPUNGE (RFC 4315 UIDPLUS) -------------------------------------------
+
+    def do_EXPUNGE(self, tag: bytes, uids: Any = None) -> None:
+        """Stock answers BAD with Python text on failure; this answers NO with a sentence."""
+        if not self.mbox.isWriteable():
+            self.sendNegativeResponse(tag, b"[READ-ONLY] EXPUNGE needs SELECT, not EXAMINE")
+            return
+        deferred = defer.maybeDeferred(self.mbox.expunge, uids)
+        deferred.addCallback(self._expunged, tag)
+        deferred.addErrback(self._expunge_failed, tag)
+
+    select_EXPUNGE = (do_EXPUNGE,)
+
+    def do_UID(self, tag: bytes, command: bytes, line: bytes | None) -> None:
+        if command.upper() != b"EXPUNGE":
+            super().do_UID(tag, command, line)
+            return
+        try:
+            uids, _ = self.arg_seqset((line or b"").strip())
+        except imap4.IllegalClientResponse:
+            self.sendBadResponse(tag, b"UID EXPUNGE needs a UID set")
+            return
+        self.do_EXPUNGE(tag, uids)
+
+    select_UID = (do_UID, imap4.IMAP4Server.arg_atom, imap4.IMAP4Server.arg_line)
+
+    def _expunged(self, gone: list[int], tag: bytes) -> None:
+        for seq in gone:
+            self.sendUntaggedResponse(b"%d EXPUNGE" % seq)
+        self.sendPositiveResponse(tag, b"EXPUNGE completed")
+
+    def _expunge_failed(self, failure: Any, tag: bytes) -> None:
+        self.factory.log_failure(failure)
+        self.sendNegativeResponse(tag, b"[UNAVAILABLE] EXPUNGE failed, please retry")
 
     # -- NOOP, CHECK and IDLE: where changes at the provider reach the client -----------------
 

@@ -309,3 +309,29 @@ async def test_plaintext_login_policy(policy: str, sandbox: Sandbox, tmp_path: P
         assert "STLS" in pop_result and pop_result.startswith("b'-ERR")
     else:
         assert imap_result == "OK" and pop_result.startswith("+OK")
+
+
+async def test_uid_expunge_removes_only_the_named_deleted_messages(live: Live) -> None:
+    for n in range(3):
+        live.seed(f"x{n}")
+
+    def session() -> tuple:
+        client = live.login()
+        try:
+            caps = client.capabilities
+            client.select("INBOX")
+            client.store("1:3", "+FLAGS", "(\\Deleted)")
+            expunged = client.uid("EXPUNGE", "2")
+            remaining = client.uid("SEARCH", "ALL")[1]
+            with pytest.raises(imaplib.IMAP4.error, match="needs a UID set"):
+                client._simple_command("UID", "EXPUNGE")
+            client.select("INBOX", readonly=True)
+            read_only = client._simple_command("EXPUNGE")
+            return caps, expunged, remaining, read_only
+        finally:
+            client.logout()
+
+    caps, expunged, remaining, read_only = await asyncio.to_thread(session)
+    assert "UIDPLUS" in caps
+    assert expunged[0] == "OK" and remaining == [b"1 3"]  # 1 and 3 stay, still \Deleted
+    assert read_only[0] == "NO"
