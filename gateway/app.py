@@ -170,20 +170,9 @@ class Gateway:
 
         cleartext = settings.reading.plaintext_auth
 
-        def imap(implicit: bool) -> Any:
-            return lambda name, host, port: imap_server.serve(
-                name,
-                host,
-                port,
-                twisted_tls,
-                implicit,
-                self._authenticate,
-                self._mailbox_for,
-                cleartext,
-            )
-
-        def pop3(implicit: bool) -> Any:
-            return lambda name, host, port: pop3_server.serve(
+        def reading(front: Any, implicit: bool) -> Any:
+            """An IMAP or POP3 listener: both serve the same views with the same login."""
+            return lambda name, host, port: front.serve(
                 name,
                 host,
                 port,
@@ -197,10 +186,10 @@ class Gateway:
         return {
             "smtp": smtp(False),
             "smtps": smtp(True),
-            "imap": imap(False),
-            "imaps": imap(True),
-            "pop3": pop3(False),
-            "pop3s": pop3(True),
+            "imap": reading(imap_server, False),
+            "imaps": reading(imap_server, True),
+            "pop3": reading(pop3_server, False),
+            "pop3s": reading(pop3_server, True),
             "admin": lambda name, host, port: admin_server.serve(
                 name, host, port, settings, self._broker(), self.spool, lambda: self.ports
             ),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import imaplib
-import json
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -22,17 +21,17 @@ from typing import Any
 from gateway.sandbox import Sandbox, User
 from gateway.sandbox.upstream import Dovecot, MailUser
 from tests.helpers import (
-    GOOGLE_ADDRESS,
-    MS_ADDRESS,
+    CLOUD_ACCOUNTS,
     PASSWORD,
     PASSWORD_HASH,
     running_gateway,
     sandbox_config,
+    serve_without_consent,
 )
 
 HOST = "127.0.0.1"
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
-ACCOUNTS = {"microsoft": ("crm", MS_ADDRESS), "google": ("scanner", GOOGLE_ADDRESS)}
+ACCOUNTS = CLOUD_ACCOUNTS
 
 # What a Python error looks like when it leaks to a client; no response may contain any of it.
 PYTHON_LEAKS = (
@@ -109,20 +108,7 @@ async def two_account_gateway(
     await sandbox.start()
     try:
         config, _ = sandbox_config(sandbox, directory / "state")
-        app = sandbox.add_app("microsoft", app_permissions=("Mail.Send", "Mail.ReadWrite"))
-        config["microsoft"].update(
-            client_id=app.client_id, app_only=True, client_secret=app.client_secret
-        )
-        key = sandbox.google.add_service_account(
-            [
-                "https://www.googleapis.com/auth/gmail.send",
-                "https://www.googleapis.com/auth/gmail.readonly",
-            ],
-            sandbox.url,
-        )
-        key_file = directory / "service-account.json"
-        key_file.write_text(json.dumps(key))
-        config["google"]["service_account_file"] = str(key_file)
+        serve_without_consent(sandbox, config, directory)
         users = {}
         for account, address in ACCOUNTS.values():
             user = sandbox.directory.user(address)

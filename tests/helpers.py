@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import imaplib
+import json
 import re
 import socket
 import ssl
@@ -107,6 +108,8 @@ class AdminBrowser:
 
 MS_ADDRESS = "crm@contoso.example"
 GOOGLE_ADDRESS = "scanner@example.com"
+CLOUD_ACCOUNTS = {"microsoft": ("crm", MS_ADDRESS), "google": ("scanner", GOOGLE_ADDRESS)}
+"""provider → (the gateway account, its sandbox mailbox) in ``sandbox_config``."""
 
 
 def sandbox_config(sandbox: Sandbox, state_dir: Path, **overrides: object) -> tuple[dict, App]:
@@ -153,6 +156,25 @@ async def running_gateway(
         yield gateway
     finally:
         await gateway.stop()
+
+
+def serve_without_consent(
+    sandbox: Sandbox,
+    config: dict,
+    directory: Path,
+    google_scopes: tuple[str, ...] = ("gmail.send", "gmail.readonly"),
+) -> None:
+    """Connection modes nobody has to consent to, so the gateway serves both sandbox accounts
+    right after start: Microsoft app-only (Mail.Send, Mail.ReadWrite granted) and a Google
+    service account with domain-wide delegation of ``google_scopes``."""
+    app = sandbox.add_app("microsoft", app_permissions=("Mail.Send", "Mail.ReadWrite"))
+    config["microsoft"].update(
+        client_id=app.client_id, app_only=True, client_secret=app.client_secret
+    )
+    scopes = [f"https://www.googleapis.com/auth/{scope}" for scope in google_scopes]
+    key_file = directory / "service-account.json"
+    key_file.write_text(json.dumps(sandbox.google.add_service_account(scopes, sandbox.url)))
+    config["google"]["service_account_file"] = str(key_file)
 
 
 READ_SCOPES = {

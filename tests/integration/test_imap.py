@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import imaplib
-import json
 import re
 import ssl
 import subprocess
@@ -24,7 +23,13 @@ from typing import Any
 import pytest
 
 from gateway.sandbox import Sandbox, User
-from tests.helpers import GOOGLE_ADDRESS, MS_ADDRESS, PASSWORD, running_gateway, sandbox_config
+from tests.helpers import (
+    CLOUD_ACCOUNTS,
+    PASSWORD,
+    running_gateway,
+    sandbox_config,
+    serve_without_consent,
+)
 
 HOST = "127.0.0.1"
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
@@ -76,24 +81,8 @@ async def world(
     request: pytest.FixtureRequest, sandbox: Sandbox, tmp_path: Path
 ) -> AsyncIterator[World]:
     config, _ = sandbox_config(sandbox, tmp_path / "state")
-    if request.param == "microsoft":
-        app = sandbox.add_app("microsoft", app_permissions=("Mail.Send", "Mail.ReadWrite"))
-        config["microsoft"].update(
-            client_id=app.client_id, app_only=True, client_secret=app.client_secret
-        )
-        address, account = MS_ADDRESS, "crm"
-    else:
-        key = sandbox.google.add_service_account(
-            [
-                "https://www.googleapis.com/auth/gmail.send",
-                "https://www.googleapis.com/auth/gmail.readonly",
-            ],
-            sandbox.url,
-        )
-        key_file = tmp_path / "service-account.json"
-        key_file.write_text(json.dumps(key))
-        config["google"]["service_account_file"] = str(key_file)
-        address, account = GOOGLE_ADDRESS, "scanner"
+    serve_without_consent(sandbox, config, tmp_path)
+    account, address = CLOUD_ACCOUNTS[request.param]
     user = sandbox.directory.user(address)
     assert user is not None
     async with running_gateway(config, tmp_path / "c.yaml") as gateway:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import imaplib
-import json
 import poplib
 import re
 import ssl
@@ -29,13 +28,13 @@ import pytest
 
 from gateway.sandbox import Sandbox, User
 from tests.helpers import (
-    GOOGLE_ADDRESS,
+    CLOUD_ACCOUNTS,
     IDLE_WAIT,
-    MS_ADDRESS,
     PASSWORD,
     idling,
     running_gateway,
     sandbox_config,
+    serve_without_consent,
 )
 
 HOST = "127.0.0.1"
@@ -50,25 +49,10 @@ def _cloud_config(
     needed, so the INBOX is served right after start. Write scopes, so mirroring can work."""
     config, _ = sandbox_config(sandbox, tmp_path / "state")
     config["reading"] = {"poll_seconds": POLL_SECONDS, **top}
-    if provider == "microsoft":
-        app = sandbox.add_app("microsoft", app_permissions=("Mail.Send", "Mail.ReadWrite"))
-        config["microsoft"].update(
-            client_id=app.client_id, app_only=True, client_secret=app.client_secret
-        )
-        address, account = MS_ADDRESS, "crm"
-    else:
-        key = sandbox.google.add_service_account(
-            [
-                "https://www.googleapis.com/auth/gmail.send",
-                "https://www.googleapis.com/auth/gmail.readonly",
-                "https://www.googleapis.com/auth/gmail.modify",
-            ],
-            sandbox.url,
-        )
-        key_file = tmp_path / "service-account.json"
-        key_file.write_text(json.dumps(key))
-        config["google"]["service_account_file"] = str(key_file)
-        address, account = GOOGLE_ADDRESS, "scanner"
+    serve_without_consent(
+        sandbox, config, tmp_path, ("gmail.send", "gmail.readonly", "gmail.modify")
+    )
+    account, address = CLOUD_ACCOUNTS[provider]
     for entry in config["accounts"]:
         if entry["username"] == account and reading:
             entry["reading"] = reading
