@@ -247,12 +247,21 @@ class MailboxView:
             self._poller = None
 
     async def _poll(self) -> None:
+        """Sync every ``poll_seconds``; a failure is logged when it starts or changes, not
+        every interval (an outage would otherwise log twice a minute per mailbox)."""
+        failing = ""
         while self._watchers:
             await asyncio.sleep(self.poll_seconds)
             try:
                 await self.sync()
             except Exception as error:  # the provider is down or the grant revoked: try later
-                log.warning("mailbox.poll_failed", account=self.account, error=str(error))
+                if str(error) != failing:
+                    log.warning("mailbox.poll_failed", account=self.account, error=str(error))
+                failing = str(error)
+            else:
+                if failing:
+                    log.info("mailbox.poll_recovered", account=self.account)
+                failing = ""
 
     def _changed(self, applied: Applied, origin: object) -> None:
         if applied.removed:

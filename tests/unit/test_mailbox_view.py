@@ -1,0 +1,218 @@
+"""The INBOX view's own rules, against a real store and an in-memory source.
+
+The source here is a stand-in for a provider (the integration tests use the sandbox clouds and
+a real Dovecot); what is tested is the view: local flags and deletions persisted per account,
+the provider's read state winning over the gateway's \\Seen only, watchers told of every change
+with who caused it, the opt-in mirroring calls, sizes learnt once and kept, and a crowd of
+concurrent syncs costing one provider round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from gateway.mailbox import (
+    SEEN,
+    Applied,
+    Changes,
+    MailboxView,
+    NotSupported,
+    ReadingPolicy,
+    RemoteMessage,
+    Snapshot,
+)
+from gateway.store import SecretBox, Store
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+KEY = bytes(range(32))
+
+
+class MemorySource:
+    """A provider INBOX in memory; records the calls the view makes."""
+
+    ids_stable = True
+
+    def __init__(self) -> None:
+        self.inbox: dict[str, RemoteMessage] = {}
+        self.bodies: dict[str, bytes] = {}
+        self.calls: list[tuple] = []
+        self.gate: asyncio.Event | None = None  # when set, listings wait for it
+
+    def deliver(self, pid: str, body: bytes = b"Subject: x\n\nhello\n", seen: bool = False) -> None:
+        self.inbox[pid] = RemoteMessage(pid, T0 + timedelta(minutes=len(self.inbox)), seen)
+        self.bodies[pid] = body
+
+    async def list_inbox(self) -> Snapshot:
+        self.calls.append(("list",))
+        if self.gate is not None:
+            await self.gate.wait()
+        return Snapshot(list(self.inbox.values()), "c")
+
+    async def changes_since(self, cursor: str) -> Changes:
+        self.calls.append(("changes",))
+        if self.gate is not None:
+            await self.gate.wait()
+        listed = list(self.inbox.values())
+        return Changes(listed, [], {}, "c", frozenset(self.inbox))
+
+    async def fetch_raw(self, provider_id: str) -> bytes:
+        self.calls.append(("fetch", provider_id))
+        return self.bodies[provider_id]
+
+    async def set_flags(self, provider_id: str, seen: bool | None, flagged: bool | None) -> None:
+        self.calls.append(("flags", provider_id, seen, flagged))
+
+    async def remove(self, provider_id: str, how: str) -> None:
+        self.calls.append(("remove", provider_id, how))
+        if how == "archive":
+            raise NotSupported("no archive here")
+        self.inbox.pop(provider_id, None)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    opened = await Store.open(tmp_path, SecretBox(KEY))
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def open_view(
+    store: Store, source: MemorySource, policy: ReadingPolicy | None = None
+) -> MailboxView:
+    return await MailboxView.open(
+        store, "acct", source, policy=policy or ReadingPolicy(), poll_seconds=3600
+    )
+
+
+async def test_local_flags_and_deletions_survive_reopening(store: Store) -> None:
+    source = MemorySource()
+    for pid in "abc":
+        source.deliver(pid)
+    view = await open_view(store, source)
+    await view.sync()
+    now = await view.store_flags([1, 2], ["\\Flagged", "\\Answered", "$Junk"], 1)
+    assert now == {1: {"\\Flagged", "\\Answered"}, 2: {"\\Flagged", "\\Answered"}}
+    assert await view.delete([2]) == [2]
+    assert [m.uid for m in view.messages()] == [1, 3]
+    await view.close()
+
+    again = await open_view(store, source)
+    assert [m.uid for m in again.messages()] == [1, 3]  # before any sync: from the store
+    assert again.flags(1) == {"\\Flagged", "\\Answered"}
+    with pytest.raises(KeyError):
+        again.flags(2)  # hidden for every session of the account
+    # The default policy leaves the provider untouched.
+    assert not [c for c in source.calls if c[0] in ("flags", "remove")]
+
+
+async def test_provider_read_state_wins_over_local_seen_only(store: Store) -> None:
+    source = MemorySource()
+    source.deliver("a")
+    view = await open_view(store, source)
+    await view.sync()
+    await view.store_flags([1], ["\\Flagged"], 1)
+    source.deliver("a", seen=True)  # read in the provider's own client
+    applied = await view.sync()
+    assert applied.flags_changed == [1]
+    assert view.flags(1) == {"\\Flagged", SEEN}
+    source.inbox["a"] = RemoteMessage("a", source.inbox["a"].internal_date, False)
+    await view.sync()
+    assert view.flags(1) == {"\\Flagged"}
+
+
+async def test_present_removes_what_the_provider_no_longer_lists(store: Store) -> None:
+    source = MemorySource()
+    for pid in "ab":
+        source.deliver(pid)
+    view = await open_view(store, source)
+    await view.sync()
+    del source.inbox["a"]
+    source.deliver("c")
+    applied = await view.sync()
+    assert applied.removed == [1] and applied.added == [3]
+
+
+async def test_watchers_hear_every_change_and_who_made_it(store: Store) -> None:
+    source = MemorySource()
+    source.deliver("a")
+    view = await open_view(store, source)
+    heard: list[tuple[Applied, object]] = []
+    view.watch(lambda applied, origin: heard.append((applied, origin)))
+    await view.sync()
+    session = object()
+    await view.store_flags([1], ["\\Seen"], 1, origin=session)
+    await view.delete([1], origin=session)
+    assert [(a.added, a.flags_changed, a.removed, o) for a, o in heard] == [
+        ([1], [], [], None),
+        ([], [1], [], session),
+        ([], [], [1], session),
+    ]
+    await view.close()
+
+
+async def test_opt_in_policy_mirrors_and_survives_unsupported(store: Store) -> None:
+    source = MemorySource()
+    for pid in "ab":
+        source.deliver(pid)
+    view = await open_view(store, source, ReadingPolicy(mirror_flags=True, on_delete="trash"))
+    await view.sync()
+    await view.store_flags([1], ["\\Seen", "\\Flagged"], 1)
+    await view.delete([2])
+    await view.close()  # waits for the background provider calls
+    assert ("flags", "a", True, True) in source.calls
+    assert ("remove", "b", "trash") in source.calls
+
+    archiving = await open_view(store, source, ReadingPolicy(on_delete="archive"))
+    await archiving.delete([1])
+    await archiving.close()  # NotSupported is logged, the local deletion holds
+    assert ("remove", "a", "archive") in source.calls
+    assert archiving.messages() == ()
+
+
+async def test_sizes_are_learnt_once_and_kept(store: Store) -> None:
+    source = MemorySource()
+    source.deliver("a", body=b"Subject: lf\n\nbare LF lines\n")
+    view = await open_view(store, source)
+    await view.sync()
+    assert await view.size(1) == len(b"Subject: lf\r\n\r\nbare LF lines\r\n")
+    await view.close()
+    fetches = [c for c in source.calls if c[0] == "fetch"]
+    again = await open_view(store, source)
+    assert await again.size(1) == 30 and again.messages()[0].size == 30
+    assert [c for c in source.calls if c[0] == "fetch"] == fetches  # no second download
+
+
+async def test_concurrent_syncs_share_provider_rounds(store: Store) -> None:
+    source = MemorySource()
+    source.deliver("a")
+    view = await open_view(store, source)
+    await view.sync()
+    source.gate = asyncio.Event()
+    crowd = [asyncio.create_task(view.sync()) for _ in range(50)]
+    await asyncio.sleep(0)
+    source.gate.set()
+    await asyncio.gather(*crowd)
+    rounds = [c for c in source.calls if c[0] == "changes"]
+    assert len(rounds) <= 2, len(rounds)  # the one running, and one for those who came after
+
+
+async def test_polling_runs_only_while_watched(store: Store) -> None:
+    source = MemorySource()
+    view = await MailboxView.open(store, "acct", source, poll_seconds=0.01)
+    watcher = lambda applied, origin: None  # noqa: E731
+    view.watch(watcher)
+    view.watch(lambda applied, origin: None)
+    await asyncio.sleep(0.1)
+    polled = len(source.calls)
+    assert polled >= 2
+    assert sum(1 for t in asyncio.all_tasks() if t.get_name() == "poll acct") == 1
+    await view.close()
+    await asyncio.sleep(0.05)
+    assert len(source.calls) == polled
