@@ -19,16 +19,7 @@ from .admin import server as admin_server
 from .config import AccountSettings, Settings
 from .imap_out import server as imap_server
 from .logs import get_logger
-from .mailbox import (
-    BodyCache,
-    GmailSource,
-    GraphSource,
-    MailboxSource,
-    MailboxView,
-    ReadingPolicy,
-    UpstreamImapSource,
-    UpstreamPop3Source,
-)
+from .mailbox import BodyCache, MailboxView, ReadingPolicy
 from .notify import WebhookNotifier
 from .oauth import OAuthError, TokenBroker
 from .pop3_out import server as pop3_server
@@ -261,22 +252,22 @@ class Gateway:
             self.views[username] = view
         return view
 
-    def _mailbox_source(self, account: AccountSettings | None) -> MailboxSource | None:
+    def _mailbox_source(self, account: AccountSettings | None) -> providers.MailboxSource | None:
         settings, http, broker = self.settings, self.http, self._broker()
         if account is None or http is None:
             return None
         if account.provider == "microsoft":
             graph = settings.microsoft.graph_url
-            return GraphSource(http, broker, graph, account.username, account.address)
+            return providers.GraphSource(http, broker, graph, account.username, account.address)
         if account.provider == "google":
-            return GmailSource(http, broker, settings.google.gmail_url, account.username)
+            return providers.GmailSource(http, broker, settings.google.gmail_url, account.username)
         upstream, trust = account.upstream, self._trust
         if upstream is None or trust is None:
             return None
         if upstream.imap is not None:
-            return UpstreamImapSource(upstream.imap, trust)
+            return providers.UpstreamImapSource(upstream.imap, trust)
         if upstream.pop3 is not None:
-            return UpstreamPop3Source(upstream.pop3, trust)
+            return providers.UpstreamPop3Source(upstream.pop3, trust)
         return None
 
     def _broker(self) -> TokenBroker:

@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
+from ..providers._inbox import SEEN, RemoteMessage
 from ..store import Store
 from ..store._sqlite import MailboxState, MailboxUid
-from ._sources import SEEN, RemoteMessage
 
 Entry = MailboxUid
 

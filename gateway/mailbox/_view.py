@@ -35,8 +35,8 @@ from typing import Literal
 from ..logs import get_logger
 from ..oauth import OAuthError
 from ..providers._errors import DeliveryError
+from ..providers._inbox import SEEN, CursorExpired, MailboxSource, NotSupported
 from ..store import Store
-from ._sources import SEEN, CursorExpired, MailboxSource, NotSupported
 from ._uidmap import Applied, Entry, UidMap
 
 log = get_logger(__name__)

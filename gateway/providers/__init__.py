@@ -1,4 +1,5 @@
-"""Outbound backends. Each implements :class:`Sender`; failures are classified here, once.
+"""The backends. Each implements :class:`Sender` and/or :class:`MailboxSource`; failures are
+classified here, once.
 
 ``senders(...)`` builds one sender per provider kind for the spool; the httpx client comes from
 :func:`gateway.outbound.async_client` and is owned (and closed) by the caller.
@@ -13,8 +14,22 @@ import httpx
 from ..config import Settings
 from ._base import DeliveryResult, Sender, TokenSource
 from ._errors import DeliveryError, Permanent, ReauthRequired, Temporary
+from ._inbox import (
+    SEEN,
+    Changes,
+    CursorExpired,
+    MailboxSource,
+    NotSupported,
+    RemoteMessage,
+    Removal,
+    Snapshot,
+)
 from .gmail import GmailSender
+from .gmail_inbox import GmailSource
 from .graph import GraphSender
+from .graph_inbox import GraphSource
+from .imap_inbox import UpstreamImapSource
+from .pop3_inbox import UpstreamPop3Source
 from .smtp import UpstreamSender
 
 
@@ -30,15 +45,27 @@ def senders(
 
 
 __all__ = [
+    "SEEN",
+    "Changes",
+    "CursorExpired",
     "DeliveryError",
     "DeliveryResult",
     "GmailSender",
+    "GmailSource",
     "GraphSender",
+    "GraphSource",
+    "MailboxSource",
+    "NotSupported",
     "Permanent",
     "ReauthRequired",
+    "RemoteMessage",
+    "Removal",
     "Sender",
+    "Snapshot",
     "Temporary",
     "TokenSource",
+    "UpstreamImapSource",
+    "UpstreamPop3Source",
     "UpstreamSender",
     "senders",
 ]

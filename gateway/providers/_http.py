@@ -137,3 +137,19 @@ async def send(
         raise Temporary(
             f"{what}: {type(error).__name__}: {error or 'connection failed'}"
         ) from error
+
+
+def check_write(response: httpx.Response, what: str, scope: str) -> None:
+    """Raise for a failed mirroring write as ``Api.call`` would, but say which scope a 403
+    for a missing permission lacks: mirroring is opt-in and asks for more than reading."""
+    if response.status_code < 300:
+        return
+    error = classify(response, what)
+    if isinstance(error, ReauthRequired):
+        code, message = error_code(response)
+        raise ReauthRequired(
+            f"{what}: HTTP 403 {code}: {message} — mirroring changes to the provider needs the "
+            f"{scope} scope, which this account's consent lacks: enable the option's scope and "
+            "reconnect the account"
+        )
+    raise error

@@ -17,8 +17,14 @@ import httpx
 import pytest
 
 from gateway import outbound
-from gateway.mailbox import Changes, GmailSource, GraphSource
-from gateway.providers import Permanent, ReauthRequired, Temporary
+from gateway.providers import (
+    Changes,
+    GmailSource,
+    GraphSource,
+    Permanent,
+    ReauthRequired,
+    Temporary,
+)
 from gateway.sandbox import Fault, Sandbox
 from tests.helpers import READ_SCOPES, SandboxTokens
 

@@ -15,15 +15,8 @@ import httpx
 import pytest
 
 from gateway import outbound
-from gateway.mailbox import (
-    SEEN,
-    CursorExpired,
-    GmailSource,
-    GraphSource,
-    MailboxUnavailable,
-    MailboxView,
-)
-from gateway.providers import Temporary
+from gateway.mailbox import MailboxUnavailable, MailboxView
+from gateway.providers import SEEN, CursorExpired, GmailSource, GraphSource, Temporary
 from gateway.sandbox import Fault, Sandbox
 from gateway.store import SecretBox, Store
 from tests.helpers import SandboxTokens

@@ -21,15 +21,16 @@ import pytest
 from gateway import outbound
 from gateway.config import UpstreamServer
 from gateway.config._schema import Secret
-from gateway.mailbox import CursorExpired, MailboxView
-from gateway.mailbox._sources import NotSupported
-from gateway.mailbox._upstream import (
+from gateway.mailbox import MailboxView
+from gateway.providers import (
+    CursorExpired,
+    NotSupported,
+    Permanent,
+    Temporary,
     UpstreamImapSource,
     UpstreamPop3Source,
-    _list_name,
-    _parse_fetch,
 )
-from gateway.providers import Permanent, Temporary
+from gateway.providers.imap_inbox import _list_name, _parse_fetch
 from gateway.sandbox.upstream import Dovecot, MailUser, free_ports
 from gateway.store import SecretBox, Store
 

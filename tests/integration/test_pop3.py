@@ -20,8 +20,9 @@ import httpx
 import pytest
 
 from gateway import outbound, tls
-from gateway.mailbox import GmailSource, GraphSource, MailboxView
+from gateway.mailbox import MailboxView
 from gateway.pop3_out import server as pop3_server
+from gateway.providers import GmailSource, GraphSource
 from gateway.runtime import RunningListener
 from gateway.sandbox import Fault, Sandbox
 from gateway.store import SecretBox, Store

@@ -16,16 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.mailbox import (
-    SEEN,
-    Applied,
-    Changes,
-    MailboxView,
-    NotSupported,
-    ReadingPolicy,
-    RemoteMessage,
-    Snapshot,
-)
+from gateway.mailbox import Applied, MailboxView, ReadingPolicy
+from gateway.providers import SEEN, Changes, NotSupported, RemoteMessage, Snapshot
 from gateway.store import SecretBox, Store
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.mailbox import SEEN, RemoteMessage, UidMap
+from gateway.mailbox import UidMap
+from gateway.providers import SEEN, RemoteMessage
 from gateway.store import SecretBox, Store
 
 KEY = bytes(range(32))

@@ -1,29 +1,18 @@
-"""INBOX sources for ``provider: upstream`` accounts: a real IMAP or POP3 server with a password.
+"""The INBOX of an upstream IMAP server (``provider: upstream`` with ``upstream.imap``).
 
-Both run the standard library clients (imaplib, poplib) in worker threads, because they block.
-Work is serialised twice: an asyncio lock keeps waiting operations (the IMAP frontend fetches
-several bodies at once) from each holding a worker thread, and a ``threading.Lock`` held by the
-worker keeps a cancelled task's still-running thread alone on its connection.
-
-IMAP keeps one logged-in connection and reconnects once when a reused one turns out to be dead
-(idle timeout, server restart, BYE). It reads with EXAMINE and ``BODY.PEEK[]`` only, so the
-gateway never marks anything read upstream; only the opt-in mirroring writes (:meth:`set_flags`,
-:meth:`remove`) SELECT the INBOX read-write. POP3 opens one short connection per operation,
-since a POP3 session locks the maildrop against the owner's other clients, and never deletes.
-
-Failures are classified like every provider call (``gateway.providers._errors``): the network,
-timeouts and a server going away are :class:`Temporary`; refused credentials, an untrusted
-certificate or a server refusing a command are :class:`Permanent`, with a sentence for the admin.
+One logged-in imaplib connection, in a worker thread, replaced once when a reused one turns out
+to be dead (idle timeout, server restart, BYE). It reads with EXAMINE and ``BODY.PEEK[]`` only,
+so the gateway never marks anything read upstream; only the opt-in mirroring writes
+(:meth:`UpstreamImapSource.set_flags`, :meth:`UpstreamImapSource.remove`) SELECT the INBOX
+read-write.
 """
 
 from __future__ import annotations
 
 import asyncio
 import imaplib
-import poplib
 import re
 import ssl
-import threading
 from collections.abc import Callable
 from contextlib import suppress
 from datetime import UTC, datetime, timedelta, timezone
@@ -32,70 +21,25 @@ from typing import TypeVar
 
 from ..config import UpstreamServer
 from ..logs import get_logger
-from ..outbound import upstream_context
-from ..providers._errors import DeliveryError, Permanent, Temporary
-from ._sources import (
-    SEEN,
-    Changes,
-    CursorExpired,
-    NotSupported,
-    RemoteMessage,
-    Removal,
-    Snapshot,
+from ._errors import DeliveryError, Permanent, Temporary
+from ._inbox import SEEN, Changes, CursorExpired, NotSupported, RemoteMessage, Removal, Snapshot
+from ._upstream import (
+    DEFAULT_TIMEOUT,
+    ThreadedClient,
+    credentials,
+    reason,
+    tls_context,
+    untrusted,
+    wrong_password,
 )
 
 log = get_logger(__name__)
 
 T = TypeVar("T")
 
-DEFAULT_TIMEOUT = 30.0
-
-# Response codes (RFC 5530, RFC 2449) that say "not now" rather than "never".
+# Response codes (RFC 5530) that say "not now" rather than "never".
 _IMAP_TEMPORARY = ("[UNAVAILABLE]", "[INUSE]", "[LIMIT]", "[SERVERBUG]", "[OVERQUOTA]")
-_POP3_TEMPORARY = ("[IN-USE]", "[SYS/TEMP]", "[LOGIN-DELAY]")
-
 _SPECIAL_USE = {"trash": "\\Trash", "archive": "\\Archive"}
-
-# poplib refuses any line over 2048 bytes (a guard against a hostile server), but real mail
-# often has longer ones (HTML on one line); upstream servers are configured and trusted, so the
-# limit is raised to imaplib's for this process. Every line is still bounded.
-poplib._MAXLINE = max(poplib._MAXLINE, imaplib._MAXLINE)  # type: ignore[attr-defined]
-
-
-def _tls_context(server: UpstreamServer, system_ca_file: Path) -> ssl.SSLContext:
-    """The same trust as the upstream SMTP sender: system CAs plus the server's ``ca_file``;
-    hostnames are verified (``create_default_context``)."""
-    return upstream_context(server, system_ca_file)
-
-
-def _credentials(server: UpstreamServer, protocol: str) -> tuple[str, str]:
-    if not server.username or server.password is None:
-        raise Permanent(
-            f"upstream.{protocol} of this account has no username/password configured; "
-            "add them to the config"
-        )
-    return server.username, server.password.value
-
-
-def _wrong_password(protocol: str, server: UpstreamServer, detail: str) -> Permanent:
-    return Permanent(
-        f"upstream {protocol.upper()} server {server.host} refused the login of "
-        f"{server.username} ({detail}): the upstream.{protocol} password (or username) in the "
-        "config is wrong; fix it and reload"
-    )
-
-
-def _untrusted(
-    protocol: str, server: UpstreamServer, error: ssl.SSLCertVerificationError
-) -> Permanent:
-    return Permanent(
-        f"upstream {protocol.upper()} server {server.host}: its TLS certificate is not trusted "
-        f"({error.verify_message}); set upstream.{protocol}.ca_file to the PEM file of its CA, "
-        "or use the host name its certificate names"
-    )
-
-
-# -- IMAP ------------------------------------------------------------------------------------------
 
 _UID = re.compile(rb"\bUID (\d+)")
 _FLAGS = re.compile(rb"\bFLAGS \(([^)]*)\)")
@@ -131,12 +75,6 @@ def _internal_date(match: re.Match[bytes]) -> datetime:
         int(year), _MONTHS[month.title()], int(day), int(hour), int(minute), int(second)
     )
     return moment.replace(tzinfo=local).astimezone(UTC)
-
-
-def _reason(error: BaseException) -> str:
-    """The server's own text of an imaplib/poplib error (they carry it as bytes)."""
-    arg = error.args[0] if error.args else error
-    return arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
 
 
 def _parse_fetch(data: list, lowest: int = 1) -> dict[int, dict[str, object]]:
@@ -192,7 +130,7 @@ def _split_cursor(cursor: str) -> tuple[int, int]:
     return int(validity), int(uidnext)
 
 
-class UpstreamImapSource:
+class UpstreamImapSource(ThreadedClient):
     """The INBOX of an upstream IMAP server, read-only unless mirroring writes are asked for.
 
     An id is ``"{UIDVALIDITY}.{UID}"``: stable exactly as long as the server keeps its UIDs.
@@ -214,11 +152,7 @@ class UpstreamImapSource:
     def __init__(
         self, server: UpstreamServer, system_ca_file: Path, timeout: float = DEFAULT_TIMEOUT
     ) -> None:
-        self.server = server
-        self.system_ca_file = system_ca_file
-        self.timeout = timeout
-        self._queue = asyncio.Lock()
-        self._lock = threading.Lock()
+        super().__init__(server, system_ca_file, timeout)
         self._imap: imaplib.IMAP4 | None = None
         self._capabilities: frozenset[str] = frozenset()
         self._examined = False  # INBOX selected read-only (else read-write or nothing)
@@ -252,10 +186,6 @@ class UpstreamImapSource:
             await asyncio.to_thread(self._logout)
 
     # -- connection --
-
-    async def _call(self, op: Callable[..., T], *args: object) -> T:
-        async with self._queue:
-            return await asyncio.to_thread(self._run, op, *args)
 
     def _run(self, op: Callable[..., T], *args: object) -> T:
         """Run ``op(imap, *args)``; a reused connection that died is replaced once."""
@@ -292,7 +222,7 @@ class UpstreamImapSource:
         server = self.server
         port = server.port_for("imap")
         if server.security == "tls":
-            context = _tls_context(server, self.system_ca_file)
+            context = tls_context(server, self.system_ca_file)
             imap: imaplib.IMAP4 = imaplib.IMAP4_SSL(
                 server.host, port, ssl_context=context, timeout=self.timeout
             )
@@ -300,7 +230,7 @@ class UpstreamImapSource:
             imap = imaplib.IMAP4(server.host, port, timeout=self.timeout)
         try:
             if server.security == "starttls":
-                imap.starttls(_tls_context(server, self.system_ca_file))
+                imap.starttls(tls_context(server, self.system_ca_file))
             self._login(imap)
             caps = _check(imap.capability(), "CAPABILITY")[0].decode("ascii", "replace")
         except BaseException:
@@ -314,7 +244,7 @@ class UpstreamImapSource:
     def _login(self, imap: imaplib.IMAP4) -> None:
         if imap.state != "NONAUTH":  # PREAUTH greeting
             return
-        username, password = _credentials(self.server, "imap")
+        username, password = credentials(self.server, "imap")
         try:
             if username.isascii() and password.isascii():
                 imap.login(username, password)
@@ -323,10 +253,10 @@ class UpstreamImapSource:
         except imaplib.IMAP4.abort:
             raise
         except imaplib.IMAP4.error as error:
-            text = _reason(error)
+            text = reason(error)
             if any(code in text for code in _IMAP_TEMPORARY):
                 raise Temporary(f"upstream IMAP {self.server.host}: login: {text}") from error
-            raise _wrong_password("imap", self.server, text) from error
+            raise wrong_password("imap", self.server, text) from error
 
     def _drop(self) -> None:
         imap, self._imap = self._imap, None
@@ -344,10 +274,10 @@ class UpstreamImapSource:
     def _failure(self, error: BaseException) -> DeliveryError:
         host = self.server.host
         if isinstance(error, ssl.SSLCertVerificationError):
-            return _untrusted("imap", self.server, error)
+            return untrusted("imap", self.server, error)
         if isinstance(error, imaplib.IMAP4.abort | OSError):
             return Temporary(f"upstream IMAP {host}: {type(error).__name__}: {error}")
-        text = _reason(error)
+        text = reason(error)
         if any(code in text for code in _IMAP_TEMPORARY):
             return Temporary(f"upstream IMAP {host}: {text}")
         return Permanent(f"upstream IMAP {host}: {text}")
@@ -471,181 +401,3 @@ class UpstreamImapSource:
 
 
 # -- POP3 ------------------------------------------------------------------------------------------
-
-_TOP_ALL = 2**31 - 1  # "every body line", within any server's int32
-
-
-class UpstreamPop3Source:
-    """The maildrop of an upstream POP3 server, never changed: no DELE, ever.
-
-    An id is the server's UIDL, which RFC 1939 requires to be stable across sessions. POP3 has
-    no arrival date, so a message's ``internal_date`` is when it was first listed (the view
-    keeps the date it stored for a known id); within one listing they are a microsecond apart
-    in maildrop order, which is arrival order, because the view orders a batch by date.
-
-    Bodies are read with ``TOP n <all lines>`` where the server has TOP, because RETR makes
-    servers such as Dovecot mark the message \\Seen for the owner's other (IMAP) clients; a TOP
-    whose length does not match LIST is not trusted and RETR is used instead.
-    """
-
-    ids_stable = True
-    CURSOR = "pop3"  # every listing is complete; the cursor only says "listed before"
-
-    def __init__(
-        self, server: UpstreamServer, system_ca_file: Path, timeout: float = DEFAULT_TIMEOUT
-    ) -> None:
-        self.server = server
-        self.system_ca_file = system_ca_file
-        self.timeout = timeout
-        self._queue = asyncio.Lock()
-        self._lock = threading.Lock()
-
-    async def list_inbox(self) -> Snapshot:
-        return Snapshot(await self._call(self._listing), self.CURSOR)
-
-    async def changes_since(self, cursor: str) -> Changes:
-        """The whole listing: the view ignores ids it knows and removes those not present."""
-        messages = await self._call(self._listing)
-        return Changes(messages, [], {}, self.CURSOR, frozenset(m.id for m in messages))
-
-    async def fetch_raw(self, provider_id: str) -> bytes:
-        """The message in CRLF form; KeyError once it is gone upstream."""
-        return await self._call(self._retrieve, provider_id)
-
-    async def set_flags(self, provider_id: str, seen: bool | None, flagged: bool | None) -> None:
-        raise NotSupported("POP3 has no flags: read and flagged state cannot be kept upstream")
-
-    async def remove(self, provider_id: str, how: Removal) -> None:
-        raise NotSupported(
-            f"POP3 has no folders: a message cannot be moved to the {how}, and the gateway "
-            "never deletes mail upstream"
-        )
-
-    async def close(self) -> None:
-        """Nothing to close: POP3 connections last one operation."""
-
-    # -- connection --
-
-    async def _call(self, op: Callable[[poplib.POP3, str], T], provider_id: str = "") -> T:
-        async with self._queue:
-            return await asyncio.to_thread(self._run, op, provider_id)
-
-    def _run(self, op: Callable[[poplib.POP3, str], T], provider_id: str) -> T:
-        """One session: connect, log in, ``op``, QUIT (which, without DELE, changes nothing)."""
-        with self._lock:
-            try:
-                pop = self._connect()
-            except (poplib.error_proto, OSError) as error:
-                raise self._failure(error) from error
-            try:
-                result = op(pop, provider_id)
-                pop.quit()
-                return result
-            except (poplib.error_proto, OSError) as error:
-                raise self._failure(error) from error
-            finally:
-                with suppress(Exception):
-                    pop.close()
-
-    def _connect(self) -> poplib.POP3:
-        server = self.server
-        port = server.port_for("pop3")
-        if server.security == "tls":
-            context = _tls_context(server, self.system_ca_file)
-            pop: poplib.POP3 = poplib.POP3_SSL(
-                server.host, port, timeout=self.timeout, context=context
-            )
-        else:
-            pop = poplib.POP3(server.host, port, timeout=self.timeout)
-        try:
-            if server.security == "starttls":
-                pop.stls(_tls_context(server, self.system_ca_file))
-            self._login(pop)
-        except BaseException:
-            with suppress(Exception):
-                pop.close()
-            raise
-        return pop
-
-    def _login(self, pop: poplib.POP3) -> None:
-        username, password = _credentials(self.server, "pop3")
-        try:
-            pop.user(username)
-            pop.pass_(password)
-        except poplib.error_proto as error:
-            text = _reason(error)
-            if any(code in text for code in _POP3_TEMPORARY):
-                raise Temporary(f"upstream POP3 {self.server.host}: login: {text}") from error
-            raise _wrong_password("pop3", self.server, text) from error
-
-    def _failure(self, error: BaseException) -> DeliveryError:
-        host = self.server.host
-        if isinstance(error, ssl.SSLCertVerificationError):
-            return _untrusted("pop3", self.server, error)
-        if isinstance(error, OSError):
-            return Temporary(f"upstream POP3 {host}: {type(error).__name__}: {error}")
-        text = _reason(error)
-        if any(code in text for code in _POP3_TEMPORARY):
-            return Temporary(f"upstream POP3 {host}: {text}")
-        return Permanent(f"upstream POP3 {host}: {text}")
-
-    # -- operations --
-
-    def _numbers(self, pop: poplib.POP3) -> dict[str, int]:
-        """UIDL → message number (a repeated UIDL, a server bug, keeps its first message)."""
-        numbers: dict[str, int] = {}
-        for line in pop.uidl()[1]:
-            number, _, uid = line.decode("utf-8", "replace").partition(" ")
-            numbers.setdefault(uid.strip(), int(number))
-        return numbers
-
-    def _sizes(self, pop: poplib.POP3) -> dict[int, int]:
-        sizes: dict[int, int] = {}
-        for line in pop.list()[1]:
-            number, _, octets = line.decode("ascii", "replace").partition(" ")
-            sizes[int(number)] = int(octets.split()[0])
-        return sizes
-
-    def _listing(self, pop: poplib.POP3, _: str = "") -> list[RemoteMessage]:
-        numbers, sizes = self._numbers(pop), self._sizes(pop)
-        now = datetime.now(UTC)
-        return [
-            RemoteMessage(uid, now + timedelta(microseconds=n), False, sizes.get(n))
-            for uid, n in sorted(numbers.items(), key=lambda item: item[1])
-        ]
-
-    def _retrieve(self, pop: poplib.POP3, provider_id: str) -> bytes:
-        number = self._numbers(pop).get(provider_id)
-        if number is None:
-            raise KeyError(provider_id)
-        octets = int(pop.list(number).split()[2])
-        if _has_top(pop):
-            raw = _whole(pop.top(number, _TOP_ALL)[1], octets)
-            if raw is not None:
-                return raw
-        lines = pop.retr(number)[1]
-        raw = _whole(lines, octets)
-        # A LIST size the server got wrong: serve what it sent (the view measures it).
-        return raw if raw is not None else b"\r\n".join(lines) + b"\r\n"
-
-
-def _has_top(pop: poplib.POP3) -> bool:
-    try:
-        return "TOP" in pop.capa()
-    except poplib.error_proto:  # no CAPA (RFC 1939 only): TOP is optional there
-        return False
-
-
-def _whole(lines: list[bytes], octets: int) -> bytes | None:
-    """The message from its (un-dot-stuffed) lines, or None if it is not ``octets`` long.
-
-    The server ends the last line with CRLF even when the stored message does not; LIST counts
-    the stored bytes, so exactly two extra octets are that CRLF, and dropping them serves the
-    same bytes as the server's IMAP does.
-    """
-    raw = b"\r\n".join(lines) + b"\r\n"
-    if len(raw) == octets:
-        return raw
-    if len(raw) == octets + 2 and raw.endswith(b"\r\n"):
-        return raw[:-2]
-    return None

@@ -1,0 +1,86 @@
+"""The :class:`MailboxSource` interface: what an INBOX view needs from a provider.
+
+Like gluon's ``Connector``, a source hides the provider entirely: the view (``gateway.mailbox``)
+sees provider ids, arrival dates, \\Seen and a cursor, never HTTP, IMAP or POP3. The
+implementations are ``graph_inbox``, ``gmail_inbox``, ``imap_inbox`` and ``pop3_inbox``; their
+failures are this layer's ``Temporary`` / ``Permanent`` / ``ReauthRequired``, and the one
+condition a view must act on, "your cursor is too old", is :class:`CursorExpired`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal, Protocol
+
+SEEN = "\\Seen"
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteMessage:
+    """A message in the provider's INBOX: its id, arrival time (UTC) and whether it is read.
+
+    ``size`` is the exact length of the CRLF form of the bytes :meth:`MailboxSource.fetch_raw`
+    returns, when the source knows it without downloading (upstream IMAP RFC822.SIZE, POP3
+    LIST); the APIs only give estimates, so there it is None and the view learns it on the
+    first download.
+    """
+
+    id: str
+    internal_date: datetime
+    seen: bool
+    size: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A full listing of the INBOX and the cursor to ask for changes after it."""
+
+    messages: list[RemoteMessage]
+    cursor: str
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What happened since a cursor. ``added`` may repeat known ids (apply idempotently)."""
+
+    added: list[RemoteMessage] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    seen: dict[str, bool] = field(default_factory=dict)  # id → \\Seen, for read-state changes
+    cursor: str = ""
+    # For sources without removal events (upstream IMAP/POP3): every id now in the INBOX; a
+    # known id missing from it is removed. None: ``removed`` is complete.
+    present: frozenset[str] | None = None
+
+
+class CursorExpired(Exception):
+    """The provider no longer knows the cursor: only a full listing can continue."""
+
+
+class MailboxSource(Protocol):
+    """One account's INBOX at its provider. ``ids_stable``: the same message keeps its id
+    across a full resync, so the view can keep its UIDs (else it must change UIDVALIDITY)."""
+
+    ids_stable: bool
+
+    async def list_inbox(self) -> Snapshot: ...
+
+    async def changes_since(self, cursor: str) -> Changes:
+        """Changes after ``cursor``; raise :class:`CursorExpired` when it is too old."""
+
+    async def fetch_raw(self, provider_id: str) -> bytes: ...
+
+    async def set_flags(self, provider_id: str, seen: bool | None, flagged: bool | None) -> None:
+        """Mirror read/flagged state to the provider (opt-in; None leaves that flag alone).
+        Raise :class:`NotSupported` where the provider cannot keep it (POP3)."""
+
+    async def remove(self, provider_id: str, how: Removal) -> None:
+        """Take the message out of the INBOX at the provider: ``archive`` or ``trash``, never
+        a permanent deletion. Raise :class:`NotSupported` where neither exists (POP3)."""
+
+
+Removal = Literal["archive", "trash"]
+
+
+class NotSupported(Exception):
+    """The provider cannot do this mirroring operation; str() says why, for the admin."""

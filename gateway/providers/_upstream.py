@@ -1,0 +1,90 @@
+"""What the upstream IMAP and POP3 INBOX sources share (``imap_inbox``, ``pop3_inbox``).
+
+Both run the standard library clients (imaplib, poplib) in worker threads, because they block,
+with the same TLS trust as the upstream SMTP sender and the same sentences for the admin.
+Failures are classified like every provider call (``_errors``): the network, timeouts and a
+server going away are :class:`Temporary`; refused credentials, an untrusted certificate or a
+server refusing a command are :class:`Permanent`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from ..config import UpstreamServer
+from ..outbound import upstream_context
+from ._errors import Permanent
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT = 30.0
+
+
+def tls_context(server: UpstreamServer, system_ca_file: Path) -> ssl.SSLContext:
+    """The same trust as the upstream SMTP sender: system CAs plus the server's ``ca_file``;
+    hostnames are verified (``create_default_context``)."""
+    return upstream_context(server, system_ca_file)
+
+
+def credentials(server: UpstreamServer, protocol: str) -> tuple[str, str]:
+    if not server.username or server.password is None:
+        raise Permanent(
+            f"upstream.{protocol} of this account has no username/password configured; "
+            "add them to the config"
+        )
+    return server.username, server.password.value
+
+
+def wrong_password(protocol: str, server: UpstreamServer, detail: str) -> Permanent:
+    return Permanent(
+        f"upstream {protocol.upper()} server {server.host} refused the login of "
+        f"{server.username} ({detail}): the upstream.{protocol} password (or username) in the "
+        "config is wrong; fix it and reload"
+    )
+
+
+def untrusted(
+    protocol: str, server: UpstreamServer, error: ssl.SSLCertVerificationError
+) -> Permanent:
+    return Permanent(
+        f"upstream {protocol.upper()} server {server.host}: its TLS certificate is not trusted "
+        f"({error.verify_message}); set upstream.{protocol}.ca_file to the PEM file of its CA, "
+        "or use the host name its certificate names"
+    )
+
+
+def reason(error: BaseException) -> str:
+    """The server's own text of an imaplib/poplib error (they carry it as bytes)."""
+    arg = error.args[0] if error.args else error
+    return arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
+
+
+class ThreadedClient:
+    """The part both upstream sources share: a configured server and its blocking client.
+
+    Work is serialised twice: an asyncio lock keeps waiting operations (the IMAP frontend
+    fetches several bodies at once) from each holding a worker thread, and a
+    ``threading.Lock`` held by the worker keeps a cancelled task's still-running thread alone
+    on its connection. Subclasses implement ``_run(op, *args)``, which runs in the thread.
+    """
+
+    def __init__(
+        self, server: UpstreamServer, system_ca_file: Path, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        self.server = server
+        self.system_ca_file = system_ca_file
+        self.timeout = timeout
+        self._queue = asyncio.Lock()
+        self._lock = threading.Lock()
+
+    async def _call(self, op: Callable[..., T], *args: object) -> T:
+        async with self._queue:
+            return await asyncio.to_thread(self._run, op, *args)
+
+    def _run(self, op: Callable[..., T], *args: object) -> T:
+        raise NotImplementedError

@@ -1,0 +1,190 @@
+"""The INBOX of a Gmail mailbox, through ``messages.list`` and ``history.list``.
+
+Gmail ids are immutable; history older than Gmail keeps answers 404, which is
+:class:`CursorExpired` (the view then lists the INBOX again and matches by id). Failures are
+classified by ``_http`` like every provider call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from ._base import TokenSource
+from ._http import Api, check_write
+from ._inbox import Changes, CursorExpired, RemoteMessage, Removal, Snapshot
+
+
+class GmailSource:
+    """Gmail: ``messages.list(labelIds=INBOX)`` plus ``history.list`` from the stored historyId.
+
+    INBOX membership is a label, so an INBOX label added or removed is an arrival or a removal,
+    and TRASH/SPAM end it. History records only name messages; a message arriving needs one
+    ``messages.get(format=minimal)`` for its internalDate and labels (run ``concurrency`` at a
+    time; Gmail limits concurrent requests per user).
+    """
+
+    ids_stable = True
+    HISTORY_TYPES = ("messageAdded", "labelAdded", "labelRemoved", "messageDeleted")
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        tokens: TokenSource,
+        gmail_url: str,
+        username: str,
+        concurrency: int = 4,
+    ) -> None:
+        self.api = Api(client, tokens, username)
+        self.base = f"{gmail_url.rstrip('/')}/gmail/v1/users/me"
+        self._limit = asyncio.Semaphore(concurrency)
+
+    async def list_inbox(self) -> Snapshot:
+        # The historyId is taken first: a change during the listing is then replayed later.
+        profile = await self.api.call("GET", f"{self.base}/profile", "Gmail profile")
+        cursor = str(profile.json()["historyId"])
+        ids: list[str] = []
+        params: dict[str, Any] = {"labelIds": "INBOX", "maxResults": 500}
+        while True:
+            response = await self.api.call(
+                "GET", f"{self.base}/messages", "Gmail list INBOX", params=params
+            )
+            body = response.json()
+            ids.extend(str(m["id"]) for m in body.get("messages", []))
+            if not body.get("nextPageToken"):
+                break
+            params = {**params, "pageToken": body["nextPageToken"]}
+        found = await self._details(dict.fromkeys(ids))
+        return Snapshot([m for m in found if m is not None], cursor)
+
+    async def changes_since(self, cursor: str) -> Changes:
+        params: dict[str, Any] = {
+            "startHistoryId": cursor,
+            "historyTypes": list(self.HISTORY_TYPES),
+            "maxResults": 500,
+        }
+        labels: dict[str, set[str]] = {}  # id → labels after the last change seen
+        entered: set[str] = set()  # ids that arrived or got INBOX back
+        while True:
+            response = await self.api.call(
+                "GET",
+                f"{self.base}/history",
+                "Gmail history",
+                params=params,
+                ok=lambda status: status < 300 or status == 404,
+            )
+            if response.status_code == 404:
+                raise CursorExpired(f"Gmail history from {cursor} is gone (404)")
+            body = response.json()
+            for record in body.get("history", []):
+                _gmail_record(record, labels, entered)
+            if not body.get("nextPageToken"):
+                new_cursor = str(body["historyId"])
+                break
+            params = {**params, "pageToken": body["nextPageToken"]}
+        changes = Changes(cursor=new_cursor)
+        arriving = [i for i in labels if i in entered and _in_inbox(labels[i])]
+        for message_id, current in labels.items():
+            if not _in_inbox(current):
+                changes.removed.append(message_id)
+            elif message_id not in entered:
+                changes.seen[message_id] = "UNREAD" not in current
+        for message_id, message in zip(arriving, await self._details(arriving), strict=True):
+            if message is None:  # gone again before we asked
+                changes.removed.append(message_id)
+            else:
+                changes.added.append(message)
+        return changes
+
+    async def fetch_raw(self, provider_id: str) -> bytes:
+        response = await self.api.call(
+            "GET",
+            f"{self.base}/messages/{quote(provider_id, safe='')}",
+            "Gmail get raw",
+            params={"format": "raw"},
+        )
+        raw = str(response.json()["raw"])
+        return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+
+    async def set_flags(self, provider_id: str, seen: bool | None, flagged: bool | None) -> None:
+        add: list[str] = []
+        remove: list[str] = []
+        if seen is not None:
+            (remove if seen else add).append("UNREAD")
+        if flagged is not None:
+            (add if flagged else remove).append("STARRED")
+        if add or remove:  # Gmail refuses a modify that changes nothing (400)
+            body = {"addLabelIds": add, "removeLabelIds": remove}
+            await self._write(provider_id, "modify", "Gmail mark read/flagged", body)
+
+    async def remove(self, provider_id: str, how: Removal) -> None:
+        # Archive = out of INBOX, kept in All Mail; trash = TRASH label (purged after 30 days).
+        if how == "archive":
+            body = {"removeLabelIds": ["INBOX"]}
+            await self._write(provider_id, "modify", "Gmail archive", body)
+        else:
+            await self._write(provider_id, "trash", "Gmail trash", None)
+
+    async def _write(
+        self, provider_id: str, action: str, what: str, body: dict[str, Any] | None
+    ) -> None:
+        """A mirroring write; a message already gone (404) is done."""
+        response = await self.api.call(
+            "POST",
+            f"{self.base}/messages/{quote(provider_id, safe='')}/{action}",
+            what,
+            json=body,
+            ok=lambda status: status < 300 or status in (403, 404),
+        )
+        if response.status_code != 404:
+            check_write(response, what, "gmail.modify")
+
+    async def _details(self, ids: Iterable[str]) -> list[RemoteMessage | None]:
+        """internalDate and \\Seen per id, in order; None for one no longer in the INBOX."""
+        return list(await asyncio.gather(*(self._minimal(i) for i in ids)))
+
+    async def _minimal(self, message_id: str) -> RemoteMessage | None:
+        async with self._limit:
+            response = await self.api.call(
+                "GET",
+                f"{self.base}/messages/{quote(message_id, safe='')}",
+                "Gmail get minimal",
+                params={"format": "minimal"},
+                ok=lambda status: status < 300 or status == 404,
+            )
+        if response.status_code == 404:
+            return None
+        body = response.json()
+        current = set(body.get("labelIds", []))
+        if not _in_inbox(current):
+            return None
+        moment = datetime.fromtimestamp(int(body["internalDate"]) / 1000, UTC)
+        return RemoteMessage(message_id, moment, "UNREAD" not in current)
+
+
+def _in_inbox(labels: set[str]) -> bool:
+    return "INBOX" in labels and not labels & {"TRASH", "SPAM", "__deleted__"}
+
+
+def _gmail_record(record: dict[str, Any], labels: dict[str, set[str]], entered: set[str]) -> None:
+    """Fold one history record into the latest labels per id (records come in id order)."""
+    for key in ("messagesAdded", "labelsAdded", "labelsRemoved", "messagesDeleted"):
+        for change in record.get(key, []):
+            message = change.get("message", {})
+            message_id = str(message["id"])
+            current = set(message.get("labelIds", []))
+            if key == "messagesDeleted":
+                current = {"__deleted__"}
+            elif key == "labelsRemoved" and "INBOX" in change.get("labelIds", []):
+                current.discard("INBOX")
+            if key == "messagesAdded" or (
+                key == "labelsAdded" and "INBOX" in change.get("labelIds", [])
+            ):
+                entered.add(message_id)
+            labels[message_id] = current

@@ -1,0 +1,133 @@
+"""The INBOX of a Microsoft 365 mailbox, through Graph delta queries.
+
+Ids are immutable only with ``Prefer: IdType="ImmutableId"`` on every request, which is what
+lets the view keep UIDs across a full resync; a delta link Graph no longer knows (410) is
+:class:`CursorExpired`. Failures are classified by ``_http`` like every provider call.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from ._base import TokenSource
+from ._errors import Permanent
+from ._http import Api, check_write, error_code
+from ._inbox import Changes, CursorExpired, RemoteMessage, Removal, Snapshot
+
+
+def _parse_graph_date(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+
+
+class GraphSource:
+    """Graph delta on ``mailFolders/inbox/messages``: the first round is the full listing,
+    its ``@odata.deltaLink`` the cursor; links are followed verbatim (they carry the state)."""
+
+    ids_stable = True
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        tokens: TokenSource,
+        graph_url: str,
+        username: str,
+        address: str,
+        page_size: int = 200,
+    ) -> None:
+        self.api = Api(client, tokens, username)
+        # /users/{address} serves delegated and app-only tokens alike (see providers.graph).
+        self.mailbox = f"{graph_url.rstrip('/')}/users/{quote(address, safe='@')}"
+        self.headers = {"Prefer": f'IdType="ImmutableId", odata.maxpagesize={page_size}'}
+
+    async def list_inbox(self) -> Snapshot:
+        url = f"{self.mailbox}/mailFolders/inbox/messages/delta"
+        params = {"$select": "receivedDateTime,isRead"}
+        changes = await self._rounds(url, params)
+        return Snapshot(changes.added, changes.cursor)
+
+    async def changes_since(self, cursor: str) -> Changes:
+        return await self._rounds(cursor, None)
+
+    async def _rounds(self, url: str, params: dict[str, str] | None) -> Changes:
+        added: dict[str, RemoteMessage] = {}
+        removed: dict[str, None] = {}
+        while True:
+            response = await self.api.call(
+                "GET",
+                url,
+                "Graph inbox delta",
+                params=params,
+                headers=self.headers,
+                ok=lambda status: status < 300 or status == 410,
+            )
+            if response.status_code == 410:
+                raise CursorExpired("Graph delta token expired (410 SyncStateNotFound)")
+            body = response.json()
+            for item in body.get("value", []):
+                _graph_item(item, added, removed)
+            params = None  # links carry every option
+            if "@odata.nextLink" in body:
+                url = body["@odata.nextLink"]
+            elif "@odata.deltaLink" in body:
+                return Changes(list(added.values()), list(removed), {}, body["@odata.deltaLink"])
+            else:
+                raise Permanent("Graph inbox delta: a page had neither nextLink nor deltaLink")
+
+    async def fetch_raw(self, provider_id: str) -> bytes:
+        response = await self.api.call(
+            "GET",
+            f"{self.mailbox}/messages/{quote(provider_id, safe='')}/$value",
+            "Graph message MIME",
+            headers=self.headers,
+        )
+        return response.content
+
+    async def set_flags(self, provider_id: str, seen: bool | None, flagged: bool | None) -> None:
+        changes: dict[str, Any] = {}
+        if seen is not None:
+            changes["isRead"] = seen
+        if flagged is not None:
+            changes["flag"] = {"flagStatus": "flagged" if flagged else "notFlagged"}
+        if changes:
+            await self._write("PATCH", provider_id, "", "Graph mark read/flagged", changes)
+
+    async def remove(self, provider_id: str, how: Removal) -> None:
+        # Well-known folder names; with ImmutableId the moved message keeps its id (201 + it).
+        folder = "archive" if how == "archive" else "deleteditems"
+        what = f"Graph move to {folder}"
+        await self._write("POST", provider_id, "/move", what, {"destinationId": folder})
+
+    async def _write(
+        self, method: str, provider_id: str, suffix: str, what: str, body: dict[str, Any]
+    ) -> None:
+        """A mirroring write; a message already gone (404 ErrorItemNotFound) is done."""
+        response = await self.api.call(
+            method,
+            f"{self.mailbox}/messages/{quote(provider_id, safe='')}{suffix}",
+            what,
+            json=body,
+            headers=self.headers,
+            ok=lambda status: status < 300 or status in (403, 404),
+        )
+        if response.status_code == 404 and error_code(response)[0] == "ErrorItemNotFound":
+            return
+        check_write(response, what, "Mail.ReadWrite")
+
+
+def _graph_item(
+    item: dict[str, Any], added: dict[str, RemoteMessage], removed: dict[str, None]
+) -> None:
+    """Fold one delta item in; a later item about the same id wins (delta may repeat ids)."""
+    message_id = str(item["id"])
+    if "@removed" in item:
+        added.pop(message_id, None)
+        removed[message_id] = None
+        return
+    removed.pop(message_id, None)
+    added[message_id] = RemoteMessage(
+        message_id, _parse_graph_date(item["receivedDateTime"]), bool(item.get("isRead"))
+    )
