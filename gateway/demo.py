@@ -216,6 +216,7 @@ class Demo:
             "  read the INBOX as a legacy program would:",
             f"    curl --cacert {self.gateway.settings.state_dir / 'tls' / 'ca.crt'} "
             f"-u crm:{self.accounts[0].password} 'imaps://localhost:{ports.get('imaps')}/INBOX;UID=1'",
+            *self._upstream_example(ports),
             "  and see what the sandbox cloud sent:",
             f"    curl -s --cacert {self.sandbox.ca_file} -H 'X-Sandbox-Control: 1' "
             f"{self.sandbox.url}/_sandbox/users/{MICROSOFT_ADDRESS}/sent",
@@ -225,6 +226,18 @@ class Demo:
             "",
         ]
         return "\n".join(lines)
+
+    def _upstream_example(self, ports: dict[str, int]) -> list[str]:
+        """The upstream account needs no consent: its INBOX can be read at once."""
+        legacy = [a for a in self.accounts if a.provider == "upstream"]
+        if not legacy:
+            return []
+        ca = self.gateway.settings.state_dir / "tls" / "ca.crt"
+        return [
+            "  (the upstream account needs no consent; its INBOX comes from a private Dovecot:",
+            f"    curl --cacert {ca} -u legacy:{legacy[0].password} "
+            f"'pop3s://localhost:{ports.get('pop3s')}/1')",
+        ]
 
 
 def _password() -> str:

@@ -44,10 +44,25 @@ async def test_demo_wires_the_gateway_to_seeded_sandbox_mailboxes(tmp_path: Path
         imap = settings.accounts[2].upstream.imap
         assert imap.port == demo.dovecot.imaps_port and imap.ca_file == demo.dovecot.ca_file
         assert f"admin password {demo.admin_password}" in " ".join(text.split())
+        assert await asyncio.to_thread(_read_upstream_inbox, demo, upstream.password) == 3
+        assert f"-u legacy:{upstream.password} 'pop3s://localhost:" in text
         await _connect_through_the_admin_page(demo, text)
     finally:
         await demo.stop()
     assert demo.dovecot is not None and not demo.dovecot.running
+
+
+def _read_upstream_inbox(demo: Demo, password: str) -> int:
+    """The printed upstream example works before anyone consents: POP3S to the demo gateway."""
+    cafile = str(demo.gateway.settings.state_dir / "tls" / "ca.crt")
+    context = ssl.create_default_context(cafile=cafile)
+    client = poplib.POP3_SSL("localhost", demo.gateway.ports["pop3s"], context=context, timeout=15)
+    try:
+        client.user("legacy")
+        client.pass_(password)
+        return client.stat()[0]
+    finally:
+        client.quit()
 
 
 async def _connect_through_the_admin_page(demo: Demo, instructions: str) -> None:
