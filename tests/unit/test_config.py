@@ -150,6 +150,28 @@ def test_upstream_account_rules(write_config, tmp_path: Path) -> None:
     assert "used by another account" in problems["accounts[1].username"]
 
 
+def test_reading_policy_keys_and_pop3_upstream_writes(write_config, tmp_path: Path) -> None:
+    server = {"host": "mail.example.org", "security": "tls", "username": "u", "password": "pw"}
+    config = base_config(tmp_path / "state", reading={"poll_seconds": 0, "plaintext_auth": "yes"})
+    config["accounts"][0]["reading"] = {"on_delete": "purge"}
+    config["accounts"].append(
+        {
+            "username": "legacy",
+            "password_hash": PASSWORD_HASH,
+            "provider": "upstream",
+            "address": "legacy@example.org",
+            "upstream": {"pop3": server},
+            "reading": {"mirror_flags": True},
+        }
+    )
+    problems = {p.key: (p.message, p.fix) for p in _problems(write_config(config))}
+    assert "1-3600" in problems["reading.poll_seconds"][1]
+    assert "loopback" in problems["reading.plaintext_auth"][1]
+    assert "archive" in problems["accounts[0].reading.on_delete"][1]
+    message, fix = problems["accounts[2].reading"]
+    assert "POP3 upstream has no flags or folders" in message and "upstream.imap" in fix
+
+
 def test_microsoft_account_needs_client_id(write_config, tmp_path: Path) -> None:
     config = base_config(tmp_path / "state")
     del config["microsoft"]
