@@ -2,27 +2,34 @@
 the same messages, measured in the same run with the same imaplib client.
 
     .venv/bin/python bench/imap_bench.py [--messages 5000] [--sync-messages 10000]
-                                         [--connections 1000] [--rounds 3] [--timeout 600]
+                                         [--connections 1000] [--idle starttls|clear] [--hold 35]
+                                         [--rounds 3] [--timeout 600]
 
 Layout: the sandbox (HTTPS Graph + sign-in) runs in this process on its event loop; the gateway
 runs as a child ``python -m gateway run -c CFG`` with only its STARTTLS IMAP listener (app-only
-Microsoft accounts, so nobody has to consent); Dovecot is ``gateway.sandbox.upstream.Dovecot``
-(its own processes). The same --messages messages (~10 KB, every 5th multipart/mixed with a
-base64 attachment) are APPENDed to a Dovecot user and seeded into the sandbox INBOX of
-``crm@contoso.example``, with the same arrival times. Measured, best of --rounds after one warm-up
-run of each command (the warm-up is timed too, as "cold"):
+Microsoft accounts, so nobody has to consent) and the ``reading`` defaults written out
+(``plaintext_auth: loopback``, ``poll_seconds: 30``, ``cache_mb: 64``); Dovecot is
+``gateway.sandbox.upstream.Dovecot`` (its own processes). The same --messages messages
+(~10 KB, every 5th multipart/mixed with a base64 attachment) are APPENDed to a Dovecot user and
+seeded into the sandbox INBOX of ``crm@contoso.example``, with the same arrival times. Measured,
+best of --rounds after one warm-up run of each command (the warm-up is timed too, as "cold"):
 
 - ``UID FETCH 1:* (UID FLAGS RFC822.SIZE INTERNALDATE)``
 - a Thunderbird-style header fetch of every message
 - ``UID FETCH <first 100 UIDs> (BODY.PEEK[])``
 
 plus the provider API calls of the first sync (LOGIN + first SELECT) of a second account whose
-INBOX holds --sync-messages messages, and the gateway's VmRSS per idle IMAP connection with
---connections connections each LOGIN + EXAMINE INBOX. Everything is on 127.0.0.1 and bounded.
+INBOX holds --sync-messages messages; the gateway's VmRSS per idle IMAP connection with
+--connections connections each (STARTTLS unless --idle clear) LOGIN + EXAMINE INBOX, and the
+provider requests while they sit idle --hold seconds (the view's poller); and the cold listing
+and header fetch again after a restart of the gateway (SIGTERM, same state directory and
+config). Everything is on 127.0.0.1 and bounded.
 
-The gateway refuses LOGIN before STARTTLS (``LOGINDISABLED``, even from loopback), so every
-gateway session does STARTTLS; Dovecot is measured both in clear and with STARTTLS, and the
-ratios are given against both.
+With ``reading.plaintext_auth: loopback`` the gateway allows LOGIN in clear text from 127.0.0.1,
+so both servers are measured in clear and with STARTTLS, and the gateway's ratios are given
+against both Dovecot sessions. A first gateway session (clear) pays the cold listing (every
+body downloaded once for its exact size) and is reported alone; the two measured gateway
+sessions then start alike, with sizes and bodies known.
 """
 
 from __future__ import annotations
@@ -138,10 +145,7 @@ def measure(client: imaplib.IMAP4, rounds: int, requests_of=None) -> dict:
         uid_set = uid_set or first100
         before = requests_of() if requests_of else None
         cold = timed_fetch(client, uid_set, items)
-        calls = None
-        if requests_of:
-            after = requests_of()
-            calls = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+        calls = delta(before, requests_of()) if requests_of else None
         warm = [timed_fetch(client, uid_set, items) for _ in range(rounds)]
         best = min(warm)
         out[name] = {"cold": cold, "best": best, "cold_calls": calls}
@@ -166,11 +170,12 @@ async def _command(reader, writer, tag: bytes, line: bytes, limit: float) -> lis
             return lines
 
 
-async def idle_connection(port: int, tls: ssl.SSLContext, password: str, limit: float):
+async def idle_connection(port: int, tls: ssl.SSLContext | None, password: str, limit: float):
     reader, writer = await asyncio.open_connection(c.HOST, port)
     await asyncio.wait_for(reader.readline(), limit)
-    await _command(reader, writer, b"a1", b"STARTTLS", limit)
-    await writer.start_tls(tls, server_hostname=c.HOST)
+    if tls is not None:
+        await _command(reader, writer, b"a1", b"STARTTLS", limit)
+        await writer.start_tls(tls, server_hostname=c.HOST)
     await _command(reader, writer, b"a2", f'LOGIN {c.USERNAME} "{password}"'.encode(), limit)
     await _command(reader, writer, b"a3", b"EXAMINE INBOX", limit)
     return writer
@@ -188,10 +193,15 @@ def nofile_limit(pid: int) -> str:
     return "?"
 
 
-async def idle_rss(port: int, tls: ssl.SSLContext, pid: int, count: int, limit: float) -> dict:
+async def idle_rss(
+    port: int, tls: ssl.SSLContext | None, pid: int, count: int, limit: float, requests, hold: float
+) -> dict:
+    """VmRSS before and 2 s after ``count`` idle sessions opened; then they sit ``hold`` seconds
+    more, to count the provider requests of idle selected sessions (the view's poller)."""
     await asyncio.sleep(1)
     before = c.proc_status(pid)["VmRSS"]
     fds_before = fd_count(pid)
+    calls_before = requests()
     writers, errors = [], []
     gate = asyncio.Semaphore(64)
 
@@ -206,15 +216,21 @@ async def idle_rss(port: int, tls: ssl.SSLContext, pid: int, count: int, limit: 
     await asyncio.gather(*(one() for _ in range(count)))
     setup = time.perf_counter() - start
     await asyncio.sleep(2)
-    after = c.proc_status(pid)["VmRSS"]
+    status = c.proc_status(pid)
     fds_after = fd_count(pid)
+    calls_opened = requests()
+    await asyncio.sleep(hold)
+    calls_held = delta(calls_opened, requests())
     for writer in writers:
         writer.close()
     with contextlib.suppress(Exception):
         await asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True)
     return {
         "before": before,
-        "after": after,
+        "after": status["VmRSS"],
+        "hwm": status["VmHWM"],
+        "calls": delta(calls_before, calls_opened),
+        "held": calls_held,
         "ok": len(writers),
         "errors": errors,
         "setup": setup,
@@ -225,12 +241,45 @@ async def idle_rss(port: int, tls: ssl.SSLContext, pid: int, count: int, limit: 
 # -- the run ---------------------------------------------------------------------------------------
 
 
+def delta(before: dict, after: dict) -> dict:
+    """Requests per target made between two snapshots (the non-zero ones)."""
+    return {k: after.get(k, 0) - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+
+
+def count_graph_kinds(kinds: dict[str, int]) -> None:
+    """Count Graph requests by kind (``graph $value`` = one body download, ``graph delta`` = one
+    delta page, ``graph other``) as the sandbox in this process sees them: the sandbox's
+    fault middleware asks ``_faults.target_of`` for every request, so that is wrapped here.
+    The sandbox's own count per target (``graph``, ``microsoft-login``) stays as it was."""
+    from gateway.sandbox import _faults
+
+    original = _faults.target_of
+
+    def target_of(path: str):
+        target = original(path)
+        if target == "graph":
+            kind = (
+                "graph $value"
+                if path.endswith("/$value")
+                else "graph delta"
+                if "/delta" in path
+                else "graph other"
+            )
+            kinds[kind] = kinds.get(kind, 0) + 1
+        return target
+
+    _faults.target_of = target_of
+
+
 def gateway_config(sandbox, app, state_dir: Path, imap_port: int) -> dict:
     from gateway.passwords import hash_password
 
     config = c.gateway_config(sandbox, app, state_dir, c.free_port())
     config["listeners"]["smtp_port"] = None
     config["listeners"]["imap_port"] = imap_port
+    # The defaults, written out: LOGIN in clear text from loopback, one poller per selected
+    # mailbox every 30 s, 64 MiB of bodies cached per mailbox.
+    config["reading"] = {"plaintext_auth": "loopback", "poll_seconds": 30, "cache_mb": 64}
     config["accounts"].append(
         {
             "username": SYNC_ACCOUNT,
@@ -254,6 +303,9 @@ async def main(args: argparse.Namespace) -> int:
     total_bytes = sum(map(len, messages))
     work_dir = Path(tempfile.mkdtemp(prefix="bench-imap-"))
     sandbox, app, user = await c.start_sandbox(work_dir / "sandbox")
+    graph_kinds: dict[str, int] = {}
+    count_graph_kinds(graph_kinds)
+    log_path = work_dir / "gateway.log"
     dovecot = Dovecot()
     process = None
     report: list[str] = []
@@ -292,19 +344,31 @@ async def main(args: argparse.Namespace) -> int:
         config = c.write_yaml(
             work_dir / "gateway.yaml", gateway_config(sandbox, app, work_dir / "state", port)
         )
-        log_path = work_dir / "gateway.log"
-        log_file = open(log_path, "wb")  # noqa: SIM115 (closed in finally)
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "run", "-c", str(config),
-            env=c.child_env(), cwd=str(c.ROOT), stdout=log_file, stderr=log_file,
-        )  # fmt: skip
+
+        async def spawn() -> asyncio.subprocess.Process:
+            with open(log_path, "ab") as log_file:  # the child has its own descriptor
+                return await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "gateway", "run", "-c", str(config),
+                    env=c.child_env(), cwd=str(c.ROOT), stdout=log_file, stderr=log_file,
+                )  # fmt: skip
+
+        process = await spawn()
         await c.wait_for_banner(port, process, 60, expect=b"* OK", goodbye=b"x LOGOUT\r\n")
         gw_tls = ssl.create_default_context(cafile=str(work_dir / "state" / "tls" / "ca.crt"))
         dc_tls = ssl.create_default_context(cafile=str(dovecot.ca_file))
         dc_tls.check_hostname = False  # Dovecot's leaf names localhost; we dial 127.0.0.1
 
         def requests() -> dict:
-            return dict(sandbox.faults.requests)
+            return dict(sandbox.faults.requests) | graph_kinds
+
+        def capabilities_in_clear() -> str:
+            client = imaplib.IMAP4(c.HOST, port, timeout=args.timeout)
+            try:
+                return " ".join(client.capabilities)
+            finally:
+                client.logout()
+
+        clear_caps = await asyncio.to_thread(capabilities_in_clear)
 
         # First sync of the --sync-messages INBOX: LOGIN (opens the view) + first SELECT.
         def first_sync() -> tuple[float, int]:
@@ -321,17 +385,30 @@ async def main(args: argparse.Namespace) -> int:
         cpu = c.cpu_seconds(process.pid), c.cpu_seconds(os.getpid())
         sync_took, sync_exists = await asyncio.to_thread(first_sync)
         sync_cpu = c.cpu_seconds(process.pid) - cpu[0], c.cpu_seconds(os.getpid()) - cpu[1]
-        after = requests()
-        sync_calls = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-        sync_calls = {k: v for k, v in sync_calls.items() if v}
+        sync_calls = delta(before, requests())
 
-        # Fetch benchmarks: Dovecot in clear, Dovecot with STARTTLS, the gateway (STARTTLS).
+        # The gateway's first listing of this INBOX (sizes unknown), in a session of its own,
+        # so that both measured gateway sessions below start alike: sizes and bodies known.
+        def first_listing() -> dict:
+            client = connect(port, None, c.USERNAME, c.PASSWORD, args.timeout)
+            try:
+                client.select("INBOX", readonly=True)
+                before = requests()
+                took, count, _ = timed_fetch(client, COMMANDS[0][1], COMMANDS[0][2])
+                return {"took": took, "count": count, "calls": delta(before, requests())}
+            finally:
+                client.logout()
+
         results = {}
-        for name, port_, tls, account, reqs in (
+        sessions = (
             ("Dovecot (clear)", dovecot.imap_port, None, DOVECOT_USER, None),
             ("Dovecot STARTTLS", dovecot.imap_port, dc_tls, DOVECOT_USER, None),
+            ("gateway (clear)", port, None, c.USERNAME, requests),
             ("gateway STARTTLS", port, gw_tls, c.USERNAME, requests),
-        ):
+        )
+        for name, port_, tls, account, reqs in sessions:
+            if name == "gateway (clear)":
+                cold_listing = await asyncio.to_thread(first_listing)
 
             def session(port_=port_, tls=tls, account=account, reqs=reqs) -> dict:
                 client = connect(port_, tls, account, c.PASSWORD, args.timeout)
@@ -343,10 +420,46 @@ async def main(args: argparse.Namespace) -> int:
             results[name] = await asyncio.to_thread(session)
 
         rss_before_idle = c.proc_status(process.pid)
-        idle = await idle_rss(port, gw_tls, process.pid, args.connections, args.timeout)
+        idle_tls = gw_tls if args.idle == "starttls" else None
+        idle = await idle_rss(
+            port, idle_tls, process.pid, args.connections, args.timeout, requests, args.hold
+        )
         gw_limit = nofile_limit(process.pid)
         gw_cpu = c.cpu_seconds(process.pid)
-        log_file.close()
+        await asyncio.sleep(2)  # let the gateway see the idle connections go
+        rss_after_idle = c.proc_status(process.pid)
+
+        # -- after a restart: same state directory, same config ----------------------------------
+        started = time.perf_counter()
+        stopped_rc = await c.stop_child(process)
+        stop_took = time.perf_counter() - started
+        started = time.perf_counter()
+        process = await spawn()
+        await c.wait_for_banner(port, process, 60, expect=b"* OK", goodbye=b"x LOGOUT\r\n")
+        start_took = time.perf_counter() - started
+
+        def after_restart() -> dict:
+            out = {}
+            before = requests()
+            start = time.perf_counter()
+            client = connect(port, None, c.USERNAME, c.PASSWORD, args.timeout)
+            try:
+                typ, data = client.select("INBOX", readonly=True)
+                if typ != "OK":
+                    raise RuntimeError(f"EXAMINE INBOX after the restart: {typ} {data}")
+                out["open"] = time.perf_counter() - start, int(data[0])
+                out["open calls"] = delta(before, requests())
+                for command, uid_set, items in COMMANDS[:2]:
+                    before = requests()
+                    out[command] = timed_fetch(client, uid_set, items)
+                    out[f"{command} calls"] = delta(before, requests())
+                out["listing again"] = timed_fetch(client, COMMANDS[0][1], COMMANDS[0][2])
+            finally:
+                client.logout()
+            return out
+
+        restart = await asyncio.to_thread(after_restart)
+        rss_restart = c.proc_status(process.pid)
     finally:
         if process is not None:
             await c.stop_child(process)
@@ -367,9 +480,19 @@ async def main(args: argparse.Namespace) -> int:
         f"filled in {dovecot_fill:.1f}s (Dovecot, IMAP APPEND) and {seed_time:.1f}s "
         f"(sandbox seed_inbox, {n} + {args.sync_messages} messages)"
     )
-    p("gateway: LOGIN refused before STARTTLS (LOGINDISABLED), so its sessions use STARTTLS")
+    p(
+        "gateway reading settings: plaintext_auth loopback, poll_seconds 30, cache_mb 64 "
+        "(the defaults)"
+    )
+    p(f"gateway capabilities in clear from 127.0.0.1: {clear_caps}")
     for name, r in results.items():
         p(f"  {name}: EXISTS {r['exists']}, UIDs {r['uids']}")
+    p(
+        f"gateway, first listing of the INBOX (own session, in clear, sizes unknown): "
+        f"{cold_listing['took'] * 1000:.1f} ms, {cold_listing['count']} responses, "
+        f"provider requests {cold_listing['calls'] or 'none'}"
+    )
+    p("then one session per row; 'cold' = its first run (for the gateway: sizes, bodies known)")
     p(f"{'':<20}{'command':<12}{'cold ms':>10}{'best ms':>10}{'msg/s':>10}{'responses':>10}")
     for name, r in results.items():
         for command, _, _ in COMMANDS:
@@ -378,18 +501,19 @@ async def main(args: argparse.Namespace) -> int:
                 f"{name:<20}{command:<12}{cold[0] * 1000:>10.1f}{best[0] * 1000:>10.1f}"
                 f"{best[1] / best[0]:>10.0f}{best[1]:>10}"
             )
-    gw = results["gateway STARTTLS"]
-    for reference in ("Dovecot (clear)", "Dovecot STARTTLS"):
-        ref = results[reference]
-        ratios = ", ".join(
-            f"{command} {gw[command]['best'][0] / ref[command]['best'][0]:.2f}x"
-            for command, _, _ in COMMANDS
-        )
-        p(f"ratio gateway/{reference} (best, time): {ratios}")
-    for command, _, _ in COMMANDS:
-        calls = gw[command]["cold_calls"]
-        calls = {k: v for k, v in (calls or {}).items() if v}
-        p(f"gateway provider calls during the cold {command}: {calls or 'none'}")
+    for gateway in ("gateway (clear)", "gateway STARTTLS"):
+        gw = results[gateway]
+        for reference in ("Dovecot (clear)", "Dovecot STARTTLS"):
+            ref = results[reference]
+            ratios = ", ".join(
+                f"{command} {gw[command]['best'][0] / ref[command]['best'][0]:.2f}x"
+                for command, _, _ in COMMANDS
+            )
+            p(f"ratio {gateway}/{reference} (best, time): {ratios}")
+    for gateway in ("gateway (clear)", "gateway STARTTLS"):
+        calls = {command: results[gateway][command]["cold_calls"] for command, _, _ in COMMANDS}
+        calls = {command: found for command, found in calls.items() if found}
+        p(f"{gateway}: provider requests during its cold runs: {calls or 'none'}")
     p(
         f"first sync (LOGIN + first SELECT) of a {args.sync_messages}-message INBOX: "
         f"SELECT took {sync_took:.2f}s, EXISTS {sync_exists}, provider requests {sync_calls}"
@@ -399,12 +523,18 @@ async def main(args: argparse.Namespace) -> int:
         f"(sandbox Graph + client) {sync_cpu[1]:.1f}s"
     )
     per = (idle["after"] - idle["before"]) / max(1, idle["ok"])
+    how = "STARTTLS + " if args.idle == "starttls" else "in clear, "
     p(
-        f"idle connections (STARTTLS + LOGIN + EXAMINE INBOX): {idle['ok']}/{args.connections} "
+        f"idle connections ({how}LOGIN + EXAMINE INBOX): {idle['ok']}/{args.connections} "
         f"open in {idle['setup']:.1f}s, {len(idle['errors'])} errors; gateway VmRSS "
         f"{idle['before'] / 1024:.1f} MiB -> {idle['after'] / 1024:.1f} MiB = {per:.1f} KiB "
-        f"per connection"
+        f"per connection; VmHWM {idle['hwm'] / 1024:.1f} MiB"
     )
+    p(
+        f"  provider requests while they opened (each EXAMINE syncs): {idle['calls'] or 'none'}; "
+        f"then idle for {args.hold:.0f}s more: {idle['held'] or 'none'}"
+    )
+    p(f"  gateway VmRSS 2 s after they closed: {rss_after_idle['VmRSS'] / 1024:.1f} MiB")
     p(
         f"gateway fds {idle['fds'][0]} -> {idle['fds'][1]}, its RLIMIT_NOFILE {gw_limit}; "
         f"VmHWM {rss_before_idle['VmHWM'] / 1024:.1f} MiB before the idle test; "
@@ -412,12 +542,29 @@ async def main(args: argparse.Namespace) -> int:
     )
     for error in sorted(set(idle["errors"]))[:5]:
         p(f"  idle error: {error[:200]}")
+    opened, exists = restart["open"]
+    p(
+        f"after a restart (SIGTERM: exit {stopped_rc} in {stop_took:.1f}s; IMAP greeting again "
+        f"{start_took:.1f}s later; same state dir): LOGIN (clear) + EXAMINE INBOX {opened:.2f}s, "
+        f"EXISTS {exists}, provider requests {restart['open calls'] or 'none'}"
+    )
+    for command, _, _ in COMMANDS[:2]:
+        took, count, _ = restart[command]
+        p(
+            f"  cold {command} after the restart: {took * 1000:.1f} ms, {count} responses, "
+            f"provider requests {restart[f'{command} calls'] or 'none'}"
+        )
+    took, count, _ = restart["listing again"]
+    p(
+        f"  listing once more: {took * 1000:.1f} ms; gateway VmRSS "
+        f"{rss_restart['VmRSS'] / 1024:.1f} MiB"
+    )
     problems = [
         line
         for line in log_text.splitlines()
         if '"level": "error"' in line or '"level": "warning"' in line or "Traceback" in line
     ]
-    p(f"gateway log: {len(problems)} warning/error lines")
+    p(f"gateway log (both runs): {len(problems)} warning/error lines")
     for line in problems[:5]:
         p(f"  {line[:300]}")
     if args.keep:
@@ -431,6 +578,15 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--sync-messages", type=int, default=10000)
     parser.add_argument("--connections", type=int, default=1000)
+    parser.add_argument(
+        "--idle", choices=("starttls", "clear"), default="starttls", help="idle connections"
+    )
+    parser.add_argument(
+        "--hold",
+        type=float,
+        default=35,
+        help="seconds the idle connections stay open after the RSS reading (see the poller)",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--size", type=int, default=10 * 1024, help="bytes per message (about)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds: socket timeouts")
