@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from typing import Any
 
 from twisted.internet.defer import maybeDeferred, succeed
@@ -450,8 +451,15 @@ class CompatIMAP4Server(imap4.IMAP4Server):
             return b"RFC822.TEXT " + _render.literal(root().body)
         if kind == "rfc822":
             return b"RFC822 " + _render.literal(root().raw)
+        if kind == "uid":
+            return b"UID %d" % msg.getUID()
+        if kind == "flags":
+            return b"FLAGS (" + " ".join(msg.getFlags()).encode("ascii", "replace") + b")"
+        moment = getattr(msg, "internal_datetime", None)
+        if kind == "internaldate" and moment is not None:
+            return b'INTERNALDATE "' + _internal_date(moment) + b'"'
         out: list[bytes] = []
-        getattr(self, "spew_" + kind)(0, msg, out.append, None)  # flags, internaldate, uid
+        getattr(self, "spew_" + kind)(0, msg, out.append, None)  # a message with a date string
         return b"".join(out)
 
 
@@ -509,6 +517,28 @@ def _render_body(item: Any, root: Any) -> bytes:
         data = data[begin : begin + item.partialLength]
         name += b"<%d>" % begin
     return name + b" " + _render.literal(data)
+
+
+_MONTHS = b"Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
+
+
+def _internal_date(moment: datetime) -> bytes:
+    """RFC 3501 date-time, as Dovecot writes it (``01-Mar-2026 08:00:00 +0000``), straight from
+    an aware datetime: Twisted's spew_internaldate formats a string and parses it back, which
+    was two thirds of the time of a listing."""
+    offset = moment.utcoffset() or timedelta(0)
+    minutes = int(offset.total_seconds()) // 60
+    sign = b"-" if minutes < 0 else b"+"
+    zone = b"%s%02d%02d" % (sign, abs(minutes) // 60, abs(minutes) % 60)
+    return b"%02d-%s-%d %02d:%02d:%02d %s" % (
+        moment.day,
+        _MONTHS[moment.month - 1],
+        moment.year,
+        moment.hour,
+        moment.minute,
+        moment.second,
+        zone,
+    )
 
 
 def _raw(msg: Any) -> bytes:

@@ -21,6 +21,7 @@ import asyncio
 import io
 import re
 from collections.abc import Iterable
+from datetime import datetime
 from email.utils import format_datetime
 from typing import Any
 
@@ -140,6 +141,11 @@ class GatewayMessage:
 
     def getInternalDate(self) -> str:
         return format_datetime(self.info.internal_date)
+
+    @property
+    def internal_datetime(self) -> datetime:
+        """For :class:`CompatIMAP4Server`'s INTERNALDATE without a string round trip."""
+        return self.info.internal_date
 
 
 def _fields(raw: bytes) -> Any:
@@ -327,22 +333,35 @@ class InboxMailbox:
     async def _load(
         self, chosen: list[tuple[int, MessageInfo]], body: bool, size: bool
     ) -> list[tuple[int, GatewayMessage]]:
+        """The messages of a FETCH; only bodies and unknown sizes are awaited (a few at a time),
+        so a listing of known sizes costs no task per message."""
+        ready: dict[int, GatewayMessage] = {}
+        waiting: list[tuple[int, MessageInfo]] = []
+        for seq, info in chosen:
+            try:
+                length = 0 if not size else self.view.known_size(info.uid)
+            except KeyError:  # gone from the view since SELECT: nothing to show
+                continue
+            if body or length is None:
+                waiting.append((seq, info))
+            else:
+                ready[seq] = GatewayMessage(info, self.flags_of(info), None, length)
         gate = asyncio.Semaphore(_PARALLEL_FETCHES)
 
-        async def one(seq: int, info: MessageInfo) -> tuple[int, GatewayMessage] | None:
+        async def one(seq: int, info: MessageInfo) -> None:
             async with gate:
                 try:
                     raw = await self.view.fetch(info.uid) if body else None
                     if raw is not None:
                         length = len(crlf_form(raw))
                     else:
-                        length = await self.view.size(info.uid) if size else 0
-                except KeyError:  # gone from the view since SELECT: nothing to show
-                    return None
-            return seq, GatewayMessage(info, self.flags_of(info), raw, length)
+                        length = await self.view.size(info.uid)
+                except KeyError:
+                    return
+            ready[seq] = GatewayMessage(info, self.flags_of(info), raw, length)
 
-        found = await asyncio.gather(*(one(seq, info) for seq, info in chosen))
-        return [item for item in found if item is not None]
+        await asyncio.gather(*(one(seq, info) for seq, info in waiting))
+        return [(seq, ready[seq]) for seq, _ in chosen if seq in ready]
 
     def store(self, messages: Any, flags: list[str], mode: int, uid: bool) -> Any:
         if not self.writeable:

@@ -327,10 +327,14 @@ class MailboxView:
                 self._learn_size(entry.provider_id, len(crlf_form(raw)))
         return raw
 
+    def known_size(self, uid: int) -> int | None:
+        """The exact size if it is known without a download; KeyError for an unknown UID."""
+        entry = self._uids.by_uid[uid]
+        return entry.size if entry.size is not None else self._sizes.get(entry.provider_id)
+
     async def size(self, uid: int) -> int:
         """The exact size of :func:`crlf_form` of the message (downloaded once if unknown)."""
-        entry = self._uids.by_uid[uid]
-        known = entry.size if entry.size is not None else self._sizes.get(entry.provider_id)
+        known = self.known_size(uid)
         return known if known is not None else len(crlf_form(await self.fetch(uid)))
 
     def _learn_size(self, provider_id: str, size: int) -> None:
