@@ -4,11 +4,12 @@ docs/protocol-servers.md §2–§3 lists what stock ``IMAP4Server`` gets wrong; 
 names the defect it fixes. FETCH is answered entirely by our own loop over the raw message bytes
 (:mod:`._render`): byte-exact sections and Dovecot-identical BODYSTRUCTURE/ENVELOPE, and an
 exception while rendering one message is logged and answered with ``NO`` instead of dropping the
-connection. The mailbox objects must provide ``IMessageFile.open()`` (the raw RFC 822 bytes) and a
-``getSize()`` equal to the length of their CRLF form (``_render.to_crlf``), so RFC822.SIZE never
-needs the body. A mailbox may also provide ``fetch_items(messages, query, uid)``: it is then
-called instead of ``fetch`` with the parsed FETCH items, so it can download bodies only when an
-item renders them (Twisted #9197).
+connection. The mailbox objects must provide ``IMessageFile.open()`` (the raw RFC 822 bytes)
+and a ``getSize()`` equal to the length of their CRLF form (``gateway.mailbox.crlf_form``), so
+RFC822.SIZE never needs the body; a ``crlf_bytes`` attribute (that form, ready) saves a copy.
+A mailbox may also provide ``fetch_items(messages, query, uid)``: it is then called instead of
+``fetch`` with the parsed FETCH items, so it can download bodies only when an item renders them
+(Twisted #9197).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from twisted.internet.defer import maybeDeferred, succeed
 from twisted.mail import imap4
 from twisted.python import log
 
-from ..mailbox import MailboxUnavailable
+from ..mailbox import MailboxUnavailable, crlf_form
 from ..runtime import reactor
 from . import _render
 from ._search import UnsupportedSearch
@@ -489,25 +490,8 @@ class _Throttle:
 def _render_body(item: Any, root: Any) -> bytes:
     """BODY[section]<partial> with Dovecot's labels, or BODY (the non-extensible structure)."""
     path = [n + 1 for n in item.part]
-    names: list[str] = []
-    if item.header is not None:
-        fields = item.header.fields
-        if fields:
-            names = [f.decode("latin-1") if isinstance(f, bytes) else f for f in fields]
-            spec = "HEADER.FIELDS.NOT" if item.header.negate else "HEADER.FIELDS"
-            # bytes.upper() leaves 8-bit octets alone: str.upper() turned \xff into U+0178,
-            # which is not latin-1, and the message failed to render.
-            upper = b" ".join(n.encode("latin-1").upper() for n in names).decode("latin-1")
-            label = f"{spec} ({upper})"
-        else:
-            spec = label = "HEADER"
-    elif item.text:
-        spec = label = "TEXT"
-    elif item.mime:
-        spec = label = "MIME"
-    elif item.empty:
-        spec = label = ""
-    else:
+    spec, label, names = _section_spec(item)
+    if spec is None:
         return b"BODY " + _render.bodystructure(root(), extended=False)
     data = _render.section(root(), path, spec, names)
     prefix = ".".join(str(n) for n in path)
@@ -541,10 +525,44 @@ def _internal_date(moment: datetime) -> bytes:
     )
 
 
+def _section_spec(item: Any) -> tuple[str | None, str, list[str]]:
+    """(section spec, its label in the response, header field names) of a BODY item; spec
+    None for BODY, the structure. Kept on the item: a FETCH of 5,000 messages asks once."""
+    cached = getattr(item, "_gateway_spec", None)
+    if cached is not None:
+        return cached
+    names: list[str] = []
+    spec: str | None
+    if item.header is not None:
+        fields = item.header.fields
+        if fields:
+            names = [f.decode("latin-1") if isinstance(f, bytes) else f for f in fields]
+            spec = "HEADER.FIELDS.NOT" if item.header.negate else "HEADER.FIELDS"
+            # bytes.upper() leaves 8-bit octets alone: str.upper() turned \xff into U+0178,
+            # which is not latin-1, and the message failed to render.
+            upper = b" ".join(n.encode("latin-1").upper() for n in names).decode("latin-1")
+            label = f"{spec} ({upper})"
+        else:
+            spec = label = "HEADER"
+    elif item.text:
+        spec = label = "TEXT"
+    elif item.mime:
+        spec = label = "MIME"
+    elif item.empty:
+        spec = label = ""
+    else:
+        spec, label = None, ""
+    item._gateway_spec = (spec, label, names)
+    return item._gateway_spec
+
+
 def _raw(msg: Any) -> bytes:
+    ready = getattr(msg, "crlf_bytes", None)  # the gateway's messages: no copy, no scan
+    if ready is not None:
+        return ready
     opened = imap4.IMessageFile(msg).open()
     data = opened.read()
-    return _render.to_crlf(data if isinstance(data, bytes) else bytes(data))
+    return crlf_form(data if isinstance(data, bytes) else bytes(data))
 
 
 def _ascii(text: str) -> bytes:

@@ -28,7 +28,7 @@ from typing import Any
 from twisted.mail import imap4
 from zope.interface import implementer
 
-from ..mailbox import MailboxView, MessageInfo, crlf_form
+from ..mailbox import MailboxView, MessageInfo
 from ..runtime import as_deferred
 from . import _render
 from ._search import Candidate, compile_query, needs_headers
@@ -130,6 +130,13 @@ class GatewayMessage:
             raise RuntimeError("the body was not fetched for this FETCH")
         return io.BytesIO(self.raw)
 
+    @property
+    def crlf_bytes(self) -> bytes:
+        """For :class:`CompatIMAP4Server`: the message already in CRLF form, not copied."""
+        if self.raw is None:
+            raise RuntimeError("the body was not fetched for this FETCH")
+        return self.raw
+
     def getSize(self) -> int:
         return self.size
 
@@ -150,7 +157,7 @@ class GatewayMessage:
 
 def _fields(raw: bytes) -> Any:
     """name (lower case) -> the raw values of every such field of the top-level header."""
-    root = _render.index(crlf_form(raw))
+    root = _render.index(raw)
     return lambda name: [
         line.split(b":", 1)[1].strip(b" \t\r\n") for field, line in root.fields if field == name
     ]
@@ -352,10 +359,7 @@ class InboxMailbox:
             async with gate:
                 try:
                     raw = await self.view.fetch(info.uid) if body else None
-                    if raw is not None:
-                        length = len(crlf_form(raw))
-                    else:
-                        length = await self.view.size(info.uid)
+                    length = len(raw) if raw is not None else await self.view.size(info.uid)
                 except KeyError:
                     return
             ready[seq] = GatewayMessage(info, self.flags_of(info), raw, length)

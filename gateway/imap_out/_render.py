@@ -259,16 +259,6 @@ def _param(params: list[tuple[str, str]], name: str) -> str | None:
     return None
 
 
-def to_crlf(raw: bytes) -> bytes:
-    """Bare LF line ends as CRLF: IMAP serves CRLF lines, and so does Dovecot for LF-only mail.
-
-    The mailbox view must report ``getSize()`` of these bytes, so RFC822.SIZE matches BODY[].
-    """
-    if raw.count(b"\n") == raw.count(b"\r\n"):
-        return raw
-    return re.sub(rb"(?<!\r)\n", b"\r\n", raw)
-
-
 class _IndexCache:
     """LRU of parsed messages bounded by the bytes it keeps alive, not only by entry count.
 

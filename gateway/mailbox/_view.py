@@ -316,16 +316,18 @@ class MailboxView:
     # -- bodies ------------------------------------------------------------------------------
 
     async def fetch(self, uid: int) -> bytes:
-        """The raw message as the provider holds it; KeyError for a UID not in the view."""
+        """The message as IMAP and POP3 serve it: the provider's bytes in :func:`crlf_form`
+        (byte for byte when they already end lines with CRLF); KeyError for a UID not in the
+        view. The cache keeps this form, so a message is converted (and measured) once."""
         entry = self._uids.by_uid[uid]
-        raw = self.cache.get(entry.provider_id)
-        if raw is None:
+        wire = self.cache.get(entry.provider_id)
+        if wire is None:
             with _provider_call():
-                raw = await self.source.fetch_raw(entry.provider_id)
-            self.cache.put(entry.provider_id, raw)
+                wire = crlf_form(await self.source.fetch_raw(entry.provider_id))
+            self.cache.put(entry.provider_id, wire)
             if entry.size is None:
-                self._learn_size(entry.provider_id, len(crlf_form(raw)))
-        return raw
+                self._learn_size(entry.provider_id, len(wire))
+        return wire
 
     def known_size(self, uid: int) -> int | None:
         """The exact size if it is known without a download; KeyError for an unknown UID."""
@@ -333,9 +335,9 @@ class MailboxView:
         return entry.size if entry.size is not None else self._sizes.get(entry.provider_id)
 
     async def size(self, uid: int) -> int:
-        """The exact size of :func:`crlf_form` of the message (downloaded once if unknown)."""
+        """The exact size of what :meth:`fetch` serves (downloaded once if unknown)."""
         known = self.known_size(uid)
-        return known if known is not None else len(crlf_form(await self.fetch(uid)))
+        return known if known is not None else len(await self.fetch(uid))
 
     def _learn_size(self, provider_id: str, size: int) -> None:
         """Remember a size and save it soon: many sizes learnt together are one write."""

@@ -15,7 +15,7 @@ import asyncio
 import hashlib
 from typing import Any
 
-from ..mailbox import MailboxView, MessageInfo, crlf_form
+from ..mailbox import MailboxView, MessageInfo
 
 _SIZE_FETCHES = 8
 
@@ -79,7 +79,7 @@ class Pop3Session:
     async def wire(self, number: int) -> bytes:
         """The message as RETR sends it before dot-stuffing: the provider's bytes with CRLF
         line ends (byte for byte when they already have them)."""
-        return crlf_form(await self._view_call(self.view.fetch, number))
+        return await self._view_call(self.view.fetch, number)
 
     async def size(self, number: int) -> int:
         """Octets RETR will send (RFC 1939), from the view's stored size when known."""

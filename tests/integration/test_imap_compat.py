@@ -20,7 +20,7 @@ from twisted.mail import imap4
 from zope.interface import implementer
 
 from gateway.imap_out._compat import CompatIMAP4Server
-from gateway.imap_out._render import to_crlf
+from gateway.mailbox import crlf_form
 from gateway.runtime import ConnectionRegistry, RunningListener, as_deferred, listen_twisted
 from gateway.sandbox.upstream import Dovecot, MailUser
 from tests.unit.test_imap_render import CORPUS
@@ -82,7 +82,7 @@ class RawMessage:
         return io.BytesIO(self.raw)
 
     def getSize(self) -> int:
-        return len(to_crlf(self.raw))
+        return len(crlf_form(self.raw))
 
     def getUID(self) -> int:
         return self.uid

@@ -13,6 +13,7 @@ from twisted.mail.imap4 import IllegalIdentifierError, parseIdList
 
 from gateway.imap_out import _render
 from gateway.imap_out._seqset import parse_seqset
+from gateway.mailbox import crlf_form
 
 
 def _crlf(text: str) -> bytes:
@@ -430,9 +431,9 @@ def test_duplicate_fields_use_the_last_in_envelope_but_all_in_header() -> None:
 
 def test_lf_only_messages_are_served_as_crlf() -> None:
     raw = CORPUS["lf-only"]
-    assert _render.to_crlf(raw) == raw.replace(b"\n", b"\r\n")
-    assert _render.to_crlf(CORPUS["nested"]) is CORPUS["nested"]
-    root = _render.index(_render.to_crlf(raw))
+    assert crlf_form(raw) == raw.replace(b"\n", b"\r\n")
+    assert crlf_form(CORPUS["nested"]) is CORPUS["nested"]
+    root = _render.index(crlf_form(raw))
     assert _render.bodystructure(root, extended=False).endswith(b'"7bit" 16 2)')
 
 
