@@ -36,6 +36,7 @@ from ._search import Candidate, compile_query, needs_headers
 INBOX = "INBOX"
 FLAGS = ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")
 _NEEDS_BODY = {"body", "bodystructure", "envelope", "rfc822", "rfc822header", "rfc822text"}
+_FROM_HEADER = {"uid", "flags", "internaldate", "rfc822size", "envelope", "rfc822header"}
 _PARALLEL_FETCHES = 8
 
 
@@ -329,13 +330,28 @@ class InboxMailbox:
     async def _fetch(
         self, chosen: list[tuple[int, MessageInfo]], query: list | None, body: bool, size: bool
     ) -> list[tuple[int, GatewayMessage]]:
+        """Mark \\Seen where the FETCH implies it, then load what its items render: nothing
+        but metadata, the header section alone (kept by the view, so no download after a
+        restart), or whole messages."""
         if self.writeable and query is not None and _marks_seen(query):
             unseen = [info.uid for _, info in chosen if "\\Seen" not in self.flags_of(info)]
             if unseen:
                 await self.view.store_flags(unseen, ["\\Seen"], 1, origin=self)
                 if not any(item.type == "flags" for item in query):
                     query.append(imap4._FetchParser.Flags())
+        if body and query is not None and _headers_suffice(query):
+            return await self._with_headers(await self._load(chosen, False, size))
         return await self._load(chosen, body, size)
+
+    async def _with_headers(
+        self, found: list[tuple[int, GatewayMessage]]
+    ) -> list[tuple[int, GatewayMessage]]:
+        heads = await self.view.headers(m.info.uid for _, m in found)
+        return [
+            (seq, GatewayMessage(m.info, m.flags, heads[m.info.uid], m.size))
+            for seq, m in found
+            if m.info.uid in heads
+        ]
 
     async def _load(
         self, chosen: list[tuple[int, MessageInfo]], body: bool, size: bool
@@ -390,8 +406,8 @@ class InboxMailbox:
         candidates = list(enumerate(self.messages, 1))
         loaded: dict[int, Any] = {}
         if headers:
-            found = await self._load(candidates, body=True, size=False)
-            loaded = {seq: _fields(message.raw or b"") for seq, message in found}
+            heads = await self.view.headers(info.uid for _, info in candidates)
+            loaded = {seq: _fields(heads[i.uid]) for seq, i in candidates if i.uid in heads}
         return [
             seq
             for seq, info in candidates
@@ -439,6 +455,16 @@ def _marks_seen(query: list) -> bool:
         if item.type == "body" and not item.peek and _is_section(item):
             return True
     return False
+
+
+def _headers_suffice(query: list) -> bool:
+    """Whether every item renders from the top-level header section alone (ENVELOPE,
+    RFC822.HEADER, BODY[HEADER], BODY[HEADER.FIELDS (...)], and metadata)."""
+    return all(
+        item.type in _FROM_HEADER
+        or (item.type == "body" and not item.part and item.header is not None)
+        for item in query
+    )
 
 
 def _is_section(item: Any) -> bool:

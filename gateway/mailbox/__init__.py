@@ -15,6 +15,7 @@ from ._view import (
     OnDelete,
     ReadingPolicy,
     crlf_form,
+    header_of,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "ReadingPolicy",
     "UidMap",
     "crlf_form",
+    "header_of",
 ]

@@ -48,6 +48,18 @@ KNOWN_FLAGS = (SEEN, "\\Answered", FLAGGED, "\\Deleted", "\\Draft")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
+_PARALLEL_DOWNLOADS = 8  # per view: the providers throttle more concurrent requests
+
+
+def header_of(wire: bytes) -> bytes:
+    """The header section of a message in CRLF form, through the blank line that ends it (the
+    whole message when it has no body); the same split as the IMAP renderer's."""
+    if wire.startswith(b"\r\n"):
+        return b"\r\n"
+    end = wire.find(b"\r\n\r\n")
+    return wire if end < 0 else wire[: end + 4]
+
+
 def crlf_form(raw: bytes) -> bytes:
     """Bare LF line ends as CRLF: IMAP and POP3 serve CRLF lines (as Dovecot does for LF-only
     mail). Sizes are always of this form, so RFC822.SIZE and LIST match the bytes served."""
@@ -151,7 +163,8 @@ class MailboxView:
         self._watchers: list[Watcher] = []
         self._poller: asyncio.Task[None] | None = None
         self._sizes: dict[str, int] = {}  # learnt, not yet saved
-        self._saving_sizes: asyncio.Task[None] | None = None
+        self._headers: dict[str, bytes] = {}  # learnt, not yet saved
+        self._saving: asyncio.Task[None] | None = None
         self._mirror = _Mirror(source, uids.account)
 
     @classmethod
@@ -318,16 +331,40 @@ class MailboxView:
     async def fetch(self, uid: int) -> bytes:
         """The message as IMAP and POP3 serve it: the provider's bytes in :func:`crlf_form`
         (byte for byte when they already end lines with CRLF); KeyError for a UID not in the
-        view. The cache keeps this form, so a message is converted (and measured) once."""
+        view. The cache keeps this form, so a message is converted (and measured) once; its
+        size and header are kept in the store."""
         entry = self._uids.by_uid[uid]
         wire = self.cache.get(entry.provider_id)
         if wire is None:
             with _provider_call():
                 wire = crlf_form(await self.source.fetch_raw(entry.provider_id))
             self.cache.put(entry.provider_id, wire)
-            if entry.size is None:
-                self._learn_size(entry.provider_id, len(wire))
+            self._learn(entry, wire)
         return wire
+
+    async def headers(self, uids: Iterable[int]) -> dict[int, bytes]:
+        """The header section (through the blank line) of each message still in the view:
+        from the body cache, else the store, else a download (a few at a time). A client's
+        header fetch after a restart then costs no provider call."""
+        entries = {uid: e for uid in uids if (e := self._uids.by_uid.get(uid)) is not None}
+        found: dict[int, bytes] = {}
+        for uid, entry in entries.items():
+            wire = self.cache.get(entry.provider_id)
+            header = header_of(wire) if wire is not None else self._headers.get(entry.provider_id)
+            if header is not None:
+                found[uid] = header
+        missing = {entries[uid].provider_id: uid for uid in entries if uid not in found}
+        if missing:
+            stored = await self._uids.store.load_mailbox_headers(self.account, list(missing))
+            found.update({missing.pop(pid): header for pid, header in stored.items()})
+        gate = asyncio.Semaphore(_PARALLEL_DOWNLOADS)
+
+        async def download(uid: int) -> None:
+            async with gate:
+                found[uid] = header_of(await self.fetch(uid))
+
+        await asyncio.gather(*(download(uid) for uid in missing.values()))
+        return found
 
     def known_size(self, uid: int) -> int | None:
         """The exact size if it is known without a download; KeyError for an unknown UID."""
@@ -339,30 +376,37 @@ class MailboxView:
         known = self.known_size(uid)
         return known if known is not None else len(await self.fetch(uid))
 
-    def _learn_size(self, provider_id: str, size: int) -> None:
-        """Remember a size and save it soon: many sizes learnt together are one write."""
-        self._sizes[provider_id] = size
-        if self._saving_sizes is None or self._saving_sizes.done():
-            self._saving_sizes = asyncio.create_task(self._save_sizes())
+    def _learn(self, entry: Entry, wire: bytes) -> None:
+        """Remember the size and header of a download and save them soon: what many
+        downloads of one FETCH learn is one write."""
+        if entry.size is None:
+            self._sizes[entry.provider_id] = len(wire)
+        self._headers[entry.provider_id] = header_of(wire)
+        if self._saving is None or self._saving.done():
+            self._saving = asyncio.create_task(self._save_learnt())
 
-    async def _save_sizes(self) -> None:
-        while self._sizes:
+    async def _save_learnt(self) -> None:
+        while self._sizes or self._headers:
             await asyncio.sleep(0)  # let the other downloads of this FETCH add theirs
             sizes, self._sizes = self._sizes, {}
+            headers = dict(self._headers)
             try:
                 await self._uids.update(sizes, _with_size(sizes))
-            except Exception as error:  # only a cost: the size is learnt again next time
-                log.warning("mailbox.size_not_saved", account=self.account, error=str(error))
+                await self._uids.store.save_mailbox_headers(self.account, headers)
+            except Exception as error:  # only a cost: they are learnt again next time
+                log.warning("mailbox.learnt_not_saved", account=self.account, error=str(error))
+            for pid in headers:
+                self._headers.pop(pid, None)
             self._listing = None
 
     async def close(self) -> None:
-        """Stop polling, save learnt sizes and let queued provider changes finish."""
+        """Stop polling, save learnt sizes and headers, let queued provider changes finish."""
         self._watchers.clear()
         if self._poller is not None:
             self._poller.cancel()
             self._poller = None
-        if self._saving_sizes is not None:
-            await self._saving_sizes
+        if self._saving is not None:
+            await self._saving
         await self._mirror.drain()
         close = getattr(self.source, "close", None)  # an upstream connection to log out of
         if close is not None:

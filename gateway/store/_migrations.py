@@ -81,6 +81,15 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE mailbox_uids ADD COLUMN hidden INTEGER NOT NULL DEFAULT 0",
         ),
     ),
+    Migration(
+        6,
+        "INBOX views: each message's header, so header fetches need no download after a restart",
+        (
+            "CREATE TABLE mailbox_headers ("
+            "account TEXT NOT NULL, provider_id TEXT NOT NULL, header BLOB NOT NULL, "
+            "PRIMARY KEY (account, provider_id))",
+        ),
+    ),
 )
 
 _CREATE_VERSION_TABLE = (
@@ -113,7 +122,7 @@ def migrate(conn: sqlite3.Connection, migrations: Sequence[Migration] = MIGRATIO
     understand. SQLite errors propagate unchanged; the caller knows the file name to report.
     """
     check_sequence(migrations)
-    with _transaction(conn):
+    with transaction(conn):
         conn.execute(_CREATE_VERSION_TABLE)
         current = _current_version(conn)
     newest = len(migrations)
@@ -128,7 +137,7 @@ def migrate(conn: sqlite3.Connection, migrations: Sequence[Migration] = MIGRATIO
 
 
 def _apply(conn: sqlite3.Connection, migration: Migration) -> None:
-    with _transaction(conn):
+    with transaction(conn):
         if _current_version(conn) >= migration.version:
             return  # another process applied it while we waited for the lock
         for statement in migration.statements:
@@ -145,7 +154,7 @@ def _current_version(conn: sqlite3.Connection) -> int:
 
 
 @contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
     """Explicit transaction, independent of the connection's isolation_level setting.
 
     SQLite DDL is transactional, so a half-applied migration rolls back completely.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Self, TypeVar
 
 from ._crypto import SecretBox, StoreError
-from ._migrations import migrate
+from ._migrations import migrate, transaction
 
 DB_FILE_NAME = "gateway.db"
 BUSY_TIMEOUT_SECONDS = 5.0
@@ -361,16 +361,47 @@ class Store:
         """
 
         def save(conn: sqlite3.Connection) -> None:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(conn):
                 _save_mailbox(conn, account, state, added, removed, updated, replace)
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
 
         await self._run(save)
+
+    async def save_mailbox_headers(self, account: str, headers: Mapping[str, bytes]) -> None:
+        """Keep the header of messages of the account's map (a row per provider id)."""
+
+        def save(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                conn.executemany(
+                    "INSERT OR REPLACE INTO mailbox_headers (account, provider_id, header) "
+                    "SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM mailbox_uids "
+                    "WHERE account = ? AND provider_id = ?)",
+                    [(account, pid, header, account, pid) for pid, header in headers.items()],
+                )
+
+        await self._run(save)
+
+    async def load_mailbox_headers(
+        self, account: str, provider_ids: Sequence[str]
+    ) -> dict[str, bytes]:
+        """The stored headers of these messages; ids without one are left out."""
+        return await self._run(lambda conn: _load_headers(conn, account, list(provider_ids)))
+
+
+def _load_headers(
+    conn: sqlite3.Connection, account: str, provider_ids: Sequence[str]
+) -> dict[str, bytes]:
+    found: dict[str, bytes] = {}
+    for start in range(0, len(provider_ids), 500):  # SQLite's bound-parameter limit
+        chunk = provider_ids[start : start + 500]
+        marks = ", ".join("?" * len(chunk))
+        found.update(
+            conn.execute(
+                "SELECT provider_id, header FROM mailbox_headers "  # noqa: S608
+                f"WHERE account = ? AND provider_id IN ({marks})",
+                (account, *chunk),
+            ).fetchall()
+        )
+    return found
 
 
 def _save_mailbox(
@@ -384,10 +415,12 @@ def _save_mailbox(
 ) -> None:
     if replace:
         conn.execute("DELETE FROM mailbox_uids WHERE account = ?", (account,))
-    conn.executemany(
-        "DELETE FROM mailbox_uids WHERE account = ? AND provider_id = ?",
-        [(account, pid) for pid in removed],
-    )
+        conn.execute("DELETE FROM mailbox_headers WHERE account = ?", (account,))
+    for table in ("mailbox_uids", "mailbox_headers"):
+        conn.executemany(
+            f"DELETE FROM {table} WHERE account = ? AND provider_id = ?",  # noqa: S608
+            [(account, pid) for pid in removed],
+        )
     conn.executemany(
         "INSERT INTO mailbox_uids (account, uid, provider_id, internal_date, flags, size, "
         "local_flags, hidden) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

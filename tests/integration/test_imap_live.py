@@ -182,8 +182,11 @@ async def test_one_poller_per_mailbox(live: Live) -> None:
     assert pollers == []
 
 
+HEADERS = "(UID ENVELOPE BODY.PEEK[HEADER.FIELDS (FROM SUBJECT MESSAGE-ID)] BODY.PEEK[HEADER])"
+
+
 @pytest.mark.parametrize("provider", ["microsoft", "google"])
-async def test_restart_keeps_uids_flags_and_sizes(
+async def test_restart_keeps_uids_flags_sizes_and_headers(
     provider: str, sandbox: Sandbox, tmp_path: Path
 ) -> None:
     async with live_gateway(provider, sandbox, tmp_path) as world:
@@ -200,11 +203,11 @@ async def test_restart_keeps_uids_flags_and_sizes(
                 client.store("3", "+FLAGS", "(\\Deleted)")
                 client.expunge()
                 flags = client.uid("FETCH", "1:*", "(UID FLAGS)")[1]
-                return validity, listing, flags
+                return validity, listing, flags, client.uid("FETCH", "1:*", HEADERS)[1]
             finally:
                 client.logout()
 
-        validity, listing, flags = await asyncio.to_thread(first)
+        validity, listing, flags, headers = await asyncio.to_thread(first)
     target = "graph" if provider == "microsoft" else "gmail"
     async with live_gateway(provider, sandbox, tmp_path) as world:
         before = sandbox.faults.requests.get(target, 0)
@@ -218,11 +221,12 @@ async def test_restart_keeps_uids_flags_and_sizes(
                     again,
                     client.uid("FETCH", "1:*", "(UID FLAGS)")[1],
                     client.uid("FETCH", "1:*", "(UID RFC822.SIZE)")[1],
+                    client.uid("FETCH", "1:*", HEADERS)[1],
                 )
             finally:
                 client.logout()
 
-        again, flags_after, sizes_after = await asyncio.to_thread(second)
+        again, flags_after, sizes_after, headers_after = await asyncio.to_thread(second)
         calls = sandbox.faults.requests.get(target, 0) - before
     assert again == validity
     assert flags_after == flags and len(flags_after) == 3  # the expunged one stays hidden
@@ -230,7 +234,9 @@ async def test_restart_keeps_uids_flags_and_sizes(
     sizes = dict(re.findall(rb"UID (\d+) RFC822.SIZE (\d+)", b" ".join(listing)))
     del sizes[b"3"]
     assert dict(re.findall(rb"UID (\d+) RFC822.SIZE (\d+)", b" ".join(sizes_after))) == sizes
-    assert calls <= 2, calls  # ... without downloading a body: one sync (plus a profile call)
+    assert headers_after == headers and len(headers) == 3 * 3  # (line, literal, literal) each
+    # ... all without downloading a body: one sync (plus Gmail's profile call).
+    assert calls <= 2, calls
 
 
 @pytest.mark.parametrize("provider", ["microsoft", "google"])

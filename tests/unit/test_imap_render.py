@@ -13,7 +13,7 @@ from twisted.mail.imap4 import IllegalIdentifierError, parseIdList
 
 from gateway.imap_out import _render
 from gateway.imap_out._seqset import parse_seqset
-from gateway.mailbox import crlf_form
+from gateway.mailbox import crlf_form, header_of
 
 
 def _crlf(text: str) -> bytes:
@@ -443,3 +443,19 @@ def test_header_fields_end_like_dovecot_on_header_only_messages() -> None:
     assert _render.section(root, [], "HEADER.FIELDS.NOT", ["subject"]) == (
         b"From: a@example.com\r\n"
     )
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_stored_headers_split_where_the_renderer_does(name: str) -> None:
+    """The view keeps ``header_of`` each message for header fetches without a download; it
+    must be exactly the renderer's header block, or BODY[HEADER] would differ after a restart."""
+    wire = crlf_form(CORPUS[name])
+    assert header_of(wire) == _render.index(wire).header
+    only = _render.index(header_of(wire))
+    assert only.header == _render.index(wire).header
+    assert _render.envelope(only) == _render.envelope(_render.index(wire))
+
+
+@pytest.mark.parametrize("wire", [b"\r\nbody only\r\n", b"Subject: no body\r\n", b""])
+def test_stored_headers_of_edge_messages(wire: bytes) -> None:
+    assert header_of(wire) == _render.index(wire).header

@@ -208,3 +208,21 @@ async def test_polling_runs_only_while_watched(store: Store) -> None:
     await view.close()
     await asyncio.sleep(0.05)
     assert len(source.calls) == polled
+
+
+async def test_headers_come_from_cache_store_or_one_download(store: Store) -> None:
+    source = MemorySource()
+    source.deliver("a", body=b"Subject: a\r\n\r\nbody a\r\n")
+    source.deliver("b", body=b"Subject: b\n\nbody b\n")
+    view = await open_view(store, source)
+    await view.sync()
+    assert await view.headers([1, 2, 99]) == {1: b"Subject: a\r\n\r\n", 2: b"Subject: b\r\n\r\n"}
+    assert [c for c in source.calls if c[0] == "fetch"] == [("fetch", "a"), ("fetch", "b")]
+    await view.close()
+    source.calls.clear()
+    again = await open_view(store, source)
+    assert await again.headers([2, 1]) == {1: b"Subject: a\r\n\r\n", 2: b"Subject: b\r\n\r\n"}
+    assert source.calls == []  # from the store: no download after a restart
+    del source.inbox["a"]
+    await again.sync()
+    assert await store.load_mailbox_headers("acct", ["a", "b"]) == {"b": b"Subject: b\r\n\r\n"}

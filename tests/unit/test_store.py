@@ -49,7 +49,7 @@ async def test_open_creates_private_state_dir(tmp_path: Path, box: SecretBox) ->
 
 
 async def test_pragmas(store: Store, tmp_path: Path) -> None:
-    assert store.schema_version == len(MIGRATIONS) == 5
+    assert store.schema_version == len(MIGRATIONS) == 6
     conn = _raw(tmp_path)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
