@@ -73,9 +73,7 @@ class CompatIMAP4Server(imap4.IMAP4Server):
             mbox.removeListener(self)
         except Exception:
             log.err(None, "imap: removeListener failed")
-        closeable = imap4.ICloseableMailbox(mbox, None)
-        if closeable is not None:
-            maybeDeferred(closeable.close).addErrback(log.err)
+        _close(mbox)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         """Say why before closing (stock closes silently), as Dovecot does."""
@@ -241,14 +239,17 @@ class CompatIMAP4Server(imap4.IMAP4Server):
 
     def _cbSelectWork(self, mbox: Any, cmdName: bytes, tag: bytes) -> None:
         """SELECT with the RFC 3501-required UIDNEXT, PERMANENTFLAGS and UNSEEN responses."""
-        if self._lost:
-            return  # the client left while the backend answered: never listen for it
         if mbox is None:
-            self.sendNegativeResponse(tag, b"[NONEXISTENT] No such mailbox")
+            if not self._lost:
+                self.sendNegativeResponse(tag, b"[NONEXISTENT] No such mailbox")
             return
         flags = [f.encode() if isinstance(f, str) else f for f in mbox.getFlags()]
-        if b"\\noselect" in [f.lower() for f in flags]:
-            self.sendNegativeResponse(tag, b"Mailbox cannot be selected")
+        if self._lost or b"\\noselect" in [f.lower() for f in flags]:
+            # The client left while the backend answered, or the mailbox cannot be selected:
+            # never listen for it, and let the mailbox let go of what it holds.
+            _close(mbox)
+            if not self._lost:
+                self.sendNegativeResponse(tag, b"Mailbox cannot be selected")
             return
         writeable = mbox.isWriteable()
         permanent = getattr(mbox, "getPermanentFlags", None)
@@ -563,6 +564,13 @@ def _raw(msg: Any) -> bytes:
     opened = imap4.IMessageFile(msg).open()
     data = opened.read()
     return crlf_form(data if isinstance(data, bytes) else bytes(data))
+
+
+def _close(mbox: Any) -> None:
+    """ICloseableMailbox.close, if the mailbox has it; a failure is logged, never raised."""
+    closeable = imap4.ICloseableMailbox(mbox, None)
+    if closeable is not None:
+        maybeDeferred(closeable.close).addErrback(log.err)
 
 
 def _ascii(text: str) -> bytes:

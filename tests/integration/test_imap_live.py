@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from gateway.sandbox import Sandbox, User
+from gateway.sandbox import Fault, Sandbox, User
 from tests.helpers import (
     CLOUD_ACCOUNTS,
     IDLE_WAIT,
@@ -325,3 +325,23 @@ async def test_uid_expunge_removes_only_the_named_deleted_messages(live: Live) -
     assert "UIDPLUS" in caps
     assert expunged[0] == "OK" and remaining == [b"1 3"]  # 1 and 3 stay, still \Deleted
     assert read_only[0] == "NO"
+
+
+async def test_a_client_gone_during_select_leaves_no_watcher(live: Live) -> None:
+    """SELECT syncs first; a client that disconnects meanwhile must not stay a watcher of the
+    view (it would keep the poller running and the session alive forever)."""
+    live.seed("g0")
+    view = live.gateway.views.get(live.account)
+    target = "graph" if live.account == "crm" else "gmail"
+    live.sandbox.faults.add(Fault(target, "slow", remaining=1, delay=1.0))
+
+    def select_and_vanish() -> None:
+        client = live.login()
+        client.send(client._new_tag() + b" SELECT INBOX\r\n")
+        client.shutdown()  # gone before the answer
+
+    await asyncio.to_thread(select_and_vanish)
+    await asyncio.sleep(2.0)  # the slow sync ends, SELECT completes for nobody
+    view = live.gateway.views[live.account]
+    assert view._watchers == []
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == f"poll {live.account}"]
