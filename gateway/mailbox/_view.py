@@ -166,6 +166,7 @@ class MailboxView:
         self._headers: dict[str, bytes] = {}  # learnt, not yet saved
         self._saving: asyncio.Task[None] | None = None
         self._mirror = _Mirror(source, uids.account)
+        self._caught_up = False  # see _catch_up
 
     @classmethod
     async def open(
@@ -225,8 +226,28 @@ class MailboxView:
             self._last_sync_started = time.monotonic()
             with _provider_call():
                 applied = await self._sync_once()
+            if not self._caught_up:
+                self._caught_up = True
+                self._catch_up()
         self._changed(applied, None)
         return applied
+
+    def _catch_up(self) -> None:
+        """Once per start, after the first sync: ask the provider again for what the policy
+        wants but a crash (or a policy turned on since) left undone. Both calls are idempotent
+        at the provider: a deleted message still in the INBOX is archived or trashed, and a
+        \\Seen that differs from the provider's is sent again."""
+        policy = self.policy
+        for entry in self._uids.entries():
+            local = entry.local_flags
+            if entry.hidden and policy.on_delete != "keep":
+                self._mirror.remove(entry.provider_id, policy.on_delete)
+            elif (
+                policy.mirror_flags
+                and local is not None
+                and (SEEN in local) != (SEEN in entry.flags)
+            ):
+                self._mirror.flags(entry.provider_id, local)
 
     async def _sync_once(self) -> Applied:
         uids = self._uids

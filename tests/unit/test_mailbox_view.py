@@ -226,3 +226,30 @@ async def test_headers_come_from_cache_store_or_one_download(store: Store) -> No
     del source.inbox["a"]
     await again.sync()
     assert await store.load_mailbox_headers("acct", ["a", "b"]) == {"b": b"Subject: b\r\n\r\n"}
+
+
+async def test_provider_changes_cut_off_by_a_stop_are_caught_up_at_the_next_start(
+    store: Store,
+) -> None:
+    source = MemorySource()
+    for pid in "abc":
+        source.deliver(pid)
+    view = await open_view(store, source)  # keep: nothing goes to the provider
+    await view.sync()
+    await view.store_flags([1], ["\\Seen"], 1)
+    await view.delete([2])
+    await view.close()
+    assert not [c for c in source.calls if c[0] in ("flags", "remove")]
+
+    policy = ReadingPolicy(mirror_flags=True, on_delete="trash")
+    again = await open_view(store, source, policy)  # as after a crash, or a policy turned on
+    await again.sync()
+    await again.close()
+    assert ("remove", "b", "trash") in source.calls
+    assert ("flags", "a", True, False) in source.calls
+    assert "b" not in source.inbox
+    source.calls.clear()
+    third = await open_view(store, source, policy)
+    await third.sync()  # the trashed one left the map; nothing is asked twice
+    await third.close()
+    assert not [c for c in source.calls if c[0] == "remove"]
