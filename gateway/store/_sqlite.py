@@ -367,15 +367,24 @@ class Store:
         await self._run(save)
 
     async def save_mailbox_headers(self, account: str, headers: Mapping[str, bytes]) -> None:
-        """Keep the header of messages of the account's map (a row per provider id)."""
+        """Keep the header of messages of the account's map (a row per provider id).
+
+        Headers name people and subjects, so they are encrypted at rest like tokens, each
+        bound to its account and message id.
+        """
+        box = self._box
 
         def save(conn: sqlite3.Connection) -> None:
+            rows = [
+                (account, pid, box.encrypt(header, _header_context(account, pid)), account, pid)
+                for pid, header in headers.items()
+            ]
             with transaction(conn):
                 conn.executemany(
                     "INSERT OR REPLACE INTO mailbox_headers (account, provider_id, header) "
                     "SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM mailbox_uids "
                     "WHERE account = ? AND provider_id = ?)",
-                    [(account, pid, header, account, pid) for pid, header in headers.items()],
+                    rows,
                 )
 
         await self._run(save)
@@ -384,7 +393,20 @@ class Store:
         self, account: str, provider_ids: Sequence[str]
     ) -> dict[str, bytes]:
         """The stored headers of these messages; ids without one are left out."""
-        return await self._run(lambda conn: _load_headers(conn, account, list(provider_ids)))
+        box = self._box
+
+        def load(conn: sqlite3.Connection) -> dict[str, bytes]:
+            found = _load_headers(conn, account, list(provider_ids))
+            return {
+                pid: box.decrypt(sealed, _header_context(account, pid))
+                for pid, sealed in found.items()
+            }
+
+        return await self._run(load)
+
+
+def _header_context(account: str, provider_id: str) -> str:
+    return f"mailbox-header:{account}:{provider_id}"
 
 
 def _load_headers(

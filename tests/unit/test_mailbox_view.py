@@ -10,6 +10,7 @@ concurrent syncs costing one provider round.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -210,7 +211,7 @@ async def test_polling_runs_only_while_watched(store: Store) -> None:
     assert len(source.calls) == polled
 
 
-async def test_headers_come_from_cache_store_or_one_download(store: Store) -> None:
+async def test_headers_come_from_cache_store_or_one_download(store: Store, tmp_path: Path) -> None:
     source = MemorySource()
     source.deliver("a", body=b"Subject: a\r\n\r\nbody a\r\n")
     source.deliver("b", body=b"Subject: b\n\nbody b\n")
@@ -226,6 +227,9 @@ async def test_headers_come_from_cache_store_or_one_download(store: Store) -> No
     del source.inbox["a"]
     await again.sync()
     assert await store.load_mailbox_headers("acct", ["a", "b"]) == {"b": b"Subject: b\r\n\r\n"}
+    with sqlite3.connect(tmp_path / "gateway.db") as conn:  # encrypted at rest, like tokens
+        (sealed,) = conn.execute("SELECT header FROM mailbox_headers").fetchone()
+    assert b"Subject" not in sealed
 
 
 async def test_provider_changes_cut_off_by_a_stop_are_caught_up_at_the_next_start(
