@@ -331,7 +331,6 @@ async def test_a_client_gone_during_select_leaves_no_watcher(live: Live) -> None
     """SELECT syncs first; a client that disconnects meanwhile must not stay a watcher of the
     view (it would keep the poller running and the session alive forever)."""
     live.seed("g0")
-    view = live.gateway.views.get(live.account)
     target = "graph" if live.account == "crm" else "gmail"
     live.sandbox.faults.add(Fault(target, "slow", remaining=1, delay=1.0))
 
@@ -341,7 +340,11 @@ async def test_a_client_gone_during_select_leaves_no_watcher(live: Live) -> None
         client.shutdown()  # gone before the answer
 
     await asyncio.to_thread(select_and_vanish)
-    await asyncio.sleep(2.0)  # the slow sync ends, SELECT completes for nobody
     view = live.gateway.views[live.account]
-    assert view._watchers == []
+    for _ in range(200):  # the slow sync ends, then SELECT completes for nobody
+        if view._caught_up and not view._sync_lock.locked():
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.1)  # the SELECT's callbacks run on the next loop turns
+    assert view._caught_up and view._watchers == []
     assert not [t for t in asyncio.all_tasks() if t.get_name() == f"poll {live.account}"]
