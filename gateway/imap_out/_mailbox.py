@@ -31,7 +31,7 @@ from zope.interface import implementer
 from ..mailbox import MailboxView, MessageInfo
 from ..runtime import as_deferred
 from . import _render
-from ._search import Candidate, compile_query, needs_headers
+from ._search import Candidate, compile_query, message_text, needs_headers, needs_text
 
 INBOX = "INBOX"
 FLAGS = ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")
@@ -400,14 +400,18 @@ class InboxMailbox:
         fetched only when a key needs the header."""
         last_uid = self.messages[-1].uid if self.messages else 0
         test = compile_query(query, len(self.messages), last_uid)
-        return as_deferred(self._search(test, needs_headers(query)))
+        return as_deferred(self._search(test, needs_headers(query), needs_text(query)))
 
-    async def _search(self, test: Any, headers: bool) -> list[int]:
+    async def _search(self, test: Any, headers: bool, text: bool) -> list[int]:
         candidates = list(enumerate(self.messages, 1))
-        loaded: dict[int, Any] = {}
+        fields: dict[int, Any] = {}
+        texts: dict[int, Any] = {}
         if headers:
             heads = await self.view.headers(info.uid for _, info in candidates)
-            loaded = {seq: _fields(heads[i.uid]) for seq, i in candidates if i.uid in heads}
+            fields = {seq: _fields(heads[i.uid]) for seq, i in candidates if i.uid in heads}
+        if text:
+            found = await self._load(candidates, body=True, size=False)
+            texts = {seq: _text_of(message.raw or b"") for seq, message in found}
         return [
             seq
             for seq, info in candidates
@@ -417,7 +421,8 @@ class InboxMailbox:
                     info.uid,
                     self.flags_of(info),
                     info.internal_date.date(),
-                    loaded.get(seq),
+                    fields.get(seq),
+                    texts.get(seq),
                 )
             )
         ]
@@ -455,6 +460,18 @@ def _marks_seen(query: list) -> bool:
         if item.type == "body" and not item.peek and _is_section(item):
             return True
     return False
+
+
+def _text_of(raw: bytes) -> Any:
+    """``text(with_header)`` for SEARCH BODY/TEXT, decoding the message once per kind."""
+    done: dict[bool, str] = {}
+
+    def text(with_header: bool) -> str:
+        if with_header not in done:
+            done[with_header] = message_text(raw, with_header)
+        return done[with_header]
+
+    return text
 
 
 def _headers_suffice(query: list) -> bool:

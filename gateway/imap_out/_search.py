@@ -1,16 +1,22 @@
-"""SEARCH over flags, UIDs, sequence numbers, dates and header fields.
+"""SEARCH over flags, UIDs, sequence numbers, dates, header fields and text.
 
 Legacy pollers search for ``UNSEEN``, ``UID n:*`` or ``SINCE <date>``; these are answered from
 the listing, so such a SEARCH never downloads a message. FROM/TO/CC/BCC/SUBJECT/HEADER need the
-header, so the mailbox fetches the bodies (through the view's cache) only when
-:func:`needs_headers` says so; matching is a case-insensitive substring of the unfolded,
-RFC 2047-decoded value, as RFC 3501 asks. BODY/TEXT and other keys raise
-:class:`UnsupportedSearch`, which the server answers with BAD rather than a wrong result.
+header section (which the view keeps), and BODY/TEXT the whole message, so the mailbox loads
+them only when :func:`needs_headers` / :func:`needs_text` say so. Matching is a
+case-insensitive substring of the unfolded, RFC 2047-decoded header value, and for BODY/TEXT of
+the decoded text of every text/* part (quoted-printable, base64 and the part's charset undone),
+as Dovecot does. Other keys raise :class:`UnsupportedSearch`, which the server answers with BAD
+rather than a wrong result.
 """
 
 from __future__ import annotations
 
 import contextlib
+import email
+import email.message
+import email.policy
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
@@ -53,6 +59,7 @@ class Candidate:
     flags: frozenset[str]
     day: date  # INTERNALDATE's date (UTC), what SINCE/BEFORE/ON compare
     headers: Callable[[str], list[bytes]] | None = None  # raw values of a field, when loaded
+    text: Callable[[bool], str] | None = None  # decoded text (with the header?), when loaded
 
 
 _ADDRESS_KEYS = {"FROM", "TO", "CC", "BCC", "SUBJECT"}
@@ -67,6 +74,44 @@ def needs_headers(query: list) -> bool:
         elif token.upper().decode("ascii", "replace") in _ADDRESS_KEYS | {"HEADER"}:
             return True
     return False
+
+
+def needs_text(query: list) -> bool:
+    """Whether any key needs the message text (BODY, TEXT)."""
+    return any(
+        needs_text(token) if isinstance(token, list) else token.upper() in (b"BODY", b"TEXT")
+        for token in query
+    )
+
+
+def message_text(raw: bytes, with_header: bool) -> str:
+    """The case-folded text BODY (``with_header`` False) or TEXT searches: every text/* part
+    decoded (transfer encoding and charset), plus the decoded header fields for TEXT."""
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    pieces = []
+    if with_header:  # from the bytes: 8-bit header values stay searchable as UTF-8
+        head = re.split(rb"\r?\n\r?\n", raw, maxsplit=1)[0]
+        pieces = [_decoded(field) for field in _FIELD_START.split(head)]
+    for part in message.walk():
+        if part.get_content_maintype() == "text":
+            pieces.append(_part_text(part).casefold())
+    return "\n".join(pieces)
+
+
+_FIELD_START = re.compile(rb"\r?\n(?![ \t])")  # a line break that does not fold
+
+
+def _part_text(part: email.message.Message) -> str:
+    try:
+        return str(part.get_content())
+    except (LookupError, ValueError, UnicodeError, AssertionError):  # unknown charset, bad data
+        payload = part.get_payload(decode=True)
+        return payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
+
+
+def _text_test(needle: bytes, with_header: bool) -> Test:
+    wanted = needle.decode("utf-8", "replace").casefold()
+    return lambda c: c.text is not None and wanted in c.text(with_header)
 
 
 def _decoded(value: bytes) -> str:
@@ -143,6 +188,8 @@ def _one(tokens: list, last_seq: int, last_uid: int, depth: int = 0) -> Test:
         return lambda c: c.day == day
     if key in _ADDRESS_KEYS:
         return _header_test(key, _argument(tokens, key))
+    if key in ("BODY", "TEXT"):
+        return _text_test(_argument(tokens, key), key == "TEXT")
     if key == "HEADER":
         field = _argument(tokens, key).decode("ascii", "replace")
         return _header_test(field, _argument(tokens, key))
