@@ -46,6 +46,11 @@ MESSAGES: dict[str, dict[str, str]] = {
         "scopes_granted": "Granted scopes",
         "scopes_missing": "Missing scopes",
         "why": "why",
+        "reading_local": "IMAP/POP3: nothing changes at the provider "
+        "(flags and deletions stay in the gateway)",
+        "reading_mirror_flags": "IMAP flags are copied to the provider",
+        "reading_on_delete_archive": "deleted mail is archived at the provider",
+        "reading_on_delete_trash": "deleted mail goes to the provider's trash",
         "last_error": "Last error",
         "connect": "Connect",
         "reconnect": "Connect again",
@@ -131,6 +136,11 @@ MESSAGES: dict[str, dict[str, str]] = {
         "scopes_granted": "許可されたスコープ",
         "scopes_missing": "不足しているスコープ",
         "why": "理由",
+        "reading_local": "IMAP/POP3: プロバイダー側は変更しません"
+        "（フラグと削除はゲートウェイ内で保持）",
+        "reading_mirror_flags": "IMAP のフラグをプロバイダーに反映します",
+        "reading_on_delete_archive": "削除したメールはプロバイダーでアーカイブします",
+        "reading_on_delete_trash": "削除したメールはプロバイダーのごみ箱に移動します",
         "last_error": "最後のエラー",
         "connect": "接続",
         "reconnect": "再接続",

@@ -6,12 +6,13 @@ import asyncio
 import re
 import smtplib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
 
 from gateway.app import Gateway
-from tests.helpers import PASSWORD
+from tests.helpers import PASSWORD, base_config, running_gateway
 
 
 def _csrf(page: httpx.Response) -> str:
@@ -49,7 +50,24 @@ async def test_sign_in_shows_accounts_and_rotates_the_session(browser: httpx.Asy
     assert page.status_code == 200
     for text in ("crm@contoso.example", "scanner@example.com", "not connected", "smtps"):
         assert text in page.text
+    assert page.text.count("IMAP/POP3: nothing changes at the provider") == 2  # the default
     assert PASSWORD not in page.text
+
+
+async def test_accounts_page_shows_each_reading_policy_and_its_scope(tmp_path: Path) -> None:
+    config = base_config(tmp_path / "state")
+    config["accounts"][0]["reading"] = {"mirror_flags": True, "on_delete": "archive"}
+    config["accounts"][1]["reading"] = {"on_delete": "trash"}
+    async with running_gateway(config, tmp_path / "policy.yaml") as gateway:
+        base = f"http://127.0.0.1:{gateway.ports['admin']}"
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            await sign_in(client)
+            page = (await client.get("/")).text
+    assert "IMAP flags are copied to the provider; deleted mail is archived at the provider" in (
+        " ".join(page.split())
+    )
+    assert "deleted mail goes to the provider&#39;s trash" in page
+    assert "gmail.modify" in page and "gmail.readonly" not in page  # the write scope, and why
 
 
 async def test_wrong_password_is_refused_then_throttled(browser: httpx.AsyncClient) -> None:
