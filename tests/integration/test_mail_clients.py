@@ -119,42 +119,52 @@ async def test_mutt_reads_the_index_and_pipes_a_message(
 # -- fetchmail over IMAP ----------------------------------------------------------------------
 
 
-@ACCOUNTS
-async def test_fetchmail_imap_keep_mode_downloads_each_message_once(
-    gw: Gateway, account: str, tmp_path: Path
-) -> None:
+async def _fetchmail_twice(
+    gw: Gateway, account: str, tmp_path: Path, poll: str, security: str
+) -> str:
+    """Run fetchmail in keep mode twice with an MDA writing one file per message; check that
+    the first run delivers each message of the account exactly once and the second nothing
+    ("no mail", exit 1). Returns the first run's verbose log."""
     fetchmail = _require("fetchmail")
     raws = gw.raws[account]  # type: ignore[attr-defined]
     out = tmp_path / "mda"
     out.mkdir()
     rc = tmp_path / "fetchmailrc"
-    # Graph over IMAPS, Gmail over STARTTLS: both verify the gateway's certificate.
-    if account == "crm":
-        transport = f"service {gw.ports['imaps']} protocol IMAP", "ssl"
-    else:
-        transport = f"service {gw.ports['imap']} protocol IMAP", "sslproto TLS1.2+"
     rc.write_text(
-        f"poll localhost {transport[0]}\n"
-        f'  user "{account}" password "{PASSWORD}" keep {transport[1]}\n'
+        f"poll localhost {poll}\n"
+        f'  user "{account}" password "{PASSWORD}" keep {security}\n'
         f"  sslcertck sslcertfile {gw.cafile}\n"
         f"  mda \"sh -c 'cat > {out}/$$.eml'\"\n"
     )
     rc.chmod(0o600)
     argv = [fetchmail, "-f", str(rc), "-i", str(tmp_path / "ids"), "--nosyslog", "-v"]
-
     first = await asyncio.to_thread(_run, argv, tmp_path, 60)
     log = (first.stdout + first.stderr).decode(errors="replace")
     assert first.returncode == 0, log
-    assert "SSL/TLS: using protocol TLSv1.3" in log, log  # and the certificate was checked
-    if account == "scanner":
-        assert "upgrade to TLS succeeded" in log, log  # STARTTLS, before LOGIN
     got = [p.read_bytes() for p in out.iterdir()]
-    assert len(got) == 3, log
+    assert len(got) == len(raws), log
     for raw in raws:  # fetchmail adds its Received: line and writes LF line ends
         assert sum(_lf(raw) in body for body in got) == 1, log
     second = await asyncio.to_thread(_run, argv, tmp_path, 60)
     assert second.returncode == 1, (second.stdout + second.stderr).decode(errors="replace")
-    assert len(list(out.iterdir())) == 3  # "no mail": each message arrived exactly once
+    assert len(list(out.iterdir())) == len(raws)
+    return log
+
+
+@ACCOUNTS
+async def test_fetchmail_imap_keep_mode_downloads_each_message_once(
+    gw: Gateway, account: str, tmp_path: Path
+) -> None:
+    """IMAP keep mode: fetchmail marks what it fetched \\Seen, which the gateway remembers."""
+    # Graph over IMAPS, the others over STARTTLS: both verify the gateway's certificate.
+    if account == "crm":
+        poll, security = f"service {gw.ports['imaps']} protocol IMAP", "ssl"
+    else:
+        poll, security = f"service {gw.ports['imap']} protocol IMAP", "sslproto TLS1.2+"
+    log = await _fetchmail_twice(gw, account, tmp_path, poll, security)
+    assert "SSL/TLS: using protocol TLSv1.3" in log, log  # and the certificate was checked
+    if account != "crm":
+        assert "upgrade to TLS succeeded" in log, log  # STARTTLS, before LOGIN
 
 
 # -- curl --------------------------------------------------------------------------------------
@@ -215,28 +225,6 @@ async def test_fetchmail_pop3_keep_mode_downloads_each_message_once(
     gw: Gateway, account: str, tmp_path: Path
 ) -> None:
     """Keep mode remembers UIDLs: the second run finds nothing new, and the INBOX is intact."""
-    fetchmail = _require("fetchmail")
-    raws = gw.raws[account]  # type: ignore[attr-defined]
-    out = tmp_path / "mda"
-    out.mkdir()
-    rc = tmp_path / "fetchmailrc"
-    rc.write_text(
-        f"poll localhost service {gw.ports['pop3']} protocol POP3 uidl\n"
-        f'  user "{account}" password "{PASSWORD}" keep sslproto TLS1.2+\n'
-        f"  sslcertck sslcertfile {gw.cafile}\n"
-        f"  mda \"sh -c 'cat > {out}/$$.eml'\"\n"
-    )
-    rc.chmod(0o600)
-    argv = [fetchmail, "-f", str(rc), "-i", str(tmp_path / "ids"), "--nosyslog", "-v"]
-
-    first = await asyncio.to_thread(_run, argv, tmp_path, 60)
-    log = (first.stdout + first.stderr).decode(errors="replace")
-    assert first.returncode == 0, log
+    poll = f"service {gw.ports['pop3']} protocol POP3 uidl"
+    log = await _fetchmail_twice(gw, account, tmp_path, poll, "sslproto TLS1.2+")
     assert "upgrade to TLS succeeded" in log, log  # STLS before USER/PASS
-    got = [p.read_bytes() for p in out.iterdir()]
-    assert len(got) == len(raws), log
-    for raw in raws:  # fetchmail adds its Received: line and writes LF line ends
-        assert sum(_lf(raw) in body for body in got) == 1, log
-    second = await asyncio.to_thread(_run, argv, tmp_path, 60)
-    assert second.returncode == 1, (second.stdout + second.stderr).decode(errors="replace")
-    assert len(list(out.iterdir())) == len(raws)
