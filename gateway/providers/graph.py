@@ -106,6 +106,20 @@ class GraphSender:
         )
         del draft
         message_url = f"{base}/{quote(str(created.json()['id']), safe='')}"
+        try:
+            await self._attach(api, message_url, raw, lifted)
+        except BaseException:
+            await _discard_draft(api, message_url)
+            raise
+        # Not after a failed /send: Graph may have sent it, and the draft is then the Sent copy.
+        await api.call("POST", f"{message_url}/send", "Graph send draft")
+        return DeliveryResult(
+            f"graph draft sent with {len(lifted)} uploaded attachment(s) ({prepared.size} bytes)"
+        )
+
+    async def _attach(
+        self, api: Api, message_url: str, raw: bytes, lifted: list[Attachment]
+    ) -> None:
         for attachment in lifted:
             if attachment.size >= UPLOAD_MIN:
                 await self._upload(api, message_url, raw, attachment)
@@ -122,10 +136,6 @@ class GraphSender:
                         ).decode("ascii"),
                     },
                 )
-        await api.call("POST", f"{message_url}/send", "Graph send draft")
-        return DeliveryResult(
-            f"graph draft sent with {len(lifted)} uploaded attachment(s) ({prepared.size} bytes)"
-        )
 
     async def _upload(self, api: Api, message_url: str, raw: bytes, item: Attachment) -> None:
         session = await api.call(
@@ -163,6 +173,15 @@ class GraphSender:
                     )
                 raise error
             offset = end + 1
+
+
+async def _discard_draft(api: Api, message_url: str) -> None:
+    """A draft whose attachments could not all be added is deleted (the retry makes a new
+    one), so failed attempts leave no half-built drafts in the mailbox; best effort."""
+    try:
+        await api.call("DELETE", message_url, "Graph delete unsent draft")
+    except Exception as error:
+        log.warning("graph.draft_left", reason=str(error))
 
 
 def _split_draft(prepared: Prepared) -> tuple[list[Attachment], bytes]:

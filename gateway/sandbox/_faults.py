@@ -44,8 +44,11 @@ class Fault:
     remaining: int = 1
     retry_after: str = "2.128"  # Graph's documented sample: a decimal number of seconds
     delay: float = 0.0  # for "slow": seconds before the real answer
+    path_suffix: str | None = None  # only requests whose path ends so (e.g. "/attachments")
 
-    def matches(self, target: Target) -> bool:
+    def matches(self, target: Target, path: str = "") -> bool:
+        if self.path_suffix is not None and not path.endswith(self.path_suffix):
+            return False
         return self.remaining > 0 and self.target in ("any", target)
 
 
@@ -62,9 +65,9 @@ class FaultPlan:
     def clear(self) -> None:
         self.pending.clear()
 
-    def take(self, target: Target) -> Fault | None:
+    def take(self, target: Target, path: str = "") -> Fault | None:
         for fault in self.pending:
-            if fault.matches(target):
+            if fault.matches(target, path):
                 fault.remaining -= 1
                 if fault.remaining == 0:
                     self.pending.remove(fault)
@@ -82,7 +85,7 @@ def middleware(plan: FaultPlan) -> Callable[[web.Request, Handler], Awaitable[we
         if target is None:
             return await handler(request)
         plan.requests[target] = plan.requests.get(target, 0) + 1
-        fault = plan.take(target)
+        fault = plan.take(target, request.path)
         if fault is None:
             return await handler(request)
         if fault.kind == "slow":

@@ -378,3 +378,27 @@ async def test_graph_attachment_only_message_mixing_upload_and_json_attachments(
     assert got == {f"{name}.pdf": data for name, data in files.items()}
     # draft, upload session for c (2 PUTs of ≤ 3 MiB), a as a JSON attachment, b in the draft, send
     assert world.sandbox.faults.requests["graph"] == 6
+
+
+async def test_a_failed_large_graph_attempt_leaves_no_draft_behind(world: World) -> None:
+    """The draft of an attempt whose attachments failed is deleted; the retry sends once."""
+    mail = EmailMessage(policy=policy.SMTP)
+    mail["From"] = "crm@contoso.example"
+    mail["To"] = "alice@example.org"
+    mail["Subject"] = "retry after a failed attachment"
+    mail.set_content("See the files.\n")
+    for name, size in (("a", 2 << 20), ("b", 2 << 20)):
+        mail.add_attachment(os.urandom(size), maintype="application", subtype="pdf", filename=name)
+    world.sandbox.faults.add(Fault("graph", "503", retry_after="0.1", path_suffix="/attachments"))
+    spool = world.spool()
+    await spool.start()
+    try:
+        await spool.submit(envelope("crm", "alice@example.org"), mail.as_bytes())
+        await drained(spool)
+    finally:
+        await spool.stop()
+    assert len(world.sent(world.graph_user)) == 1
+    box = world.sandbox.ops(world.graph_user).store.mailbox(world.graph_user)
+    drafts = [m for m in box.messages.values() if m.folder_id == box.folder("drafts").id]
+    deleted = [m for m in box.messages.values() if m.folder_id == box.folder("deleteditems").id]
+    assert drafts == [] and len(deleted) == 1  # the first attempt's draft, soft-deleted

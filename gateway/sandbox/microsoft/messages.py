@@ -70,6 +70,7 @@ class MailApi:
             Route("POST", ("messages",), WRITE_MAIL, self.create_draft),
             Route("GET", ("messages", "{id}"), READ_MAIL, self.get_message),
             Route("PATCH", ("messages", "{id}"), WRITE_MAIL, self.update_message),
+            Route("DELETE", ("messages", "{id}"), WRITE_MAIL, self.delete_message),
             Route("GET", ("messages", "{id}", "$value"), READ_MAIL, self.get_mime),
             Route("POST", ("messages", "{id}", "send"), SEND_MAIL, self.send_draft),
             Route("POST", ("messages", "{id}", "move"), WRITE_MAIL, self.move_message),
@@ -261,6 +262,14 @@ class MailApi:
             message.flag = status
         call.mailbox.touch(message)
         return call.respond(message_json(call, message))
+
+    def delete_message(self, call: Call) -> web.Response:
+        """Graph's DELETE is a soft delete: the item moves to Deleted Items (204)."""
+        message = call.message()
+        trash = call.folder("deleteditems")
+        if message.folder_id != trash.id:
+            call.mailbox.move(message, trash)
+        return web.Response(status=204)
 
     def move_message(self, call: Call) -> web.Response:
         message = call.message()
