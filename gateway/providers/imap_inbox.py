@@ -123,11 +123,17 @@ def _split_id(provider_id: str) -> tuple[int, int]:
     return int(validity), int(uid)
 
 
-def _split_cursor(cursor: str) -> tuple[int, int]:
-    validity, _, uidnext = cursor.partition(":")
-    if not (validity.isdigit() and uidnext.isdigit()):
+def _split_cursor(cursor: str) -> tuple[int, int, int | None]:
+    """``UIDVALIDITY:UIDNEXT[:HIGHESTMODSEQ]`` (the modseq only from a CONDSTORE server)."""
+    validity, _, rest = cursor.partition(":")
+    uidnext, _, modseq = rest.partition(":")
+    if not (validity.isdigit() and uidnext.isdigit() and (not modseq or modseq.isdigit())):
         raise CursorExpired(f"not an upstream IMAP cursor: {cursor!r}")
-    return int(validity), int(uidnext)
+    return int(validity), int(uidnext), int(modseq) if modseq else None
+
+
+def _cursor(validity: int, uidnext: int, modseq: int | None) -> str:
+    return f"{validity}:{uidnext}" + (f":{modseq}" if modseq is not None else "")
 
 
 class UpstreamImapSource(ThreadedClient):
@@ -238,6 +244,9 @@ class UpstreamImapSource(ThreadedClient):
                 imap.shutdown()
             raise
         self._capabilities = frozenset(caps.upper().split())
+        if "CONDSTORE" in self._capabilities:  # RFC 7162: every SELECT reports HIGHESTMODSEQ
+            with suppress(imaplib.IMAP4.error):
+                imap.enable("CONDSTORE")
         self._examined = False
         return imap
 
@@ -288,6 +297,7 @@ class UpstreamImapSource(ThreadedClient):
         """(UIDVALIDITY, UIDNEXT or None, EXISTS) of a fresh EXAMINE (or SELECT)."""
         self._examined = False
         what = "EXAMINE INBOX" if readonly else "SELECT INBOX"
+        imap.untagged_responses.pop("HIGHESTMODSEQ", None)
         exists = _check(imap.select("INBOX", readonly=readonly), what)[0]
         validity = imap.response("UIDVALIDITY")[1][0]
         if validity is None:
@@ -295,6 +305,12 @@ class UpstreamImapSource(ThreadedClient):
         uidnext = imap.response("UIDNEXT")[1][0]
         self._examined, self._uidvalidity = readonly, int(validity)
         return int(validity), int(uidnext) if uidnext is not None else None, int(exists or 0)
+
+    @staticmethod
+    def _highest_modseq(imap: imaplib.IMAP4) -> int | None:
+        """HIGHESTMODSEQ of the last SELECT/EXAMINE; None without CONDSTORE (or NOMODSEQ)."""
+        value = imap.response("HIGHESTMODSEQ")[1][0]
+        return int(value) if value is not None and value.isdigit() else None
 
     def _remote(self, validity: int, uid: int, fields: dict[str, object]) -> RemoteMessage | None:
         date, size = fields.get("date"), fields.get("size")
@@ -310,24 +326,48 @@ class UpstreamImapSource(ThreadedClient):
 
     def _list(self, imap: imaplib.IMAP4) -> Snapshot:
         validity, uidnext, exists = self._open(imap, readonly=True)
+        modseq = self._highest_modseq(imap)
         messages = self._meta(imap, validity, 1) if exists else []
         highest = max((_split_id(m.id)[1] for m in messages), default=0)
-        return Snapshot(messages, f"{validity}:{uidnext or highest + 1}")
+        return Snapshot(messages, _cursor(validity, uidnext or highest + 1, modseq))
 
     def _changes(self, imap: imaplib.IMAP4, cursor: str) -> Changes:
-        old_validity, old_next = _split_cursor(cursor)
+        """New mail above the cursor's UIDNEXT, the read state of what changed, and the UIDs
+        still present. With CONDSTORE only flags changed since the cursor's modseq are
+        fetched (and the present UIDs by UID SEARCH); else the flags of every message."""
+        old_validity, old_next, old_modseq = _split_cursor(cursor)
         validity, uidnext, exists = self._open(imap, readonly=True)
         if validity != old_validity:
             raise CursorExpired(f"upstream UIDVALIDITY changed from {old_validity} to {validity}")
-        flags: dict[int, dict[str, object]] = {}
-        if exists:
-            flags = _parse_fetch(_check(imap.uid("FETCH", "1:*", "(UID FLAGS)"), "UID FETCH"))
+        modseq = self._highest_modseq(imap)
+        present, flags = self._present_and_flags(imap, exists, old_modseq, modseq)
         added: list[RemoteMessage] = []
-        if any(uid >= old_next for uid in flags):
-            added = [m for m in self._meta(imap, validity, old_next) if _split_id(m.id)[1] in flags]
+        if any(uid >= old_next for uid in present):
+            added = [
+                m for m in self._meta(imap, validity, old_next) if _split_id(m.id)[1] in present
+            ]
         seen = {f"{validity}.{uid}": bool(f.get("seen")) for uid, f in flags.items()}
-        new_next = uidnext or max([old_next - 1, *flags]) + 1
-        return Changes(added, [], seen, f"{validity}:{new_next}", frozenset(seen))
+        new_next = uidnext or max([old_next - 1, *present]) + 1
+        ids = frozenset(f"{validity}.{uid}" for uid in present)
+        return Changes(added, [], seen, _cursor(validity, new_next, modseq), ids)
+
+    def _present_and_flags(
+        self, imap: imaplib.IMAP4, exists: int, old_modseq: int | None, modseq: int | None
+    ) -> tuple[set[int], dict[int, dict[str, object]]]:
+        """The UIDs in the INBOX, and the flags of those that (may have) changed."""
+        if not exists:
+            return set(), {}
+        if modseq is None or old_modseq is None:
+            flags = _parse_fetch(_check(imap.uid("FETCH", "1:*", "(UID FLAGS)"), "UID FETCH"))
+            return set(flags), flags
+        found = _check(imap.uid("SEARCH", "ALL"), "UID SEARCH")
+        present = {int(uid) for line in found if line for uid in line.split()}
+        if modseq == old_modseq:
+            return present, {}
+        since = f"(CHANGEDSINCE {old_modseq})"
+        return present, _parse_fetch(
+            _check(imap.uid("FETCH", "1:*", "(UID FLAGS)", since), "UID FETCH")
+        )
 
     def _body(self, imap: imaplib.IMAP4, provider_id: str) -> bytes:
         validity, uid = _split_id(provider_id)

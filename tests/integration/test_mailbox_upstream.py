@@ -184,7 +184,7 @@ async def test_imap_lists_and_fetches_exact_bytes_without_marking_read(
     snapshot = await source.list_inbox()
 
     assert [m.id for m in snapshot.messages] == [f"{validity}.{uid}" for uid in (1, 2, 3, 4)]
-    assert snapshot.cursor == f"{validity}:5"
+    assert snapshot.cursor.startswith(f"{validity}:5:")  # Dovecot has CONDSTORE: a modseq too
     now = datetime.now(UTC)
     for uid, message in enumerate(snapshot.messages, 1):
         raw = await source.fetch_raw(message.id)
@@ -222,12 +222,17 @@ async def test_imap_changes_since_sees_arrivals_removals_and_reads(
     assert [m.id for m in changes.added] == [ids[4]]
     assert changes.added[0].size == len(await source.fetch_raw(ids[4])) == len(MESSAGES[3])
     assert changes.present == frozenset(ids.values())
-    assert changes.seen == {ids[2]: True, ids[3]: False, ids[4]: False}
+    # CONDSTORE: only what changed since the cursor's modseq (the read one and the new one).
+    assert changes.seen == {ids[2]: True, ids[4]: False}
     assert changes.removed == []
-    assert changes.cursor == f"{validity}:5"
+    assert changes.cursor.startswith(f"{validity}:5:")
 
     quiet = await source.changes_since(changes.cursor)
-    assert quiet.added == [] and quiet.present == changes.present
+    assert quiet.added == [] and quiet.present == changes.present and quiet.seen == {}
+    # A cursor without a modseq (or a server without CONDSTORE): every message's flags.
+    legacy = await source.changes_since(f"{validity}:5")
+    assert legacy.seen == {ids[2]: True, ids[3]: False, ids[4]: False}
+    assert legacy.cursor == changes.cursor
     await source.close()
 
 
