@@ -30,8 +30,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Literal
 
+from ..config import OnDelete
 from ..logs import get_logger
 from ..oauth import OAuthError
 from ..providers._errors import DeliveryError
@@ -66,9 +66,6 @@ def crlf_form(raw: bytes) -> bytes:
     if raw.count(b"\n") == raw.count(b"\r\n"):
         return raw
     return _BARE_LF.sub(b"\r\n", raw)
-
-
-OnDelete = Literal["keep", "archive", "trash"]
 
 
 class MailboxUnavailable(Exception):

@@ -9,6 +9,7 @@ server refusing a command are :class:`Permanent`.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import ssl
 import threading
@@ -64,7 +65,7 @@ def reason(error: BaseException) -> str:
     return arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
 
 
-class ThreadedClient:
+class ThreadedClient(abc.ABC):
     """The part both upstream sources share: a configured server and its blocking client.
 
     Work is serialised twice: an asyncio lock keeps waiting operations (the IMAP frontend
@@ -86,5 +87,6 @@ class ThreadedClient:
         async with self._queue:
             return await asyncio.to_thread(self._run, op, *args)
 
+    @abc.abstractmethod
     def _run(self, op: Callable[..., T], *args: object) -> T:
-        raise NotImplementedError
+        """Run ``op(client, *args)`` on a logged-in client, in the worker thread."""
