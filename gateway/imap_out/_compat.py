@@ -155,25 +155,14 @@ class CompatIMAP4Server(imap4.IMAP4Server):
         log.err(failure, "imap: search failed")
         self.sendNegativeResponse(tag, b"[SERVERBUG] SEARCH failed")
 
-    def _ebCopySelectedMailbox(self, failure: Any, tag: bytes) -> None:
-        log.err(failure, "imap: copy failed")
-        self.sendNegativeResponse(tag, b"[SERVERBUG] COPY failed")
-
-    def _cbCopySelectedMailbox(
-        self, mbox: Any, tag: bytes, messages: Any, mailbox: str, uid: int
-    ) -> None:
-        """Stock answers a missing target with a str and raises TypeError instead."""
-        if not mbox:
+    def do_COPY(self, tag: bytes, messages: Any, mailbox: bytes | str, uid: int = 0) -> None:
+        """Refused without opening anything: only INBOX exists, and it is read-only. (Stock
+        opens the target, downloads every message to copy and never closes the target.)"""
+        name = mailbox.decode("utf-8", "replace") if isinstance(mailbox, bytes) else mailbox
+        if name.upper() != "INBOX":
             self.sendNegativeResponse(tag, b"[TRYCREATE] No such mailbox")
             return
-        imap4.IMAP4Server._cbCopySelectedMailbox(self, mbox, tag, messages, mailbox, uid)
-
-    def _IMAP4Server__ebCopy(self, failure: Any, tag: bytes) -> None:
-        if failure.check(imap4.MailboxException):
-            self.sendNegativeResponse(tag, b"[CANNOT] " + _ascii(str(failure.value)))
-            return
-        log.err(failure, "imap: copy failed")
-        self.sendNegativeResponse(tag, b"[SERVERBUG] COPY failed")
+        self.sendNegativeResponse(tag, b"[CANNOT] COPY is not supported: only INBOX exists")
 
     def arg_fetchatt(self, line: bytes) -> tuple[Any, bytes]:
         """Stock's FETCH parser raises bare Exceptions ("Header list must begin with (")."""
@@ -278,6 +267,36 @@ class CompatIMAP4Server(imap4.IMAP4Server):
         log.err(failure, "imap: select failed")
         self.sendNegativeResponse(tag, cmdName + b" failed: server error")
 
+    # -- STATUS ----------------------------------------------------------------------------------
+
+    def _cbStatusGotMailbox(self, mbox: Any, tag: bytes, mailbox: str, names: list) -> None:
+        """STATUS opens the mailbox only to count: stock never closes it (a mailbox that
+        watches for changes would then live, and be told of every change, forever), and its
+        failures answer BAD with Python text."""
+        if not mbox:
+            self.sendNegativeResponse(tag, b"[NONEXISTENT] No such mailbox")
+            return
+        deferred = maybeDeferred(mbox.requestStatus, names)
+        deferred.addBoth(_closing, mbox)
+        deferred.addCallbacks(
+            self._IMAP4Server__cbStatus,  # type: ignore[attr-defined]
+            self._status_failed,
+            (tag, mailbox),
+            None,
+            (tag,),
+            None,
+        )
+
+    def _ebStatusGotMailbox(self, failure: Any, tag: bytes) -> None:
+        self._status_failed(failure, tag)
+
+    def _status_failed(self, failure: Any, tag: bytes) -> None:
+        if failure.check(MailboxUnavailable):
+            self.sendNegativeResponse(tag, b"[UNAVAILABLE] " + _ascii(str(failure.value)))
+            return
+        log.err(failure, "imap: status failed")
+        self.sendNegativeResponse(tag, b"[SERVERBUG] STATUS failed")
+
     def do_UNSELECT(self, tag: bytes) -> None:
         """RFC 3691: leave the mailbox without the implicit EXPUNGE of CLOSE."""
         self._close_mailbox()
@@ -335,7 +354,7 @@ class CompatIMAP4Server(imap4.IMAP4Server):
         imap4.IMAP4Server.arg_atom,
         imap4.IMAP4Server.arg_flaglist,
     )
-    select_COPY = (imap4.IMAP4Server.do_COPY, arg_seqset, imap4.IMAP4Server.arg_finalastring)
+    select_COPY = (do_COPY, arg_seqset, imap4.IMAP4Server.arg_finalastring)
 
     # -- FETCH -----------------------------------------------------------------------------------
 
@@ -564,6 +583,12 @@ def _raw(msg: Any) -> bytes:
     opened = imap4.IMessageFile(msg).open()
     data = opened.read()
     return crlf_form(data if isinstance(data, bytes) else bytes(data))
+
+
+def _closing(result: Any, mbox: Any) -> Any:
+    """Close ``mbox`` after a step, passing its result (or failure) on."""
+    _close(mbox)
+    return result
 
 
 def _close(mbox: Any) -> None:

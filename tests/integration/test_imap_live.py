@@ -348,3 +348,32 @@ async def test_a_client_gone_during_select_leaves_no_watcher(live: Live) -> None
     await asyncio.sleep(0.1)  # the SELECT's callbacks run on the next loop turns
     assert view._caught_up and view._watchers == []
     assert not [t for t in asyncio.all_tasks() if t.get_name() == f"poll {live.account}"]
+
+
+async def test_status_and_copy_let_go_of_the_mailbox(live: Live) -> None:
+    """Clients poll STATUS often; each one opens the INBOX only to count it. COPY is refused
+    without opening (or downloading) anything."""
+    for n in range(3):
+        live.seed(f"s{n}")
+
+    def session() -> tuple:
+        client = live.login()
+        try:
+            answers = [client.status("INBOX", "(MESSAGES UNSEEN UIDNEXT)") for _ in range(5)]
+            missing = client.status("Archive", "(MESSAGES)")
+            client.select("INBOX")
+            copied = client.copy("1:*", "INBOX")
+            client.unselect()
+            return answers, missing, copied
+        finally:
+            client.logout()
+
+    view = live.gateway.views.get(live.account)
+    downloads_before = view.cache.used if view is not None else 0
+    answers, missing, copied = await asyncio.to_thread(session)
+    assert answers[-1] == ("OK", [b"INBOX (MESSAGES 3 UNSEEN 3 UIDNEXT 4)"])
+    assert missing[0] == "NO" and b"NONEXISTENT" in missing[1][0]
+    assert copied[0] == "NO" and b"[CANNOT]" in copied[1][0]
+    view = live.gateway.views[live.account]
+    assert view._watchers == []  # nothing left watching after five STATUS, a COPY, UNSELECT
+    assert view.cache.used == downloads_before == 0  # COPY downloaded nothing
