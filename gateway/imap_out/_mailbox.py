@@ -37,7 +37,6 @@ INBOX = "INBOX"
 FLAGS = ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")
 _NEEDS_BODY = {"body", "bodystructure", "envelope", "rfc822", "rfc822header", "rfc822text"}
 _FROM_HEADER = {"uid", "flags", "internaldate", "rfc822size", "envelope", "rfc822header"}
-_PARALLEL_FETCHES = 8
 
 
 @implementer(imap4.IMailboxInfo)
@@ -356,8 +355,8 @@ class InboxMailbox:
     async def _load(
         self, chosen: list[tuple[int, MessageInfo]], body: bool, size: bool
     ) -> list[tuple[int, GatewayMessage]]:
-        """The messages of a FETCH; only bodies and unknown sizes are awaited (a few at a time),
-        so a listing of known sizes costs no task per message."""
+        """The messages of a FETCH; only bodies and unknown sizes are awaited, so a listing of
+        known sizes costs no task per message."""
         ready: dict[int, GatewayMessage] = {}
         waiting: list[tuple[int, MessageInfo]] = []
         for seq, info in chosen:
@@ -369,15 +368,13 @@ class InboxMailbox:
                 waiting.append((seq, info))
             else:
                 ready[seq] = GatewayMessage(info, self.flags_of(info), None, length)
-        gate = asyncio.Semaphore(_PARALLEL_FETCHES)
 
         async def one(seq: int, info: MessageInfo) -> None:
-            async with gate:
-                try:
-                    raw = await self.view.fetch(info.uid) if body else None
-                    length = len(raw) if raw is not None else await self.view.size(info.uid)
-                except KeyError:
-                    return
+            try:  # the view bounds how many downloads run at once
+                raw = await self.view.fetch(info.uid) if body else None
+                length = len(raw) if raw is not None else await self.view.size(info.uid)
+            except KeyError:
+                return
             ready[seq] = GatewayMessage(info, self.flags_of(info), raw, length)
 
         await asyncio.gather(*(one(seq, info) for seq, info in waiting))

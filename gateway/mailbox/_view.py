@@ -48,7 +48,7 @@ KNOWN_FLAGS = (SEEN, "\\Answered", FLAGGED, "\\Deleted", "\\Draft")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
-_PARALLEL_DOWNLOADS = 8  # per view: the providers throttle more concurrent requests
+_PARALLEL_DOWNLOADS = 8  # bodies downloaded at once per view, whoever asks for them
 
 
 def header_of(wire: bytes) -> bytes:
@@ -164,6 +164,7 @@ class MailboxView:
         self._saving: asyncio.Task[None] | None = None
         self._mirror = _Mirror(source, uids.account)
         self._caught_up = False  # see _catch_up
+        self._downloads = asyncio.Semaphore(_PARALLEL_DOWNLOADS)
 
     @classmethod
     async def open(
@@ -353,16 +354,20 @@ class MailboxView:
         size and header are kept in the store."""
         entry = self._uids.by_uid[uid]
         wire = self.cache.get(entry.provider_id)
-        if wire is None:
-            with _provider_call():
-                wire = crlf_form(await self.source.fetch_raw(entry.provider_id))
-            self.cache.put(entry.provider_id, wire)
-            self._learn(entry, wire)
+        if wire is not None:
+            return wire
+        async with self._downloads:  # however many sessions and FETCHes ask at once
+            wire = self.cache.get(entry.provider_id)  # a waiter before us may have got it
+            if wire is None:
+                with _provider_call():
+                    wire = crlf_form(await self.source.fetch_raw(entry.provider_id))
+                self.cache.put(entry.provider_id, wire)
+                self._learn(entry, wire)
         return wire
 
     async def headers(self, uids: Iterable[int]) -> dict[int, bytes]:
         """The header section (through the blank line) of each message still in the view:
-        from the body cache, else the store, else a download (a few at a time). A client's
+        from the body cache, else the store, else a download. A client's
         header fetch after a restart then costs no provider call."""
         entries = {uid: e for uid in uids if (e := self._uids.by_uid.get(uid)) is not None}
         found: dict[int, bytes] = {}
@@ -375,11 +380,9 @@ class MailboxView:
         if missing:
             stored = await self._uids.store.load_mailbox_headers(self.account, list(missing))
             found.update({missing.pop(pid): header for pid, header in stored.items()})
-        gate = asyncio.Semaphore(_PARALLEL_DOWNLOADS)
 
         async def download(uid: int) -> None:
-            async with gate:
-                found[uid] = header_of(await self.fetch(uid))
+            found[uid] = header_of(await self.fetch(uid))
 
         await asyncio.gather(*(download(uid) for uid in missing.values()))
         return found

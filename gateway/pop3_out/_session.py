@@ -17,8 +17,6 @@ from typing import Any
 
 from ..mailbox import MailboxView, MessageInfo
 
-_SIZE_FETCHES = 8
-
 
 def uidl_of(provider_id: str) -> bytes:
     """The UIDL of a message: 32 hex digits of SHA-256 over its provider id.
@@ -92,15 +90,10 @@ class Pop3Session:
             raise NoSuchMessage(f"Message {number} was deleted by another session") from None
 
     async def sizes(self) -> dict[int, int]:
-        """Sizes of all live messages; unknown ones fetched a few at a time, not one by one."""
+        """Sizes of all live messages; unknown ones are downloaded together (the view bounds
+        how many at once), not one by one."""
         numbers = self.live()
-        gate = asyncio.Semaphore(_SIZE_FETCHES)
-
-        async def one(number: int) -> int:
-            async with gate:
-                return await self.size(number)
-
-        found = await asyncio.gather(*(one(n) for n in numbers))
+        found = await asyncio.gather(*(self.size(n) for n in numbers))
         return dict(zip(numbers, found, strict=True))
 
     def uidl(self, number: int) -> bytes:
