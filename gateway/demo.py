@@ -93,8 +93,11 @@ class Demo:
         self.gateway = Gateway(settings)
         await self.gateway.start()
         assert self.gateway.broker is not None
-        for app in (self.microsoft_app, self.google_app):
-            app.redirect_uris = (self.gateway.broker.redirect_uri(),)
+        # Registered as the README says: Entra's Mobile and desktop applications platform (a
+        # public client), and a Google Web application client.
+        callback = self.gateway.broker.redirect_uri()
+        self.microsoft_app.public_client_redirect_uris = (callback,)
+        self.google_app.redirect_uris = (callback,)
 
     async def stop(self) -> None:
         if self.gateway is not None:
@@ -138,7 +141,9 @@ class Demo:
 
     def _write_config(self, upstream: dict[str, Any] | None) -> Settings:
         sandbox = self.sandbox
-        self.microsoft_app = sandbox.add_app("microsoft", public=True, name="mail gateway demo")
+        self.microsoft_app = sandbox.add_app(
+            "microsoft", allow_public_client_flows=True, secret=False, name="mail gateway demo"
+        )
         # The Google client is *not* written to the config: as with a real Workspace, the admin
         # enters its ID and secret on the admin page first.
         self.google_app = sandbox.add_app("google", name="mail gateway demo")

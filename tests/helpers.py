@@ -114,7 +114,14 @@ CLOUD_ACCOUNTS = {"microsoft": ("crm", MS_ADDRESS), "google": ("scanner", GOOGLE
 
 def sandbox_config(sandbox: Sandbox, state_dir: Path, **overrides: object) -> tuple[dict, App]:
     """A gateway config wired to the sandbox clouds, and the Google app (entered later)."""
-    ms_app = sandbox.add_app("microsoft", public=True)
+    # As the README documents: an Entra public client (the gateway's callback under Mobile and
+    # desktop applications, public client flows allowed, no secret) and a Google Web application.
+    ms_app = sandbox.add_app(
+        "microsoft",
+        public_client_redirect_uris=("http://localhost/oauth/callback",),
+        allow_public_client_flows=True,
+        secret=False,
+    )
     google_app = sandbox.add_app("google")
     sandbox.add_user("microsoft", MS_ADDRESS)
     sandbox.add_user("microsoft", "someone.else@contoso.example")
@@ -149,9 +156,12 @@ async def running_gateway(
     await asyncio.to_thread(path.write_text, yaml.safe_dump(config))
     gateway = Gateway(load_settings(path))
     await gateway.start()
-    if sandbox is not None:
+    if sandbox is not None:  # each app's callback, on the platform it was registered for
         for app in sandbox.directory.apps.values():
-            app.redirect_uris = (gateway.broker.redirect_uri(),)
+            if app.public_client_redirect_uris:
+                app.public_client_redirect_uris = (gateway.broker.redirect_uri(),)
+            else:
+                app.redirect_uris = (gateway.broker.redirect_uri(),)
     try:
         yield gateway
     finally:

@@ -110,14 +110,22 @@ class ControlApi:
         return body
 
     async def add_app(self, request: web.Request) -> web.Response:
+        """Register an app: ``redirect_uris`` (Entra's Web platform, or a Google Web
+        application's), ``public_client_redirect_uris`` (Entra's Mobile and desktop
+        applications), ``allow_public_client_flows``, ``secret`` (false: no client secret, as an
+        Entra public client) and ``desktop`` (a Google Desktop app client)."""
         body = await self._json(request)
         provider: Provider = _choice(body.get("provider"), Provider, "provider")
         app = self.sandbox.add_app(
             provider,
             client_id=body.get("client_id"),
-            public=bool(body.get("public", False)),
-            redirect_uris=tuple(body.get("redirect_uris", ())),
-            app_permissions=tuple(body.get("app_permissions", ())),
+            redirect_uris=_strings(body, "redirect_uris"),
+            public_client_redirect_uris=_strings(body, "public_client_redirect_uris"),
+            allow_public_client_flows=_flag(body, "allow_public_client_flows", False),
+            secret=_flag(body, "secret", True),
+            desktop=_flag(body, "desktop", False),
+            app_permissions=_strings(body, "app_permissions"),
+            name=str(body.get("name", "app")),
         )
         return web.json_response(
             {
@@ -125,6 +133,9 @@ class ControlApi:
                 "client_id": app.client_id,
                 "client_secret": app.client_secret,
                 "redirect_uris": list(app.redirect_uris),
+                "public_client_redirect_uris": list(app.public_client_redirect_uris),
+                "allow_public_client_flows": app.allow_public_client_flows,
+                "desktop": app.desktop,
                 "app_permissions": sorted(app.app_permissions),
             },
             status=201,
@@ -240,6 +251,20 @@ class ControlApi:
 
     async def stats(self, request: web.Request) -> web.Response:
         return web.json_response({"requests": dict(self.sandbox.faults.requests)})
+
+
+def _strings(body: dict[str, Any], key: str) -> tuple[str, ...]:
+    value = body.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ControlError(f"{key} must be a list of strings")
+    return tuple(value)
+
+
+def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
+    value = body.get(key, default)
+    if not isinstance(value, bool):
+        raise ControlError(f"{key} must be true or false")
+    return value
 
 
 def _id(request: web.Request) -> str:

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
+from urllib.parse import urlsplit
 
 Provider = Literal["microsoft", "google"]
 TokenKind = Literal["access", "refresh"]
@@ -23,37 +24,59 @@ DEFAULT_REFRESH_LIFETIME = 90 * 24 * 3600  # Entra's inactivity window; Google's
 
 @dataclass
 class App:
-    """An OAuth client registration (Entra app registration / Google OAuth client)."""
+    """An OAuth client registration (Entra app registration / Google OAuth client).
+
+    Microsoft: an Entra app registration lists redirect URIs per *platform*. A URI under "Web"
+    (``redirect_uris``) makes a sign-in through it confidential: redeeming its code needs the
+    client secret or a certificate assertion. A URI under "Mobile and desktop applications"
+    (``public_client_redirect_uris``) makes it public: PKCE only, no credential allowed. "Allow
+    public client flows" (``allow_public_client_flows``) lets flows without a redirect URI (the
+    device code flow) run as a public client. (Microsoft identity platform docs: "Redirect URI
+    (reply URL) outline and restrictions", https://learn.microsoft.com/entra/identity-platform/
+    reply-url; "Public client and confidential client applications", https://learn.microsoft.com/
+    entra/identity-platform/msal-client-applications; "Error AADSTS7000218 when a confidential
+    client application authenticates to Microsoft Entra ID", https://learn.microsoft.com/
+    troubleshoot/entra/entra-id/app-integration/
+    confidential-client-application-authentication-error-aadsts7000218.)
+
+    Google: a client is a "Web application" (``desktop=False``: ``redirect_uris`` registered,
+    matched exactly) or a "Desktop app" (``desktop=True``: no registered URIs, only loopback
+    redirects). Both kinds have a client secret.
+    """
 
     provider: Provider
     client_id: str
-    client_secret: str | None = None  # None: a public client (may not send a secret)
-    redirect_uris: tuple[str, ...] = ()
+    client_secret: str | None = None  # Microsoft: a secret credential, if one was added
+    redirect_uris: tuple[str, ...] = ()  # Entra: the Web platform; Google: a Web client's
+    public_client_redirect_uris: tuple[str, ...] = ()  # Entra: Mobile and desktop applications
+    allow_public_client_flows: bool = False  # Entra's "Allow public client flows" switch
+    desktop: bool = False  # Google: the "Desktop app" client type
     app_permissions: frozenset[str] = frozenset()  # granted to the app itself (client credentials)
     name: str = "app"
 
-    @property
-    def confidential(self) -> bool:
-        return self.client_secret is not None
 
-    def allows_redirect(self, uri: str) -> bool:
-        """Exact match, except that a loopback redirect may use any port (RFC 8252 §7.3)."""
-        if uri in self.redirect_uris:
-            return True
-        return any(_same_loopback_target(uri, allowed) for allowed in self.redirect_uris)
+def is_loopback(uri: str) -> bool:
+    """An ``http`` URI on this machine (127.0.0.1, [::1] or localhost)."""
+    parts = urlsplit(uri)
+    return parts.scheme == "http" and parts.hostname in _LOOPBACK_HOSTS
 
 
-def _same_loopback_target(uri: str, allowed: str) -> bool:
-    from urllib.parse import urlsplit
-
-    a, b = urlsplit(uri), urlsplit(allowed)
-    loopback = {"127.0.0.1", "localhost", "[::1]", "::1"}
+def same_but_port(uri: str, registered: str) -> bool:
+    """Equal except for the port of a loopback URI, which clients choose when they start
+    (RFC 8252 §7.3)."""
+    if uri == registered:
+        return True
+    a, b = urlsplit(uri), urlsplit(registered)
     return (
-        a.scheme == b.scheme == "http"
-        and a.hostname in loopback
+        is_loopback(uri)
+        and is_loopback(registered)
         and a.hostname == b.hostname
         and (a.path or "/") == (b.path or "/")
+        and a.query == b.query
     )
+
+
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 @dataclass
@@ -84,6 +107,9 @@ class Grant:
     scopes: frozenset[str]
     expires_at: float
     revoked: bool = False
+    # Entra: a refresh token remembers whether it was issued to a public client (mobile/desktop
+    # redirect, device flow), which must redeem it without a credential, or to a Web sign-in.
+    public_client: bool = False
 
     def expired(self, now: float) -> bool:
         return now >= self.expires_at
@@ -135,6 +161,7 @@ class Directory:
         user: str | None,
         scopes: Iterable[str],
         prefix: str = "",
+        public_client: bool = False,
     ) -> Grant:
         lifetime = (self.access_lifetime if kind == "access" else self.refresh_lifetime)[provider]
         grant = Grant(
@@ -145,6 +172,7 @@ class Directory:
             user=user,
             scopes=frozenset(scopes),
             expires_at=self.clock() + lifetime,
+            public_client=public_client,
         )
         self.grants[grant.token] = grant
         return grant

@@ -106,25 +106,38 @@ class Sandbox:
         self,
         provider: Provider,
         client_id: str | None = None,
-        public: bool = False,
+        *,
         redirect_uris: Iterable[str] = (),
+        public_client_redirect_uris: Iterable[str] = (),
+        allow_public_client_flows: bool = False,
+        secret: bool = True,
+        desktop: bool = False,
         app_permissions: Iterable[str] = (),
         name: str = "app",
     ) -> App:
-        """Register an OAuth client; ids and secrets look like the real ones."""
+        """Register an OAuth client; ids and secrets look like the real ones.
+
+        Microsoft: ``redirect_uris`` go under the Web platform, ``public_client_redirect_uris``
+        under Mobile and desktop applications; ``secret`` adds a client secret (a public client
+        has none). Google: ``desktop`` makes a "Desktop app" client instead of a "Web
+        application"; Google gives every client a secret.
+        """
         if provider == "microsoft":
             client_id = client_id or str(uuid.uuid4())
-            secret = secrets.token_urlsafe(30)
+            client_secret = secrets.token_urlsafe(30) if secret else None
         else:
             client_id = client_id or (
                 f"{secrets.randbelow(10**12):012d}-{secrets.token_hex(16)}.apps.googleusercontent.com"
             )
-            secret = "GOCSPX-" + secrets.token_urlsafe(21)
+            client_secret = "GOCSPX-" + secrets.token_urlsafe(21)
         app = App(
             provider=provider,
             client_id=client_id,
-            client_secret=None if public else secret,
+            client_secret=client_secret,
             redirect_uris=tuple(redirect_uris),
+            public_client_redirect_uris=tuple(public_client_redirect_uris),
+            allow_public_client_flows=allow_public_client_flows,
+            desktop=desktop,
             app_permissions=frozenset(app_permissions),
             name=name,
         )

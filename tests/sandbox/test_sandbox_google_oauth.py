@@ -32,11 +32,13 @@ SEND = "https://www.googleapis.com/auth/gmail.send"
 READONLY = "https://www.googleapis.com/auth/gmail.readonly"
 MAIL = "https://mail.google.com/"
 REDIRECT = "http://127.0.0.1:8765/"
+USERINFO_EMAIL = "https://www.googleapis.com/auth/userinfo.email"
 
 
 @pytest.fixture
 def app(sandbox: Sandbox) -> App:
-    return sandbox.add_app("google", redirect_uris=["http://127.0.0.1/"], name="Mail gateway")
+    """A Desktop app client, as google_auth_oauthlib's installed-app flow uses."""
+    return sandbox.add_app("google", desktop=True, name="Mail gateway")
 
 
 @pytest.fixture
@@ -125,16 +127,26 @@ def token_form(app: App, code: str, **extra: str) -> dict[str, str]:
 
 
 async def test_flow_signs_in_and_credentials_refresh_after_expiry(
-    sandbox: Sandbox, app: App, ada: User, http: httpx.AsyncClient
+    sandbox: Sandbox,
+    app: App,
+    ada: User,
+    http: httpx.AsyncClient,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     sandbox.add_user("google", "grace@example.com")  # two accounts: login_hint picks one
     flow = new_flow(sandbox, app, [READONLY, "openid", "email"])
     url, state = flow.authorization_url(prompt="consent", login_hint=ada.address)
     params = callback_params(await http.get(url))
     assert params["state"] == state
-    assert params["scope"] == f"{READONLY} openid email"
+    assert params["scope"] == f"{READONLY} openid {USERINFO_EMAIL}"  # Google's spelling
 
+    with pytest.raises(Warning, match="Scope has changed"):  # what oauthlib makes of that
+        await asyncio.to_thread(flow.fetch_token, code=params["code"])
+    monkeypatch.setenv("OAUTHLIB_RELAX_TOKEN_SCOPE", "1")  # as real Google clients must
+    url, _ = flow.authorization_url(prompt="consent", login_hint=ada.address)
+    params = callback_params(await http.get(url))
     token = await asyncio.to_thread(flow.fetch_token, code=params["code"])
+    assert token["scope"] == [READONLY, "openid", USERINFO_EMAIL]
     assert set(token) >= {"access_token", "expires_in", "refresh_token", "scope", "id_token"}
     assert token["token_type"] == "Bearer" and token["expires_in"] == 3599
     claims = google.auth.jwt.decode(token["id_token"], verify=False)
@@ -305,6 +317,38 @@ async def test_consent_screen_chooses_account_once(
     assert "refresh_token" not in token  # access_type was not offline
     grant = sandbox.directory.find(token["access_token"], "access", "google")
     assert grant is not None and grant.user == grace.address
+
+
+async def test_redirect_uris_follow_the_client_type(
+    sandbox: Sandbox, app: App, ada: User, http: httpx.AsyncClient
+) -> None:
+    """A Desktop app client takes only loopback redirects (any port); a Web application only
+    its registered URIs, exactly: a gateway reached by a host name needs a Web client."""
+    gateway = "https://gateway.example.com/oauth/callback"
+    web = sandbox.add_app("google", redirect_uris=[gateway, "http://localhost:8025/oauth/callback"])
+
+    async def outcome(client: App, redirect_uri: str) -> int:
+        query = {"response_type": "code", "client_id": client.client_id, "scope": SEND}
+        answer = await http.get("/o/oauth2/v2/auth", params={**query, "redirect_uri": redirect_uri})
+        return answer.status_code
+
+    assert await outcome(app, "http://127.0.0.1:5000/anything") == 302
+    assert await outcome(app, "http://localhost:8025/oauth/callback") == 302
+    assert await outcome(app, gateway) == 400  # redirect_uri_mismatch
+    assert await outcome(web, gateway) == 302
+    assert await outcome(web, "http://localhost:8025/oauth/callback") == 302
+    assert await outcome(web, "http://localhost:8026/oauth/callback") == 400
+    assert await outcome(web, "https://gateway.example.com/oauth/callback2") == 400
+
+
+async def test_identity_scopes_are_granted_in_their_url_form(
+    app: App, ada: User, http: httpx.AsyncClient
+) -> None:
+    params = await authorize(http, app, scope=f"openid email profile {SEND}")
+    token = (await http.post("/token", data=token_form(app, params["code"]))).json()
+    profile = "https://www.googleapis.com/auth/userinfo.profile"
+    assert token["scope"].split() == ["openid", USERINFO_EMAIL, profile, SEND]
+    assert google.auth.jwt.decode(token["id_token"], verify=False)["email"] == ada.address
 
 
 @pytest.mark.parametrize(

@@ -50,7 +50,7 @@ def _path_id(message_id: str) -> str:
 
 
 def _token(sandbox: Sandbox, user: User, *scopes: str) -> str:
-    app = sandbox.add_app("microsoft", public=True)
+    app = sandbox.add_app("microsoft", secret=False)
     return sandbox.directory.issue("access", "microsoft", app.client_id, user.address, scopes).token
 
 

@@ -72,8 +72,15 @@ async def _confidential_app(
     )
 
 
-def _setup(sandbox: Sandbox, public: bool = True) -> tuple[App, User]:
-    app = sandbox.add_app("microsoft", public=public, redirect_uris=[REDIRECT], name="gateway")
+def _setup(sandbox: Sandbox) -> tuple[App, User]:
+    """A public client: the redirect URI under Mobile and desktop applications, no secret."""
+    app = sandbox.add_app(
+        "microsoft",
+        public_client_redirect_uris=[REDIRECT],
+        allow_public_client_flows=True,
+        secret=False,
+        name="gateway",
+    )
     return app, sandbox.add_user("microsoft", ADDRESS, "Adele Vance")
 
 
@@ -169,6 +176,75 @@ async def test_auth_code_with_pkce_gives_tokens_graph_accepts(
     assert me.status_code == 200
     grant = sandbox.directory.find(result["access_token"], "access", "microsoft")
     assert grant is not None and grant.scopes == {"Mail.Read", "Mail.Send"}
+
+
+# -- app types: the redirect URI's platform decides public or confidential ---------------------
+
+
+async def test_web_platform_redirect_needs_a_credential(
+    sandbox: Sandbox, sandbox_tls: ssl.SSLContext
+) -> None:
+    """A redirect URI under Web makes the code confidential: a secretless redemption gets
+    AADSTS7000218 (the setup the README used to document), the secret redeems it, and its
+    refresh token again needs the secret."""
+    sandbox.add_user("microsoft", ADDRESS)
+    unsecured = sandbox.add_app("microsoft", redirect_uris=[REDIRECT], secret=False)
+    _, refused = await _sign_in(sandbox_tls, await _public_app(sandbox, unsecured))
+    assert refused["error"] == "invalid_client" and refused["error_codes"] == [7000218]
+
+    web = sandbox.add_app("microsoft", redirect_uris=[REDIRECT])
+    confidential = await _confidential_app(sandbox, web, web.client_secret)
+    _, result = await _sign_in(sandbox_tls, confidential)
+    assert "access_token" in result, result
+    refresh = {
+        "client_id": web.client_id,
+        "grant_type": "refresh_token",
+        "refresh_token": result["refresh_token"],
+    }
+    without = await _token_post(sandbox, sandbox_tls, refresh)
+    with_secret = await _token_post(
+        sandbox, sandbox_tls, {**refresh, "client_secret": web.client_secret or ""}
+    )
+    assert without.json()["error_codes"] == [7000218]
+    assert with_secret.status_code == 200 and "refresh_token" in with_secret.json()
+
+
+async def test_public_client_redirect_refuses_a_secret(
+    sandbox: Sandbox, sandbox_tls: ssl.SSLContext
+) -> None:
+    """Under Mobile and desktop applications the code is a public client's: PKCE alone redeems
+    it, and a secret sent along (even the app's own) gets AADSTS700025."""
+    sandbox.add_user("microsoft", ADDRESS)
+    app = sandbox.add_app("microsoft", public_client_redirect_uris=["http://localhost/callback"])
+    _, refused = await _sign_in(
+        sandbox_tls, await _confidential_app(sandbox, app, app.client_secret)
+    )
+    assert refused["error"] == "invalid_client" and refused["error_codes"] == [700025]
+    client = await _public_app(sandbox, app)
+    _, result = await _sign_in(sandbox_tls, client)  # localhost: any port matches
+    assert "access_token" in result, result
+    [account] = client.get_accounts()
+    renewed = await asyncio.to_thread(
+        client.acquire_token_silent_with_error, SCOPES, account, force_refresh=True
+    )
+    assert renewed is not None and "access_token" in renewed, renewed
+
+
+async def test_device_flow_needs_public_client_flows_allowed(
+    sandbox: Sandbox, sandbox_tls: ssl.SSLContext
+) -> None:
+    sandbox.add_user("microsoft", ADDRESS)
+    app = sandbox.add_app("microsoft", public_client_redirect_uris=[REDIRECT], secret=False)
+    poll = {
+        "client_id": app.client_id,
+        "grant_type": "urn:ietf:params:oauth:grant-type:device_code",
+        "device_code": "x",
+    }
+    refused = await _token_post(sandbox, sandbox_tls, poll)
+    assert refused.json()["error_codes"] == [7000218]
+    app.allow_public_client_flows = True
+    unknown = await _token_post(sandbox, sandbox_tls, poll)
+    assert unknown.json()["error"] != "invalid_client"  # authenticated; the code is unknown
 
 
 async def test_auth_code_is_single_use_and_checks_pkce(
@@ -516,7 +592,7 @@ async def test_client_credentials_with_certificate(sandbox: Sandbox) -> None:
 
 async def test_client_authentication_errors(sandbox: Sandbox, sandbox_tls: ssl.SSLContext) -> None:
     confidential = sandbox.add_app("microsoft", app_permissions=["Mail.Send"])
-    public = sandbox.add_app("microsoft", public=True)
+    public = sandbox.add_app("microsoft", allow_public_client_flows=True, secret=False)
     grant = {"grant_type": "client_credentials", "scope": GRAPH_DEFAULT[0]}
     unknown = await _token_post(
         sandbox, sandbox_tls, {**grant, "client_id": "nobody", "client_secret": "x"}
@@ -541,8 +617,8 @@ async def test_client_authentication_errors(sandbox: Sandbox, sandbox_tls: ssl.S
         sandbox,
         sandbox_tls,
         {
-            "grant_type": "refresh_token",
-            "refresh_token": "x",
+            "grant_type": "urn:ietf:params:oauth:grant-type:device_code",
+            "device_code": "x",
             "client_id": public.client_id,
             "client_secret": "s",
         },

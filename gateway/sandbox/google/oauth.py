@@ -3,6 +3,19 @@
 Follows what google_auth_oauthlib and google-auth actually send (provider-apis.md C3): the code
 exchange authenticates the client with HTTP Basic, the refresh with body parameters, so both are
 accepted. Error bodies and wording are Google's, because the gateway classifies errors by them.
+
+Redirect URIs follow the client type. A "Web application" client redirects only to the URIs
+registered for it, matched exactly ("Using OAuth 2.0 for Web Server Applications",
+https://developers.google.com/identity/protocols/oauth2/web-server, redirect URI validation). A
+"Desktop app" client registers none and redirects only to a loopback address on any port
+("OAuth 2.0 for Mobile & Desktop Apps", https://developers.google.com/identity/protocols/oauth2/
+native-app, loopback IP address); a gateway reached at a real host name therefore needs a Web
+application client.
+
+Granted scopes are answered in Google's own spelling: a consent for ``email`` / ``profile`` comes
+back in the redirect and in the token response as ``https://www.googleapis.com/auth/
+userinfo.email`` / ``userinfo.profile`` (google/oauth2l#88 shows such a token's scope;
+provider-apis.md, "Google scope aliases"), so clients must compare scopes through the aliases.
 """
 
 from __future__ import annotations
@@ -21,7 +34,7 @@ from urllib.parse import unquote_plus, urlencode
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from .._directory import App, Directory, User
+from .._directory import App, Directory, User, is_loopback
 from .._errors import google_oauth_error
 from .._provider import Context
 from . import jws, scopes
@@ -153,7 +166,7 @@ class GoogleOAuth:
         if client is None or client.provider != "google":
             raise OAuthError("invalid_client", "The OAuth client was not found.", 401)
         redirect_uri = query.get("redirect_uri", "")
-        if not client.allows_redirect(redirect_uri):
+        if not _allows_redirect(client, redirect_uri):
             raise OAuthError(
                 "redirect_uri_mismatch",
                 "You can't sign in to this app because it doesn't comply with Google's OAuth 2.0 "
@@ -166,6 +179,7 @@ class GoogleOAuth:
             )
         requested = tuple(dict.fromkeys(query.get("scope", "").split()))
         _check_scopes(requested)
+        requested = _as_granted(requested)
         challenge = query.get("code_challenge") or None
         method = query.get("code_challenge_method", "plain")
         if challenge is not None and method not in ("S256", "plain"):
@@ -320,7 +334,7 @@ class GoogleOAuth:
         user = self.directory.user(grant.user)
         if user is None:
             raise OAuthError("invalid_grant", "Token has been expired or revoked.")
-        requested = tuple(dict.fromkeys(str(form.get("scope", "")).split()))
+        requested = _as_granted(tuple(dict.fromkeys(str(form.get("scope", "")).split())))
         if not set(requested) <= grant.scopes:
             raise OAuthError("invalid_scope", "Bad Request")
         return self._issue(
@@ -442,6 +456,21 @@ class GoogleOAuth:
         for member in self._families.get(token, {token}):
             self.directory.revoke_token(member)
         return web.json_response({})
+
+
+def _allows_redirect(client: App, uri: str) -> bool:
+    """A Desktop app client: any loopback redirect; a Web application: a registered one."""
+    if client.desktop:
+        return is_loopback(uri)
+    return uri in client.redirect_uris
+
+
+# The identity scopes' short names and the spelling Google answers for them.
+_GRANTED_AS = {"email": scopes.AUTH + "userinfo.email", "profile": scopes.AUTH + "userinfo.profile"}
+
+
+def _as_granted(requested: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(_GRANTED_AS.get(scope, scope) for scope in requested))
 
 
 def _check_scopes(requested: tuple[str, ...]) -> None:

@@ -33,6 +33,7 @@ class AuthRequest:
 
     app: App
     redirect_uri: str
+    public_client: bool  # the redirect URI is under "Mobile and desktop applications"
     response_mode: str
     scopes: ScopeRequest
     state: str | None
@@ -114,7 +115,8 @@ class Authorize:
         except AadFailure as failure:
             raise _PageError(failure.code, failure.description) from None
         redirect_uri = query.get("redirect_uri", "")
-        if not app.allows_redirect(redirect_uri):
+        public_client = self.identity.redirect_is_public(app, redirect_uri)
+        if public_client is None:
             raise _PageError(
                 50011,
                 f"The redirect URI '{redirect_uri}' specified in the request does not match the "
@@ -137,6 +139,7 @@ class Authorize:
         return AuthRequest(
             app=app,
             redirect_uri=redirect_uri,
+            public_client=public_client,
             response_mode=query.get("response_mode", "query"),
             scopes=scopes,
             state=query.get("state"),
@@ -235,8 +238,22 @@ class Authorize:
         scopes = parse(form["scope"]) if form.get("scope") else entry.request.scopes
         granted = self.identity.permissions(app, entry.user, scopes)
         return self.identity.token_response(
-            request, app, entry.user, scopes, granted, entry.request.nonce
+            request,
+            app,
+            entry.user,
+            scopes,
+            granted,
+            entry.request.nonce,
+            public_client=entry.request.public_client,
         )
+
+    def code_is_public(self, code: str, app: App) -> bool | None:
+        """Whether this app's code was issued through a public-client redirect URI (None: no
+        such code; the grant refuses it)."""
+        entry = self.codes.get(code)
+        if entry is None or entry.request.app.client_id != app.client_id:
+            return None
+        return entry.request.public_client
 
 
 def _redirect(uri: str, separator: str, params: dict[str, str]) -> web.Response:

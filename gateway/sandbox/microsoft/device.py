@@ -163,7 +163,9 @@ class DeviceFlow:
             raise self._pending(entry, now)
         self._forget(entry)
         granted = self.identity.permissions(app, user, entry.scopes)
-        return self.identity.token_response(request, app, user, entry.scopes, granted)
+        return self.identity.token_response(
+            request, app, user, entry.scopes, granted, public_client=True
+        )
 
     def _pending(self, entry: DeviceCode, now: float) -> AadFailure:
         """Keep the device waiting; one that polls at under half the interval must slow down."""

@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from .. import _errors
-from .._directory import App, Directory, User
+from .._directory import App, Directory, User, same_but_port
 from .._provider import Context
 from . import signing
 from .scopes import ScopeRequest
@@ -120,6 +120,20 @@ class Identity:
             )
         return found
 
+    def redirect_is_public(self, app: App, uri: str) -> bool | None:
+        """Whether a sign-in through ``uri`` is a public client's (True: the URI is under
+        "Mobile and desktop applications") or a Web app's (False); None if it is not registered.
+
+        Entra matches a localhost redirect URI whatever its port ("Redirect URI (reply URL)
+        outline and restrictions", localhost exceptions). A URI under both platforms counts as
+        Web, the stricter reading: Entra then picks one of them arbitrarily.
+        """
+        if any(same_but_port(uri, registered) for registered in app.redirect_uris):
+            return False
+        if any(same_but_port(uri, registered) for registered in app.public_client_redirect_uris):
+            return True
+        return None
+
     # -- consent ------------------------------------------------------------------------------
 
     def consent(self, app: App, user: User, permissions: frozenset[str]) -> None:
@@ -199,8 +213,10 @@ class Identity:
         scopes: ScopeRequest,
         granted: frozenset[str],
         nonce: str | None = None,
+        public_client: bool = False,
     ) -> web.Response:
-        """Mint tokens the way Entra answers: RT only with offline_access, id_token with openid."""
+        """Mint tokens the way Entra answers: RT only with offline_access, id_token with openid.
+        ``public_client``: the refresh token must later be redeemed without a credential."""
         directory = self.directory
         access = directory.issue(
             "access", "microsoft", app.client_id, user.address if user else None, granted
@@ -216,7 +232,13 @@ class Identity:
         if user is not None:
             if "offline_access" in scopes.oidc:
                 refresh = directory.issue(
-                    "refresh", "microsoft", app.client_id, user.address, granted, prefix="1.A"
+                    "refresh",
+                    "microsoft",
+                    app.client_id,
+                    user.address,
+                    granted,
+                    prefix="1.A",
+                    public_client=public_client,
                 )
                 body["refresh_token"] = refresh.token
             if "openid" in scopes.oidc:

@@ -1,9 +1,23 @@
 """``POST /{tenant}/oauth2/v2.0/token``: client authentication and the four grants.
 
-Client authentication follows Entra: a public client must not present a credential (700025); a
-confidential one must present its secret (in the body, as MSAL does, or HTTP Basic) or a client
-assertion signed with a certificate it registered. Refresh tokens rotate: every refresh answers
-a new one. The old one stays valid, as Entra's do until they expire or are revoked.
+Client authentication follows Entra, which decides per request whether the client is public or
+confidential ("Error AADSTS7000218 when a confidential client application authenticates to
+Microsoft Entra ID", https://learn.microsoft.com/troubleshoot/entra/entra-id/app-integration/
+confidential-client-application-authentication-error-aadsts7000218; "Public client and
+confidential client applications", https://learn.microsoft.com/entra/identity-platform/
+msal-client-applications):
+
+* a code issued through a redirect URI under the **Web** platform, a refresh token from such a
+  sign-in, and client credentials are confidential: the request must carry the app's secret (in
+  the body, as MSAL does, or HTTP Basic) or a client assertion signed with a certificate it
+  registered, else ``invalid_client`` AADSTS7000218;
+* a code issued through a redirect URI under **Mobile and desktop applications**, its refresh
+  tokens, and the device code flow are public: PKCE only, and a presented credential is refused
+  with AADSTS700025. The device code flow, which has no redirect URI, needs "Allow public client
+  flows" on the app; without it Entra wants a credential (AADSTS7000218).
+
+Refresh tokens rotate: every refresh answers a new one. The old one stays valid, as Entra's do
+until they expire or are revoked.
 """
 
 from __future__ import annotations
@@ -36,6 +50,7 @@ def _invalid_client(code: int, description: str) -> AadFailure:
 class TokenEndpoint:
     def __init__(self, identity: Identity, authorize: Authorize, device: DeviceFlow) -> None:
         self.identity = identity
+        self.authorize = authorize
         self._grants: dict[str, Grant] = {
             "authorization_code": authorize.redeem,
             "refresh_token": self._refresh,
@@ -62,43 +77,67 @@ class TokenEndpoint:
                     70003,
                     f"The app requested an unsupported grant type '{grant_type}'.",
                 )
-            self._authenticate(request, form, basic[1], app, grant_type)
+            public = self._public_client(form, app, grant_type)
+            self._authenticate(request, form, basic[1], app, grant_type, public)
             return grant(request, form, app)
         except ScopeError as error:
             return AadFailure("invalid_scope", error.code, str(error)).response()
         except AadFailure as failure:
             return failure.response()
 
+    def _public_client(self, form: Any, app: App, grant_type: str) -> bool | None:
+        """Whether this request comes from a public client; None when its code or refresh token
+        is unknown (the grant then refuses it as invalid_grant)."""
+        if grant_type == "authorization_code":
+            return self.authorize.code_is_public(str(form.get("code", "")), app)
+        if grant_type == "refresh_token":
+            grant = self.identity.directory.find(
+                str(form.get("refresh_token", "")), "refresh", "microsoft"
+            )
+            return grant.public_client if grant is not None else None
+        return grant_type == DEVICE_CODE_GRANT
+
     def _authenticate(
-        self, request: web.Request, form: Any, basic_secret: str | None, app: App, grant_type: str
+        self,
+        request: web.Request,
+        form: Any,
+        basic_secret: str | None,
+        app: App,
+        grant_type: str,
+        public: bool | None,
     ) -> None:
         secret = form.get("client_secret") or basic_secret
         assertion = form.get("client_assertion")
-        if not app.confidential:
+        if public is None:
+            return
+        if public:
             if secret or assertion:
                 raise _invalid_client(
                     700025,
                     "Client is public so neither 'client_assertion' nor 'client_secret' should "
                     "be presented.",
                 )
-            if grant_type != "client_credentials":
+            if grant_type != DEVICE_CODE_GRANT or app.allow_public_client_flows:
                 return
-        if assertion:
+        elif assertion:
             self._check_assertion(request, form, app, assertion)
-        elif secret and app.client_secret is not None:
-            if not hmac.compare_digest(secret.encode(), app.client_secret.encode()):
+            return
+        elif secret:
+            if app.client_secret is None or not hmac.compare_digest(
+                secret.encode(), app.client_secret.encode()
+            ):
                 raise _invalid_client(
                     7000215,
                     "Invalid client secret provided. Ensure the secret being sent in the request "
                     "is the client secret value, not the client secret ID, for a secret added to "
                     f"app '{app.client_id}'.",
                 )
-        else:
-            raise _invalid_client(
-                7000218,
-                "The request body must contain the following parameter: 'client_assertion' or "
-                "'client_secret'.",
-            )
+            return
+        raise _invalid_client(
+            7000218,
+            "The request body must contain the following parameter: 'client_assertion' or "
+            "'client_secret'.",
+        )
 
     def _check_assertion(self, request: web.Request, form: Any, app: App, assertion: str) -> None:
         if form.get("client_assertion_type") != signing.ASSERTION_TYPE:
@@ -150,7 +189,9 @@ class TokenEndpoint:
         # Entra answers a refresh with a new refresh token whether or not it was asked again.
         scopes = dataclasses.replace(scopes, oidc=scopes.oidc | {"offline_access"})
         granted = self.identity.permissions(app, user, scopes)
-        return self.identity.token_response(request, app, user, scopes, granted)
+        return self.identity.token_response(
+            request, app, user, scopes, granted, public_client=grant.public_client
+        )
 
     def _client_credentials(self, request: web.Request, form: Any, app: App) -> web.Response:
         scope = required(form, "scope")
