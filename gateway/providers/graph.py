@@ -6,9 +6,18 @@ up to about 3 MB. A larger message becomes a MIME draft of itself *without* its 
 pieces (or, under 3 MiB, as JSON file attachments), and the draft is sent. The original bytes
 are held once; attachments are decoded a window at a time (see ``_parts``).
 
-Save-to-Sent: MIME sends (sendMail and a sent draft) are always filed in Sent Items; only JSON
-sendMail can skip that, and converting MIME to Graph's JSON loses headers and structure, so
-``sending.save_to_sent: false`` cannot be honoured for Microsoft accounts (logged once per send).
+Save-to-Sent: MIME sendMail always files the message in Sent Items ("This method saves the
+message in the Sent Items folder"; only JSON sendMail has ``saveToSentItems``, and converting
+MIME to Graph's JSON would lose headers and structure: user-sendMail, Graph v1.0 reference). So
+with ``sending.save_to_sent: false`` every message goes the draft way, and the draft is given
+PidTagDeleteAfterSubmit (MAPI property 0x0E01, PtypBoolean: "Indicates that the original message
+is to be deleted after it is sent", MS-OXPROPS 2.669 / MS-OXOMSG 2.2.3.8) before it is sent,
+through Graph's extended properties in proptag format ("{type} {proptag}": "Outlook extended
+properties overview"; set on an existing message with PATCH ``singleValueExtendedProperties``:
+"Create single-value extended property"). A MIME draft cannot carry the property in the request
+that creates it (the body is the message), hence the PATCH. Mail.ReadWrite, which every
+Microsoft account has, covers drafts and the PATCH. Without a Sent copy there is nothing to
+look up after an interrupted attempt, so :meth:`GraphSender.already_sent` says "cannot tell".
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ log = get_logger(__name__)
 REQUEST_CAP = 4 * 1024 * 1024 - 16 * 1024  # "The maximum request length supported is 4MB."
 UPLOAD_MIN = 3 * 1024 * 1024  # smaller attachments may not use an upload session
 UPLOAD_PIECE = 3 * 1024 * 1024  # "< 4 MB" per PUT; in order
+DELETE_AFTER_SUBMIT = "Boolean 0x0E01"  # PidTagDeleteAfterSubmit, Graph's proptag id format
 _HEADERS = BytesParser(policy=policy.default)
 
 
@@ -58,10 +68,9 @@ class GraphSender:
             log.info(
                 "graph.recipients_dropped", account=account.username, count=len(prepared.dropped)
             )
-        if not account.sending.save_to_sent:
-            log.info("graph.saved_anyway", account=account.username)
         api = Api(self.client, self.tokens, account.username)
-        if _b64_size(prepared.size) <= REQUEST_CAP:
+        keep_copy = account.sending.save_to_sent
+        if keep_copy and _b64_size(prepared.size) <= REQUEST_CAP:
             await api.call(
                 "POST",
                 f"{self._mailbox(account)}/sendMail",
@@ -70,9 +79,11 @@ class GraphSender:
                 headers={"Content-Type": "text/plain"},
             )
             return DeliveryResult(f"graph sendMail accepted ({prepared.size} bytes)")
-        return await self._send_large(api, prepared, self._mailbox(account))
+        return await self._send_draft(api, prepared, self._mailbox(account), keep_copy)
 
     async def already_sent(self, account: AccountSettings, message_id: str) -> bool | None:
+        if not account.sending.save_to_sent:
+            return None  # no Sent copy is filed, so not finding one proves nothing
         api = Api(self.client, self.tokens, account.username)
         literal = message_id.replace("'", "''")
         try:
@@ -92,7 +103,11 @@ class GraphSender:
         is refused ("only valid with delegated authentication flow")."""
         return f"{self.graph_url}/users/{quote(account.address, safe='@')}"
 
-    async def _send_large(self, api: Api, prepared: Prepared, mailbox: str) -> DeliveryResult:
+    async def _send_draft(
+        self, api: Api, prepared: Prepared, mailbox: str, keep_copy: bool
+    ) -> DeliveryResult:
+        """Draft, attachments that did not fit, send; without ``keep_copy`` the draft is marked
+        to be deleted after submission instead of being moved to Sent Items."""
         raw = prepared.raw
         # Scanning a 30 MB MIME tree and encoding the draft take ~100 ms: off the shared loop.
         lifted, draft = await asyncio.to_thread(_split_draft, prepared)
@@ -107,14 +122,28 @@ class GraphSender:
         del draft
         message_url = f"{base}/{quote(str(created.json()['id']), safe='')}"
         try:
+            if not keep_copy:
+                await api.call(
+                    "PATCH",
+                    message_url,
+                    "Graph mark draft delete-after-send",
+                    json={
+                        "singleValueExtendedProperties": [
+                            {"id": DELETE_AFTER_SUBMIT, "value": "true"}
+                        ]
+                    },
+                )
             await self._attach(api, message_url, raw, lifted)
         except BaseException:
             await _discard_draft(api, message_url)
             raise
-        # Not after a failed /send: Graph may have sent it, and the draft is then the Sent copy.
+        # Not after a failed /send: Graph may have sent it, and the draft is then the Sent copy
+        # (or, marked delete-after-send, already gone).
         await api.call("POST", f"{message_url}/send", "Graph send draft")
+        copy = "filed in Sent Items" if keep_copy else "no Sent Items copy"
         return DeliveryResult(
-            f"graph draft sent with {len(lifted)} uploaded attachment(s) ({prepared.size} bytes)"
+            f"graph draft sent with {len(lifted)} uploaded attachment(s), {copy} "
+            f"({prepared.size} bytes)"
         )
 
     async def _attach(
@@ -186,6 +215,8 @@ async def _discard_draft(api: Api, message_url: str) -> None:
 
 def _split_draft(prepared: Prepared) -> tuple[list[Attachment], bytes]:
     """The attachments to upload separately, and the base64 draft of everything else."""
+    if _b64_size(prepared.size) <= REQUEST_CAP:
+        return [], base64.b64encode(prepared.joined())  # fits one request: nothing to lift
     raw = prepared.raw
     head = _HEADERS.parsebytes(prepared.head, headersonly=True)
     lifted = _choose(attachments(raw, prepared.body_offset, head), prepared.size)

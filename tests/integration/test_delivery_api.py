@@ -8,6 +8,7 @@ itself is tested in test_oauth.py); everything below it is the production code p
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email
 import json
 import os
@@ -402,3 +403,69 @@ async def test_a_failed_large_graph_attempt_leaves_no_draft_behind(world: World)
     drafts = [m for m in box.messages.values() if m.folder_id == box.folder("drafts").id]
     deleted = [m for m in box.messages.values() if m.folder_id == box.folder("deleteditems").id]
     assert drafts == [] and len(deleted) == 1  # the first attempt's draft, soft-deleted
+
+
+def _keep_sent_copy(world: World, username: str, keep: bool) -> None:
+    """Set the account's ``sending.save_to_sent`` (the spool and the tokens share the dict)."""
+    account = world.accounts[username]
+    world.accounts[username] = dataclasses.replace(
+        account, sending=dataclasses.replace(account.sending, save_to_sent=keep)
+    )
+
+
+@pytest.mark.parametrize("keep", [True, False])
+async def test_graph_save_to_sent_is_honoured_for_small_and_large_messages(
+    world: World, keep: bool
+) -> None:
+    """false: sendMail (always filed) is not used; the drafts are marked PidTagDeleteAfterSubmit,
+    so both messages reach the recipient and nothing is left in Sent Items or Drafts."""
+    _keep_sent_copy(world, "crm", keep)
+    user = world.graph_user
+    payload = os.urandom(BIG)
+    spool = world.spool()
+    await spool.start()
+    try:
+        await spool.submit(envelope("crm", "alice@example.org"), message(user.address, subject="s"))
+        await spool.submit(
+            envelope("crm", "bob@example.org"), message(user.address, attachment=payload)
+        )
+        await drained(spool)
+    finally:
+        await spool.stop()
+    by_recipient = {m.recipients: m for m in world.sent(user)}
+    small, large = by_recipient[("alice@example.org",)], by_recipient[("bob@example.org",)]
+    assert attachment_of(large.raw) == payload
+    assert (small.saved_to_sent, large.saved_to_sent) == (keep, keep)
+    box = world.sandbox.microsoft.store.mailbox(user)
+    sent_items, drafts = (
+        box.in_folder(box.folders["sentitems"]),
+        box.in_folder(box.folders["drafts"]),
+    )
+    assert (len(sent_items), drafts) == (2 if keep else 0, [])
+    details = [r["detail"] for r in spool.recent_deliveries()]
+    assert len(details) == 2
+    assert all(("no Sent Items copy" in detail) is not keep for detail in details)
+
+
+async def test_without_a_sent_copy_a_crash_mid_send_is_sent_again(world: World) -> None:
+    """The guarantee without a Sent copy is at-least-once: Sent Items cannot be asked, so the
+    message whose attempt was interrupted after Graph took it goes out a second time."""
+    _keep_sent_copy(world, "crm", False)
+    user = world.graph_user
+    assert await world.senders["microsoft"].already_sent(world.accounts["crm"], "<x@y>") is None
+    crashing = CrashAfterAccept(world.senders["microsoft"])
+    first = world.spool({**world.senders, "microsoft": crashing})
+    await first.start()
+    await first.submit(envelope("crm", "alice@example.org"), message(user.address))
+    await asyncio.wait_for(crashing.accepted.wait(), 10)
+    await first.stop(grace=0.05)
+
+    second = world.spool()
+    await second.start()
+    try:
+        await drained(second)
+    finally:
+        await second.stop()
+    assert [m.recipients for m in world.sent(user)] == [("alice@example.org",)] * 2
+    (logged,) = second.recent_deliveries()
+    assert logged["result"] == "sent" and "found in sent mail" not in logged["detail"]

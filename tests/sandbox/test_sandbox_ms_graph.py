@@ -263,6 +263,74 @@ async def test_send_mime_takes_recipients_from_headers_including_bcc(
     assert re.search(rb"^Message-ID: <[0-9A-F]+@contoso\.example>\r\n", first.raw)
 
 
+async def test_a_draft_marked_delete_after_submit_is_sent_without_a_sent_items_copy(
+    sandbox: Sandbox, graph: httpx.AsyncClient, adele: User
+) -> None:
+    """PidTagDeleteAfterSubmit (Boolean 0x0E01) set with PATCH on a MIME draft, or in a JSON
+    draft's create request: the message goes out and no copy is left in any folder."""
+    text = {"Content-Type": "text/plain"}
+    marked = {"singleValueExtendedProperties": [{"id": "Boolean 0x0E01", "value": "true"}]}
+
+    async def mime_draft(number: int) -> str:
+        raw = _raw(number, From=ADDRESS, To="carol@fabrikam.example")
+        created = await graph.post("/me/messages", content=base64.b64encode(raw), headers=text)
+        assert created.status_code == 201
+        return _path_id(created.json()["id"])
+
+    gone, kept = await mime_draft(1), await mime_draft(2)
+    patched = await graph.patch(f"/me/messages/{gone}", json=marked)
+    json_draft = await graph.post(
+        "/me/messages",
+        json={
+            "subject": "JSON draft",
+            "toRecipients": [_recipient("dan@fabrikam.example")],
+            "singleValueExtendedProperties": [{"id": "Boolean 0x0e01000b", "value": "True"}],
+        },
+    )
+    sends = [
+        await graph.post(f"/me/messages/{path}/send")
+        for path in (gone, kept, _path_id(json_draft.json()["id"]))
+    ]
+    assert patched.status_code == 200 and json_draft.status_code == 201
+    assert [r.status_code for r in sends] == [202, 202, 202]
+    first, second, third = sandbox.ops(adele).sent(adele)
+    assert first.recipients == ("carol@fabrikam.example",) and b"Message 1" in first.raw
+    assert third.recipients == ("dan@fabrikam.example",)
+    assert (first.saved_to_sent, second.saved_to_sent, third.saved_to_sent) == (
+        False,
+        True,
+        False,
+    )
+
+    async def subjects(folder: str) -> list[str]:
+        listed = await graph.get(f"/me/mailFolders/{folder}/messages")
+        return [message["subject"] for message in listed.json()["value"]]
+
+    folders = ("sentitems", "drafts", "deleteditems")
+    assert [await subjects(folder) for folder in folders] == [["Message 2"], [], []]
+    assert (await graph.get(f"/me/messages/{gone}")).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("prop", "code"),
+    [
+        ({"id": "Boolean 0x0E01", "value": "yes"}, "ErrorInvalidExtendedPropertyValue"),
+        ({"id": "Boolean 0x8001", "value": "true"}, "ErrorInvalidExtendedProperty"),
+        ({"id": "Bool 0x0E01", "value": "true"}, "ErrorInvalidExtendedProperty"),
+        ({"id": "Boolean 0E01", "value": "true"}, "ErrorInvalidExtendedProperty"),
+        ({"id": "Boolean 0x0E01", "value": True}, "ErrorInvalidExtendedProperty"),
+    ],
+)
+async def test_malformed_extended_properties_are_refused(
+    sandbox: Sandbox, graph: httpx.AsyncClient, adele: User, prop: dict[str, Any], code: str
+) -> None:
+    [message_id] = _seed(sandbox, adele, 1)
+    path = f"/me/messages/{_path_id(message_id)}"
+    refused = await graph.patch(path, json={"singleValueExtendedProperties": [prop]})
+    assert _graph_error(refused)[:2] == (400, code)
+    assert sandbox.microsoft.store.mailbox(adele).find(message_id).extended == {}
+
+
 async def test_large_message_through_draft_upload_session_and_send(
     sandbox: Sandbox, sandbox_tls: Any, graph: httpx.AsyncClient, adele: User
 ) -> None:

@@ -71,6 +71,8 @@ class Message:
     seq: int = 0  # the change number of the last change
     attachments: list[FileAttachment] = field(default_factory=list)
     conversation_id: str = field(default_factory=lambda: new_id("AAQkAGI2"))
+    # Single-value extended properties set through Graph, by normalized id (see messages.py).
+    extended: dict[str, str] = field(default_factory=dict)
 
     @cached_property
     def summary(self) -> Summary:

@@ -3,7 +3,10 @@
 
 Sending follows Exchange: recipients come from the To/Cc/Bcc headers only, the From must be the
 mailbox or an address it may send as (``ErrorSendAsDenied``), and the message lands in Sent
-Items unless JSON sendMail said ``saveToSentItems: false``.
+Items unless JSON sendMail said ``saveToSentItems: false`` or the sent draft carries
+PidTagDeleteAfterSubmit (then it is deleted after submission; see ``extended``). MIME sendMail
+always files a copy: its body is the message, so it has no ``saveToSentItems`` ("This method
+saves the message in the Sent Items folder", user-sendMail, Graph v1.0 reference).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from .._provider import SentMessage
+from .extended import deletes_after_submit, parse_properties
 from .graph import Call, GraphError, Route, bad_request
 from .mailstore import Mailbox, Message, new_attachment_id, new_item_id
 from .mime import (
@@ -175,11 +179,16 @@ class MailApi:
 
     def create_draft(self, call: Call) -> web.Response:
         box = call.mailbox
-        if _is_mime(call):
+        extended: dict[str, str] = {}
+        if _is_mime(call):  # the body is the message: no room for extended properties
             raw = _decode_mime(call)
         else:
-            raw = compose(_draft(call, call.json()), new_message_id(_domain(call)), box.now())
+            data = call.json()
+            if "singleValueExtendedProperties" in data:
+                extended = parse_properties(data["singleValueExtendedProperties"])
+            raw = compose(_draft(call, data), new_message_id(_domain(call)), box.now())
         message = box.add(raw, box.folders["drafts"], is_read=True, is_draft=True)
+        message.extended.update(extended)
         return call.respond(message_json(call, message), status=201)
 
     def add_attachment(self, call: Call) -> web.Response:
@@ -241,12 +250,15 @@ class MailApi:
     def update_message(self, call: Call) -> web.Response:
         message = call.message()
         changes = call.json()
-        unsupported = set(changes) - {"isRead", "flag"}
+        unsupported = set(changes) - {"isRead", "flag", "singleValueExtendedProperties"}
         if unsupported:
             raise bad_request(
-                f"The sandbox updates isRead and flag only, not {', '.join(sorted(unsupported))}.",
+                "The sandbox updates isRead, flag and singleValueExtendedProperties only, not "
+                f"{', '.join(sorted(unsupported))}.",
                 "ErrorInvalidPropertyRequest",
             )
+        if "singleValueExtendedProperties" in changes:
+            message.extended.update(parse_properties(changes["singleValueExtendedProperties"]))
         if "isRead" in changes:
             if not isinstance(changes["isRead"], bool):
                 raise bad_request("Property 'isRead' must be true or false.")
@@ -283,7 +295,11 @@ class MailApi:
 def _file_in_sent_items(
     box: Mailbox, raw: bytes, now: datetime, saved: bool, draft: Message | None
 ) -> Message | None:
-    """A sent draft moves to Sent Items (keeping its immutable id); sendMail files a copy."""
+    """A sent draft moves to Sent Items (keeping its immutable id), or is deleted when it
+    carries PidTagDeleteAfterSubmit; sendMail files a copy unless told not to."""
+    if draft is not None and deletes_after_submit(draft.extended):
+        box.delete(draft)
+        return None
     if draft is not None:
         draft.replace_content(raw)
         draft.is_draft, draft.is_read, draft.sent = False, True, now
