@@ -71,8 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     queue = commands.add_parser(
         "queue",
         help="list, retry, delete or release outgoing mail",
-        description="list: queued, held and dead messages with reasons; retry [ID]: try again "
-        "now (all when no ID); delete ID: drop a message; release ACCOUNT: send its held mail.",
+        description="list: queued, held and dead messages with reasons, and which accounts "
+        "the provider paused until when; retry [ID]: try again now (all when no ID; a paused "
+        "account still waits for its pause to end); delete ID: drop a message; release "
+        "ACCOUNT: send its held mail.",
     )
     queue.add_argument("action", choices=("list", "retry", "delete", "release"))
     queue.add_argument("target", nargs="?", help="a message ID, or for release an account")

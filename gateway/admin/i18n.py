@@ -100,6 +100,7 @@ MESSAGES: dict[str, dict[str, str]] = {
         "queue_state_queued": "waiting",
         "queue_state_held": "held (mailbox must be reconnected)",
         "queue_state_dead": "failed permanently",
+        "queue_paused": "paused by the provider until {until}",
     },
     "ja": {
         "title": "メールゲートウェイ",
@@ -192,6 +193,7 @@ MESSAGES: dict[str, dict[str, str]] = {
         "queue_state_queued": "待機中",
         "queue_state_held": "保留（メールボックスの再接続が必要）",
         "queue_state_dead": "配送不能",
+        "queue_paused": "プロバイダーの要求により {until} まで一時停止中",
     },
 }
 

@@ -362,7 +362,13 @@ async def save_google_client(request: web.Request) -> web.StreamResponse:
 async def queue_page(request: web.Request) -> web.Response:
     spool = _state(request).spool
     deliveries = await asyncio.to_thread(spool.recent_deliveries, 50)
-    return render(request, "queue.html", messages=spool.messages(), deliveries=deliveries)
+    return render(
+        request,
+        "queue.html",
+        messages=spool.messages(),
+        deliveries=deliveries,
+        pauses=spool.pauses(),
+    )
 
 
 async def retry_message(request: web.Request) -> web.StreamResponse:

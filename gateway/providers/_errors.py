@@ -15,12 +15,29 @@ class DeliveryError(Exception):
 
 
 class Temporary(DeliveryError):
-    """Try again later; ``retry_after`` is the provider's wish in seconds (may be fractional)."""
+    """Try again later; ``retry_after`` is the provider's wish in seconds (may be fractional).
 
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+    ``throttled``: the provider limits the whole mailbox (429, 503, Google's quota 403), so every
+    request for it would fail alike: the spool pauses the account, not just this message.
+    ``outcome_unknown``: the request went out but no answer came back (a timeout or a reset
+    after sending), so the provider may have acted on it: before a message is sent again, the
+    spool looks for it in sent mail. Any answer, and a connection that never opened, is a known
+    outcome: nothing was done.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        retry_after: float | None = None,
+        *,
+        throttled: bool = False,
+        outcome_unknown: bool = False,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        self.throttled = throttled
+        self.outcome_unknown = outcome_unknown
 
 
 class Permanent(DeliveryError):

@@ -72,7 +72,9 @@ def classify(response: httpx.Response, what: str) -> Exception:
     code, message = error_code(response)
     reason = f"{what}: HTTP {status} {code}: {message}"
     if status == 429 or status >= 500 or (status == 403 and code in _QUOTA_CODES):
-        return Temporary(reason, retry_after(response.headers))
+        # 429, 503 and quota 403s limit the mailbox (or app), not this message: pause it all.
+        throttled = status in (403, 429, 503)
+        return Temporary(reason, retry_after(response.headers), throttled=throttled)
     if status == 403 and code in _SCOPE_CODES:
         return ReauthRequired(
             f"{reason} — the account's consent lacks a permission this needs; reconnect it"
@@ -130,12 +132,18 @@ class Api:
 async def send(
     client: httpx.AsyncClient, method: str, url: str, what: str, **kwargs: Any
 ) -> httpx.Response:
-    """One request; transport failures (reset, timeout, refused) become Temporary."""
+    """One request; transport failures (reset, timeout, refused) become Temporary.
+
+    Only a failure to connect (or to get a pooled connection) proves that nothing was sent;
+    after that, a lost answer leaves the outcome unknown (``Temporary.outcome_unknown``).
+    """
     try:
         return await client.request(method, url, **kwargs)
     except httpx.TransportError as error:
+        unsent = isinstance(error, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
         raise Temporary(
-            f"{what}: {type(error).__name__}: {error or 'connection failed'}"
+            f"{what}: {type(error).__name__}: {error or 'connection failed'}",
+            outcome_unknown=not unsent,
         ) from error
 
 

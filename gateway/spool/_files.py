@@ -30,6 +30,7 @@ State = Literal["queued", "held", "dead"]
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)", re.I | re.M)
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 DELIVERY_LOG = "deliveries.jsonl"
+PAUSES = "pauses.json"  # account → epoch seconds until which its provider asked us to wait
 _LOG_ROTATE_BYTES = 8 * 1024 * 1024
 
 
@@ -102,6 +103,7 @@ class SpoolFiles:
         self.queue = directory / "queue"
         self.tmp = directory / "tmp"
         self.log = directory / DELIVERY_LOG
+        self.pauses = directory / PAUSES
 
     def prepare(self) -> None:
         """Create the directories; drop temp files and message files no JSON commits."""
@@ -163,6 +165,26 @@ class SpoolFiles:
             if record is not None:
                 found.append(record)
         return found
+
+    def save_pauses(self, pauses: dict[str, float]) -> None:
+        """Replace the accounts' pauses (for ``gateway queue`` and the next start)."""
+        state_tmp = self._write_temp(PAUSES, [json.dumps(pauses).encode()])
+        os.replace(state_tmp, self.pauses)
+
+    def load_pauses(self, now: float) -> dict[str, float]:
+        """The pauses that still last at ``now``; none if the file is missing or unreadable
+        (a pause is an optimisation: without it the provider just says 429 again)."""
+        try:
+            data = json.loads(self.pauses.read_bytes())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {
+            str(account): float(until)
+            for account, until in data.items()
+            if isinstance(until, int | float) and until > now
+        }
 
     def log_delivery(self, record: Record, result: str, detail: str) -> None:
         line = {

@@ -8,6 +8,7 @@ retry or delete takes effect then without any connection to the gateway process.
 from __future__ import annotations
 
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
@@ -28,7 +29,9 @@ def queue_main(
     """Run one queue command; the exit status (0 done, 1 nothing matched, 2 misuse).
 
     Actions: ``list``; ``retry`` [id] (all when no id); ``delete`` id; ``release`` account
-    (its held mail, after ``gateway connect`` reconnected it from another process).
+    (its held mail, after ``gateway connect`` reconnected it from another process). A message
+    of an account its provider paused (429 with Retry-After) waits for the pause's end even
+    after ``retry``: the provider would refuse it before then.
     """
     files = SpoolFiles(spool_dir)
     if not files.queue.is_dir():
@@ -36,17 +39,22 @@ def queue_main(
         return 1 if action != "list" else 0
     if action == "list":
         records = files.records()
+        pauses = files.load_pauses(time.time())
         if not records:
             print("the queue is empty", file=out)
         for record in records:
             env = record.envelope
+            paused = pauses.get(env.account) if record.state != "dead" else None
+            due = max(record.next_attempt, paused or 0.0)
             print(
                 f"{record.id}  {record.state:<6}  {env.account}  from <{env.mail_from}>  "
                 f"{len(env.rcpt_tos)} rcpt  {record.size} B  attempts {record.attempts}  "
-                f"next {_when(record.next_attempt) if record.state != 'dead' else '-'}",
+                f"next {_when(due) if record.state != 'dead' else '-'}",
                 file=out,
             )
             print(f"    {record.message_id}", file=out)
+            if paused:
+                print(f"    paused by the provider until {_when(paused)}", file=out)
             if record.reason:
                 print(f"    reason: {record.reason}", file=out)
         return 0

@@ -8,13 +8,22 @@ worker, an asyncio task on the gateway's loop, delivers what is due through the 
   ``pace_per_minute`` sends per account when configured;
 * Temporary → retried after the provider's Retry-After, or else a capped exponential backoff with
   jitter, until ``retry_window`` has passed, then dead;
+* a throttle (429/503, Google's quota 403: ``Temporary.throttled``) pauses *the account*: none
+  of its messages, queued or new (inline delivery included), is tried until the Retry-After has
+  passed (plus up to 10 %), or without one, the backoff for the account's consecutive
+  throttles. Other accounts keep sending. After a pause, one message goes first; the rest
+  follow once the provider has answered it without a throttle. Pauses are kept in
+  ``pauses.json`` for ``gateway queue`` and for the next start;
 * ReauthRequired → held; released by :meth:`release` (the account was reconnected), by any later
   successful send of the same account, or by a periodic retry every ``held_retry`` seconds;
 * Permanent → dead, with the provider's reason, until someone retries or deletes it.
 
-Delivery is at-least-once. The state file says when an attempt *started*; a message whose
-attempt started but never finished (crash, kill, stop timeout) is looked up in the provider's
-sent mail by Message-ID before it is sent again.
+Delivery is at-least-once. The state file says when an attempt *started*; the flag is cleared
+when the attempt ends with a known outcome (any answer from the provider, or a connection that
+never opened). Only a message whose last attempt's outcome is unknown (a timeout or reset after
+the request went out, a crash, kill or stop timeout) is looked up in the provider's sent mail by
+Message-ID before it is sent again; a failed look-up leaves it unknown. Every attempt, look-up
+included, counts in ``attempts``.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -39,7 +49,7 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-Outcome = Literal["sent", "retry", "held", "dead", "gone"]
+Outcome = Literal["sent", "retry", "paused", "held", "dead", "gone"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,11 @@ class FileSpool:
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._next_slot: dict[str, float] = {}
         self._releases: dict[str, int] = {}  # per account: how often it was released
+        self._paused: dict[str, float] = {}  # account → epoch until which the provider said wait
+        self._throttles: dict[str, int] = {}  # account → throttles without Retry-After in a row
+        self._probing: set[str] = set()  # accounts whose next request goes alone, after a pause
+        self._in_flight: dict[str, int] = {}  # account → its messages being delivered
+        self._pauses_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._stopping = False
@@ -118,17 +133,17 @@ class FileSpool:
             raise SpoolError(f"cannot store the message: {error.strerror or error}") from error
         log.info("spool.queued", queue_id=record.id, account=envelope.account, size=record.size)
         queued = SubmitResult(f"250 2.0.0 Ok: queued as {record.id}", record.id)
-        if not self.deliver_inline:
-            self._track(record)
+        if not self.deliver_inline or self._must_wait(envelope.account):
+            self._track(record)  # a paused account's mail waits in the queue like the rest
             return queued
-        self._busy.add(record.id)
+        self._start(record)
         try:
             outcome = await self._attempt(record, prefix + message, inline=True)
         finally:
-            self._busy.discard(record.id)
+            self._finish(record)
         if isinstance(outcome, Refusal):
             return SubmitResult(outcome.reply, None)
-        if outcome in ("retry", "held"):
+        if outcome in ("retry", "paused", "held"):
             self._track(record)
         return queued
 
@@ -137,6 +152,8 @@ class FileSpool:
     async def start(self) -> None:
         """Load what is on disk (a previous run's queue included) and start delivering."""
         await self._rescan()
+        self._paused = await asyncio.to_thread(self.files.load_pauses, time.time())
+        self._probing = set(self._paused)
         self._stopping = False
         self._runner = asyncio.create_task(self._run(), name="spool-worker")
         log.info("spool.started", queued=len(self._records))
@@ -172,15 +189,21 @@ class FileSpool:
                 for r in self._records.values()
                 if r.id not in self._busy and r.state in ("queued", "held")
             ]
-            waiting.sort(key=lambda r: (r.next_attempt, r.id))
+            waiting.sort(key=lambda r: (self._due(r), r.id))
             for record in waiting:
-                if record.next_attempt > now or len(self._busy) >= self.max_in_flight:
+                if self._due(record) > now or len(self._busy) >= self.max_in_flight:
                     break
-                self._busy.add(record.id)
+                if self._must_wait(record.envelope.account):
+                    continue  # its account's probe is out; the probe's end wakes us
+                self._start(record)
                 task = asyncio.create_task(self._deliver(record), name=f"spool-{record.id}")
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-            pending = [r.next_attempt for r in waiting if r.id not in self._busy]
+            pending = [
+                self._due(r)
+                for r in waiting
+                if r.id not in self._busy and not self._must_wait(r.envelope.account)
+            ]
             pause = self.rescan_interval - (time.monotonic() - last_scan)
             if pending and len(self._busy) < self.max_in_flight:
                 pause = min(pause, max(0.0, min(pending) - time.time()))
@@ -195,8 +218,28 @@ class FileSpool:
         try:
             await self._attempt(record, None)
         finally:
-            self._busy.discard(record.id)
+            self._finish(record)
             self._wake.set()
+
+    def _start(self, record: Record) -> None:
+        account = record.envelope.account
+        self._busy.add(record.id)
+        self._in_flight[account] = self._in_flight.get(account, 0) + 1
+
+    def _finish(self, record: Record) -> None:
+        account = record.envelope.account
+        self._busy.discard(record.id)
+        self._in_flight[account] = self._in_flight.get(account, 1) - 1
+
+    def _due(self, record: Record) -> float:
+        """When the record may be tried: its own next attempt, or its account's pause end."""
+        return max(record.next_attempt, self._paused.get(record.envelope.account, 0.0))
+
+    def _must_wait(self, account: str) -> bool:
+        """Paused by the provider, or its one request after a pause is still out."""
+        if self._paused.get(account, 0.0) > time.time():
+            return True
+        return account in self._probing and self._in_flight.get(account, 0) > 0
 
     async def _rescan(self) -> None:
         """Take the disk's word for every message not in flight (``gateway queue`` edits it)."""
@@ -225,39 +268,65 @@ class FileSpool:
             await self._dead(record, f"account {record.envelope.account!r} is not configured")
             return "dead"
         await self._pace(account)
-        releases = self._releases.get(account.username, 0)
         async with self._slot(account.username):
+            if self._paused.get(account.username, 0.0) > time.time():
+                return "paused"  # throttled while this one waited for a slot: no request
             try:
-                if message is None:
-                    message = await asyncio.to_thread(self.files.read_message, record.id)
-                if record.attempt_started:
-                    found = await sender.already_sent(account, record.message_id)
-                    if found:
-                        await self._sent(record, "found in sent mail after an interrupted attempt")
-                        return "sent"
-                record.attempt_started = True
-                record.attempts += 1
-                if not await asyncio.to_thread(self.files.save, record):
-                    return self._gone(record)
-                result = await sender.send(account, record.envelope, message)
-            except FileNotFoundError:
+                return await self._try(record, message, inline, account, sender)
+            finally:
+                if self._paused.get(account.username, 0.0) <= time.time():
+                    self._probing.discard(account.username)  # answered without a throttle
+
+    async def _try(
+        self,
+        record: Record,
+        message: bytes | None,
+        inline: bool,
+        account: AccountSettings,
+        sender: Sender,
+    ) -> Outcome | Refusal:
+        releases = self._releases.get(account.username, 0)
+        # The previous attempt's outcome is unknown: look in sent mail before sending.
+        looking_up = record.attempt_started
+        try:
+            if message is None:
+                message = await asyncio.to_thread(self.files.read_message, record.id)
+            record.attempt_started = True
+            record.attempts += 1
+            if not await asyncio.to_thread(self.files.save, record):
                 return self._gone(record)
-            except Temporary as error:
-                return await self._retry(record, str(error), error.retry_after)
-            except ReauthRequired as error:
-                if self._releases.get(account.username, 0) != releases:
-                    return await self._retry(record, str(error), 0.0)  # reconnected meanwhile
-                return await self._hold(record, str(error))
-            except Permanent as error:
-                if not inline:
-                    await self._dead(record, error.reason)
-                    return "dead"
-                await self._forget(record, "refused", error.reason)
-                text = " ".join(error.reason.split())[:400]  # one reply line, bounded
-                return Refusal(f"{error.smtp_code} {error.status} {text}")
-            except Exception as error:  # a bug must not lose the mail or spin: retry later
-                log.exception("spool.attempt_failed", queue_id=record.id)
-                return await self._retry(record, f"internal error: {error!r}", None)
+            if looking_up:
+                if await sender.already_sent(account, record.message_id):
+                    await self._sent(record, "found in sent mail after an interrupted attempt")
+                    return "sent"
+                looking_up = False
+            result = await sender.send(account, record.envelope, message)
+        except FileNotFoundError:
+            return self._gone(record)
+        except Temporary as error:
+            if not looking_up and not error.outcome_unknown:
+                record.attempt_started = False  # answered, or never connected: not sent
+            if error.throttled:
+                until = await self._pause(account.username, error.retry_after, str(error))
+                return await self._retry(record, str(error), None, not_before=until)
+            return await self._retry(record, str(error), error.retry_after)
+        except ReauthRequired as error:
+            if not looking_up:
+                record.attempt_started = False  # refused before anything was sent
+            if self._releases.get(account.username, 0) != releases:
+                return await self._retry(record, str(error), 0.0)  # reconnected meanwhile
+            return await self._hold(record, str(error))
+        except Permanent as error:
+            if not inline:
+                await self._dead(record, error.reason)
+                return "dead"
+            await self._forget(record, "refused", error.reason)
+            text = " ".join(error.reason.split())[:400]  # one reply line, bounded
+            return Refusal(f"{error.smtp_code} {error.status} {text}")
+        except Exception as error:  # a bug must not lose the mail or spin: retry later
+            log.exception("spool.attempt_failed", queue_id=record.id)
+            return await self._retry(record, f"internal error: {error!r}", None)
+        self._throttles.pop(account.username, None)
         await self._sent(record, result.detail)
         await self.release(account.username)  # a send worked: the account's held mail may go
         return "sent"
@@ -286,14 +355,53 @@ class FileSpool:
         ceiling = min(self.max_backoff, self.first_backoff * 2 ** max(0, attempts - 1))
         return ceiling * (0.5 + 0.5 * self.jitter())
 
-    async def _retry(self, record: Record, reason: str, retry_after: float | None) -> Outcome:
+    async def _pause(self, account: str, retry_after: float | None, reason: str) -> float:
+        """The provider throttles ``account``: no request for it until the returned epoch
+        time (the Retry-After, or the backoff for this many throttles in a row)."""
+        if retry_after is None:
+            throttles = self._throttles[account] = self._throttles.get(account, 0) + 1
+            wait = self.backoff(throttles, None)
+        else:
+            wait = self.backoff(1, retry_after)
+        async with self._pauses_lock:
+            now = time.time()
+            until = max(self._paused.get(account, 0.0), now + wait)
+            self._paused[account] = until
+            self._probing.add(account)
+            current = {name: end for name, end in self._paused.items() if end > now}
+            try:
+                await asyncio.to_thread(self.files.save_pauses, current)
+            except OSError as error:  # the pause still holds in memory
+                log.error("spool.pauses_not_saved", error=str(error))
+        log.warning("spool.paused", account=account, seconds=round(until - now, 3), reason=reason)
+        self._wake.set()
+        return until
+
+    def pauses(self) -> dict[str, datetime]:
+        """Accounts the provider paused, with the (UTC) time until which they wait."""
+        now = time.time()
+        return {
+            account: datetime.fromtimestamp(until, UTC)
+            for account, until in self._paused.items()
+            if until > now
+        }
+
+    async def _retry(
+        self,
+        record: Record,
+        reason: str,
+        retry_after: float | None,
+        not_before: float | None = None,
+    ) -> Outcome:
         now = time.time()
         if now - record.retry_since >= self.retry_window:
             hours = self.retry_window / 3600
             await self._dead(record, f"still failing after {hours:g} h: {reason}")
             return "dead"
         record.state, record.reason = "queued", reason
-        record.next_attempt = now + self.backoff(record.attempts, retry_after)
+        if not_before is None:
+            not_before = now + self.backoff(record.attempts, retry_after)
+        record.next_attempt = not_before
         await self._save(record)
         log.info("spool.retry", queue_id=record.id, attempts=record.attempts, reason=reason)
         return "retry"

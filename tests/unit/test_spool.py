@@ -24,32 +24,60 @@ RAW = b"From: a@example.com\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nbody\r\n"
 
 
 class Scripted:
-    """Answers each send with the next scripted outcome (an exception to raise, or success)."""
+    """Answers each send with the next scripted outcome (an exception to raise, or success),
+    and each sent-mail look-up with the next of ``lookups`` (then: is it in ``sent_ids``)."""
 
-    def __init__(self, *outcomes: Exception | None, sent_ids: set[str] | None = None) -> None:
+    def __init__(
+        self,
+        *outcomes: Exception | None,
+        sent_ids: set[str] | None = None,
+        lookups: tuple[Exception, ...] = (),
+        latency: float = 0.0,
+    ) -> None:
         self.outcomes = list(outcomes)
         self.calls: list[tuple[float, bytes]] = []
         self.sent_ids = sent_ids or set()
+        self.lookup_outcomes = list(lookups)
+        self.lookups: list[str] = []
+        self.latency = latency
+        self.in_flight: dict[str, int] = {}
+        self.alone: list[bool] = []  # per send: whether no other send of its account overlapped
+        self.epochs: list[tuple[str, float]] = []  # (account, time.time()) of each send
 
     async def send(
         self, account: AccountSettings, envelope: Envelope, raw: bytes
     ) -> DeliveryResult:
         self.calls.append((time.monotonic(), raw))
-        outcome = self.outcomes.pop(0) if self.outcomes else None
-        if outcome is not None:
-            raise outcome
-        return DeliveryResult("ok")
+        self.epochs.append((account.username, time.time()))
+        name = account.username
+        self.in_flight[name] = self.in_flight.get(name, 0) + 1
+        index = len(self.alone)
+        self.alone.append(self.in_flight[name] == 1)
+        try:
+            outcome = self.outcomes.pop(0) if self.outcomes else None
+            if self.latency:
+                await asyncio.sleep(self.latency)
+            if self.in_flight[name] > 1:
+                self.alone[index] = False
+            if outcome is not None:
+                raise outcome
+            return DeliveryResult("ok")
+        finally:
+            self.in_flight[name] -= 1
 
     async def already_sent(self, account: AccountSettings, message_id: str) -> bool | None:
+        self.lookups.append(message_id)
+        if self.lookup_outcomes:
+            raise self.lookup_outcomes.pop(0)
         return message_id in self.sent_ids
 
 
-def account(pace: int | None = None) -> AccountSettings:
+def account(pace: int | None = None, username: str = "crm") -> AccountSettings:
     return AccountSettings(
-        username="crm",
+        username=username,
         password_hash=PASSWORD_HASH,
         provider="microsoft",
-        address="a@example.com",
+        address=f"{username}@example.com",
         sending=SendingSettings(pace_per_minute=pace),
     )
 
@@ -260,3 +288,135 @@ async def test_queue_release_makes_an_accounts_held_mail_due(tmp_path: Path) -> 
     assert queue_main(tmp_path / "spool", "release", "crm", out=out) == 0
     assert "1 held message(s) of crm released" in out.getvalue()
     assert spool.files.records()[0].state == "queued"
+
+
+def two_accounts(tmp_path: Path, sender: Scripted, **options: object) -> FileSpool:
+    settings = {"first_backoff": 0.02, "max_backoff": 0.1, "rescan_interval": 0.2, **options}
+    accounts = [account(), account(username="other")]
+    return FileSpool(tmp_path / "spool", accounts, {"microsoft": sender}, **settings)  # type: ignore[arg-type]
+
+
+def throttled(retry_after: float | None) -> Temporary:
+    return Temporary("HTTP 429 ApplicationThrottled", retry_after, throttled=True)
+
+
+async def test_a_throttle_pauses_every_message_of_the_mailbox_and_no_other(
+    tmp_path: Path,
+) -> None:
+    sender = Scripted(throttled(0.3))
+    spool = two_accounts(tmp_path, sender, per_mailbox=1, jitter=lambda: 0.5)
+    for _ in range(3):
+        await spool.submit(envelope(), RAW)
+    await spool.start()
+    try:
+        await until(lambda: "crm" in spool.pauses())
+        until_epoch = spool.pauses()["crm"].timestamp()
+        await spool.submit(envelope("other"), RAW)  # another mailbox is not paused
+        await until(lambda: spool.messages() == [])
+    finally:
+        await spool.stop()
+    crm = [at for name, at in sender.epochs if name == "crm"]
+    other = [at for name, at in sender.epochs if name == "other"]
+    assert len(crm) == 4 and len(other) == 1  # 3 messages + the one 429, nothing more
+    assert all(at >= until_epoch for at in crm[1:]), "a request reached a paused mailbox"
+    assert until_epoch >= crm[0] + 0.3 * 1.05  # the Retry-After plus its jitter
+    assert other[0] < until_epoch
+
+
+async def test_without_retry_after_the_mailbox_backs_off_and_one_message_probes_first(
+    tmp_path: Path,
+) -> None:
+    sender = Scripted(throttled(None), throttled(None), latency=0.02)
+    spool = make(tmp_path, sender, first_backoff=0.1, max_backoff=1.0, jitter=lambda: 1.0)
+    await spool.start()
+    try:
+        await spool.submit(envelope(), RAW)
+        await until(lambda: len(sender.calls) == 1 and "crm" in spool.pauses())
+        first_pause = spool.pauses()["crm"].timestamp() - sender.epochs[0][1]
+        for _ in range(3):
+            await spool.submit(envelope(), RAW)
+        await until(lambda: len(sender.calls) == 2 and not sender.outcomes)
+        await until(lambda: "crm" in spool.pauses())
+        second_pause = spool.pauses()["crm"].timestamp() - sender.epochs[1][1]
+        await until(lambda: spool.messages() == [])
+    finally:
+        await spool.stop()
+    assert len(sender.calls) == 6  # 4 messages, each sent once, + the two throttled tries
+    assert sender.alone[1] and sender.alone[2], "after a pause, one request must go alone"
+    assert first_pause == pytest.approx(0.1, abs=0.05)  # backoff(1) for the account
+    assert second_pause == pytest.approx(0.2, abs=0.05)  # backoff(2): throttles in a row
+
+
+async def test_sent_mail_is_looked_up_only_after_an_unknown_outcome(tmp_path: Path) -> None:
+    known = Temporary("HTTP 503 serviceNotAvailable", 0.01)
+    lost = Temporary("ReadTimeout", outcome_unknown=True)
+    sender = Scripted(throttled(0.01), known, lost, Temporary("ConnectError"))
+    spool = make(tmp_path, sender)
+    await spool.start()
+    try:
+        await spool.submit(envelope(), RAW)
+        await until(lambda: spool.messages() == [])
+    finally:
+        await spool.stop()
+    # 429, 503 and a failed connect are known outcomes: only the timeout's retry looks first.
+    assert len(sender.calls) == 5 and len(sender.lookups) == 1
+
+
+async def test_a_known_outcome_clears_the_attempt_and_attempts_are_counted(
+    tmp_path: Path,
+) -> None:
+    sender = Scripted(throttled(30.0))
+    spool = make(tmp_path, sender)
+    await spool.start()
+    try:
+        await spool.submit(envelope(), RAW)
+        await until(lambda: len(sender.calls) == 1 and spool.messages()[0].reason != "")
+    finally:
+        await spool.stop()
+    (record,) = spool.files.records()
+    assert (record.attempts, record.attempt_started) == (1, False)
+
+
+async def test_a_failed_look_up_counts_as_an_attempt_and_leaves_the_outcome_unknown(
+    tmp_path: Path,
+) -> None:
+    spool = make(tmp_path, Scripted())
+    await spool.submit(envelope(), RAW)
+    (record,) = spool.messages()
+    record.attempt_started, record.attempts = True, 1  # a crash in the middle of attempt 1
+    spool.files.save(record)
+
+    sender = Scripted(lookups=(throttled(0.2),))
+    again = make(tmp_path, sender)
+    await again.start()
+    try:
+        await until(lambda: len(sender.lookups) == 1 and "crm" in again.pauses())
+        (waiting,) = again.files.records()
+        assert (waiting.attempts, waiting.attempt_started) == (2, True)
+        assert sender.calls == []
+        await until(lambda: again.messages() == [])
+    finally:
+        await again.stop()
+    assert len(sender.lookups) == 2 and len(sender.calls) == 1  # looked up again, then sent
+
+
+async def test_inline_delivery_queues_for_a_paused_mailbox_and_the_queue_says_until_when(
+    tmp_path: Path,
+) -> None:
+    sender = Scripted(throttled(60.0))
+    spool = make(tmp_path, sender, deliver_inline=True)
+    first = await spool.submit(envelope(), RAW)
+    second = await spool.submit(envelope(), RAW)
+    assert first.reply.startswith("250 2.0.0 Ok: queued") and second.queue_id is not None
+    assert len(sender.calls) == 1  # the second message did not go to the paused mailbox
+    out = io.StringIO()
+    assert queue_main(tmp_path / "spool", "list", out=out) == 0
+    until_text = spool.pauses()["crm"].strftime("%Y-%m-%d %H:%M:%SZ")
+    assert out.getvalue().count(f"paused by the provider until {until_text}") == 2
+
+    restarted = make(tmp_path, Scripted())  # the pause survives a restart
+    await restarted.start()
+    try:
+        assert restarted.pauses() == spool.pauses()
+    finally:
+        await restarted.stop()
