@@ -6,6 +6,7 @@ languages are complete; a missing key is a bug caught by the tests, not a silent
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 LANGUAGES = ("en", "ja")
@@ -68,8 +69,9 @@ MESSAGES: dict[str, dict[str, str]] = {
         "back": "Back to the accounts",
         "google_client": "Google OAuth client",
         "google_client_intro": (
-            "Create an OAuth client (type Desktop app) in the Google Cloud console of your "
-            "Workspace and enter it here. The secret is stored encrypted and never shown again."
+            "Create an OAuth client (type Web application, authorized redirect URI "
+            "{redirect_uri}) in the Google Cloud console of your Workspace and enter it here. "
+            "The secret is stored encrypted and never shown again."
         ),
         "google_client_from_config": "The Google client is set in the config file; edit it there.",
         "google_client_saved": "Saved. Google client ID: {client_id}",
@@ -100,6 +102,42 @@ MESSAGES: dict[str, dict[str, str]] = {
         "queue_state_queued": "waiting",
         "queue_state_held": "held (mailbox must be reconnected)",
         "queue_state_dead": "failed permanently",
+        "redirect_uri_microsoft": (
+            "Redirect URI to register in Microsoft Entra: {uri} (platform: {platform})"
+        ),
+        "redirect_uri_google": (
+            "Authorized redirect URI of the Google OAuth client (type Web application): {uri}"
+        ),
+        "platform_web": "Web",
+        "platform_public": "Mobile and desktop applications, with Allow public client flows on",
+        "sign_in_unavailable": (
+            "The provider's sign-in service is not available right now. Try again in a few "
+            "minutes; a consent link stays valid until the mailbox is connected."
+        ),
+        "sign_in_unavailable_link": (
+            "The provider's sign-in service is not available right now. Open this same link "
+            "again in a few minutes: it stays valid until the mailbox is connected."
+        ),
+        "entra_7000218": (
+            "Entra treats this app as a Web app, which must prove itself: add its client secret "
+            "to microsoft.client_secret (or a certificate to microsoft.client_certificate), or "
+            "register {redirect_uri} under Mobile and desktop applications instead and turn on "
+            "Allow public client flows."
+        ),
+        "entra_700025": (
+            "Entra treats this app as a public client, which must not send a secret: remove "
+            "microsoft.client_secret and microsoft.client_certificate from the config, or "
+            "register {redirect_uri} under the Web platform instead."
+        ),
+        "entra_50011": (
+            "Entra does not know this redirect URI: on the app registration's Authentication "
+            "page, add {redirect_uri} under {platform}."
+        ),
+        "entra_65001": (
+            "Nobody has consented to the permissions the gateway asks for: sign in again and "
+            "accept, or have an administrator grant consent for Mail.Send, Mail.ReadWrite and "
+            "offline_access under API permissions."
+        ),
         "queue_paused": "paused by the provider until {until}",
     },
     "ja": {
@@ -159,8 +197,9 @@ MESSAGES: dict[str, dict[str, str]] = {
         "back": "アカウント一覧に戻る",
         "google_client": "Google OAuth 情報の入力",
         "google_client_intro": (
-            "Google Cloud コンソールで OAuth クライアント（種類: デスクトップ アプリ）を作成し、"
-            "ここに入力してください。シークレットは暗号化して保存され、二度と表示されません。"
+            "Google Cloud コンソールで OAuth クライアント（種類: ウェブ アプリケーション、"
+            "承認済みのリダイレクト URI: {redirect_uri}）を作成し、ここに入力してください。"
+            "シークレットは暗号化して保存され、二度と表示されません。"
         ),
         "google_client_from_config": (
             "Google クライアントは設定ファイルで指定されています。設定ファイルを編集してください。"
@@ -193,6 +232,48 @@ MESSAGES: dict[str, dict[str, str]] = {
         "queue_state_queued": "待機中",
         "queue_state_held": "保留（メールボックスの再接続が必要）",
         "queue_state_dead": "配送不能",
+        "redirect_uri_microsoft": (
+            "Microsoft Entra に登録するリダイレクト URI: {uri}（プラットフォーム: {platform}）"
+        ),
+        "redirect_uri_google": (
+            "Google OAuth クライアント（種類: ウェブ アプリケーション）の承認済みのリダイレクト "
+            "URI: {uri}"
+        ),
+        "platform_web": "Web",
+        "platform_public": (
+            "モバイル アプリケーションとデスクトップ アプリケーション（パブリック クライアント "
+            "フローを許可する: はい）"
+        ),
+        "sign_in_unavailable": (
+            "プロバイダーのサインイン サービスが現在利用できません。数分後にもう一度お試し"
+            "ください。同意用リンクはメールボックスが接続されるまで有効です。"
+        ),
+        "sign_in_unavailable_link": (
+            "プロバイダーのサインイン サービスが現在利用できません。数分後にこの同じリンクを"
+            "もう一度開いてください。メールボックスが接続されるまでリンクは有効です。"
+        ),
+        "entra_7000218": (
+            "Entra はこのアプリを Web アプリとして扱っており、資格情報が必要です。クライアント "
+            "シークレットを microsoft.client_secret に（または証明書を "
+            "microsoft.client_certificate に）設定するか、{redirect_uri} を「モバイル "
+            "アプリケーションとデスクトップ アプリケーション」に登録し直して「パブリック "
+            "クライアント フローを許可する」をオンにしてください。"
+        ),
+        "entra_700025": (
+            "Entra はこのアプリをパブリック クライアントとして扱っており、シークレットを送っては"
+            "いけません。設定ファイルから microsoft.client_secret と "
+            "microsoft.client_certificate を削除するか、{redirect_uri} を「Web」プラット"
+            "フォームに登録し直してください。"
+        ),
+        "entra_50011": (
+            "Entra にこのリダイレクト URI が登録されていません。アプリの登録の「認証」ページで、"
+            "{redirect_uri} を「{platform}」に追加してください。"
+        ),
+        "entra_65001": (
+            "ゲートウェイが求めるアクセス許可にまだ同意がありません。もう一度サインインして"
+            "承諾するか、管理者に「API のアクセス許可」で Mail.Send、Mail.ReadWrite、"
+            "offline_access への同意を付与してもらってください。"
+        ),
         "queue_paused": "プロバイダーの要求により {until} まで一時停止中",
     },
 }
@@ -225,3 +306,30 @@ def translator(language: str) -> Callable[..., str]:
         return messages[key].format(**values) if values else messages[key]
 
     return translate
+
+
+# What to change in Entra for each AADSTS error an admin can meet while connecting a mailbox
+# ("Microsoft Entra authentication and authorization error codes").
+_ENTRA_ADVICE = {
+    7000218: "entra_7000218",
+    700025: "entra_700025",
+    50011: "entra_50011",
+    65001: "entra_65001",
+}
+
+
+def entra_advice(
+    language: str, error: str | None, redirect_uri: str, web_platform: bool
+) -> str | None:
+    """One sentence saying what to change in Entra for the AADSTS code in ``error``, or None.
+
+    ``web_platform``: the config holds a client secret or certificate, so the redirect URI
+    belongs under Web; otherwise under Mobile and desktop applications.
+    """
+    match = re.search(r"AADSTS(\d+)", error or "")
+    key = _ENTRA_ADVICE.get(int(match.group(1))) if match else None
+    if key is None:
+        return None
+    translate = translator(language)
+    platform = translate("platform_web" if web_platform else "platform_public")
+    return translate(key, redirect_uri=redirect_uri, platform=platform)

@@ -19,7 +19,7 @@ from aiohttp import web
 from .. import __version__
 from ..config import Settings
 from ..logs import get_logger
-from ..oauth import ConsentError, OAuthError, TokenBroker
+from ..oauth import AuthUnavailable, OAuthError, TokenBroker
 from ..oauth._scopes import short
 from ..passwords import parse_hash, verify_password
 from ..runtime import RunningListener
@@ -238,14 +238,40 @@ async def logout(request: web.Request) -> web.StreamResponse:
 
 async def status(request: web.Request, link: dict[str, str] | None = None) -> web.Response:
     state = _state(request)
+    statuses = await state.broker.statuses()
+    advice = {
+        s.account.username: _entra_advice(request, s.last_error)
+        for s in statuses
+        if s.account.provider == "microsoft"
+    }
     return render(
         request,
         "status.html",
-        statuses=await state.broker.statuses(),
+        statuses=statuses,
+        advice=advice,
+        redirect_uri=state.broker.redirect_uri(),
+        entra_web=_entra_web_platform(state.settings),
         google_client=await state.broker.google_client_origin(),
         link=link,
         listeners=state.listeners(),
         version=__version__,
+    )
+
+
+def _entra_web_platform(settings: Settings) -> bool:
+    """With a client secret or certificate, the gateway signs in as a Web app (confidential);
+    without, as a public client. Entra must have the redirect URI on the matching platform."""
+    microsoft = settings.microsoft
+    return microsoft.client_secret is not None or microsoft.client_certificate is not None
+
+
+def _entra_advice(request: web.Request, error: str | None) -> str | None:
+    state = _state(request)
+    return i18n.entra_advice(
+        request[LANGUAGE],
+        error,
+        state.broker.redirect_uri(),
+        _entra_web_platform(state.settings),
     )
 
 
@@ -255,16 +281,29 @@ def _message(
     return render(request, "message.html", status, message=text, failed=failed)
 
 
-def _consent_failed(request: web.Request, error: Exception) -> web.Response:
-    reason = i18n.translator(request[LANGUAGE])("consent_failed", reason=str(error))
-    return _message(request, reason, 409, failed=True)
+def _consent_failed(
+    request: web.Request, error: OAuthError, from_link: bool = False
+) -> web.Response:
+    """A sign-in that did not work, said so that the person can act: a provider outage asks
+    them to try again later (a consent link stays valid); an Entra setup error says what to
+    change in the app registration."""
+    translate = i18n.translator(request[LANGUAGE])
+    if isinstance(error, AuthUnavailable):
+        log.warning("admin.sign_in_unavailable", reason=str(error))
+        text = translate("sign_in_unavailable_link" if from_link else "sign_in_unavailable")
+        return _message(request, text, 503, failed=True)
+    reason = translate("consent_failed", reason=str(error))
+    advice = _entra_advice(request, str(error))
+    return _message(request, f"{reason} {advice}" if advice else reason, 409, failed=True)
 
 
-async def _redirect_to_sign_in(request: web.Request, username: str) -> web.StreamResponse:
+async def _redirect_to_sign_in(
+    request: web.Request, username: str, link_token: str | None = None
+) -> web.StreamResponse:
     try:
-        url = await _state(request).broker.begin_consent(username)
+        url = await _state(request).broker.begin_consent(username, link_token)
     except OAuthError as error:
-        return _consent_failed(request, error)
+        return _consent_failed(request, error, from_link=link_token is not None)
     raise web.HTTPSeeOther(url)
 
 
@@ -326,14 +365,14 @@ async def consent_page(request: web.Request) -> web.StreamResponse:
 
 
 async def consent(request: web.Request) -> web.StreamResponse:
-    try:
-        url = await _state(request).broker.spend_consent_link(request.match_info["token"])
-    except ConsentError:
+    """Start the owner's sign-in. The link is spent only when the mailbox is connected, so a
+    provider outage or an abandoned sign-in leaves it usable."""
+    token = request.match_info["token"]
+    account = await _state(request).broker.consent_link_account(token)
+    if account is None:
         invalid = i18n.translator(request[LANGUAGE])("consent_link_invalid")
         return _message(request, invalid, 404, failed=True)
-    except OAuthError as error:
-        return _consent_failed(request, error)
-    raise web.HTTPSeeOther(url)
+    return await _redirect_to_sign_in(request, account.username, link_token=token)
 
 
 async def google_client_page(request: web.Request, error: str | None = None) -> web.Response:
@@ -342,7 +381,14 @@ async def google_client_page(request: web.Request, error: str | None = None) -> 
         return _message(request, i18n.translator(request[LANGUAGE])("google_client_from_config"))
     client_id = origin[1] if origin else ""
     status_code = 400 if error else 200
-    return render(request, "google_client.html", status_code, client_id=client_id, error=error)
+    return render(
+        request,
+        "google_client.html",
+        status_code,
+        client_id=client_id,
+        error=error,
+        redirect_uri=_state(request).broker.redirect_uri(),
+    )
 
 
 async def save_google_client(request: web.Request) -> web.StreamResponse:

@@ -60,6 +60,7 @@ class _Pending:
     created: float
     microsoft_flow: dict[str, Any] | None = field(default=None, repr=False)
     google: PendingGoogleConsent | None = field(default=None, repr=False)
+    link: str | None = field(default=None, repr=False)  # hash of the consent link used, if any
 
 
 class TokenBroker:
@@ -206,21 +207,35 @@ class TokenBroker:
             return _scopes.google_user(writes)
         return ()
 
-    async def begin_consent(self, username: str) -> str:
-        """Start a sign-in for this account; return the provider URL to send the browser to."""
+    async def begin_consent(self, username: str, link_token: str | None = None) -> str:
+        """Start a sign-in for this account; return the provider URL to send the browser to.
+
+        With ``link_token`` the sign-in comes from a consent link, which must be live and is
+        spent only when the mailbox is connected (see :meth:`complete_consent`): a provider
+        error or an abandoned sign-in leaves it usable.
+        """
         account = self.account(username)
+        link = None
+        if link_token is not None:
+            link = _link_hash(link_token)
+            if await self.store.peek_consent_link(link, datetime.now(UTC)) != username:
+                raise ConsentError("this consent link was already used or has expired")
         scopes = [need.scope for need in self.needed(account)]
         self._expire_pending()
         if account.provider == "microsoft":
             flow = await asyncio.to_thread(
                 self.microsoft.start, scopes, self.redirect_uri(), account.address
             )
-            self._pending[flow["state"]] = _Pending(username, time.time(), microsoft_flow=flow)
+            self._pending[flow["state"]] = _Pending(
+                username, time.time(), microsoft_flow=flow, link=link
+            )
             return flow["auth_uri"]
         if account.provider == "google":
             client = await self.google_client()
             url, pending = self.google.start(client, scopes, self.redirect_uri(), account.address)
-            self._pending[pending.state] = _Pending(username, time.time(), google=pending)
+            self._pending[pending.state] = _Pending(
+                username, time.time(), google=pending, link=link
+            )
             return url
         raise ConsentError(f"account {username!r} uses a password server; nothing to connect")
 
@@ -242,6 +257,11 @@ class TokenBroker:
             connected = await asyncio.to_thread(
                 self.google.finish, client, pending.google, response
             )
+        _check_owner(account, connected)
+        if pending.link is not None:  # one connection per link: spent now, not at the click
+            if await self.store.use_consent_link(pending.link, datetime.now(UTC)) is None:
+                raise ConsentError("this consent link was already used or has expired")
+            await self.store.record_event("oauth.consent_link_used", account.username)
         await self.save_connection(account, connected)
         return await self.status(account.username)
 
@@ -268,11 +288,7 @@ class TokenBroker:
 
     async def save_connection(self, account: AccountSettings, connected: Connected) -> None:
         """Keep a completed consent, after checking that the mailbox's owner gave it."""
-        if connected.principal.casefold() != account.address.casefold():
-            raise ConsentError(
-                f"signed in as {connected.principal}, but account {account.username!r} is the "
-                f"mailbox {account.address}: its owner must sign in (send them a consent link)"
-            )
+        _check_owner(account, connected)
         auth = AccountAuth(
             account=account.username,
             provider=account.provider,
@@ -292,7 +308,8 @@ class TokenBroker:
         """A one-time link for the mailbox owner (no admin password needed); (url, expiry).
 
         Only the hash of its token is stored, so a copy of the database cannot be used to
-        consent, and the link dies after one use or ``CONSENT_LINK_LIFETIME``.
+        consent. The link connects the mailbox once: it is spent when a sign-in through it
+        completes (not when it is opened), and dies after ``CONSENT_LINK_LIFETIME``.
         """
         account = self.account(username)
         if account.provider == "upstream":
@@ -307,14 +324,6 @@ class TokenBroker:
         """The account a live link is for, without spending it (None if used or expired)."""
         username = await self.store.peek_consent_link(_link_hash(token), datetime.now(UTC))
         return self._accounts.get(username or "")
-
-    async def spend_consent_link(self, token: str) -> str:
-        """Use the link up and start the owner's sign-in; returns the provider URL."""
-        username = await self.store.use_consent_link(_link_hash(token), datetime.now(UTC))
-        if username is None or username not in self._accounts:
-            raise ConsentError("this consent link was already used or has expired")
-        await self.store.record_event("oauth.consent_link_used", username)
-        return await self.begin_consent(username)
 
     async def disconnect(self, username: str) -> None:
         self.account(username)
@@ -389,6 +398,14 @@ class TokenBroker:
 
     async def statuses(self) -> list[AccountStatus]:
         return [await self.status(name) for name in self._accounts]
+
+
+def _check_owner(account: AccountSettings, connected: Connected) -> None:
+    if connected.principal.casefold() != account.address.casefold():
+        raise ConsentError(
+            f"signed in as {connected.principal}, but account {account.username!r} is the "
+            f"mailbox {account.address}: its owner must sign in (send them a consent link)"
+        )
 
 
 def _link_hash(token: str) -> str:

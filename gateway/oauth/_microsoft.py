@@ -5,6 +5,14 @@ A new MSAL application object is built per operation: MSAL caches error response
 application (a 503 is replayed for its Retry-After without asking the server again), and a
 fresh object is the documented way to make the next attempt real. The token cache, which holds
 the refresh token, is serialised and handed back to the caller to store encrypted.
+
+The app declares the client capability ``CP1``: it handles claims challenges, so Entra may give
+it continuous-access-evaluation tokens, which Graph revokes at once (HTTP 401 with
+``error="insufficient_claims"``) on a password reset, an account disabled or an admin's
+revocation, instead of honouring them until they expire. The broker answers such a 401 with a
+forced refresh that carries the challenge (Microsoft: "How to use Continuous Access Evaluation
+enabled APIs in your applications", "Claims challenges, claims requests and client
+capabilities").
 """
 
 from __future__ import annotations
@@ -35,7 +43,10 @@ _MICROSOFT_HOSTS = frozenset(
         "login.chinacloudapi.cn",
     }
 )
+# Errors that say "try again later" (RFC 6749 §4.1.2.1; Entra answers 503 so).
+_TEMPORARY_ERRORS = frozenset({"temporarily_unavailable", "server_error"})
 # Errors after which only a person can help: the grant is gone or needs interaction.
+CLIENT_CAPABILITIES = ["CP1"]  # "this client can handle claims challenges" (CAE)
 _REAUTH_ERRORS = frozenset(
     {
         "invalid_grant",
@@ -59,22 +70,29 @@ class MicrosoftAuth:
     def authority(self) -> str:
         return f"{self.settings.authority_host.rstrip('/')}/{self.settings.tenant}"
 
-    def _app(self, cache: msal.SerializableTokenCache | None = None) -> msal.ClientApplication:
+    def _app(
+        self, cache: msal.SerializableTokenCache | None = None, public: bool = False
+    ) -> msal.ClientApplication:
+        """``public``: the device code flow, which Entra runs as a public client (the app needs
+        "Allow public client flows") and MSAL offers on public client applications only."""
         host = urlsplit(self.settings.authority_host).hostname or ""
         common: dict[str, Any] = {
             "authority": self.authority,
             "token_cache": cache,
             "http_client": self._session(),
             "instance_discovery": host in _MICROSOFT_HOSTS,
+            "client_capabilities": CLIENT_CAPABILITIES,
         }
         try:
-            credential = self._credential()
+            credential = None if public else self._credential()
             if credential is None:
                 return msal.PublicClientApplication(self.settings.client_id, **common)
             return msal.ConfidentialClientApplication(
                 self.settings.client_id, client_credential=credential, **common
             )
-        except (requests.RequestException, ValueError) as error:
+        except (requests.RequestException, ValueError, msal.exceptions.MsalServiceError) as error:
+            # MSAL reads the discovery document in the constructor; an HTTP error there is
+            # MsalServiceError ("HTTP Error: 503"), not a result dict.
             message = f"cannot reach Microsoft sign-in at {self.authority}: {error}"
             raise AuthUnavailable(message) from error
 
@@ -104,26 +122,43 @@ class MicrosoftAuth:
 
     def finish(self, flow: dict[str, Any], response: Mapping[str, str]) -> Connected:
         cache = msal.SerializableTokenCache()
+        app = self._app(cache)
         try:
-            result = self._app(cache).acquire_token_by_auth_code_flow(flow, dict(response))
+            result = app.acquire_token_by_auth_code_flow(flow, dict(response))
         except ValueError as error:  # MSAL's state check
             message = f"the sign-in response does not match this sign-in: {error}"
             raise ConsentError(message) from error
+        except (requests.RequestException, msal.exceptions.MsalServiceError) as error:
+            raise AuthUnavailable(f"Microsoft sign-in is unavailable: {error}") from error
         return _connected(result, cache)
 
     def start_device_flow(self, scopes: list[str]) -> dict[str, Any]:
-        flow = self._app().initiate_device_flow(scopes)
+        flow = self._app(public=True).initiate_device_flow(scopes)
         if "user_code" not in flow:
             raise ConsentError(_describe(flow))
         return flow
 
     def finish_device_flow(self, flow: dict[str, Any]) -> Connected:
         cache = msal.SerializableTokenCache()
-        result = self._app(cache).acquire_token_by_device_flow(flow)
+        try:
+            result = self._app(cache, public=True).acquire_token_by_device_flow(flow)
+        except (requests.RequestException, msal.exceptions.MsalServiceError) as error:
+            raise AuthUnavailable(f"Microsoft sign-in is unavailable: {error}") from error
         return _connected(result, cache)
 
-    def refresh(self, token: bytes, principal: str, scopes: list[str]) -> AccessToken:
-        """A valid access token from the stored cache, refreshing (and rotating) as needed."""
+    def refresh(
+        self,
+        token: bytes,
+        principal: str,
+        scopes: list[str],
+        force: bool = False,
+        claims: str | None = None,
+    ) -> AccessToken:
+        """A valid access token from the stored cache, refreshing (and rotating) as needed.
+
+        ``force`` skips the cached access token (which the resource refused) and redeems the
+        refresh token; ``claims`` is the resource's decoded claims challenge, sent along.
+        """
         cache = msal.SerializableTokenCache()
         cache.deserialize(token.decode("utf-8"))
         app = self._app(cache)
@@ -131,7 +166,9 @@ class MicrosoftAuth:
         if not accounts:
             raise ReauthRequired("no stored sign-in for this mailbox")
         try:
-            result = app.acquire_token_silent_with_error(scopes, accounts[0])
+            result = app.acquire_token_silent_with_error(
+                scopes, accounts[0], force_refresh=force, claims_challenge=claims
+            )
         except (requests.RequestException, msal.exceptions.MsalServiceError) as error:
             raise AuthUnavailable(f"Microsoft sign-in is unavailable: {error}") from error
         if result is None:
@@ -139,14 +176,19 @@ class MicrosoftAuth:
         new_token = cache.serialize().encode("utf-8") if cache.has_state_changed else None
         return _access(result, new_token)
 
-    def app_only(self) -> AccessToken:
-        """Client credentials: the application's own permissions, for any mailbox of the tenant."""
+    def app_only(self, claims: str | None = None) -> AccessToken:
+        """Client credentials: the application's own permissions, for any mailbox of the tenant.
+
+        Always a new token request: the application object (and its token cache) is new.
+        """
         if self._credential() is None:
             raise ReauthRequired(
                 "app-only access needs microsoft.client_secret or client_certificate in the config"
             )
         try:
-            result = self._app().acquire_token_for_client(["https://graph.microsoft.com/.default"])
+            result = self._app().acquire_token_for_client(
+                ["https://graph.microsoft.com/.default"], claims_challenge=claims
+            )
         except (requests.RequestException, msal.exceptions.MsalServiceError) as error:
             raise AuthUnavailable(f"Microsoft sign-in is unavailable: {error}") from error
         return _access(result, None)
@@ -194,6 +236,8 @@ def _access(result: Mapping[str, Any], new_token: bytes | None) -> AccessToken:
 
 
 def _connected(result: Mapping[str, Any], cache: msal.SerializableTokenCache) -> Connected:
+    if result.get("error") in _TEMPORARY_ERRORS:
+        raise AuthUnavailable(_describe(result))
     if "error" in result:
         raise ConsentError(_describe(result))
     claims = result.get("id_token_claims") or {}

@@ -80,14 +80,27 @@ def short(scope: str) -> str:
     return scope
 
 
+# Google answers a consent for the identity scopes ``email`` / ``profile`` with their URL
+# forms (the token response's ``scope``), so both spellings name one scope (provider-apis.md,
+# "Google scope aliases").
+_ALIASES = {"userinfo.email": "email", "userinfo.profile": "profile"}
+# A wider scope covers narrower ones: Mail.ReadWrite covers Mail.Read, gmail.modify covers
+# gmail.readonly and gmail.send, full Gmail access covers them all.
+_IMPLIED = {
+    "mail.readwrite": {"mail.read"},
+    "gmail.modify": {"gmail.readonly", "gmail.send"},
+    "https://mail.google.com/": {"gmail.readonly", "gmail.send", "gmail.modify"},
+}
+
+
+def _canonical(scope: str) -> str:
+    name = short(scope)
+    return _ALIASES.get(name, name).lower()
+
+
 def missing(needed: tuple[ScopeNeed, ...], granted: tuple[str, ...]) -> list[ScopeNeed]:
-    """Needs not covered by the granted scopes (Mail.ReadWrite covers Mail.Read, etc.)."""
-    have = {short(s).lower() for s in granted}
-    implied = {
-        "mail.readwrite": {"mail.read"},
-        "gmail.modify": {"gmail.readonly", "gmail.send"},
-        "https://mail.google.com/": {"gmail.readonly", "gmail.send", "gmail.modify"},
-    }
+    """Needs not covered by the granted scopes, whatever spelling the provider answered."""
+    have = {_canonical(s) for s in granted}
     for scope in list(have):
-        have |= implied.get(scope, set())
-    return [need for need in needed if short(need.scope).lower() not in have]
+        have |= _IMPLIED.get(scope, set())
+    return [need for need in needed if _canonical(need.scope) not in have]

@@ -4,6 +4,7 @@ sandbox clouds over HTTPS, and the token lifecycle afterwards."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import re
@@ -19,6 +20,7 @@ from gateway.app import Gateway
 from gateway.logs import configure_logging
 from gateway.oauth import ReauthRequired
 from gateway.sandbox import Sandbox
+from gateway.sandbox._faults import Fault
 from tests.helpers import (
     GOOGLE_ADDRESS,
     MS_ADDRESS,
@@ -120,6 +122,9 @@ async def test_google_client_form_then_connect(
     assert query["access_type"] == ["offline"] and query["prompt"] == ["consent"]
     done = await browser.consent(start.headers["location"])
     assert f"{GOOGLE_ADDRESS} is connected" in done.text, done.text
+    connected = await browser.admin.get("/")
+    assert "userinfo.email" in connected.text  # Google's spelling of the email scope
+    assert "Missing scopes" not in connected.text
     token = await gateway.broker.access_token("scanner")
     async with httpx.AsyncClient(
         verify=ssl.create_default_context(cafile=sandbox.ca_file)
@@ -237,3 +242,164 @@ async def test_gmail_send_as_aliases_become_allowed_from_addresses(
     assert "is connected" in (await browser.consent(start.headers["location"])).text
     assert gateway.accounts.may_send_as(scanner, "info@example.com")
     assert not gateway.accounts.may_send_as(scanner, "ceo@example.com")
+
+
+# -- Entra app types: what the admin registered decides public or confidential -------------------
+
+
+@contextlib.asynccontextmanager
+async def _entra_gateway(
+    sandbox: Sandbox, tmp_path: Path, web: bool, secret: str | None
+) -> AsyncIterator[tuple[Gateway, AdminBrowser]]:
+    """A gateway whose Entra app has its redirect URI under Web (``web``) or under Mobile and
+    desktop applications, and whose config holds ``secret`` as microsoft.client_secret."""
+    config, _ = sandbox_config(sandbox, tmp_path / "state")
+    app = sandbox.directory.apps[config["microsoft"]["client_id"]]
+    if web:
+        app.public_client_redirect_uris = ()  # running_gateway registers the callback under Web
+    if secret is not None:
+        app.client_secret = secret
+        config["microsoft"]["client_secret"] = secret
+    sandbox.directory.access_lifetime["microsoft"] = 240  # every silent call really refreshes
+    async with running_gateway(config, tmp_path / "config.yaml", sandbox) as gateway:
+        browser = AdminBrowser(gateway, sandbox)
+        await browser.sign_in()
+        try:
+            yield gateway, browser
+        finally:
+            await browser.close()
+
+
+async def _connect(browser: AdminBrowser) -> httpx.Response:
+    start = await browser.post("/accounts/crm/connect")
+    assert start.status_code == 303, start.text
+    return await browser.consent(start.headers["location"])
+
+
+async def test_web_app_without_a_secret_is_refused_with_what_to_change(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """The setup the README used to document: a Web redirect URI and no secret."""
+    async with _entra_gateway(sandbox, tmp_path, web=True, secret=None) as (gateway, browser):
+        refused = await _connect(browser)
+        assert refused.status_code == 409 and "AADSTS7000218" in refused.text
+        assert "Entra treats this app as a Web app" in refused.text
+        assert "microsoft.client_secret" in refused.text
+        page = await browser.admin.get("/")
+        assert f"{gateway.broker.redirect_uri()} (platform: Mobile and desktop applications" in (
+            page.text
+        )
+        browser.admin.headers["Accept-Language"] = "ja"
+        japanese = await _connect(browser)
+        assert japanese.status_code == 409 and "Web アプリとして扱っており" in japanese.text
+        assert (await gateway.broker.status("crm")).state == "not_connected"
+
+
+async def test_web_app_with_its_secret_connects_and_refreshes(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    async with _entra_gateway(sandbox, tmp_path, web=True, secret="s3cret-value") as (
+        gateway,
+        browser,
+    ):
+        assert "(platform: Web)" in (await browser.admin.get("/")).text
+        done = await _connect(browser)
+        assert f"{MS_ADDRESS} is connected" in done.text, done.text
+        first = await gateway.broker.access_token("crm")
+        gateway.broker.invalidate("crm")
+        assert await gateway.broker.access_token("crm") != first  # refreshed with the secret
+
+
+async def test_public_client_with_a_secret_is_refused_with_what_to_change(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    async with _entra_gateway(sandbox, tmp_path, web=False, secret="s3cret-value") as (
+        gateway,
+        browser,
+    ):
+        refused = await _connect(browser)
+        assert refused.status_code == 409 and "AADSTS700025" in refused.text
+        assert "Entra treats this app as a public client" in refused.text
+        browser.admin.headers["Accept-Language"] = "ja"
+        japanese = await _connect(browser)
+        assert "パブリック クライアントとして扱っており" in japanese.text
+        assert (await gateway.broker.status("crm")).state == "not_connected"
+
+
+async def test_lost_consent_shows_last_error_with_what_to_change(
+    wired: tuple[Gateway, Sandbox], browser: AdminBrowser
+) -> None:
+    gateway, sandbox = wired
+    await connect_microsoft(browser, sandbox)
+    sandbox.microsoft.identity.consents.clear()  # an administrator removed the permissions
+    gateway.broker.invalidate("crm")
+    with pytest.raises(ReauthRequired):
+        await gateway.broker.access_token("crm")
+    page = await browser.admin.get("/")
+    assert "AADSTS65001" in page.text and "Nobody has consented to the permissions" in page.text
+
+
+# -- provider outages on every page a person can reach ---------------------------------------------
+
+
+def _outage(sandbox: Sandbox, target: str, path_suffix: str) -> None:
+    sandbox.faults.add(Fault(target=target, kind="503", remaining=50, path_suffix=path_suffix))
+
+
+async def test_consent_link_survives_a_provider_outage(
+    wired: tuple[Gateway, Sandbox], browser: AdminBrowser
+) -> None:
+    """A 503 while the owner uses the link: a sentence to try again later, and the link works
+    until the mailbox is connected, then no more."""
+    gateway, sandbox = wired
+    page = await browser.post("/accounts/crm/consent-link")
+    path = urlsplit(re.search(r'value="(http://localhost:\d+/consent/[^"]+)"', page.text)[1]).path
+    owner = AdminBrowser(gateway, sandbox)
+    try:
+        landing = await owner.admin.get(path)
+        _outage(sandbox, "microsoft-login", "/openid-configuration")
+        failed = await owner.admin.post(path, data={"csrf_token": csrf_token(landing)})
+        assert failed.status_code == 503
+        assert "Open this same link again in a few minutes" in failed.text
+        owner.admin.headers["Accept-Language"] = "ja"
+        assert (
+            "この同じリンク"
+            in (await owner.admin.post(path, data={"csrf_token": csrf_token(landing)})).text
+        )
+        del owner.admin.headers["Accept-Language"]
+        sandbox.faults.clear()
+        again = await owner.admin.get(path)
+        assert again.status_code == 200  # not spent by the failed attempt
+        go = await owner.admin.post(path, data={"csrf_token": csrf_token(again)})
+        assert go.status_code == 303
+        abandoned = await owner.admin.get(path)
+        assert abandoned.status_code == 200  # nor by a sign-in that has not come back yet
+        done = await owner.consent(go.headers["location"])
+        assert f"{MS_ADDRESS} is connected" in done.text
+        assert (await owner.admin.get(path)).status_code == 404  # one connection per link
+    finally:
+        await owner.close()
+
+
+async def test_connect_button_and_callback_answer_a_provider_outage_with_a_sentence(
+    wired: tuple[Gateway, Sandbox], browser: AdminBrowser
+) -> None:
+    gateway, sandbox = wired
+    _outage(sandbox, "microsoft-login", "/openid-configuration")
+    connect = await browser.post("/accounts/crm/connect")
+    assert connect.status_code == 503 and "not available right now" in connect.text
+    sandbox.faults.clear()
+    start = await browser.post("/accounts/crm/connect")
+    _outage(sandbox, "microsoft-login", "/oauth2/v2.0/token")
+    callback = await browser.consent(start.headers["location"])
+    assert callback.status_code == 503 and "not available right now" in callback.text
+    sandbox.faults.clear()
+
+    app = gateway.google_app  # type: ignore[attr-defined]
+    await gateway.broker.set_google_client(app.client_id, app.client_secret)
+    start = await browser.post("/accounts/scanner/connect")
+    _outage(sandbox, "google-oauth", "/token")
+    google = await browser.consent(start.headers["location"])
+    assert google.status_code == 503 and "not available right now" in google.text
+    sandbox.faults.clear()
+    assert (await gateway.broker.status("crm")).state == "not_connected"

@@ -69,3 +69,34 @@ def test_both_languages_have_every_message_used_by_the_templates() -> None:
     for language in i18n.LANGUAGES:
         assert used <= set(i18n.MESSAGES[language]), language
     assert set(i18n.MESSAGES["en"]) == set(i18n.MESSAGES["ja"])
+
+
+@pytest.mark.parametrize(
+    ("code", "english", "japanese"),
+    [
+        (7000218, "Entra treats this app as a Web app", "Web アプリとして扱っており"),
+        (700025, "Entra treats this app as a public client", "パブリック クライアントとして"),
+        (50011, "Entra does not know this redirect URI", "リダイレクト URI が登録されていません"),
+        (65001, "Nobody has consented to the permissions", "アクセス許可にまだ同意がありません"),
+    ],
+)
+def test_each_entra_error_gets_one_sentence_in_both_languages(
+    code: int, english: str, japanese: str
+) -> None:
+    error = f"invalid_client: AADSTS{code}: whatever Entra said"
+    uri = "http://localhost:8025/oauth/callback"
+    en = i18n.entra_advice("en", error, uri, web_platform=False)
+    ja = i18n.entra_advice("ja", error, uri, web_platform=False)
+    assert en is not None and en.startswith(english) and en.count(". ") == 0
+    assert ja is not None and japanese in ja
+    if code in (7000218, 700025, 50011):
+        assert uri in en and uri in ja  # what exactly to register
+    if code == 50011:
+        assert "under Mobile and desktop applications" in en
+        web = i18n.entra_advice("en", error, uri, web_platform=True)
+        assert web is not None and "under Web." in web
+
+
+def test_other_errors_get_no_entra_advice() -> None:
+    for error in (None, "", "invalid_grant: AADSTS70008: expired", "Google answered x"):
+        assert i18n.entra_advice("en", error, "http://x/oauth/callback", False) is None
