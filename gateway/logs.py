@@ -4,13 +4,18 @@ Every log call names an *event* and passes fields (``log.info("listener.started"
 Lines are logfmt (``key=value``) for people reading a journal, or JSON for log shippers. Secrets
 are kept out by construction (passwords and tokens are never passed as fields), and as a second
 line of defence every secret value the process loads is registered here and masked in any line
-that would otherwise contain it.
+that would otherwise contain it. Libraries log credentials we never saw: MSAL's debug log prints
+each token request, the authorization code and the PKCE ``code_verifier`` included, as JSON. So
+the values of OAuth credential parameters are masked by name too, in form bodies and URLs
+(``code=...``), JSON and Python reprs (``"code": "..."``), and ``Bearer`` headers, from any
+logger.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import threading
 from datetime import UTC, datetime
@@ -22,6 +27,32 @@ _MIN_SECRET_LENGTH = 6
 
 _secrets: set[str] = set()
 _secrets_lock = threading.Lock()
+
+# OAuth parameters whose values are credentials (RFC 6749, RFC 7636 PKCE, RFC 7523 assertions,
+# RFC 8628 device codes). Values shorter than _MIN_SECRET_LENGTH are left alone (``code=250``).
+_CREDENTIAL_NAMES = (
+    "code",
+    "code_verifier",
+    "client_secret",
+    "client_assertion",
+    "assertion",
+    "refresh_token",
+    "access_token",
+    "id_token",
+    "device_code",
+    "password",
+)
+_NAMES = "|".join(sorted(_CREDENTIAL_NAMES, key=len, reverse=True))
+_VALUE = rf"[^\s\"'\\&,;]{{{_MIN_SECRET_LENGTH},}}"
+# Each pattern's group 1 is what stays; the value after it is masked.
+_PATTERNS = (
+    # name=value in a form body, a query string or a logfmt field; not user_code=, error_code=
+    re.compile(rf"(?<![\w.-])((?:{_NAMES})=){_VALUE}"),
+    # "name": "value" in JSON or a Python repr, also inside a quoted (backslashed) JSON string
+    re.compile(rf"""((?P<quote>\\*["'])(?:{_NAMES})(?P=quote)\s*:\s*\\*["']){_VALUE}"""),
+    # Authorization: Bearer <token>
+    re.compile(r"(?i)(\bbearer\s+)[A-Za-z0-9._~+/-]{16,}=*"),
+)
 
 
 def register_secret(value: str | bytes | None) -> None:
@@ -39,12 +70,14 @@ def register_secret(value: str | bytes | None) -> None:
 
 
 def redact(text: str) -> str:
-    """Replace every registered secret in ``text``."""
+    """Replace every registered secret, and every credential parameter's value, in ``text``."""
     with _secrets_lock:
         secrets = sorted(_secrets, key=len, reverse=True)
     for secret in secrets:
         if secret in text:
             text = text.replace(secret, _MASK)
+    for pattern in _PATTERNS:
+        text = pattern.sub(rf"\1{_MASK}", text)
     return text
 
 

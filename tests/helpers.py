@@ -214,8 +214,10 @@ class SandboxTokens:
             self._token = grant.token
         return self._token
 
-    def invalidate(self, username: str) -> None:
-        self._token = None
+    async def refreshed_token(self, username: str, rejected: str, claims: str | None = None) -> str:
+        if self._token == rejected:
+            self._token = None
+        return await self.access_token(username)
 
 
 IDLE_WAIT = 15.0  # seconds an IDLE waits for a push: many poll intervals, never reached when green

@@ -99,24 +99,52 @@ class TokenBroker:
         cached = self._tokens.get(username)
         if cached and cached.fresh(time.time(), REFRESH_MARGIN):
             return cached.value
-        lock = self._locks.setdefault(username, asyncio.Lock())
-        async with lock:  # single flight: the first caller refreshes, the rest reuse its token
+        async with self._lock(username):  # single flight: the first refreshes, the rest reuse
             cached = self._tokens.get(username)
             if cached and cached.fresh(time.time(), REFRESH_MARGIN):
                 return cached.value
-            token = await self._refresh(self.account(username))
-            self._tokens[username] = token
-            register_secret(token.value)
-            return token.value
+            return await self._renew(username, force=False, claims=None)
+
+    async def refreshed_token(self, username: str, rejected: str, claims: str | None = None) -> str:
+        """A newly issued access token to replace ``rejected``, which the provider refused
+        (HTTP 401: revoked by continuous access evaluation, a password reset, an admin).
+
+        Asking MSAL again without forcing would return the same rejected token from its
+        serialized cache, so this refresh is forced, with the 401's ``claims`` challenge if it
+        carried one. Callers that saw the same token refused queue on the account's lock; the
+        first refreshes and the others find the token already replaced and take the new one:
+        one refresh however many were refused. A grant that is gone raises ReauthRequired
+        after marking the account "needs re-consent" (and telling the admin once).
+        """
+        async with self._lock(username):
+            cached = self._tokens.get(username)
+            if cached and cached.value != rejected and cached.fresh(time.time(), REFRESH_MARGIN):
+                return cached.value
+            self.invalidate(username)
+            return await self._renew(username, force=True, claims=claims)
 
     def invalidate(self, username: str) -> None:
-        """Forget the cached access token, e.g. after the provider rejected it with a 401."""
+        """Forget the access token held in memory (disconnected, reconnected, or revoked)."""
         self._tokens.pop(username, None)
 
-    async def _refresh(self, account: AccountSettings) -> AccessToken:
+    def _lock(self, username: str) -> asyncio.Lock:
+        return self._locks.setdefault(username, asyncio.Lock())
+
+    async def _renew(self, username: str, force: bool, claims: str | None) -> str:
+        token = await self._refresh(self.account(username), force, claims)
+        self._tokens[username] = token
+        register_secret(token.value)
+        return token.value
+
+    async def _refresh(
+        self, account: AccountSettings, force: bool, claims: str | None
+    ) -> AccessToken:
+        """A token from the provider. App-only and service-account tokens are always newly
+        requested (nothing is cached between calls); a user's Microsoft token comes from the
+        stored MSAL cache unless ``force``."""
         self.refresh_count[account.username] = self.refresh_count.get(account.username, 0) + 1
         if account.provider == "microsoft" and self.settings.microsoft.app_only:
-            return await asyncio.to_thread(self.microsoft.app_only)
+            return await asyncio.to_thread(self.microsoft.app_only, claims)
         if account.provider == "google" and self.settings.google.service_account_file:
             info = json.loads(self.settings.google.service_account_file.read_text())
             scopes = [need.scope for need in self.needed(account)]
@@ -129,7 +157,7 @@ class TokenBroker:
         if auth.state == "needs_reconsent":
             raise ReauthRequired(self._reauth_message(account, auth.last_error or "consent lost"))
         try:
-            token = await self._refresh_user(account, auth)
+            token = await self._refresh_user(account, auth, force, claims)
         except ReauthRequired as error:
             await self._mark_reconsent(account, auth, str(error))
             raise ReauthRequired(self._reauth_message(account, str(error))) from error
@@ -137,15 +165,17 @@ class TokenBroker:
             await self.store.put_account_auth(replace(auth, token=token.new_token))
         return token
 
-    async def _refresh_user(self, account: AccountSettings, auth: AccountAuth) -> AccessToken:
+    async def _refresh_user(
+        self, account: AccountSettings, auth: AccountAuth, force: bool, claims: str | None
+    ) -> AccessToken:
         assert auth.token is not None and auth.principal is not None
         scopes = list(auth.scopes) or [n.scope for n in self.needed(account)]
         if account.provider == "microsoft":
             resource = [s for s in scopes if s.startswith(_scopes.GRAPH)]
             return await asyncio.to_thread(
-                self.microsoft.refresh, auth.token, auth.principal, resource
+                self.microsoft.refresh, auth.token, auth.principal, resource, force, claims
             )
-        client = await self.google_client()
+        client = await self.google_client()  # google-auth refreshes for real on every call
         return await asyncio.to_thread(self.google.refresh, client, auth.token, scopes)
 
     async def _mark_reconsent(self, account: AccountSettings, auth: AccountAuth, why: str) -> None:
@@ -159,7 +189,7 @@ class TokenBroker:
         await self.store.put_account_auth(marked)
         await self.store.record_event("oauth.needs_reconsent", account.username, why)
         log.warning("oauth.needs_reconsent", account=account.username, reason=why)
-        self._tokens.pop(account.username, None)
+        self.invalidate(account.username)
         if self.notifier is not None and not auth.admin_notified:
             await self.notifier(account.username, self._reauth_message(account, why))
 

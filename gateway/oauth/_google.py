@@ -120,6 +120,9 @@ class GoogleAuth:
         return result
 
     def refresh(self, client: GoogleClient, token: bytes, scopes: list[str]) -> AccessToken:
+        """A newly issued access token, always: the credentials object is new and holds no
+        access token, so google-auth redeems the refresh token at the token endpoint every
+        time (there is no cache to bypass when Gmail refused the previous token)."""
         credentials = user_credentials.Credentials(
             token=None,
             refresh_token=token.decode("utf-8"),

@@ -34,4 +34,10 @@ class TokenSource(Protocol):
 
     async def access_token(self, username: str) -> str: ...
 
-    def invalidate(self, username: str) -> None: ...
+    async def refreshed_token(self, username: str, rejected: str, claims: str | None = None) -> str:
+        """A newly issued token to replace ``rejected``, which the provider answered with 401.
+
+        ``claims`` is the decoded claims challenge of that 401, if any. Callers that saw the
+        same token refused get the one replacement, not one refresh each.
+        """
+        ...

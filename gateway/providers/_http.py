@@ -2,15 +2,21 @@
 
 * 429, 5xx, timeouts and broken connections → :class:`Temporary`, with ``Retry-After`` read as
   decimal seconds (Graph's documented sample is ``2.128``);
-* 401 → the token is dropped and the call is made once more with a fresh one; a second 401 is
-  Temporary (the token service may lag behind a revocation being lifted, or vice versa);
-* 403 for missing permissions → :class:`ReauthRequired` (the owner must consent to the wider
-  scope, after which the held mail goes out); other 4xx → :class:`Permanent` with the provider's
-  own message.
+* 401 → the refused token is replaced by a newly issued one (the broker makes one forced
+  refresh, bypassing every token cache, and passes on a continuous-access-evaluation ``claims``
+  challenge) and the call is made once more; a refresh that fails for good raises
+  :class:`ReauthRequired` (the mail is held); a second 401 is Temporary, saying so;
+* 403 for missing permissions or scope → :class:`ReauthRequired` (the owner must consent to the
+  wider scope, after which the held mail goes out); other 4xx → :class:`Permanent` with the
+  provider's own message. No authentication or authorization failure is ever Permanent: a
+  message must not become a dead letter because of a token.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -51,6 +57,28 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
     return max(0.0, (moment - datetime.now(UTC)).total_seconds())
 
 
+_CHALLENGE_PARAM = re.compile(r'([A-Za-z_]+)="([^"]*)"')
+
+
+def claims_challenge(headers: Mapping[str, str]) -> str | None:
+    """The JSON claims request of a ``WWW-Authenticate: Bearer error="insufficient_claims",
+    claims="<base64>"`` answer (continuous access evaluation), decoded as MSAL's
+    ``claims_challenge`` wants it; None when the 401 carries no such challenge.
+
+    Microsoft: "Claims challenges, claims requests and client capabilities" and "How to use
+    Continuous Access Evaluation enabled APIs in your applications" (learn.microsoft.com).
+    """
+    params = dict(_CHALLENGE_PARAM.findall(headers.get("WWW-Authenticate", "")))
+    encoded = params.get("claims")
+    if params.get("error") != "insufficient_claims" or not encoded:
+        return None
+    padded = encoded.replace("-", "+").replace("_", "/") + "=" * (-len(encoded) % 4)
+    try:
+        return base64.b64decode(padded, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+
+
 def error_code(response: httpx.Response) -> tuple[str, str]:
     """(code, message) of a Graph or Google error body; the status text if there is none."""
     try:
@@ -67,7 +95,11 @@ def error_code(response: httpx.Response) -> tuple[str, str]:
 
 
 def classify(response: httpx.Response, what: str) -> Exception:
-    """The error to raise for a failed ``response`` (any status ≥ 400 but 401)."""
+    """The error to raise for a failed ``response`` (any status ≥ 400).
+
+    A 401 reaching here (from a request that carries no bearer token of ours, or one already
+    retried with a new token) is Temporary: a token problem, never a fault of the message.
+    """
     status = response.status_code
     code, message = error_code(response)
     reason = f"{what}: HTTP {status} {code}: {message}"
@@ -75,7 +107,9 @@ def classify(response: httpx.Response, what: str) -> Exception:
         # 429, 503 and quota 403s limit the mailbox (or app), not this message: pause it all.
         throttled = status in (403, 429, 503)
         return Temporary(reason, retry_after(response.headers), throttled=throttled)
-    if status == 403 and code in _SCOPE_CODES:
+    if status == 401:
+        return Temporary(f"{reason} — the provider did not accept the credentials")
+    if status == 403 and (code in _SCOPE_CODES or _insufficient_scope(response)):
         return ReauthRequired(
             f"{reason} — the account's consent lacks a permission this needs; reconnect it"
         )
@@ -83,6 +117,12 @@ def classify(response: httpx.Response, what: str) -> Exception:
     if status == 413:
         smtp_code, enhanced = 552, "5.3.4"
     return Permanent(reason, smtp_code, enhanced)
+
+
+def _insufficient_scope(response: httpx.Response) -> bool:
+    """RFC 6750 §3.1: a 403 whose challenge says the token lacks a scope."""
+    challenge = dict(_CHALLENGE_PARAM.findall(response.headers.get("WWW-Authenticate", "")))
+    return challenge.get("error") == "insufficient_scope"
 
 
 class Api:
@@ -93,9 +133,12 @@ class Api:
         self.tokens = tokens
         self.username = username
 
-    async def _token(self) -> str:
+    async def _token(self, rejected: str | None = None, claims: str | None = None) -> str:
+        """The account's token; with ``rejected``, a newly issued one to replace it."""
         try:
-            return await self.tokens.access_token(self.username)
+            if rejected is None:
+                return await self.tokens.access_token(self.username)
+            return await self.tokens.refreshed_token(self.username, rejected, claims)
         except AuthUnavailable as error:
             raise Temporary(f"sign-in service unavailable: {error}") from error
 
@@ -113,19 +156,25 @@ class Api:
         Request bodies given as ``content`` must be re-iterable (bytes or a list) because a 401
         makes the call twice.
         """
-        response = await self._once(method, url, what, **kwargs)
+        token = await self._token()
+        response = await self._once(method, url, what, token, **kwargs)
         if response.status_code == 401:
-            self.tokens.invalidate(self.username)
-            response = await self._once(method, url, what, **kwargs)
+            token = await self._token(rejected=token, claims=claims_challenge(response.headers))
+            response = await self._once(method, url, what, token, **kwargs)
             if response.status_code == 401:
-                _, message = error_code(response)
-                raise Temporary(f"{what}: HTTP 401 even with a fresh token: {message}")
+                code, message = error_code(response)
+                raise Temporary(
+                    f"{what}: the provider refused a newly issued access token too "
+                    f"(HTTP 401 {code}: {message})"
+                )
         if ok(response.status_code):
             return response
         raise classify(response, what)
 
-    async def _once(self, method: str, url: str, what: str, **kwargs: Any) -> httpx.Response:
-        headers = {**kwargs.pop("headers", {}), "Authorization": f"Bearer {await self._token()}"}
+    async def _once(
+        self, method: str, url: str, what: str, token: str, **kwargs: Any
+    ) -> httpx.Response:
+        headers = {**kwargs.pop("headers", {}), "Authorization": f"Bearer {token}"}
         return await send(self.client, method, url, what, headers=headers, **kwargs)
 
 

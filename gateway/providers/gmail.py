@@ -17,7 +17,7 @@ from ..config import AccountSettings
 from ..spool._types import Envelope
 from ._base import DeliveryResult, TokenSource
 from ._errors import Permanent, ReauthRequired, Temporary
-from ._http import Api, classify, error_code, send
+from ._http import Api, error_code
 from ._mime import Prepared, prepare
 
 MEDIA_LIMIT = 5 * 1024 * 1024  # uploadType=media is reported to stop around 5 MB
@@ -117,7 +117,13 @@ class GmailSender:
         return allowed
 
     async def _resumable(self, api: Api, url: str, prepared: Prepared) -> httpx.Response:
-        """Open a session, then PUT pieces; a 308 says how much arrived (``Range: bytes=0-N``)."""
+        """Open a session, then PUT pieces; a 308 says how much arrived (``Range: bytes=0-N``).
+
+        Every request of the session carries the bearer token, as Google's client libraries
+        send it (googleapiclient's ``next_chunk`` PUTs through the authorized transport);
+        Google does not document the session URI alone as enough. Through ``Api.call``, a 401
+        at any step gets one newly issued token and the same piece again.
+        """
         opened = await api.call(
             "POST",
             url,
@@ -136,23 +142,19 @@ class GmailSender:
         while True:
             piece = prepared.range(offset, offset + PIECE)
             end = offset + len(piece) - 1
-            # The session URL is the credential, as googleapiclient's resumable uploads use it.
-            response = await send(
-                self.client,
+            response = await api.call(
                 "PUT",
                 location,
                 "Gmail upload",
+                ok=lambda status: status in (200, 201, 308, 404),
                 content=piece,
                 headers={"Content-Range": f"bytes {offset}-{end}/{total}"},
             )
             if response.status_code in (200, 201):
                 return response
-            if response.status_code != 308:
-                error = classify(response, "Gmail upload")
-                if isinstance(error, Permanent) and response.status_code == 404:
-                    code, message = error_code(response)
-                    raise Temporary(f"Gmail upload: session lost ({code}: {message})")
-                raise error
+            if response.status_code == 404:  # expired or lost: the next attempt starts over
+                code, message = error_code(response)
+                raise Temporary(f"Gmail upload: session lost ({code}: {message})")
             received = response.headers.get("Range", "")
             before, offset = offset, int(received.rsplit("-", 1)[1]) + 1 if received else 0
             stalls = stalls + 1 if offset <= before else 0

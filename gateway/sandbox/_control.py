@@ -199,8 +199,15 @@ class ControlApi:
             raise ControlError(str(error)) from None
 
     async def revoke(self, request: web.Request) -> web.Response:
+        """Every token of the user, or with ``?tokens=access`` only the access tokens."""
         user = self._user(request)
-        return web.json_response({"revoked": self.sandbox.directory.revoke_user(user.address)})
+        which = request.query.get("tokens", "all")
+        directory = self.sandbox.directory
+        if which == "access":
+            return web.json_response({"revoked": directory.revoke_access_tokens(user.address)})
+        if which != "all":
+            raise ControlError("tokens must be all or access")
+        return web.json_response({"revoked": directory.revoke_user(user.address)})
 
     async def expire(self, request: web.Request) -> web.Response:
         body = await self._json(request)
@@ -236,6 +243,8 @@ class ControlApi:
             remaining=int(body.get("count", 1)),
             retry_after=str(body.get("retry_after", "2.128")),
             delay=float(body.get("delay", 0)),
+            path_suffix=body.get("path_suffix"),
+            method=body.get("method"),
         )
         self.sandbox.faults.add(fault)
         return web.json_response({"pending": len(self.sandbox.faults.pending)}, status=201)

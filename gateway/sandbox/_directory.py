@@ -192,6 +192,18 @@ class Directory:
                 count += 1
         return count
 
+    def revoke_access_tokens(self, address: str) -> int:
+        """Revoke a user's access tokens only, keeping the refresh tokens: what continuous
+        access evaluation does when a policy (e.g. the network location) no longer holds for a
+        token while the session itself stays valid, so a refresh gets a new, accepted token."""
+        count = 0
+        for grant in self.grants.values():
+            user = grant.user or ""
+            if grant.kind == "access" and user.casefold() == address.casefold():
+                count += not grant.revoked
+                grant.revoked = True
+        return count
+
     def revoke_token(self, token: str) -> bool:
         grant = self.grants.get(token)
         if grant is None:

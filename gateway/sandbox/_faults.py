@@ -1,7 +1,8 @@
 """Faults on demand: the next N matching requests fail the way the clouds fail.
 
 Tests and the demo use this to show what the gateway does under throttling (429 with a decimal
-Retry-After, as Graph sends), outages (503), slowness and dropped connections. A fault applies
+Retry-After, as Graph sends), outages (503), a token refused at any step (401, as after a
+revocation), slowness and dropped connections. A fault applies
 to one *target* (which service the request is for), so a Graph outage leaves sign-in working.
 """
 
@@ -18,7 +19,7 @@ from aiohttp import web
 from . import _errors
 
 Target = Literal["microsoft-login", "graph", "google-oauth", "gmail", "any"]
-FaultKind = Literal["429", "503", "slow", "reset"]
+FaultKind = Literal["401", "429", "503", "slow", "reset"]
 
 _TARGET_PATTERNS: tuple[tuple[Target, re.Pattern[str]], ...] = (
     ("graph", re.compile(r"^/(v1\.0|api/v2\.0)/")),
@@ -45,10 +46,15 @@ class Fault:
     retry_after: str = "2.128"  # Graph's documented sample: a decimal number of seconds
     delay: float = 0.0  # for "slow": seconds before the real answer
     path_suffix: str | None = None  # only requests whose path ends so (e.g. "/attachments")
+    method: str | None = None  # only requests with this method (e.g. an upload's "PUT")
 
-    def matches(self, target: Target, path: str = "") -> bool:
+    def matches(self, target: Target, path: str = "", method: str = "") -> bool:
         if self.path_suffix is not None and not path.endswith(self.path_suffix):
             return False
+        if self.method is not None and method.upper() != self.method.upper():
+            return False
+        if self.kind == "401" and target not in ("graph", "gmail"):
+            return False  # a refused bearer token is an API's answer, not a sign-in page's
         return self.remaining > 0 and self.target in ("any", target)
 
 
@@ -65,9 +71,9 @@ class FaultPlan:
     def clear(self) -> None:
         self.pending.clear()
 
-    def take(self, target: Target, path: str = "") -> Fault | None:
+    def take(self, target: Target, path: str = "", method: str = "") -> Fault | None:
         for fault in self.pending:
-            if fault.matches(target, path):
+            if fault.matches(target, path, method):
                 fault.remaining -= 1
                 if fault.remaining == 0:
                     self.pending.remove(fault)
@@ -85,7 +91,7 @@ def middleware(plan: FaultPlan) -> Callable[[web.Request, Handler], Awaitable[we
         if target is None:
             return await handler(request)
         plan.requests[target] = plan.requests.get(target, 0) + 1
-        fault = plan.take(target, request.path)
+        fault = plan.take(target, request.path, request.method)
         if fault is None:
             return await handler(request)
         if fault.kind == "slow":
@@ -101,6 +107,8 @@ def middleware(plan: FaultPlan) -> Callable[[web.Request, Handler], Awaitable[we
 
 
 def _failure(target: Target, status: int, retry_after: str) -> web.Response:
+    if status == 401:
+        return _unauthorized(target)
     headers = {"Retry-After": retry_after}
     if target == "graph":
         if status == 429:
@@ -123,3 +131,25 @@ def _failure(target: Target, status: int, retry_after: str) -> web.Response:
         "The server is temporarily unable to handle the request. Try again later.",
         headers=headers,
     )
+
+
+def _unauthorized(target: Target) -> web.Response:
+    """The service's answer to an access token it no longer accepts (no Retry-After: the
+    client needs a new token, not patience)."""
+    if target == "gmail":
+        challenge = 'Bearer realm="https://accounts.google.com/", error="invalid_token"'
+        return _errors.google_api_error(
+            401,
+            "authError",
+            "Invalid Credentials",
+            {"WWW-Authenticate": challenge},
+            location="Authorization",
+        )
+    if target == "graph":
+        return _errors.graph_error(
+            401,
+            "InvalidAuthenticationToken",
+            "Lifetime validation failed, the token is expired.",
+            {"WWW-Authenticate": 'Bearer realm="", error="invalid_token"'},
+        )
+    raise AssertionError(f"no 401 fault for {target}")  # excluded by Fault.matches

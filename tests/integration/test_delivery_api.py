@@ -65,8 +65,10 @@ class SandboxTokens:
             self._cache[username] = grant.token
         return self._cache[username]
 
-    def invalidate(self, username: str) -> None:
-        self._cache.pop(username, None)
+    async def refreshed_token(self, username: str, rejected: str, claims: str | None = None) -> str:
+        if self._cache.get(username) == rejected:
+            del self._cache[username]
+        return await self.access_token(username)
 
 
 class World:

@@ -206,22 +206,50 @@ async def test_resumable_upload_in_chunks(
     session = start.headers["Location"]
     assert session.startswith(f"{sandbox.url}/upload/gmail/v1/users/me/messages/send?")
     chunk, statuses, offset = 2 * MIB, [], 0
-    async with httpx.AsyncClient(verify=sandbox_tls) as anonymous:  # the URL is the credential
-        probe = await anonymous.put(session, headers={"Content-Range": f"bytes */{len(raw)}"})
-        assert probe.status_code == 308 and "Range" not in probe.headers
-        while offset < len(raw):
-            part = raw[offset : offset + chunk]
-            answer = await anonymous.put(
-                session,
-                content=part,
-                headers={"Content-Range": f"bytes {offset}-{offset + len(part) - 1}/{len(raw)}"},
-            )
-            statuses.append(answer.status_code)
-            offset += len(part)
-            if answer.status_code == 308:
-                assert answer.headers["Range"] == f"bytes=0-{offset - 1}"
+    probe = await gmail.put(session, headers={"Content-Range": f"bytes */{len(raw)}"})
+    assert probe.status_code == 308 and "Range" not in probe.headers
+    while offset < len(raw):
+        part = raw[offset : offset + chunk]
+        answer = await gmail.put(  # the client's bearer token on every PUT, as Google's send it
+            session,
+            content=part,
+            headers={"Content-Range": f"bytes {offset}-{offset + len(part) - 1}/{len(raw)}"},
+        )
+        statuses.append(answer.status_code)
+        offset += len(part)
+        if answer.status_code == 308:
+            assert answer.headers["Range"] == f"bytes=0-{offset - 1}"
     assert statuses == [308, 308, 200]
     assert answer.json()["labelIds"] == ["SENT"]
+    assert sandbox.ops(ada).sent(ada)[0].raw == raw
+
+
+async def test_resumable_upload_puts_need_the_bearer_token_of_the_session_user(
+    sandbox: Sandbox, sandbox_tls: ssl.SSLContext, ada: User, connect: Connect
+) -> None:
+    """The session URI alone is no credential: a PUT without a token, with a revoked one or
+    with another user's gets no byte stored; a new token of the same user carries on."""
+    gmail = connect(ada, SEND)
+    raw = rfc822(body="z" * MIB + "\r\n")
+    start = await gmail.post(
+        upload_url(sandbox, "resumable"), headers={"X-Upload-Content-Length": str(len(raw))}
+    )
+    session = start.headers["Location"]
+    head = {"Content-Range": f"bytes 0-{len(raw) - 1}/{len(raw)}"}
+    async with httpx.AsyncClient(verify=sandbox_tls) as anonymous:
+        bare = await anonymous.put(session, content=raw, headers=head)
+    assert bare.status_code == 401 and bare.json()["error"]["errors"][0]["reason"] == "required"
+    other = connect(sandbox.add_user("google", "eve@example.com"), SEND)
+    stranger = await other.put(session, content=raw, headers=head)
+    assert stranger.status_code == 403
+    sandbox.directory.revoke_access_tokens(ada.address)
+    revoked = await gmail.put(session, content=raw, headers=head)
+    assert revoked.status_code == 401
+    assert revoked.json()["error"]["errors"][0]["reason"] == "authError"
+    assert 'error="invalid_token"' in revoked.headers["WWW-Authenticate"]
+    assert sandbox.ops(ada).sent(ada) == []
+    done = await connect(ada, SEND).put(session, content=raw, headers=head)
+    assert done.status_code == 200, done.text
     assert sandbox.ops(ada).sent(ada)[0].raw == raw
 
 

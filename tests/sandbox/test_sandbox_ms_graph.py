@@ -10,6 +10,7 @@ import asyncio
 import base64
 import email
 import email.policy
+import json
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -112,6 +113,31 @@ async def test_bearer_tokens_are_checked(sandbox: Sandbox, sandbox_tls: Any, ade
     assert expired.headers["WWW-Authenticate"].startswith("Bearer ")
     assert _graph_error(missing) == (401, "InvalidAuthenticationToken", "Access token is empty.")
     assert wrong_cloud.status_code == 401
+
+
+async def test_a_revoked_token_is_refused_at_once_with_a_claims_challenge(
+    sandbox: Sandbox, sandbox_tls: Any, adele: User
+) -> None:
+    """Continuous access evaluation: an unexpired but revoked token gets 401 with
+    ``error="insufficient_claims"`` and base64 claims asking for a token issued after the
+    revocation, on every try; a new token is accepted."""
+    token = _token(sandbox, adele, "User.Read")
+    async with _client(sandbox, sandbox_tls, token) as client:
+        assert (await client.get("/me")).status_code == 200
+        assert sandbox.directory.revoke_access_tokens(ADDRESS) == 1
+        refused = [await client.get("/me") for _ in range(2)]
+        renewed = await client.get(
+            "/me", headers={"Authorization": f"Bearer {_token(sandbox, adele, 'User.Read')}"}
+        )
+    for answer in refused:
+        assert _graph_error(answer)[:2] == (401, "InvalidAuthenticationToken")
+        challenge = answer.headers["WWW-Authenticate"]
+        assert challenge.startswith("Bearer ") and 'error="insufficient_claims"' in challenge
+        encoded = re.search(r'claims="([^"]+)"', challenge).group(1)
+        claims = json.loads(base64.b64decode(encoded))
+        assert claims["access_token"]["nbf"]["essential"] is True
+        assert int(claims["access_token"]["nbf"]["value"]) >= int(sandbox.directory.clock()) - 5
+    assert renewed.status_code == 200
 
 
 async def test_permissions_are_checked_per_endpoint(

@@ -58,3 +58,51 @@ def test_chatty_libraries_are_held_at_warning(captured_log: io.StringIO) -> None
     configure_logging("debug", "text", captured_log)
     logging.getLogger("mail.log").info("AUTH PLAIN dXNlcgB1c2VyAHBhc3M=")
     assert captured_log.getvalue() == ""
+
+
+def test_oauth_credentials_are_masked_by_name_in_any_form(captured_log: io.StringIO) -> None:
+    """Values no one registered (MSAL's own request bodies): form, URL, JSON, repr, Bearer."""
+    configure_logging("debug", "json", captured_log)
+    library = logging.getLogger("msal.token_cache")
+    body = {
+        "data": {
+            "code": "0.AXcode-value-1",
+            "code_verifier": "verifier_value_22",
+            "client_assertion": "eyJhbGciOi.assertion.sig",
+            "scope": ["Mail.Send"],
+        }
+    }
+    library.debug("event=%s", json.dumps(body, indent=4))  # as MSAL logs a token request
+    library.debug(
+        "POST grant_type=authorization_code&code=0.AXcode-value-2&code_verifier=verifier_33"
+        "&client_secret=s3cr3t-value&refresh_token=1.refresh-value&device_code=dev-code-44"
+    )
+    library.debug("GET /callback?state=abc&code=4/0google-code-5")
+    library.debug("auth response %s", {"code": "0.AXcode-value-6", "state": "st"})
+    library.debug("Authorization: Bearer eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.payload.sig")
+    output = captured_log.getvalue()
+    for value in (
+        "0.AXcode-value",
+        "verifier_value_22",
+        "eyJhbGciOi.assertion",
+        "verifier_33",
+        "s3cr3t-value",
+        "1.refresh-value",
+        "dev-code-44",
+        "4/0google-code-5",
+        "eyJ0eXAiOiJKV1Qi",
+    ):
+        assert value not in output, value
+    assert output.count("[redacted]") == 11
+    assert "Mail.Send" in output and "state=abc" in output  # the rest stays readable
+
+
+def test_short_or_look_alike_parameters_stay(captured_log: io.StringIO) -> None:
+    configure_logging("debug", "text", captured_log)
+    log = get_logger("gateway.test")
+    log.info("smtp.reply", code=250, user_code="ABCD-EFGH", error_code="invalid_grant")
+    logging.getLogger("twisted").warning('WWW-Authenticate: Bearer realm="", error="x"')
+    output = captured_log.getvalue()
+    assert "code=250" in output and "user_code=ABCD-EFGH" in output
+    assert "error_code=invalid_grant" in output and 'Bearer realm=\\"\\"' in output
+    assert "[redacted]" not in output

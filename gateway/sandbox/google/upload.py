@@ -3,6 +3,14 @@
 The resumable session URL is absolute and minted on the sandbox's own origin, since clients must
 follow it verbatim (provider-apis.md 0.4). Chunks answer 308 with ``Range`` until the declared
 length is in; the last one answers with the sent Message.
+
+Every PUT of a session must carry a valid bearer token of the user who opened it (401 without
+one, or with a revoked or expired one, exactly as the API's other calls answer). Google's
+"Uploading Attachments" guide for Gmail (developers.google.com/gmail/api/guides/uploads,
+"Resumable upload") shows the PUTs as authorized requests and never documents the session URI
+alone as a credential, and Google's client libraries send ``Authorization`` on every request
+of an upload session (googleapiclient ``HttpRequest.next_chunk`` PUTs through the authorized
+transport). A sandbox that took a bare session URI would hide a client that leaves it out.
 """
 
 from __future__ import annotations
@@ -120,19 +128,22 @@ class Uploads:
         )
 
     async def chunk(self, request: web.Request) -> web.StreamResponse:
-        """One PUT of a resumable upload. The upload_id is the credential, as at Google."""
+        """One PUT of a resumable upload: the bearer token, then the session."""
         try:
             check_params(request, STANDARD_PARAMS | {"upload_id"})
-            return await self._chunk(request)
+            caller = self.gate.authenticate(request, "messages.send")
+            return await self._chunk(request, caller)
         except GmailError as error:
             return error.response()
 
-    async def _chunk(self, request: web.Request) -> web.StreamResponse:
+    async def _chunk(self, request: web.Request, caller: Caller) -> web.StreamResponse:
         upload_id = request.query.get("upload_id", "")
         session = self._sessions.get(upload_id)
         if session is None or session.expires_at <= self.store.directory.clock():
             self._sessions.pop(upload_id, None)
             raise GmailError(404, "notFound", "Upload session not found or expired.")
+        if caller.user is not session.caller.user:
+            raise GmailError(403, "forbidden", "The upload session belongs to another user.")
         data = await read_capped(request, MAX_MESSAGE_BYTES, upload_too_large)
         first, total = _content_range(request.headers.get("Content-Range"), len(data))
         if total is not None:

@@ -1,15 +1,17 @@
 """Microsoft Graph's front door: routing, bearer tokens, permissions, throttling, body limits.
 
 Every ``/v1.0/...`` request passes here in the order the real service applies its checks: the
-4 MB body cap, the bearer token (401), whose mailbox (``/me`` needs a delegated token; another
-user's mailbox needs an app token), the permission (403), then Outlook's limit of four
-concurrent requests per mailbox (429 ``ApplicationThrottled``). Handlers get a :class:`Call`
-and raise :class:`GraphError`, the one way this service answers errors.
+4 MB body cap, the bearer token (401, see ``Graph._authenticate``), whose mailbox (``/me``
+needs a delegated token; another user's mailbox needs an app token), the permission (403),
+then Outlook's limit of four concurrent requests per mailbox (429 ``ApplicationThrottled``).
+Handlers get a :class:`Call` and raise :class:`GraphError`, the one way this service answers
+errors.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -232,6 +234,19 @@ class Graph:
         )
 
     def _authenticate(self, request: web.Request) -> Grant:
+        """The grant of the request's bearer token, or 401 ``InvalidAuthenticationToken``.
+
+        A revoked token is refused at once, whatever its remaining lifetime, with a claims
+        challenge (``error="insufficient_claims"``, ``claims`` = base64 of a claims request
+        whose ``nbf`` is the revocation time), as Exchange Online does under continuous access
+        evaluation for a password reset, a disabled account or an admin's revocation. The
+        client must get a token issued after that time, i.e. refresh (passing the claims);
+        the same token, however often re-sent, stays refused. Sources: Microsoft, "How to use
+        Continuous Access Evaluation enabled APIs in your applications" and "Claims challenges,
+        claims requests and client capabilities" (learn.microsoft.com/entra/identity-platform/
+        app-resilience-continuous-access-evaluation, .../claims-challenge); "Resolve Microsoft
+        Graph authorization errors" (learn.microsoft.com/graph/resolve-auth-errors).
+        """
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.casefold() != "bearer" or not token.strip():
             raise _unauthenticated(request, "Access token is empty.")
@@ -243,6 +258,7 @@ class Graph:
                 request,
                 "Continuous access evaluation resulted in challenge with result: "
                 "InteractionRequired and code: TokenIssuedBeforeRevocationTimestamp",
+                claims=_issued_after(self.directory.clock()),
             )
         if grant.expired(self.directory.clock()):
             raise _unauthenticated(request, "Lifetime validation failed, the token is expired.")
@@ -301,12 +317,20 @@ def _unknown_segment(segment: str) -> GraphError:
     return bad_request(f"Resource not found for the segment '{segment}'.")
 
 
-def _unauthenticated(request: web.Request, message: str) -> GraphError:
+def _unauthenticated(request: web.Request, message: str, claims: str | None = None) -> GraphError:
     challenge = (
         f'Bearer realm="", authorization_uri="{origin(request)}/common/oauth2/authorize", '
         'client_id="00000003-0000-0000-c000-000000000000"'
     )
+    if claims is not None:
+        challenge += f', error="insufficient_claims", claims="{claims}"'
     return GraphError(401, "InvalidAuthenticationToken", message, {"WWW-Authenticate": challenge})
+
+
+def _issued_after(moment: float) -> str:
+    """A CAE claims challenge: "a token not valid before ``moment``", base64 as Graph sends it."""
+    request = {"access_token": {"nbf": {"essential": True, "value": str(int(moment))}}}
+    return base64.b64encode(json.dumps(request, separators=(",", ":")).encode()).decode("ascii")
 
 
 def _too_large() -> GraphError:
