@@ -4,7 +4,8 @@ Gmail sends to the To/Cc/Bcc headers (see ``_mime`` for how they are made to mat
 envelope) and silently rewrites a From that is not the account's address or a verified send-as
 alias, still answering 200. So the From is checked against ``settings/sendAs`` first (that
 needs gmail.readonly or settings.basic), and a message Gmail would rewrite is refused with the
-reason instead of going out under another name.
+reason instead of going out under another name; when the list cannot be read (no consent for
+it), the message is held for re-consent, never refused for a missing permission.
 """
 
 from __future__ import annotations
@@ -101,12 +102,11 @@ class GmailSender:
         except ReauthRequired as error:
             if from_address is None:
                 raise
-            raise Permanent(
-                f"cannot confirm that {account.address} may send as {from_address}: reading "
-                f"Gmail's send-as aliases needs the gmail.readonly scope ({error}); Gmail "
-                "would silently rewrite an unverified From",
-                553,
-                "5.7.1",
+            # Held, not refused: once the owner reconnects (with gmail.readonly), it can go.
+            raise ReauthRequired(
+                f"cannot confirm that {account.address} may send as {from_address}, and Gmail "
+                "would silently rewrite an unverified From: its send-as aliases could not be "
+                f"read ({error}); reading them needs the gmail.readonly scope"
             ) from error
         allowed = frozenset(
             str(entry.get("sendAsEmail", "")).lower()

@@ -1,4 +1,4 @@
-"""``providers._http``: what a 401 leads to, and that no auth failure is ever Permanent.
+"""``providers._http`` and the senders: what a 401 leads to; no auth failure is ever Permanent.
 
 The provider is an ``httpx.MockTransport`` answering as Graph / Gmail do; the token source is
 a small fake of the broker (the real one is exercised in tests/integration/test_token_refresh).
@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import base64
 import json
+from datetime import UTC, datetime
 
 import httpx
 import pytest
 
+from gateway.config import AccountSettings
 from gateway.oauth import AuthUnavailable
-from gateway.providers import _http
+from gateway.providers import GmailSender, _http
 from gateway.providers._errors import Permanent, ReauthRequired, Temporary
+from gateway.spool import Envelope
+from tests.helpers import PASSWORD_HASH
 
 CLAIMS = '{"access_token":{"nbf":{"essential":true,"value":"1604106651"}}}'
 CAE_CHALLENGE = (
@@ -134,3 +138,29 @@ def test_claims_challenge_parsing() -> None:
     broken = 'Bearer error="insufficient_claims", claims="%%%"'
     assert _http.claims_challenge({"WWW-Authenticate": broken}) is None
     assert _http.claims_challenge({}) is None
+
+
+async def test_gmail_from_check_without_the_readonly_scope_holds_instead_of_refusing() -> None:
+    """An alias From that cannot be verified because the consent lacks gmail.readonly (a 403)
+    is held for re-consent, not dead-lettered: reconnecting with the scope lets it go."""
+
+    def gmail(request: httpx.Request) -> httpx.Response:
+        assert request.url.path.endswith("/settings/sendAs"), request.url
+        challenge = 'Bearer realm="https://accounts.google.com/", error="insufficient_scope"'
+        body = {"error": {"code": 403, "errors": [{"reason": "insufficientPermissions"}]}}
+        return httpx.Response(403, json=body, headers={"WWW-Authenticate": challenge})
+
+    account = AccountSettings(
+        username="scanner",
+        password_hash=PASSWORD_HASH,
+        provider="google",
+        address="scanner@example.com",
+    )
+    envelope = Envelope(
+        "scanner", "app@example.org", ("a@example.org",), False, datetime.now(UTC), "127.0.0.1"
+    )
+    message = b"From: scans@example.com\r\nTo: a@example.org\r\nSubject: s\r\n\r\nbody\r\n"
+    client = httpx.AsyncClient(transport=httpx.MockTransport(gmail))
+    sender = GmailSender(client, Tokens(), "https://gmail.test")
+    with pytest.raises(ReauthRequired, match=r"needs the gmail\.readonly scope"):
+        await sender.send(account, envelope, message)
