@@ -141,6 +141,10 @@ def _check_config(args: argparse.Namespace) -> int:
     ports = ", ".join(f"{name} {port}" for name, port in settings.listeners.ports().items())
     accounts = len(settings.accounts)
     print(f"{args.config}: OK ({accounts} account{'s' if accounts != 1 else ''}; {ports})")
+    from .config import config_notes
+
+    for note in config_notes(settings):
+        print(f"note: {note}")
     return EXIT_OK
 
 

@@ -199,9 +199,10 @@ class Demo:
             "  accounts (username / password -> mailbox):",
         ]
         for account in self.accounts:
+            reads_only = "; reads only, sends nothing" if account.provider == "upstream" else ""
             lines.append(
                 f"    {account.username:<8} / {account.password}  ->  "
-                f"{account.address} ({account.provider})"
+                f"{account.address} ({account.provider}{reads_only})"
             )
         if self.dovecot is None:
             lines.append("    (no upstream account: Dovecot is not installed)")
@@ -233,7 +234,9 @@ class Demo:
         return "\n".join(lines)
 
     def _upstream_example(self, ports: dict[str, int]) -> list[str]:
-        """The upstream account needs no consent: its INBOX can be read at once."""
+        """The upstream account needs no consent: its INBOX can be read at once. It has no
+        upstream.smtp server (the demo starts no SMTP server), so the gateway refuses its mail
+        at MAIL FROM; the text says so rather than letting a user find out by trying."""
         legacy = [a for a in self.accounts if a.provider == "upstream"]
         if not legacy:
             return []
@@ -241,7 +244,9 @@ class Demo:
         return [
             "  (the upstream account needs no consent; its INBOX comes from a private Dovecot:",
             f"    curl --cacert {ca} -u legacy:{legacy[0].password} "
-            f"'pop3s://localhost:{ports.get('pop3s')}/1')",
+            f"'pop3s://localhost:{ports.get('pop3s')}/1'",
+            "   it can only read mail: it has no upstream.smtp server, so mail it submits is",
+            "   refused at MAIL FROM with 550 5.7.1)",
         ]
 
 

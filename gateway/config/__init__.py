@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ._checks import CHECKS
+from ._checks import notes as config_notes
 from ._schema import Problem, Secret, Validator
 from ._settings import (
     AccountReadingSettings,
@@ -53,6 +54,7 @@ __all__ = [
     "TlsSettings",
     "UpstreamServer",
     "UpstreamSettings",
+    "config_notes",
     "load_settings",
 ]
 

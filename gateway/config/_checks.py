@@ -87,6 +87,15 @@ def _check_provider(
         )
     if account.provider is None:
         return
+    if account.provider == "google" and not account.sending.save_to_sent:
+        v.report(
+            (*path, "sending", "save_to_sent"),
+            "Gmail files every message sent through its API in Sent Mail, and removing that "
+            "copy needs a scope the gateway does not ask for (deleting: https://mail.google.com/, "
+            "full access to the mailbox; trashing: gmail.modify, and the copy stays in Trash "
+            "for 30 days), so save_to_sent: false cannot be honoured for Google accounts",
+            "remove save_to_sent from this account (Google accounts always keep a Sent copy)",
+        )
     if account.provider != "upstream":
         if account.upstream is not None:
             v.report(
@@ -128,6 +137,20 @@ def check_app_only(settings: Settings, v: Validator) -> None:
             "add the app's client secret or certificate, or set app_only: false to let each "
             "mailbox consent",
         )
+
+
+def notes(settings: Settings) -> list[str]:
+    """Settings that are valid but change what the gateway does in a way the admin should know
+    (``check-config`` prints them after OK)."""
+    found = []
+    for account in settings.accounts:
+        if not account.can_send:
+            found.append(
+                f"account {account.username!r} can only read mail: it has no upstream.smtp "
+                "server, so the gateway refuses its SMTP submissions at MAIL FROM (550 5.7.1); "
+                "add upstream.smtp if its programs also send"
+            )
+    return found
 
 
 CHECKS: tuple[Callable[[Settings, Validator], None], ...] = (

@@ -311,6 +311,15 @@ class AccountSettings:
     sending: SendingSettings = field_info(SendingSettings())
     reading: AccountReadingSettings = field_info(AccountReadingSettings())
 
+    @property
+    def can_send(self) -> bool:
+        """Whether the gateway has a way to send this account's mail: the API providers always;
+        an upstream account only through its upstream.smtp server (without one it only reads,
+        which is legitimate: a program that fetches mail and never sends)."""
+        return self.provider != "upstream" or (
+            self.upstream is not None and self.upstream.smtp is not None
+        )
+
 
 @dataclass(frozen=True)
 class AdminSettings:

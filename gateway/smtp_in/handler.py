@@ -68,6 +68,9 @@ class SubmissionHandler:
     ) -> str:
         account: AccountSettings = session.auth_data
         accounts = self._front.accounts
+        if not account.can_send:
+            log.warning("smtp.read_only_account", account=account.username)
+            return replies.read_only_account(account.username)
         if not envelope.smtp_utf8 and not address.isascii():
             return replies.UTF8_NEEDS_SMTPUTF8
         if not accounts.may_send_as(account, address):

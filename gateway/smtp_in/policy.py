@@ -19,7 +19,9 @@ from datetime import datetime
 from email.parser import Parser
 from email.utils import format_datetime
 
-_SENDER_HEADERS = ("From", "Sender")
+# RFC 5322 3.6.6: a resent block names who resent the message; every block counts, since a
+# recipient's client may show any of them (and a forged Resent-From is as good as a forged From).
+_SENDER_HEADERS = ("From", "Sender", "Resent-From", "Resent-Sender")
 _HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.:\[\]_-]")
 
 
@@ -36,12 +38,16 @@ def normalize_line_endings(content: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class HeaderSender:
-    header: str  # "From" or "Sender"
+    header: str  # "From", "Sender", "Resent-From" or "Resent-Sender"
     address: str | None  # None: the header could not be read as addresses
 
 
 def header_senders(content: bytes) -> list[HeaderSender]:
-    """Every address in every From and Sender header (a duplicated From is a classic bypass)."""
+    """Every address in every From, Sender, Resent-From and Resent-Sender header.
+
+    Every occurrence counts (a duplicated From is a classic bypass, and a message may carry
+    several resent blocks); groups, comments and encoded words are undone by the parser first.
+    """
     end = content.find(b"\r\n\r\n")
     head = content[: end + 2] if end >= 0 else content
     message = Parser(policy=email.policy.default).parsestr(

@@ -41,6 +41,18 @@ def sender_refused(username: str, address: str, allowed: tuple[str, ...]) -> str
     )
 
 
+def read_only_account(username: str) -> str:
+    """MAIL FROM of an account the gateway has no way to send for (an upstream account without
+    upstream.smtp). 5.7.1, "delivery not authorized" (RFC 3463), because this login may not
+    submit mail at all, like our other refusals of what an account may send; not 5.3.3, "system
+    not capable of selected features", which is about features of a message the next system
+    cannot carry. Permanent (5xx): retrying cannot help until the configuration changes."""
+    return (
+        f"550 5.7.1 Account {username} can only read mail: it has no upstream.smtp server in "
+        "the gateway's configuration, so there is nowhere to send its mail"
+    )
+
+
 def header_refused(header: str, address: str, allowed: tuple[str, ...]) -> str:
     return (
         f"550 5.7.1 The {header} header <{address}> is not an address this account may use; "

@@ -35,6 +35,29 @@ def test_check_config_accepts_the_example() -> None:
     result = gateway_cli("check-config", str(REPO / "config.example.yaml"))
     assert result.returncode == 0, result.stderr
     assert "OK (3 accounts" in result.stdout
+    assert "note:" not in result.stdout  # its upstream account has an SMTP server
+
+
+def test_check_config_notes_an_account_that_can_only_read(tmp_path: Path) -> None:
+    config = base_config(tmp_path / "state")
+    imap = {"host": "mail.example.org", "username": "legacy", "password": "pw"}
+    config["accounts"].append(
+        {
+            "username": "legacy",
+            "password_hash": config["accounts"][0]["password_hash"],
+            "provider": "upstream",
+            "address": "legacy@example.org",
+            "upstream": {"imap": imap},
+        }
+    )
+    path = tmp_path / "read-only.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = gateway_cli("check-config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "OK (3 accounts" in result.stdout
+    assert "note: account 'legacy' can only read mail: it has no upstream.smtp server" in (
+        result.stdout
+    )
 
 
 def test_check_config_lists_every_problem_and_exits_2(tmp_path: Path) -> None:

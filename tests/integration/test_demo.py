@@ -46,6 +46,10 @@ async def test_demo_wires_the_gateway_to_seeded_sandbox_mailboxes(tmp_path: Path
         assert f"admin password {demo.admin_password}" in " ".join(text.split())
         assert await asyncio.to_thread(_read_upstream_inbox, demo, upstream.password) == 3
         assert f"-u legacy:{upstream.password} 'pop3s://localhost:" in text
+        assert "(upstream; reads only, sends nothing)" in text
+        assert "it can only read mail: it has no upstream.smtp server" in text
+        refusal = await asyncio.to_thread(_send_as_upstream_account, demo, upstream.password)
+        assert refusal[0] == 550 and "can only read mail" in refusal[1]
         await _connect_through_the_admin_page(demo, text)
     finally:
         await demo.stop()
@@ -63,6 +67,22 @@ def _read_upstream_inbox(demo: Demo, password: str) -> int:
         return client.stat()[0]
     finally:
         client.quit()
+
+
+def _send_as_upstream_account(demo: Demo, password: str) -> tuple[int, str]:
+    """What the text says holds: the read-only account logs in and is refused at MAIL FROM."""
+    cafile = str(demo.gateway.settings.state_dir / "tls" / "ca.crt")
+    context = ssl.create_default_context(cafile=cafile)
+    with smtplib.SMTP("localhost", demo.gateway.ports["smtp"], timeout=15) as client:
+        client.starttls(context=context)
+        client.login("legacy", password)
+        try:
+            client.sendmail(
+                "legacy@upstream.example", ["someone@example.org"], b"Subject: x\r\n\r\nx\r\n"
+            )
+        except smtplib.SMTPSenderRefused as error:
+            return error.smtp_code, error.smtp_error.decode()
+    return 250, "accepted"
 
 
 async def _connect_through_the_admin_page(demo: Demo, instructions: str) -> None:

@@ -28,7 +28,7 @@ from gateway.smtp_in import server as smtp_server
 from gateway.smtp_in.policy import normalize_line_endings
 from gateway.spool._types import Envelope, SpoolError, SubmitResult
 from gateway.throttle import LoginThrottle
-from tests.helpers import PASSWORD, base_config
+from tests.helpers import PASSWORD, PASSWORD_HASH, base_config
 
 HOST = "127.0.0.1"
 CRM = "crm@contoso.example"
@@ -77,12 +77,16 @@ StartFront = Callable[..., Awaitable[Front]]
 
 @pytest.fixture
 async def start_front(tmp_path: Path) -> AsyncIterator[StartFront]:
-    """Start both SMTP listeners with config overrides (``smtp={...}``, ``allowed_from=[...]``)."""
+    """Start both SMTP listeners with config overrides (``smtp={...}``, ``allowed_from=[...]``,
+    ``more_accounts=[...]``)."""
     async with AsyncExitStack() as stack:
 
-        async def start(smtp: dict | None = None, allowed_from: tuple = ()) -> Front:
+        async def start(
+            smtp: dict | None = None, allowed_from: tuple = (), more_accounts: tuple = ()
+        ) -> Front:
             config = base_config(tmp_path / "state", smtp=smtp or {})
             config["accounts"][0]["sending"] = {"allowed_from": list(allowed_from)}
+            config["accounts"].extend(more_accounts)
             path = tmp_path / "config.yaml"
             path.write_text(yaml.safe_dump(config))
             settings = load_settings(path)
@@ -417,6 +421,11 @@ async def test_forbidden_and_null_mail_from_are_refused_allowed_alias_accepted(
         (f"From: {CRM}\r\nSender: ceo@contoso.example\r\n", "550 5.7.1 The Sender header"),
         (f"From: {CRM}\r\nFrom: ceo@contoso.example\r\n", "550 5.7.1 The From header <ceo@"),
         ("From: undisclosed\r\n", "550 5.7.1 The From header cannot be read"),
+        (f"From: {CRM}\r\nResent-From: ceo@contoso.example\r\n", "550 5.7.1 The Resent-From"),
+        (
+            f"From: {CRM}\r\nResent-Sender: =?utf-8?q?crm?= <ceo@contoso.example>\r\n",
+            "550 5.7.1 The Resent-Sender header <ceo@contoso.example>",
+        ),
     ],
 )
 async def test_forbidden_header_sender_is_refused_at_end_of_data(
@@ -435,6 +444,41 @@ async def test_forbidden_header_sender_is_refused_at_end_of_data(
 
     code, text = await asyncio.to_thread(session)
     assert f"{code} {text}".startswith(expected)
+    assert front.spool.submitted == []
+
+
+READ_ONLY = {
+    "username": "legacy",
+    "password_hash": PASSWORD_HASH,
+    "provider": "upstream",
+    "address": "legacy@upstream.example",
+    "upstream": {"imap": {"host": "imap.upstream.example", "username": "l", "password": "pw"}},
+}
+
+
+async def test_an_account_that_can_only_read_logs_in_but_is_refused_at_mail_from(
+    start_front: StartFront,
+) -> None:
+    """No upstream.smtp: a 5xx naming the missing setting before any data, never a 250 and a
+    dead letter later; the login itself works (its IMAP/POP3 programs need it)."""
+    front = await start_front(more_accounts=(READ_ONLY,))
+
+    def session() -> tuple[tuple[int, bytes], tuple[int, str]]:
+        with smtplib.SMTP(HOST, front.smtp, timeout=10) as client:
+            login = client.login("legacy", PASSWORD)
+            try:
+                client.sendmail("legacy@upstream.example", ["ann@example.org"], SIMPLE)
+            except smtplib.SMTPSenderRefused as error:
+                return login, _code(error)
+            return login, (250, "")
+
+    (login_code, _), refusal = await asyncio.to_thread(session)
+    assert login_code == 235
+    assert refusal == (
+        550,
+        "5.7.1 Account legacy can only read mail: it has no upstream.smtp server in the "
+        "gateway's configuration, so there is nowhere to send its mail",
+    )
     assert front.spool.submitted == []
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway import tls
-from gateway.config import ConfigError, Secret, load_settings
+from gateway.config import ConfigError, Secret, config_notes, load_settings
 from tests.helpers import PASSWORD_HASH, base_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,6 +31,7 @@ def test_example_config_is_valid(tmp_path: Path) -> None:
     smtp = settings.accounts[2].upstream.smtp
     assert smtp.port_for("smtp") == 587 and smtp.security == "starttls"
     assert isinstance(smtp.password, Secret) and "upstream-password-here" not in repr(smtp)
+    assert config_notes(settings) == []
 
 
 def test_defaults_fill_everything_optional(write_config, tmp_path: Path) -> None:
@@ -148,6 +149,43 @@ def test_upstream_account_rules(write_config, tmp_path: Path) -> None:
     assert "both upstream.imap and upstream.pop3" in problems["accounts[0].upstream"]
     assert "only used with provider upstream" in problems["accounts[1].upstream"]
     assert "used by another account" in problems["accounts[1].username"]
+
+
+def test_an_upstream_account_without_smtp_is_valid_and_noted_as_read_only(
+    write_config, tmp_path: Path
+) -> None:
+    server = {"host": "mail.example.org", "security": "tls", "username": "u", "password": "pw"}
+    config = base_config(tmp_path / "state")
+    for name, upstream in (
+        ("reader", {"imap": server}),
+        ("both", {"smtp": server, "pop3": server}),
+    ):
+        config["accounts"].append(
+            {
+                "username": name,
+                "password_hash": PASSWORD_HASH,
+                "provider": "upstream",
+                "address": f"{name}@example.org",
+                "upstream": upstream,
+            }
+        )
+    settings = load_settings(write_config(config), environ={})
+    assert config_notes(settings) == [
+        "account 'reader' can only read mail: it has no upstream.smtp server, so the gateway "
+        "refuses its SMTP submissions at MAIL FROM (550 5.7.1); add upstream.smtp if its "
+        "programs also send"
+    ]
+
+
+def test_save_to_sent_false_is_refused_for_google_accounts(write_config, tmp_path: Path) -> None:
+    config = base_config(tmp_path / "state")
+    for account in config["accounts"]:  # crm (microsoft) may; scanner (google) may not
+        account["sending"] = {"save_to_sent": False}
+    (problem,) = _problems(write_config(config))
+    assert problem.key == "accounts[1].sending.save_to_sent"
+    assert "Gmail files every message sent through its API in Sent Mail" in problem.message
+    assert "https://mail.google.com/" in problem.message and "gmail.modify" in problem.message
+    assert problem.fix.startswith("remove save_to_sent")
 
 
 def test_reading_policy_keys_and_pop3_upstream_writes(write_config, tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from gateway import accounts as accounts_module
 from gateway.accounts import Accounts
-from gateway.config import AccountSettings, SendingSettings
+from gateway.config import AccountSettings, SendingSettings, UpstreamServer, UpstreamSettings
 from gateway.passwords import ScryptHash, verify_password
 from tests.helpers import PASSWORD, PASSWORD_HASH
 
@@ -103,3 +103,42 @@ def test_no_accounts_still_has_a_dummy_hash() -> None:
 def test_allowed_senders_lists_the_mailbox_once() -> None:
     account: Any = _account("x", "x@example.com", ("X@example.com", "y@example.com"))
     assert Accounts([account]).allowed_senders(account) == ("x@example.com", "y@example.com")
+
+
+SERVER = UpstreamServer(host="mail.example.org")
+
+
+@pytest.mark.parametrize(
+    ("provider", "upstream", "can_send"),
+    [
+        ("microsoft", None, True),
+        ("google", None, True),
+        ("upstream", UpstreamSettings(smtp=SERVER, imap=SERVER), True),
+        ("upstream", UpstreamSettings(smtp=SERVER), True),
+        ("upstream", UpstreamSettings(imap=SERVER), False),
+        ("upstream", UpstreamSettings(pop3=SERVER), False),
+    ],
+)
+def test_an_upstream_account_without_smtp_can_only_read(
+    provider: str, upstream: UpstreamSettings | None, can_send: bool
+) -> None:
+    account = AccountSettings(
+        username="legacy",
+        password_hash=PASSWORD_HASH,
+        provider=provider,  # type: ignore[arg-type]
+        address="legacy@example.org",
+        upstream=upstream,
+    )
+    assert account.can_send is can_send
+
+
+async def test_a_read_only_account_still_logs_in() -> None:
+    """Its IMAP/POP3 clients need the login; only sending is refused (at MAIL FROM)."""
+    legacy = AccountSettings(
+        username="legacy",
+        password_hash=PASSWORD_HASH,
+        provider="upstream",
+        address="legacy@example.org",
+        upstream=UpstreamSettings(imap=SERVER),
+    )
+    assert await Accounts([legacy]).authenticate("legacy", PASSWORD) is legacy

@@ -123,6 +123,77 @@ def test_content_refusal(content: bytes, reply_start: str | None) -> None:
         assert refusal is not None and refusal.startswith(reply_start)
 
 
+# The tricks the From check sees through, each in a resent block (RFC 5322 3.6.6).
+RESENT_TRICKS = [
+    pytest.param("ceo@contoso.example", ["ceo@contoso.example"], id="plain"),
+    pytest.param(
+        "crm@contoso.example, ceo@contoso.example",
+        ["crm@contoso.example", "ceo@contoso.example"],
+        id="several-addresses",
+    ),
+    pytest.param(
+        "=?utf-8?q?crm=40contoso.example?= <ceo@contoso.example>",
+        ["ceo@contoso.example"],
+        id="encoded-word-name-that-looks-allowed",
+    ),
+    pytest.param(
+        "team: crm@contoso.example, ceo@contoso.example;",
+        ["crm@contoso.example", "ceo@contoso.example"],
+        id="group",
+    ),
+    pytest.param(
+        "ceo@contoso.example (crm@contoso.example)", ["ceo@contoso.example"], id="comment"
+    ),
+    pytest.param(
+        '"crm@contoso.example" <ceo@contoso.example>', ["ceo@contoso.example"], id="quoted-name"
+    ),
+    pytest.param("undisclosed-recipients:;", [None], id="empty-group"),
+    pytest.param("<a@b@c>", [None], id="malformed"),
+]
+
+
+@pytest.mark.parametrize("header", ["Resent-From", "Resent-Sender"])
+@pytest.mark.parametrize(("value", "addresses"), RESENT_TRICKS)
+def test_resent_headers_are_read_like_from(
+    header: str, value: str, addresses: list[str | None]
+) -> None:
+    content = f"From: crm@contoso.example\r\n{header}: {value}\r\n\r\nbody\r\n".encode()
+    assert header_senders(content) == [
+        HeaderSender("From", "crm@contoso.example"),
+        *(HeaderSender(header, address) for address in addresses),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("resent", "reply"),
+    [
+        ("Resent-From: Sales <sales@CONTOSO.example>\r\n", None),
+        (
+            "Resent-From: ceo@contoso.example\r\n",
+            "550 5.7.1 The Resent-From header <ceo@contoso.example> is not an address",
+        ),
+        (
+            "Resent-Sender: team: crm@contoso.example, ceo@contoso.example;\r\n",
+            "550 5.7.1 The Resent-Sender header <ceo@contoso.example>",
+        ),
+        # Every resent block counts, not only the newest one.
+        (
+            "Resent-From: crm@contoso.example\r\nResent-Date: x\r\n"
+            "Resent-From: ceo@contoso.example\r\n",
+            "550 5.7.1 The Resent-From header <ceo@",
+        ),
+        ("resent-sender: undisclosed:;\r\n", "550 5.7.1 The Resent-Sender header cannot be read"),
+    ],
+)
+def test_resent_senders_are_refused_like_from(resent: str, reply: str | None) -> None:
+    content = f"From: crm@contoso.example\r\n{resent}\r\nbody\r\n".encode()
+    refusal = content_refusal(Accounts([ACCOUNT]), ACCOUNT, content)
+    if reply is None:
+        assert refusal is None
+    else:
+        assert refusal is not None and refusal.startswith(reply)
+
+
 def test_received_header_names_no_recipient_and_cleans_the_helo_name() -> None:
     when = datetime(2026, 11, 29, 3, 0, tzinfo=UTC)
     header = received_header(
