@@ -233,6 +233,19 @@ async def test_a_new_token_refused_too_leaves_the_mail_queued_with_the_true_reas
 # -- Gmail ---------------------------------------------------------------------------------------
 
 
+async def test_revoked_gmail_access_token_is_replaced_and_the_mail_goes_out(
+    world: World,
+) -> None:
+    await world.connect("scanner")
+    await world.delivered("scanner", await world.submit("scanner", "before"))
+    before, asked = world.refreshes("scanner"), world.issued("scanner")
+    assert world.sandbox.directory.revoke_access_tokens(GOOGLE_ADDRESS) >= 1
+    await world.delivered("scanner", await world.submit("scanner", "after the revocation"))
+    assert world.refreshes("scanner") == before + 1
+    assert world.issued("scanner") == asked + 1  # google-auth did ask the token endpoint
+    assert (await world.gateway.broker.status("scanner")).state == "connected"
+
+
 async def test_10mb_gmail_message_through_the_resumable_upload(world: World) -> None:
     """Over 5 MB Gmail takes a resumable upload; the sandbox refuses any PUT of the session
     without the bearer token, so delivery shows that each one carries it."""
