@@ -77,6 +77,7 @@ class ControlApi:
             ("DELETE", "/_sandbox/faults", self.clear_faults),
             ("PUT", "/_sandbox/consent", self.consent),
             ("GET", "/_sandbox/stats", self.stats),
+            ("PUT", "/_sandbox/throttle", self.throttle),
         ]
         for method, path, handler in routes:
             app.router.add_route(method, path, self._guard(handler))
@@ -259,7 +260,42 @@ class ControlApi:
         return web.json_response({"mode": mode})
 
     async def stats(self, request: web.Request) -> web.Response:
-        return web.json_response({"requests": dict(self.sandbox.faults.requests)})
+        return web.json_response(
+            {
+                "requests": dict(self.sandbox.faults.requests),
+                "mailboxes": self.sandbox.throttle.stats(),
+            }
+        )
+
+    async def throttle(self, request: web.Request) -> web.Response:
+        """A provider's per-mailbox limit: ``limit`` requests (Graph) or quota units (Gmail)
+        per ``period_seconds``; for Google also ``status`` 429 or 403 (it uses both)."""
+        body = await self._json(request)
+        provider: Provider = _choice(body.get("provider"), Provider, "provider")
+        limit, period = body.get("limit"), body.get("period_seconds")
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ControlError("limit must be a positive whole number")
+        if not isinstance(period, int | float) or isinstance(period, bool) or period <= 0:
+            raise ControlError("period_seconds must be a positive number")
+        status = body.get("status")
+        if status is not None and (provider != "google" or status not in (403, 429)):
+            raise ControlError("status is for google only: 429 or 403")
+        self.sandbox.throttle.configure(provider, limit, float(period), status)
+        return web.json_response({"provider": provider, "limit": limit, "period_seconds": period})
+
+
+def _strings(body: dict[str, Any], key: str) -> tuple[str, ...]:
+    value = body.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ControlError(f"{key} must be a list of strings")
+    return tuple(value)
+
+
+def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
+    value = body.get(key, default)
+    if not isinstance(value, bool):
+        raise ControlError(f"{key} must be true or false")
+    return value
 
 
 def _strings(body: dict[str, Any], key: str) -> tuple[str, ...]:

@@ -23,6 +23,7 @@ from ._control import ControlApi
 from ._directory import App, Directory, Provider, User
 from ._faults import FaultPlan, middleware
 from ._provider import Context, MailboxOps, ProviderSandbox
+from ._throttle import Throttle
 from .google import GoogleSandbox
 from .microsoft import MicrosoftSandbox
 
@@ -47,6 +48,7 @@ class Sandbox:
         self.context = Context(Directory(clock), FaultPlan())
         self.microsoft = MicrosoftSandbox(self.context)
         self.google = GoogleSandbox(self.context)
+        self.throttle = Throttle(self.context.directory)  # per-mailbox limits (see _throttle)
         self._providers: dict[Provider, ProviderSandbox] = {
             "microsoft": self.microsoft,
             "google": self.google,
@@ -74,7 +76,9 @@ class Sandbox:
 
     def application(self) -> web.Application:
         app = web.Application(
-            middlewares=[middleware(self.faults)], client_max_size=MAX_REQUEST_BYTES
+            # Outermost, the throttle sees (and counts) the faults' answers too.
+            middlewares=[self.throttle.middleware(), middleware(self.faults)],
+            client_max_size=MAX_REQUEST_BYTES,
         )
         for provider in self._providers.values():
             provider.add_routes(app)

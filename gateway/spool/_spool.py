@@ -200,9 +200,9 @@ class FileSpool:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             pending = [
-                self._due(r)
+                self._due(r)  # a paused account's records are due when the pause ends
                 for r in waiting
-                if r.id not in self._busy and not self._must_wait(r.envelope.account)
+                if r.id not in self._busy and not self._probe_out(r.envelope.account)
             ]
             pause = self.rescan_interval - (time.monotonic() - last_scan)
             if pending and len(self._busy) < self.max_in_flight:
@@ -237,8 +237,10 @@ class FileSpool:
 
     def _must_wait(self, account: str) -> bool:
         """Paused by the provider, or its one request after a pause is still out."""
-        if self._paused.get(account, 0.0) > time.time():
-            return True
+        return self._paused.get(account, 0.0) > time.time() or self._probe_out(account)
+
+    def _probe_out(self, account: str) -> bool:
+        """After a pause, the account's first request is on its way: the others wait for it."""
         return account in self._probing and self._in_flight.get(account, 0) > 0
 
     async def _rescan(self) -> None:

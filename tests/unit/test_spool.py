@@ -420,3 +420,15 @@ async def test_inline_delivery_queues_for_a_paused_mailbox_and_the_queue_says_un
         assert restarted.pauses() == spool.pauses()
     finally:
         await restarted.stop()
+
+
+async def test_the_worker_wakes_up_when_a_pause_ends(tmp_path: Path) -> None:
+    sender = Scripted(throttled(0.1))
+    spool = make(tmp_path, sender, rescan_interval=3600.0)  # no rescan would wake it
+    await spool.start()
+    try:
+        await spool.submit(envelope(), RAW)
+        await until(lambda: spool.messages() == [])
+    finally:
+        await spool.stop()
+    assert len(sender.calls) == 2
