@@ -255,7 +255,9 @@ class SendingSettings:
         "address and the provider's send-as aliases",
     )
     save_to_sent: bool = field_info(
-        True, fix="true to keep a copy in Sent Items (Microsoft; Gmail always keeps one)"
+        True,
+        fix="true to keep a copy in the sent mail; false to leave none (Microsoft only: Gmail "
+        "always keeps one, and the gateway files none for an upstream SMTP server either way)",
     )
     pace_per_minute: int | None = field_info(
         None,
