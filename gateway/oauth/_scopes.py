@@ -22,15 +22,17 @@ class ScopeNeed:
 
 
 def microsoft_delegated() -> tuple[ScopeNeed, ...]:
-    """Mail.ReadWrite, not Mail.Read: messages over 3 MB need drafts and upload sessions (Mail.Send
-    alone cannot create drafts), so every account needs it; it also covers the opt-in reading
-    policies (mirrored flags, archive/trash)."""
+    """Mail.ReadWrite, not Mail.Read: messages over 3 MB, and every message of an account with
+    ``save_to_sent: false``, go through drafts (Mail.Send alone cannot create drafts), so every
+    account needs it; it also covers the opt-in reading policies (mirrored flags, archive/trash).
+    """
     return (
         ScopeNeed(f"{GRAPH}Mail.Send", "send the mail your programs submit by SMTP"),
         ScopeNeed(
             f"{GRAPH}Mail.ReadWrite",
-            "read the INBOX for IMAP/POP3, send messages over 3 MB (drafts + upload), and copy "
-            "flags or archive/trash if this account's reading policy says so",
+            "read the INBOX for IMAP/POP3, send through drafts (messages over 3 MB, or without a "
+            "Sent Items copy), and copy flags or archive/trash if this account's reading policy "
+            "says so",
         ),
     )
 
