@@ -298,19 +298,5 @@ def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
     return value
 
 
-def _strings(body: dict[str, Any], key: str) -> tuple[str, ...]:
-    value = body.get(key, [])
-    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise ControlError(f"{key} must be a list of strings")
-    return tuple(value)
-
-
-def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
-    value = body.get(key, default)
-    if not isinstance(value, bool):
-        raise ControlError(f"{key} must be true or false")
-    return value
-
-
 def _id(request: web.Request) -> str:
     return request.match_info["id"]
