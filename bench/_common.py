@@ -180,3 +180,31 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def start_gateway(config: Path, log_file: Any) -> asyncio.subprocess.Process:
+    """``gateway run -c config`` as a child process, its output into ``log_file``."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "run",
+        "-c",
+        str(config),
+        env=child_env(),
+        cwd=str(ROOT),
+        stdout=log_file,
+        stderr=log_file,
+    )
+
+
+def run(main: Any, arguments: Any) -> None:
+    """Run ``main(arguments)`` on a loop with Twisted's reactor installed first, as the CLI
+    does, and exit with its return code."""
+    from gateway.runtime import new_loop_with_reactor
+
+    loop = new_loop_with_reactor()
+    try:
+        sys.exit(loop.run_until_complete(main(arguments)))
+    finally:
+        loop.close()

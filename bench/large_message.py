@@ -251,11 +251,4 @@ def _arguments() -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    arguments = _arguments()
-    from gateway.runtime import new_loop_with_reactor  # the reactor first, like the CLI
-
-    loop = new_loop_with_reactor()
-    try:
-        sys.exit(loop.run_until_complete(main(arguments)))
-    finally:
-        loop.close()
+    c.run(main, _arguments())

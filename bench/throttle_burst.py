@@ -44,18 +44,7 @@ async def main(args: argparse.Namespace) -> int:
     ops = sandbox.ops(user)
     try:
         with open(log_path, "wb") as log_file:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "gateway",
-                "run",
-                "-c",
-                str(config),
-                env=c.child_env(),
-                cwd=str(c.ROOT),
-                stdout=log_file,
-                stderr=log_file,
-            )
+            process = await c.start_gateway(config, log_file)
             try:
                 await c.wait_for_banner(port, process, 60)
                 submitted = await run_clients(
@@ -129,11 +118,4 @@ def _arguments() -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    arguments = _arguments()
-    from gateway.runtime import new_loop_with_reactor  # the reactor first, like the CLI
-
-    loop = new_loop_with_reactor()
-    try:
-        sys.exit(loop.run_until_complete(main(arguments)))
-    finally:
-        loop.close()
+    c.run(main, _arguments())
