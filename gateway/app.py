@@ -150,13 +150,12 @@ class Gateway:
             pair = tls.CertificatePair(settings.tls.cert, settings.tls.key)
         else:
             pair = tls.ensure_certificate(settings.state_dir, settings.hostname)
-        ssl_context = tls.server_context(pair)
-        twisted_tls = tls.twisted_context_factory(pair)
+        contexts = tls.server_tls(pair)
         hostname = settings.hostname
 
         def smtp(implicit: bool) -> Any:
             return lambda name, host, port: smtp_server.serve(
-                name, host, port, hostname, ssl_context, implicit, self.smtp_front
+                name, host, port, hostname, contexts.stdlib, implicit, self.smtp_front
             )
 
         cleartext = settings.reading.plaintext_auth
@@ -167,7 +166,7 @@ class Gateway:
                 name,
                 host,
                 port,
-                twisted_tls,
+                contexts.twisted,
                 implicit,
                 self._authenticate,
                 self._mailbox_for,

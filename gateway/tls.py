@@ -23,6 +23,12 @@ from cryptography.x509.oid import NameOID
 
 _VALIDITY = datetime.timedelta(days=825)  # the longest lifetime Apple clients accept
 
+MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2  # TLS 1.0 and 1.1 are deprecated (RFC 8996)
+# TLS 1.2 suites for every listener: forward secrecy (ECDHE) and no SHA-1 MAC. AES-CBC with
+# SHA-256/384 stays for older legacy programs without AES-GCM; TLS 1.3 suites (all AEAD) are
+# OpenSSL's. This is Python's own server default narrowed to what Twisted can also serve.
+CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:ECDHE+AES:!aNULL:!eNULL:!SHA1:!AESCCM"
+
 
 @dataclass(frozen=True)
 class CertificatePair:
@@ -163,16 +169,36 @@ def _leaf_certificate(
     )
 
 
+@dataclass(frozen=True)
+class ServerTLS:
+    """One certificate pair under one protocol and cipher policy, in both forms our listeners
+    need: asyncio's ``ssl`` (SMTP, SMTPS) and Twisted's pyOpenSSL factory (IMAP, IMAPS, POP3,
+    POP3S, and STARTTLS/STLS on them). Build it with :func:`server_tls` so no listener can drift
+    to its library's own defaults (Twisted's accept CBC suites with SHA-1 and RSA key exchange).
+    """
+
+    stdlib: ssl.SSLContext
+    twisted: Any
+
+
+def server_tls(pair: CertificatePair) -> ServerTLS:
+    """The contexts for every local listener, all under :data:`MINIMUM_VERSION` and
+    :data:`CIPHERS`."""
+    return ServerTLS(server_context(pair), _twisted_options(pair))
+
+
 def server_context(pair: CertificatePair) -> ssl.SSLContext:
-    """An ``ssl`` server context for the asyncio listeners (aiosmtpd, the admin page)."""
+    """An asyncio ``ssl`` server context under the listeners' policy (also the sandbox's)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.minimum_version = MINIMUM_VERSION
+    context.set_ciphers(CIPHERS)
     context.load_cert_chain(pair.cert, pair.key)
     return context
 
 
-def twisted_context_factory(pair: CertificatePair) -> Any:
-    """The same pair as a Twisted context factory, for the IMAP and POP3 listeners."""
+def _twisted_options(pair: CertificatePair) -> Any:
+    """The same pair and policy as a Twisted context factory. Twisted leaves DHE off without
+    DH parameters and so does OpenSSL 3 in Python; the policy names ECDHE only, so both agree."""
     from twisted.internet import ssl as twisted_ssl
 
     chain = x509.load_pem_x509_certificates(pair.cert.read_bytes())
@@ -180,5 +206,6 @@ def twisted_context_factory(pair: CertificatePair) -> Any:
         privateKey=serialization.load_pem_private_key(pair.key.read_bytes(), password=None),
         certificate=chain[0],
         extraCertChain=chain[1:],
-        raiseMinimumTo=twisted_ssl.TLSVersion.TLSv1_2,
+        raiseMinimumTo=twisted_ssl.TLSVersion.lookupByName(MINIMUM_VERSION.name),
+        acceptableCiphers=twisted_ssl.AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
     )

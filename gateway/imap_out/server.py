@@ -48,6 +48,16 @@ class _GatewayIMAP4Server(CompatIMAP4Server):
         self.factory.connections.discard(self)
         super().connectionLost(reason)
 
+    def do_STARTTLS(self, tag: bytes) -> None:
+        """BAD inside TLS, implicit or negotiated: STARTTLS belongs to a cleartext connection
+        (RFC 9051 section 6.2.1); stock Twisted answers NO, as if a retry could help."""
+        if self.startedTLS or self.factory.implicit_tls:
+            self.sendBadResponse(tag, b"TLS is already active on this connection")
+            return
+        super().do_STARTTLS(tag)
+
+    unauth_STARTTLS = (do_STARTTLS,)
+
     # -- LOGIN and AUTHENTICATE ------------------------------------------------------------------
 
     def capabilities(self) -> dict[bytes, Any]:
@@ -253,7 +263,7 @@ class _IMAPFactory(Factory):
         self.connections = ConnectionRegistry()
         self.plaintext_auth = plaintext_auth
         self._tls = tls_for_starttls
-        self._implicit_tls = implicit_tls
+        self.implicit_tls = implicit_tls
         self.login = login
         self.mailbox_for = mailbox_for
         self.log_failure = log_failure
@@ -264,7 +274,7 @@ class _IMAPFactory(Factory):
         # LOGIN itself after STARTTLS. The implicit-TLS port is encrypted from the first byte.
         chal = (
             {b"PLAIN": imap4.PLAINCredentials, b"LOGIN": imap4.LOGINCredentials}
-            if self._implicit_tls
+            if self.implicit_tls
             else {}
         )
         protocol = _GatewayIMAP4Server(chal=chal, contextFactory=self._tls)

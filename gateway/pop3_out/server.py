@@ -203,8 +203,11 @@ def _protocol_class() -> type:
             return b"".join(cap + b"\r\n" for cap in self.listCapabilities())
 
         def do_STLS(self) -> None:
-            if self.secure or self.factory.tls is None:
+            if self.secure:
                 self.transport.write(err(b"Already using TLS"))
+                return
+            if self.factory.tls is None:
+                self.transport.write(err(b"TLS is not available on this port"))
                 return
             self.transport.write(ok(b"Begin TLS negotiation"))
             # Anything pipelined after STLS was sent in cleartext: discard it (STARTTLS

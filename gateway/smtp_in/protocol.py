@@ -123,6 +123,15 @@ class GatewaySMTP(SMTP):
             return
         await super().smtp_AUTH(arg)
 
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """Refused inside TLS, implicit or negotiated: a client must not start TLS twice
+        (RFC 3207 section 4.2); aiosmtpd would say 220, then die stacking TLS on TLS."""
+        if self.tls_active():
+            await self.push(replies.TLS_ALREADY_ACTIVE)
+            return
+        await super().smtp_STARTTLS(arg)
+
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
         assert self.session is not None

@@ -14,6 +14,7 @@ AUTH_REQUIRED = "530 5.7.0 Authentication required: log in with AUTH before MAIL
 AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
 ENCRYPTION_REQUIRED = "538 5.7.11 Encryption required: use STARTTLS (or the SMTPS port) before AUTH"
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try later"
+TLS_ALREADY_ACTIVE = "503 5.5.1 TLS is already active on this connection"
 INTERNAL_ERROR = "451 4.3.0 Internal error, please retry"
 SPOOL_UNAVAILABLE = "451 4.3.0 The gateway cannot queue the message right now, please retry later"
 NULL_SENDER = (

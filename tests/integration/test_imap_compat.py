@@ -505,7 +505,7 @@ async def test_commands_pipelined_after_starttls_are_dropped(tmp_path: Any) -> N
 
     def with_tls(addr: Any) -> _TestServer:
         protocol = build(addr)
-        protocol.ctx = tls.twisted_context_factory(pair)
+        protocol.ctx = tls.server_tls(pair).twisted
         return protocol
 
     factory.buildProtocol = with_tls  # type: ignore[method-assign]

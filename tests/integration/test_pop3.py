@@ -60,7 +60,7 @@ class Pop3World:
         pair = tls.ensure_certificate(state / "gw", "localhost")
         assert pair.ca is not None
         self.client_tls = ssl.create_default_context(cafile=pair.ca)
-        self.server_tls = tls.twisted_context_factory(pair)
+        self.server_tls = tls.server_tls(pair).twisted
         self.listeners: list[RunningListener] = []
         self.ports: dict[str, int] = {}
 
