@@ -144,6 +144,13 @@ class CompatIMAP4Server(imap4.IMAP4Server):
         log.err(failure, "imap: could not parse the arguments")
         self.sendBadResponse(tag, b"Error in IMAP command: invalid arguments")
 
+    def _IMAP4Server__cbSearch(self, result: Any, tag: bytes, mbox: Any, uid: int) -> None:
+        """``* SEARCH`` and the numbers; no trailing space when nothing matched (stock sent
+        ``* SEARCH `` then, which strict parsers refuse; RFC 3501 7.2.5, as Dovecot)."""
+        numbers = [mbox.getUID(seq) if uid else seq for seq in result]
+        self.sendUntaggedResponse(b" ".join([b"SEARCH", *(b"%d" % n for n in numbers)]))
+        self.sendPositiveResponse(tag, b"SEARCH completed")
+
     def _IMAP4Server__ebSearch(self, failure: Any, tag: bytes) -> None:
         """SEARCH failed: a refused key keeps its sentence, anything else no Python text."""
         if failure.check(UnsupportedSearch, imap4.IllegalQueryError, imap4.IllegalClientResponse):
@@ -227,7 +234,8 @@ class CompatIMAP4Server(imap4.IMAP4Server):
     # -- SELECT / EXAMINE / UNSELECT -------------------------------------------------------------
 
     def _cbSelectWork(self, mbox: Any, cmdName: bytes, tag: bytes) -> None:
-        """SELECT with the RFC 3501-required UIDNEXT, PERMANENTFLAGS and UNSEEN responses."""
+        """SELECT with the RFC 3501-required UIDNEXT, PERMANENTFLAGS and UNSEEN responses, in
+        Dovecot's order and words."""
         if mbox is None:
             if not self._lost:
                 self.sendNegativeResponse(tag, b"[NONEXISTENT] No such mailbox")
@@ -244,14 +252,15 @@ class CompatIMAP4Server(imap4.IMAP4Server):
         permanent = getattr(mbox, "getPermanentFlags", None)
         kept = permanent() if permanent else (flags if writeable else [])
         kept = [f.encode() if isinstance(f, str) else f for f in kept]
+        self.sendUntaggedResponse(b"FLAGS (" + b" ".join(flags) + b")")
+        what = b"Flags permitted." if kept else b"Read-only mailbox."
+        self.sendPositiveResponse(None, b"[PERMANENTFLAGS (" + b" ".join(kept) + b")] " + what)
         self.sendUntaggedResponse(b"%d EXISTS" % mbox.getMessageCount())
         self.sendUntaggedResponse(b"%d RECENT" % mbox.getRecentCount())
-        self.sendUntaggedResponse(b"FLAGS (" + b" ".join(flags) + b")")
-        self.sendPositiveResponse(None, b"[PERMANENTFLAGS (" + b" ".join(kept) + b")] Flags")
         first_unseen = getattr(mbox, "getFirstUnseen", None)
         unseen = first_unseen() if first_unseen else None
         if unseen:
-            self.sendPositiveResponse(None, b"[UNSEEN %d] First unseen" % unseen)
+            self.sendPositiveResponse(None, b"[UNSEEN %d] First unseen." % unseen)
         self.sendPositiveResponse(None, b"[UIDVALIDITY %d] UIDs valid" % mbox.getUIDValidity())
         self.sendPositiveResponse(None, b"[UIDNEXT %d] Predicted next UID" % mbox.getUIDNext())
         mbox.addListener(self)

@@ -31,10 +31,17 @@ from zope.interface import implementer
 from ..mailbox import MailboxView, MessageInfo
 from ..runtime import as_deferred
 from . import _render
-from ._search import Candidate, compile_query, message_text, needs_headers, needs_text
+from ._search import (
+    Candidate,
+    compile_query,
+    message_text,
+    needs_headers,
+    needs_size,
+    needs_text,
+)
 
 INBOX = "INBOX"
-FLAGS = ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")
+FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")  # Dovecot's order
 _NEEDS_BODY = {"body", "bodystructure", "envelope", "rfc822", "rfc822header", "rfc822text"}
 _FROM_HEADER = {"uid", "flags", "internaldate", "rfc822size", "envelope", "rfc822header"}
 
@@ -202,11 +209,14 @@ class InboxMailbox:
     # -- what SELECT and STATUS report -------------------------------------------------------
 
     def getFlags(self) -> list[str]:
-        return list(FLAGS)
+        """The system flags and every keyword in the mailbox (from the provider, such as an
+        upstream server's $Forwarded, or set by a client), as Dovecot lists them."""
+        return [*FLAGS, *self.view.keywords()]
 
     def getPermanentFlags(self) -> list[str]:
-        """Kept in the gateway's store per account, hence permanent."""
-        return list(FLAGS) if self.writeable else []
+        """Kept in the gateway's store per account, hence permanent; ``\\*``: a client may
+        create keywords (kept by the gateway, not at the provider). None in EXAMINE."""
+        return [*FLAGS, *self.view.keywords(), "\\*"] if self.writeable else []
 
     def getHierarchicalDelimiter(self) -> str:
         return "/"
@@ -393,22 +403,25 @@ class InboxMailbox:
         return {seq: sorted(now.get(info.uid, self.flags_of(info))) for seq, info in chosen}
 
     def search(self, query: list, uid: bool) -> Any:
-        """Sequence numbers (the server turns them into UIDs for UID SEARCH); bodies are
-        fetched only when a key needs the header."""
+        """Sequence numbers (the server turns them into UIDs for UID SEARCH); headers, sizes
+        and bodies are loaded only when a key needs them."""
         last_uid = self.messages[-1].uid if self.messages else 0
         test = compile_query(query, len(self.messages), last_uid)
-        return as_deferred(self._search(test, needs_headers(query), needs_text(query)))
+        needs = (needs_headers(query), needs_size(query), needs_text(query))
+        return as_deferred(self._search(test, *needs))
 
-    async def _search(self, test: Any, headers: bool, text: bool) -> list[int]:
+    async def _search(self, test: Any, headers: bool, size: bool, text: bool) -> list[int]:
         candidates = list(enumerate(self.messages, 1))
         fields: dict[int, Any] = {}
         texts: dict[int, Any] = {}
+        sizes: dict[int, int] = {}
         if headers:
             heads = await self.view.headers(info.uid for _, info in candidates)
             fields = {seq: _fields(heads[i.uid]) for seq, i in candidates if i.uid in heads}
-        if text:
-            found = await self._load(candidates, body=True, size=False)
-            texts = {seq: _text_of(message.raw or b"") for seq, message in found}
+        if text or size:
+            found = await self._load(candidates, body=text, size=size)
+            texts = {seq: _text_of(m.raw) for seq, m in found if m.raw is not None}
+            sizes = {seq: m.size for seq, m in found}
         return [
             seq
             for seq, info in candidates
@@ -420,6 +433,7 @@ class InboxMailbox:
                     info.internal_date.date(),
                     fields.get(seq),
                     texts.get(seq),
+                    sizes.get(seq),
                 )
             )
         ]

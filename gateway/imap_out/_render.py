@@ -16,6 +16,7 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import groupby
 
 _MAX_DEPTH = 32  # nesting bound: a hostile message cannot exhaust the stack
 
@@ -164,8 +165,41 @@ def parse_params(text: str) -> list[tuple[str, str]]:
             value = m.group(0) if m else ""
             i = m.end() if m else n
         params.append((name, value))
-    # Dovecot lists RFC 2231 ``name*`` parameters (kept undecoded) after the plain ones.
-    return sorted(params, key=lambda kv: "*" in kv[0])
+    return _rfc2231(params)
+
+
+_RFC2231_KEY = re.compile(r"([^*]*)\*(?:(\d+)(\*?))?")
+
+
+def _rfc2231(params: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Join RFC 2231 continuations as Dovecot 2.3 does (``rfc2231_parse``), so clients that do
+    not decode RFC 2231 still see one ``name``: ``name*0``/``name*1`` become ``name``; if any
+    segment is encoded (``name*0*``) they become one ``name*`` whose value stays encoded (plain
+    segments joined as they are, ``''`` put first if the first is plain). Joined
+    parameters follow the plain ones, sorted by name; a set with a missing index is listed
+    as sent (``name*0``, ``name*2``). ``name*=`` alone counts as an encoded segment 0."""
+    plain: list[tuple[str, str]] = []
+    segments: list[tuple[str, int, bool, str]] = []  # (name, index, encoded, value)
+    for key, value in params:
+        m = _RFC2231_KEY.fullmatch(key)
+        if m is None:
+            plain.append((key, value))
+        elif m.group(2) is None:  # name*
+            segments.append((m.group(1), 0, True, value))
+        else:
+            segments.append((m.group(1), int(m.group(2)), m.group(3) == "*", value))
+    segments.sort(key=lambda s: (s[0], s[1]))
+    joined: list[tuple[str, str]] = []
+    for name, grouped in groupby(segments, key=lambda s: s[0]):
+        group = list(grouped)
+        if [s[1] for s in group] != list(range(len(group))):  # a missing index: as sent
+            joined += [(f"{n}*{x}{'*' if enc else ''}", v) for n, x, enc, v in group]
+            continue
+        encoded = any(s[2] for s in group)
+        pieces = [] if group[0][2] or not encoded else ["''"]
+        pieces += [value for _, _, _, value in group]
+        joined.append((name + ("*" if encoded else ""), "".join(pieces)))
+    return plain + joined
 
 
 def _content_type(value: bytes | None) -> tuple[str, str, list[tuple[str, str]]] | None:
@@ -358,7 +392,9 @@ _NEEDS_LITERAL = re.compile(rb'[\r\n"\\]')
 
 
 def literal(data: bytes) -> bytes:
-    return b"{%d}\r\n" % len(data) + data
+    """A literal; a NUL byte, which RFC 3501 forbids in one (9: CHAR8), is sent as 0x80, as
+    Dovecot does (the length is unchanged)."""
+    return b"{%d}\r\n" % len(data) + data.replace(b"\x00", b"\x80")
 
 
 def nstring(value: bytes | str | None) -> bytes:
@@ -371,13 +407,37 @@ def nstring(value: bytes | str | None) -> bytes:
     return b'"' + data + b'"'
 
 
-def _header_nstring(value: bytes | None) -> bytes:
-    """A header value as Dovecot writes it in ENVELOPE: unfolded, a literal if it was folded."""
+def _field_value(line: bytes | None) -> bytes | None:
+    """A field's value as Dovecot's header parser gives it: blanks after the colon skipped,
+    the field's own line end dropped, any fold still inside, trailing blanks kept."""
+    if line is None:
+        return None
+    value = line.split(b":", 1)[1].lstrip(b" \t")
+    return value[:-2] if value.endswith(b"\r\n") else value.rstrip(b"\n")
+
+
+def _unfolded_nstring(line: bytes | None) -> bytes:
+    """Date, In-Reply-To, Message-ID in ENVELOPE: the value with every CR and LF removed, the
+    blanks of a fold kept (Dovecot's ``imap_append_nstring_nolf``)."""
+    value = _field_value(line)
     if value is None:
         return b"NIL"
-    if b"\n" in value:
-        return literal(_unfold(value))
-    return nstring(value)
+    return nstring(value.replace(b"\r", b"").replace(b"\n", b""))
+
+
+_BLANKS = b" \t\r\n"
+_NEEDS_CLEANING = re.compile(rb'[\t\r\n\x00"\\]|  ')
+
+
+def for_humans(text: bytes) -> bytes:
+    """A string meant to be read (Subject, address names) as Dovecot writes it
+    (``imap_append_string_for_humans``): runs of blanks and line breaks become one space,
+    leading and trailing ones go, NUL becomes 0x80; quoted if nothing had to change (and it
+    needs no escape and is ASCII), else a literal of the cleaned text."""
+    if not _NEEDS_CLEANING.search(text) and text.strip(b" ") == text and text.isascii():
+        return b'"' + text + b'"'
+    cleaned = b" ".join(re.split(rb"[ \t\r\n]+", text.strip(_BLANKS)))
+    return literal(cleaned) if cleaned else b'""'
 
 
 def _plist(params: list[tuple[str, str]]) -> bytes:
@@ -458,7 +518,13 @@ def _addresses(value: bytes | None) -> bytes:
     parsed = parse_addresses(_unfold(value).decode("latin-1"))
     if not parsed:
         return b"NIL"
-    return b"(" + b"".join(b"(" + b" ".join(nstring(x) for x in a) + b")" for a in parsed) + b")"
+    return b"(" + b"".join(_address(a) for a in parsed) + b")"
+
+
+def _address(address: Address) -> bytes:
+    name, adl, mailbox, host = address
+    shown = b"NIL" if name is None else for_humans(name.encode("latin-1"))
+    return b"(" + b" ".join([shown, nstring(adl), nstring(mailbox), nstring(host)]) + b")"
 
 
 def envelope(part: Part) -> bytes:
@@ -478,18 +544,24 @@ def _envelope(part: Part) -> bytes:
     def last(name: str) -> bytes | None:
         return part.value(name, last=True)
 
+    def line(name: str) -> bytes | None:
+        lines = [raw for field, raw in part.fields if field == name]
+        return lines[-1] if lines else None
+
+    subject = _field_value(line("subject"))
     sender_from = last("from")
     fields = [
-        _header_nstring(last("date")),
-        _header_nstring(last("subject")),
+        _unfolded_nstring(line("date")),
+        # Dovecot's header parser turns a NUL in a header into U+FFFD before ENVELOPE sees it.
+        b"NIL" if subject is None else for_humans(subject.replace(b"\x00", "\ufffd".encode())),
         _addresses(sender_from),
         _addresses(last("sender") or sender_from),
         _addresses(last("reply-to") or sender_from),
         _addresses(last("to")),
         _addresses(last("cc")),
         _addresses(last("bcc")),
-        _header_nstring(last("in-reply-to")),
-        _header_nstring(last("message-id")),
+        _unfolded_nstring(line("in-reply-to")),
+        _unfolded_nstring(line("message-id")),
     ]
     return b"(" + b" ".join(fields) + b")"
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from ..providers._inbox import SEEN, RemoteMessage
+from ..providers._inbox import RemoteMessage
 from ..store import Store
 from ..store._sqlite import MailboxState, MailboxUid
 
@@ -31,8 +31,8 @@ class Applied:
     rebuilt: bool = False
 
 
-def _flags(seen: bool) -> tuple[str, ...]:
-    return (SEEN,) if seen else ()
+def _flags(flags: frozenset[str]) -> tuple[str, ...]:
+    return tuple(sorted(flags))
 
 
 def new_uidvalidity(previous: int | None = None) -> int:
@@ -82,21 +82,21 @@ class UidMap:
         self,
         added: Iterable[RemoteMessage],
         removed: Iterable[str],
-        seen: Mapping[str, bool],
+        flags: Mapping[str, frozenset[str]],
         cursor: str,
         present: frozenset[str] | None = None,
     ) -> Applied:
-        """Apply changes idempotently: known ids in ``added`` only update \\Seen, unknown ids
-        in ``removed``/``seen`` are ignored, an id both removed and added is removed; with
+        """Apply changes idempotently: known ids in ``added`` only update their flags, unknown
+        ids in ``removed``/``flags`` are ignored, an id both removed and added is removed; with
         ``present``, every known id missing from it is removed too."""
         async with self._writing:
-            return await self._apply(list(added), set(removed), dict(seen), cursor, present)
+            return await self._apply(list(added), set(removed), dict(flags), cursor, present)
 
     async def _apply(
         self,
         added: list[RemoteMessage],
         gone_set: set[str],
-        reads: dict[str, bool],
+        reads: dict[str, frozenset[str]],
         cursor: str,
         present: frozenset[str] | None,
     ) -> Applied:
@@ -108,19 +108,19 @@ class UidMap:
             if message.id in gone_set:
                 continue
             if message.id in self.by_id:
-                reads[message.id] = message.seen
+                reads[message.id] = message.flags
             else:
                 fresh[message.id] = message
         updated = [
-            _provider_seen(entry, is_seen)
-            for pid, is_seen in reads.items()
+            _provider_flags(entry, now)
+            for pid, now in reads.items()
             if (entry := self.by_id.get(pid)) is not None
             and pid not in gone_set
-            and entry.flags != _flags(is_seen)
+            and entry.flags != _flags(now)
         ]
         ordered = sorted(fresh.values(), key=lambda m: (m.internal_date, m.id))
         new = [
-            Entry(self.uidnext + n, m.id, m.internal_date, _flags(m.seen), m.size)
+            Entry(self.uidnext + n, m.id, m.internal_date, _flags(m.flags), m.size)
             for n, m in enumerate(ordered)
         ]
         state = MailboxState(self.uidvalidity, self.uidnext + len(new), cursor)
@@ -156,7 +156,7 @@ class UidMap:
         """Start over under a new UIDVALIDITY: for ids that cannot be matched to the old ones."""
         ordered = sorted(snapshot, key=lambda m: (m.internal_date, m.id))
         new = [
-            Entry(n, m.id, m.internal_date, _flags(m.seen), m.size)
+            Entry(n, m.id, m.internal_date, _flags(m.flags), m.size)
             for n, m in enumerate(ordered, 1)
         ]
         state = MailboxState(new_uidvalidity(self.uidvalidity), len(new) + 1, cursor)
@@ -187,10 +187,12 @@ class UidMap:
         return applied
 
 
-def _provider_seen(entry: Entry, seen: bool) -> Entry:
-    """The provider's read state changed (someone read the mail elsewhere): it wins over the
-    gateway's own \\Seen too, the other local flags stay."""
+def _provider_flags(entry: Entry, now: frozenset[str]) -> Entry:
+    """The provider's flags changed (someone read, flagged or answered the mail elsewhere):
+    each flag that changed there wins over the gateway's own state of it; the local state of
+    every flag that did not change at the provider stays."""
     local = entry.local_flags
     if local is not None:
-        local = tuple(sorted({*local} - {SEEN} | ({SEEN} if seen else set())))
-    return replace(entry, flags=_flags(seen), local_flags=local)
+        before = set(entry.flags)
+        local = _flags(frozenset((set(local) - (before - now)) | (now - before)))
+    return replace(entry, flags=_flags(now), local_flags=local)

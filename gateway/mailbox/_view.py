@@ -35,7 +35,7 @@ from ..config import OnDelete
 from ..logs import get_logger
 from ..oauth import OAuthError
 from ..providers._errors import DeliveryError
-from ..providers._inbox import SEEN, CursorExpired, MailboxSource, NotSupported
+from ..providers._inbox import FLAGGED, SEEN, CursorExpired, MailboxSource, NotSupported
 from ..store import Store
 from ._uidmap import Applied, Entry, UidMap
 
@@ -43,8 +43,9 @@ log = get_logger(__name__)
 
 DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
 DEFAULT_POLL_SECONDS = 30.0
-FLAGGED = "\\Flagged"
 KNOWN_FLAGS = (SEEN, "\\Answered", FLAGGED, "\\Deleted", "\\Draft")
+# RFC 3501 flag-keyword = atom: no atom-specials, no CTL, not empty; ``\\`` only in system flags.
+_KEYWORD = re.compile(r"[^\x00-\x20\x7f-\U0010ffff(){%*\"\\\]]+")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
@@ -157,6 +158,7 @@ class MailboxView:
         self._sync_lock = asyncio.Lock()
         self._last_sync_started = float("-inf")
         self._listing: tuple[MessageInfo, ...] | None = None
+        self._keywords: tuple[str, ...] | None = None
         self._watchers: list[Watcher] = []
         self._poller: asyncio.Task[None] | None = None
         self._sizes: dict[str, int] = {}  # learnt, not yet saved
@@ -201,6 +203,19 @@ class MailboxView:
             )
         return self._listing
 
+    def keywords(self) -> tuple[str, ...]:
+        """The keywords (flags that are not system flags, e.g. $Forwarded) on any visible
+        message, from the provider or set by a client, in first-seen order: what SELECT's
+        FLAGS and PERMANENTFLAGS list besides the system flags, as Dovecot does."""
+        if self._keywords is None:
+            found: dict[str, str] = {}
+            for info in self.messages():
+                for name in info.flags:
+                    if not name.startswith("\\"):
+                        found.setdefault(name.lower(), name)
+            self._keywords = tuple(found.values())
+        return self._keywords
+
     def flags(self, uid: int) -> frozenset[str]:
         """The message's flags now (the gateway's own if a client set any, else the
         provider's); KeyError when the message left the view."""
@@ -234,7 +249,7 @@ class MailboxView:
         """Once per start, after the first sync: ask the provider again for what the policy
         wants but a crash (or a policy turned on since) left undone. Both calls are idempotent
         at the provider: a deleted message still in the INBOX is archived or trashed, and a
-        \\Seen that differs from the provider's is sent again."""
+        \\Seen or \\Flagged that differs from the provider's is sent again."""
         policy = self.policy
         for entry in self._uids.entries():
             local = entry.local_flags
@@ -243,7 +258,7 @@ class MailboxView:
             elif (
                 policy.mirror_flags
                 and local is not None
-                and (SEEN in local) != (SEEN in entry.flags)
+                and any((flag in local) != (flag in entry.flags) for flag in (SEEN, FLAGGED))
             ):
                 self._mirror.flags(entry.provider_id, local)
 
@@ -256,7 +271,7 @@ class MailboxView:
                 log.info("mailbox.resync", account=uids.account, reason=str(expired))
             else:
                 return await uids.apply(
-                    changes.added, changes.removed, changes.seen, changes.cursor, changes.present
+                    changes.added, changes.removed, changes.flags, changes.cursor, changes.present
                 )
         snapshot = await self.source.list_inbox()
         if uids.known and not self.source.ids_stable:
@@ -301,7 +316,7 @@ class MailboxView:
             for provider_id in [p for p in self.cache.ids() if p not in live]:
                 self.cache.discard(provider_id)
         if applied.added or applied.removed or applied.flags_changed or applied.rebuilt:
-            self._listing = None
+            self._listing = self._keywords = None
             for watcher in list(self._watchers):
                 try:
                     watcher(applied, origin)
@@ -313,9 +328,11 @@ class MailboxView:
     async def store_flags(
         self, uids: Iterable[int], names: Iterable[str], how: int, origin: object = None
     ) -> dict[int, frozenset[str]]:
-        """STORE: ``how`` 1 adds, -1 removes, 0 replaces; unknown flag names are ignored.
-        Returns the flags now of every UID still in the view."""
-        wanted = {_canonical(n) for n in names} & set(KNOWN_FLAGS)
+        """STORE: ``how`` 1 adds, -1 removes, 0 replaces. System flags and keywords are kept
+        (keywords in the case first seen in this mailbox, as IMAP compares them without case);
+        unknown system flags (``\\Foo``, ``\\Recent``) and names that are not atoms are
+        ignored. Returns the flags now of every UID still in the view."""
+        wanted = {f for n in names if (f := self._canonical(n)) is not None}
 
         def change(entry: Entry) -> Entry:
             current = set(_effective(entry))
@@ -329,6 +346,15 @@ class MailboxView:
             for entry in changed:
                 self._mirror.flags(entry.provider_id, _effective(entry))
         return {e.uid: frozenset(_effective(e)) for e in self._entries(uids)}
+
+    def _canonical(self, name: str) -> str | None:
+        """A STORE flag name as kept: a system flag or keyword in its known case, else None."""
+        lower = name.lower()
+        if name.startswith("\\"):
+            return next((f for f in KNOWN_FLAGS if f.lower() == lower), None)
+        if not _is_keyword(name):
+            return None
+        return next((k for k in self.keywords() if k.lower() == lower), name)
 
     async def delete(self, uids: Iterable[int], origin: object = None) -> list[int]:
         """EXPUNGE / DELE: the messages leave the view for every session of this account, and
@@ -482,5 +508,5 @@ def _effective(entry: Entry) -> tuple[str, ...]:
     return entry.local_flags if entry.local_flags is not None else entry.flags
 
 
-def _canonical(name: str) -> str:
-    return next((f for f in KNOWN_FLAGS if f.lower() == name.lower()), name)
+def _is_keyword(name: str) -> bool:
+    return _KEYWORD.fullmatch(name) is not None

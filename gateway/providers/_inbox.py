@@ -1,7 +1,7 @@
 """The :class:`MailboxSource` interface: what an INBOX view needs from a provider.
 
 Like gluon's ``Connector``, a source hides the provider entirely: the view (``gateway.mailbox``)
-sees provider ids, arrival dates, \\Seen and a cursor, never HTTP, IMAP or POP3. The
+sees provider ids, arrival dates, IMAP flags and a cursor, never HTTP, IMAP or POP3. The
 implementations are ``graph_inbox``, ``gmail_inbox``, ``imap_inbox`` and ``pop3_inbox``; their
 failures are this layer's ``Temporary`` / ``Permanent`` / ``ReauthRequired``, and the one
 condition a view must act on, "your cursor is too old", is :class:`CursorExpired`.
@@ -9,16 +9,29 @@ condition a view must act on, "your cursor is too old", is :class:`CursorExpired
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
 
 SEEN = "\\Seen"
+FLAGGED = "\\Flagged"
+# What IMAP clients may never set: \Recent is the server's (RFC 3501 2.3.2), \* is not a flag.
+_NOT_STORABLE = frozenset({"\\recent", "\\*"})
+
+
+def flag_set(names: Iterable[str]) -> frozenset[str]:
+    """Flags as a source reports them: system flags and keywords, \\Recent left out."""
+    return frozenset(n for n in names if n and n.lower() not in _NOT_STORABLE)
 
 
 @dataclass(frozen=True, slots=True)
 class RemoteMessage:
-    """A message in the provider's INBOX: its id, arrival time (UTC) and whether it is read.
+    """A message in the provider's INBOX: its id, arrival time (UTC) and its IMAP flags.
+
+    ``flags`` is every flag the provider keeps, in IMAP's names: \\Seen (Graph isRead, Gmail
+    without UNREAD), \\Flagged (Graph flag.flagStatus "flagged", Gmail STARRED), and from an
+    upstream IMAP server also \\Answered, \\Draft, \\Deleted and keywords such as $Forwarded.
 
     ``size`` is the exact length of the CRLF form of the bytes :meth:`MailboxSource.fetch_raw`
     returns, when the source knows it without downloading (upstream IMAP RFC822.SIZE, POP3
@@ -28,8 +41,12 @@ class RemoteMessage:
 
     id: str
     internal_date: datetime
-    seen: bool
+    flags: frozenset[str] = frozenset()
     size: int | None = None
+
+    @property
+    def seen(self) -> bool:
+        return SEEN in self.flags
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +63,7 @@ class Changes:
 
     added: list[RemoteMessage] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
-    seen: dict[str, bool] = field(default_factory=dict)  # id → \\Seen, for read-state changes
+    flags: dict[str, frozenset[str]] = field(default_factory=dict)  # id → all its flags now
     cursor: str = ""
     # For sources without removal events (upstream IMAP/POP3): every id now in the INBOX; a
     # known id missing from it is removed. None: ``removed`` is complete.

@@ -18,7 +18,7 @@ import httpx
 
 from ._base import TokenSource
 from ._http import Api, check_write
-from ._inbox import Changes, CursorExpired, RemoteMessage, Removal, Snapshot
+from ._inbox import FLAGGED, SEEN, Changes, CursorExpired, RemoteMessage, Removal, Snapshot
 
 
 class GmailSource:
@@ -94,7 +94,7 @@ class GmailSource:
             if not _in_inbox(current):
                 changes.removed.append(message_id)
             elif message_id not in entered:
-                changes.seen[message_id] = "UNREAD" not in current
+                changes.flags[message_id] = _gmail_flags(current)
         for message_id, message in zip(arriving, await self._details(arriving), strict=True):
             if message is None:  # gone again before we asked
                 changes.removed.append(message_id)
@@ -146,7 +146,7 @@ class GmailSource:
             check_write(response, what, "gmail.modify")
 
     async def _details(self, ids: Iterable[str]) -> list[RemoteMessage | None]:
-        """internalDate and \\Seen per id, in order; None for one no longer in the INBOX."""
+        """internalDate and flags per id, in order; None for one no longer in the INBOX."""
         return list(await asyncio.gather(*(self._minimal(i) for i in ids)))
 
     async def _minimal(self, message_id: str) -> RemoteMessage | None:
@@ -165,7 +165,17 @@ class GmailSource:
         if not _in_inbox(current):
             return None
         moment = datetime.fromtimestamp(int(body["internalDate"]) / 1000, UTC)
-        return RemoteMessage(message_id, moment, "UNREAD" not in current)
+        return RemoteMessage(message_id, moment, _gmail_flags(current))
+
+
+def _gmail_flags(labels: set[str]) -> frozenset[str]:
+    """IMAP flags from Gmail labels, as Gmail's own IMAP server maps them: no UNREAD is
+    \\Seen, STARRED is \\Flagged. Gmail has no answered or keyword state (user labels are
+    folders in Gmail's IMAP, not keywords)."""
+    flags = set() if "UNREAD" in labels else {SEEN}
+    if "STARRED" in labels:
+        flags.add(FLAGGED)
+    return frozenset(flags)
 
 
 def _in_inbox(labels: set[str]) -> bool:

@@ -16,7 +16,7 @@ import httpx
 from ._base import TokenSource
 from ._errors import Permanent
 from ._http import Api, check_write, error_code
-from ._inbox import Changes, CursorExpired, RemoteMessage, Removal, Snapshot
+from ._inbox import FLAGGED, SEEN, Changes, CursorExpired, RemoteMessage, Removal, Snapshot
 
 
 def _parse_graph_date(text: str) -> datetime:
@@ -45,7 +45,7 @@ class GraphSource:
 
     async def list_inbox(self) -> Snapshot:
         url = f"{self.mailbox}/mailFolders/inbox/messages/delta"
-        params = {"$select": "receivedDateTime,isRead"}
+        params = {"$select": "receivedDateTime,isRead,flag"}
         changes = await self._rounds(url, params)
         return Snapshot(changes.added, changes.cursor)
 
@@ -129,5 +129,17 @@ def _graph_item(
         return
     removed.pop(message_id, None)
     added[message_id] = RemoteMessage(
-        message_id, _parse_graph_date(item["receivedDateTime"]), bool(item.get("isRead"))
+        message_id, _parse_graph_date(item["receivedDateTime"]), _graph_flags(item)
     )
+
+
+def _graph_flags(item: dict[str, Any]) -> frozenset[str]:
+    """The IMAP flags a Graph message carries: isRead is \\Seen, a follow-up flag whose
+    flagStatus is "flagged" is \\Flagged (as Exchange's own IMAP server maps it; "complete"
+    is not). Graph keeps no answered, draft-in-INBOX or keyword state an IMAP client could
+    read (categories are Outlook's, not IMAP keywords)."""
+    flags = {SEEN} if item.get("isRead") else set()
+    flag = item.get("flag")
+    if isinstance(flag, dict) and flag.get("flagStatus") == "flagged":
+        flags.add(FLAGGED)
+    return frozenset(flags)

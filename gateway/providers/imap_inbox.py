@@ -22,7 +22,15 @@ from typing import TypeVar
 from ..config import UpstreamServer
 from ..logs import get_logger
 from ._errors import DeliveryError, Permanent, Temporary
-from ._inbox import SEEN, Changes, CursorExpired, NotSupported, RemoteMessage, Removal, Snapshot
+from ._inbox import (
+    Changes,
+    CursorExpired,
+    NotSupported,
+    RemoteMessage,
+    Removal,
+    Snapshot,
+    flag_set,
+)
 from ._upstream import (
     DEFAULT_TIMEOUT,
     ThreadedClient,
@@ -88,12 +96,24 @@ def _parse_fetch(data: list, lowest: int = 1) -> dict[int, dict[str, object]]:
             continue
         fields = found.setdefault(int(uid.group(1)), {})
         if flags := _FLAGS.search(text):
-            fields["seen"] = SEEN.encode().lower() in flags.group(1).lower().split()
+            fields["flags"] = _flag_names(flags.group(1))
         if date := _DATE.search(text):
             fields["date"] = _internal_date(date)
         if size := _SIZE.search(text):
             fields["size"] = int(size.group(1))
     return found
+
+
+_SYSTEM_FLAGS = {
+    f.lower(): f for f in ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")
+}
+
+
+def _flag_names(listed: bytes) -> frozenset[str]:
+    """Every flag of a FETCH FLAGS list (keywords such as $Forwarded too), system flags in
+    their canonical case; \\Recent is this connection's, never the message's."""
+    names = listed.decode("utf-8", "replace").split()
+    return flag_set(_SYSTEM_FLAGS.get(n.lower(), n) for n in names)
 
 
 def _list_name(item: bytes | tuple[bytes, bytes]) -> tuple[set[str], str] | None:
@@ -316,7 +336,10 @@ class UpstreamImapSource(ThreadedClient):
         date, size = fields.get("date"), fields.get("size")
         if not isinstance(date, datetime) or not isinstance(size, int):
             return None  # only an unsolicited FETCH named it: gone again, or next time
-        return RemoteMessage(f"{validity}.{uid}", date, bool(fields.get("seen")), size)
+        flags = fields.get("flags")
+        return RemoteMessage(
+            f"{validity}.{uid}", date, flags if isinstance(flags, frozenset) else frozenset(), size
+        )
 
     def _meta(self, imap: imaplib.IMAP4, validity: int, lowest: int) -> list[RemoteMessage]:
         data = _check(imap.uid("FETCH", f"{lowest}:*", _META), "UID FETCH")
@@ -332,7 +355,7 @@ class UpstreamImapSource(ThreadedClient):
         return Snapshot(messages, _cursor(validity, uidnext or highest + 1, modseq))
 
     def _changes(self, imap: imaplib.IMAP4, cursor: str) -> Changes:
-        """New mail above the cursor's UIDNEXT, the read state of what changed, and the UIDs
+        """New mail above the cursor's UIDNEXT, the flags of what changed, and the UIDs
         still present. With CONDSTORE only flags changed since the cursor's modseq are
         fetched (and the present UIDs by UID SEARCH); else the flags of every message."""
         old_validity, old_next, old_modseq = _split_cursor(cursor)
@@ -346,10 +369,14 @@ class UpstreamImapSource(ThreadedClient):
             added = [
                 m for m in self._meta(imap, validity, old_next) if _split_id(m.id)[1] in present
             ]
-        seen = {f"{validity}.{uid}": bool(f.get("seen")) for uid, f in flags.items()}
+        now = {
+            f"{validity}.{uid}": names
+            for uid, f in flags.items()
+            if isinstance(names := f.get("flags"), frozenset)
+        }
         new_next = uidnext or max([old_next - 1, *present]) + 1
         ids = frozenset(f"{validity}.{uid}" for uid in present)
-        return Changes(added, [], seen, _cursor(validity, new_next, modseq), ids)
+        return Changes(added, [], now, _cursor(validity, new_next, modseq), ids)
 
     def _present_and_flags(
         self, imap: imaplib.IMAP4, exists: int, old_modseq: int | None, modseq: int | None

@@ -153,7 +153,7 @@ class UpstreamPop3Source(ThreadedClient):
         numbers, sizes = self._numbers(pop), self._sizes(pop)
         now = datetime.now(UTC)
         return [
-            RemoteMessage(uid, now + timedelta(microseconds=n), False, sizes.get(n))
+            RemoteMessage(uid, now + timedelta(microseconds=n), size=sizes.get(n))
             for uid, n in sorted(numbers.items(), key=lambda item: item[1])
         ]
 

@@ -18,6 +18,7 @@ import pytest
 
 from gateway import outbound
 from gateway.providers import (
+    SEEN,
     Changes,
     GmailSource,
     GraphSource,
@@ -138,7 +139,8 @@ async def world(sandbox: Sandbox, request: pytest.FixtureRequest) -> AsyncIterat
 
 def reported_seen(changes: Changes) -> dict[str, bool]:
     """\\Seen per id as a sync would apply it (Graph delta reports updates as items)."""
-    return {**{m.id: m.seen for m in changes.added}, **changes.seen}
+    now = {pid: SEEN in flags for pid, flags in changes.flags.items()}
+    return {**{m.id: m.seen for m in changes.added}, **now}
 
 
 async def test_seen_and_flagged_are_mirrored(world: World) -> None:

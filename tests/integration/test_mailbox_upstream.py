@@ -23,6 +23,7 @@ from gateway.config import UpstreamServer
 from gateway.config._schema import Secret
 from gateway.mailbox import MailboxView
 from gateway.providers import (
+    SEEN,
     CursorExpired,
     NotSupported,
     Permanent,
@@ -159,13 +160,17 @@ def test_imap_reply_parsing_of_other_servers_forms() -> None:
     quoted folder name, an unsolicited FLAGS-only FETCH, and ``N:*`` answering below N."""
     data = [
         b'7 (UID 9 RFC822.SIZE 120 FLAGS (\\Seen $Junk) INTERNALDATE " 1-jan-2026 01:30:00 +0530")',
-        b"3 (FLAGS (\\Flagged) UID 4)",
+        b"3 (FLAGS (\\flagged \\Recent \\Answered $Forwarded) UID 4)",
         b'2 (UID 3 FLAGS () INTERNALDATE "31-Dec-2025 23:00:00 -0100" RFC822.SIZE 5)',
     ]
     found = _parse_fetch(data, lowest=4)
     assert found == {
-        9: {"seen": True, "size": 120, "date": datetime(2025, 12, 31, 20, 0, tzinfo=UTC)},
-        4: {"seen": False},
+        9: {
+            "flags": {"\\Seen", "$Junk"},
+            "size": 120,
+            "date": datetime(2025, 12, 31, 20, 0, tzinfo=UTC),
+        },
+        4: {"flags": {"\\Flagged", "\\Answered", "$Forwarded"}},  # \\Recent is the session's
     }
     assert _list_name((b'(\\HasNoChildren \\Trash) "/" {9}', b"Papierkorb")) == (
         {"\\hasnochildren", "\\trash"},
@@ -223,15 +228,15 @@ async def test_imap_changes_since_sees_arrivals_removals_and_reads(
     assert changes.added[0].size == len(await source.fetch_raw(ids[4])) == len(MESSAGES[3])
     assert changes.present == frozenset(ids.values())
     # CONDSTORE: only what changed since the cursor's modseq (the read one and the new one).
-    assert changes.seen == {ids[2]: True, ids[4]: False}
+    assert changes.flags == {ids[2]: {SEEN}, ids[4]: set()}
     assert changes.removed == []
     assert changes.cursor.startswith(f"{validity}:5:")
 
     quiet = await source.changes_since(changes.cursor)
-    assert quiet.added == [] and quiet.present == changes.present and quiet.seen == {}
+    assert quiet.added == [] and quiet.present == changes.present and quiet.flags == {}
     # A cursor without a modseq (or a server without CONDSTORE): every message's flags.
     legacy = await source.changes_since(f"{validity}:5")
-    assert legacy.seen == {ids[2]: True, ids[3]: False, ids[4]: False}
+    assert legacy.flags == {ids[2]: {SEEN}, ids[3]: set(), ids[4]: set()}
     assert legacy.cursor == changes.cursor
     await source.close()
 

@@ -262,6 +262,48 @@ AAAA
     "lf-only": (
         b"From: a@example.com\nSubject: lf only\nContent-Type: text/plain\n\nline 1\nline 2\n"
     ),
+    # RFC 2231 continuations: plain, encoded, a lone name*, out of order, and a missing index.
+    "rfc2231": _crlf(
+        """From: a@example.org
+To: b@example.org
+Subject: continuations
+Date: Mon, 2 Mar 2026 23:30:00 -0800
+MIME-Version: 1.0
+Content-Type: multipart/mixed; boundary="c"
+
+--c
+Content-Type: text/plain; name*=iso-8859-1'en'caf%E9.txt; charset=us-ascii
+
+x
+--c
+Content-Type: application/octet-stream;
+ name*0="very long ";
+ name*1="file.pdf"
+Content-Disposition: attachment;
+ filename*0*=UTF-8''%E6%97%A5%E6%9C%AC;
+ filename*1*=%E8%AA%9E.txt
+Content-Transfer-Encoding: base64
+
+AAAA
+--c
+Content-Type: text/plain; title*1="b"; title*0="a"; name*0*=utf-8''a%20b;
+ name*1=".txt x"; gap*0="a"; gap*2="c"
+
+y
+--c--
+"""
+    ),
+    # A NUL byte in the body: RFC 3501 forbids it in a literal; Dovecot sends 0x80.
+    "nul-byte": b"From: a@example.org\r\nSubject: nul\r\nDate: Tue, 3 Mar 2026 00:30:00 +0900\r\n"
+    b"\r\nab\x00cd\r\n",
+    # Folded ENVELOPE fields: a TAB and double blanks in Subject, a Date folded mid-value, a
+    # Message-ID on its continuation line, trailing blanks, a name with two spaces.
+    "folded-envelope": (
+        b'From: "A  B" <a@example.org>\r\nTo: "Folded\r\n Name" <b@example.org>\r\n'
+        b"Subject: folded\r\n\tsubject  here \r\nMessage-ID:\r\n <x@example.org>\r\n"
+        b"In-Reply-To: <p@example.org>\r\n  \r\nDate: Wed, 4 Mar 2026\r\n 10:00:00 +0000\r\n"
+        b"\r\nbody\r\n"
+    ),
 }
 
 
@@ -421,6 +463,35 @@ def test_address_oddities_follow_dovecot() -> None:
 def test_rfc2231_parameters_are_listed_last_undecoded() -> None:
     params = _render.parse_params("; filename*=UTF-8''a%20b; size=3")
     assert params == [("size", "3"), ("filename*", "UTF-8''a%20b")]
+
+
+def test_rfc2231_continuations_are_joined_as_dovecot_joins_them() -> None:
+    """Dovecot 2.3.19's BODYSTRUCTURE of CORPUS["rfc2231"] (measured)."""
+    assert _render.bodystructure(_render.index(CORPUS["rfc2231"])) == (
+        b'(("text" "plain" ("charset" "us-ascii" "name*" "iso-8859-1\'en\'caf%E9.txt") NIL NIL'
+        b' "7bit" 1 0 NIL NIL NIL NIL)("application" "octet-stream" ("name" "very long file.pdf")'
+        b' NIL NIL "base64" 4 NIL ("attachment" ("filename*"'
+        b' "UTF-8\'\'%E6%97%A5%E6%9C%AC%E8%AA%9E.txt")) NIL NIL)("text" "plain" ("gap*0" "a"'
+        b' "gap*2" "c" "name*" "utf-8\'\'a%20b.txt x" "title" "ab" "charset" "us-ascii") NIL'
+        b' NIL "7bit" 1 0 NIL NIL NIL NIL) "mixed" ("boundary" "c") NIL NIL NIL)'
+    )
+
+
+def test_nul_in_a_literal_is_sent_as_0x80() -> None:
+    root = _render.index(CORPUS["nul-byte"])
+    assert _render.literal(_render.section(root, [], "TEXT")) == b"{7}\r\nab\x80cd\r\n"
+    assert b"\x00" not in _render.literal(CORPUS["nul-byte"])
+
+
+def test_envelope_unfolds_like_dovecot() -> None:
+    """Subject and names collapse blanks (a literal when changed); Date, In-Reply-To and
+    Message-ID only lose their line breaks, keeping the blanks (measured on Dovecot 2.3.19)."""
+    assert _render.envelope(_render.index(CORPUS["folded-envelope"])) == (
+        b'("Wed, 4 Mar 2026 10:00:00 +0000" {19}\r\nfolded subject here'
+        b' (({3}\r\nA B NIL "a" "example.org")) (({3}\r\nA B NIL "a" "example.org"))'
+        b' (({3}\r\nA B NIL "a" "example.org")) (("Folded Name" NIL "b" "example.org")) NIL NIL'
+        b' "<p@example.org>  " " <x@example.org>")'
+    )
 
 
 def test_duplicate_fields_use_the_last_in_envelope_but_all_in_header() -> None:

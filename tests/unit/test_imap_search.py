@@ -1,4 +1,6 @@
-"""SEARCH BODY/TEXT match the decoded text, as Dovecot does, not the transfer encoding."""
+"""SEARCH BODY/TEXT match the decoded text, as Dovecot does, not the transfer encoding; the keys
+Dovecot answers from flags, sizes and the Date: header give Dovecot's results (the
+differential test compares every key with a real Dovecot on a shared corpus)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,15 @@ from datetime import date
 
 import pytest
 
-from gateway.imap_out._search import Candidate, compile_query, message_text, needs_text
+from gateway.imap_out._search import (
+    Candidate,
+    UnsupportedSearch,
+    compile_query,
+    message_text,
+    needs_headers,
+    needs_size,
+    needs_text,
+)
 
 QP = (
     b"Subject: =?UTF-8?B?6KuL5rGC5pu4?=\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -59,3 +69,71 @@ def test_body_and_text_match_decoded_text(raw: bytes, keys: tuple, found: bool) 
 def test_only_body_and_text_need_the_message() -> None:
     assert needs_text([b"OR", b"UNSEEN", [b"TEXT", b"x"]])
     assert not needs_text([b"UNSEEN", b"SUBJECT", b"x"])
+
+
+def matches(*keys: bytes, flags: tuple[str, ...] = (), date_: bytes | None = None) -> bool:
+    """One message of 500 bytes with these flags and Date: value, tested against ``keys``."""
+    fields = {"date": [date_] if date_ is not None else []}
+    candidate = Candidate(
+        1, 1, frozenset(flags), date(2026, 1, 1), lambda n: fields.get(n, []), None, 500
+    )
+    return compile_query(list(keys), 1, 1)(candidate)
+
+
+@pytest.mark.parametrize(
+    ("keys", "found"),
+    [
+        ((b"LARGER", b"499"), True),
+        ((b"LARGER", b"500"), False),  # strictly larger, as RFC 3501 and Dovecot
+        ((b"SMALLER", b"501"), True),
+        ((b"SMALLER", b"500"), False),
+        ((b"KEYWORD", b"$forwarded"), True),  # keywords compare without case
+        ((b"KEYWORD", b"Junk"), False),
+        ((b"UNKEYWORD", b"Junk"), True),
+        ((b"KEYWORD", b"\\Flagged"), False),  # a system flag is not a keyword (Dovecot)
+        ((b"UNKEYWORD", b"\\Flagged"), True),
+        ((b"FLAGGED",), True),
+        ((b"ANSWERED",), False),
+        ((b"NEW",), False),  # \\Recent is never set by the gateway
+        ((b"OLD",), True),
+    ],
+)
+def test_flag_keyword_and_size_keys(keys: tuple, found: bool) -> None:
+    assert matches(*keys, flags=("\\Flagged", "$Forwarded")) is found
+
+
+# The Date: header's own date, not UTC: 23:30 -0800 on the 2nd is the 3rd in UTC.
+LATE = b"Mon, 2 Mar 2026 23:30:00 -0800"
+
+
+@pytest.mark.parametrize(
+    ("keys", "value", "found"),
+    [
+        ((b"SENTON", b"2-Mar-2026"), LATE, True),
+        ((b"SENTON", b"3-Mar-2026"), LATE, False),
+        ((b"SENTBEFORE", b"3-Mar-2026"), LATE, True),
+        ((b"SENTSINCE", b"2-Mar-2026"), LATE, True),
+        ((b"SENTSINCE", b"3-Mar-2026"), LATE, False),
+        ((b"SENTON", b"4-Mar-2026"), b"Wed, 4 Mar 2026\r\n 10:00:00 +0000", True),  # folded
+        ((b"SENTBEFORE", b"1-Jan-2000"), None, True),  # no Date: 1-Jan-1970, as Dovecot
+        ((b"SENTBEFORE", b"1-Jan-2000"), b"garbage", True),
+        ((b"SENTON", b"1-Jan-1970"), b"garbage", True),
+    ],
+)
+def test_sent_keys_use_the_date_header_in_its_own_zone(
+    keys: tuple, value: bytes | None, found: bool
+) -> None:
+    assert matches(*keys, date_=value) is found
+
+
+def test_malformed_keys_are_refused_not_guessed() -> None:
+    for keys in ([b"LARGER", b"big"], [b"LARGER", b"4294967296"], [b"SENTON", b"yesterday"]):
+        with pytest.raises(UnsupportedSearch):
+            compile_query(keys, 1, 1)
+
+
+def test_what_each_key_loads() -> None:
+    assert needs_headers([b"NOT", [b"SENTSINCE", b"1-Jan-2026"]])
+    assert not needs_headers([b"LARGER", b"10", b"KEYWORD", b"x"])
+    assert needs_size([b"OR", b"SEEN", b"SMALLER", b"10"])
+    assert not needs_size([b"SEEN", b"FROM", b"x"])

@@ -2,16 +2,17 @@
 
 The source here is a stand-in for a provider (the integration tests use the sandbox clouds and
 a real Dovecot); what is tested is the view: local flags and deletions persisted per account,
-the provider's read state winning over the gateway's \\Seen only, watchers told of every change
-with who caused it, the opt-in mirroring calls, sizes learnt once and kept, and a crowd of
-concurrent syncs costing one provider round.
+every provider flag carried, each flag the provider changes winning over the gateway's own
+state of that flag only, watchers told of every change with who caused it, the opt-in
+mirroring calls, sizes learnt once and kept, and a crowd of concurrent syncs costing one
+provider round.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -36,9 +37,17 @@ class MemorySource:
         self.calls: list[tuple] = []
         self.gate: asyncio.Event | None = None  # when set, listings wait for it
 
-    def deliver(self, pid: str, body: bytes = b"Subject: x\n\nhello\n", seen: bool = False) -> None:
-        self.inbox[pid] = RemoteMessage(pid, T0 + timedelta(minutes=len(self.inbox)), seen)
+    def deliver(
+        self, pid: str, body: bytes = b"Subject: x\n\nhello\n", flags: Iterable[str] = ()
+    ) -> None:
+        when = T0 + timedelta(minutes=len(self.inbox))
+        self.inbox[pid] = RemoteMessage(pid, when, frozenset(flags))
         self.bodies[pid] = body
+
+    def set_provider_flags(self, pid: str, *flags: str) -> None:
+        """As if changed in the provider's own client."""
+        old = self.inbox[pid]
+        self.inbox[pid] = RemoteMessage(pid, old.internal_date, frozenset(flags), old.size)
 
     async def list_inbox(self) -> Snapshot:
         self.calls.append(("list",))
@@ -90,15 +99,21 @@ async def test_local_flags_and_deletions_survive_reopening(store: Store) -> None
         source.deliver(pid)
     view = await open_view(store, source)
     await view.sync()
-    now = await view.store_flags([1, 2], ["\\Flagged", "\\Answered", "$Junk"], 1)
-    assert now == {1: {"\\Flagged", "\\Answered"}, 2: {"\\Flagged", "\\Answered"}}
+    # Keywords are kept too; \\Recent, unknown system flags and non-atoms are not flags.
+    names = ["\\flagged", "\\Answered", "$Junk", "\\Recent", "\\Foo", "bad(name", "a]b"]
+    now = await view.store_flags([1, 2], names, 1)
+    kept = {"\\Flagged", "\\Answered", "$Junk"}
+    assert now == {1: kept, 2: kept}
+    assert view.keywords() == ("$Junk",)
+    await view.store_flags([3], ["$junk"], 1)  # IMAP keywords compare without case
+    assert view.flags(3) == {"$Junk"}
     assert await view.delete([2]) == [2]
     assert [m.uid for m in view.messages()] == [1, 3]
     await view.close()
 
     again = await open_view(store, source)
     assert [m.uid for m in again.messages()] == [1, 3]  # before any sync: from the store
-    assert again.flags(1) == {"\\Flagged", "\\Answered"}
+    assert again.flags(1) == kept
     with pytest.raises(KeyError):
         again.flags(2)  # hidden for every session of the account
     # The default policy leaves the provider untouched.
@@ -111,13 +126,38 @@ async def test_provider_read_state_wins_over_local_seen_only(store: Store) -> No
     view = await open_view(store, source)
     await view.sync()
     await view.store_flags([1], ["\\Flagged"], 1)
-    source.deliver("a", seen=True)  # read in the provider's own client
+    source.set_provider_flags("a", SEEN)  # read in the provider's own client
     applied = await view.sync()
     assert applied.flags_changed == [1]
     assert view.flags(1) == {"\\Flagged", SEEN}
-    source.inbox["a"] = RemoteMessage("a", source.inbox["a"].internal_date, False)
+    source.set_provider_flags("a")
     await view.sync()
     assert view.flags(1) == {"\\Flagged"}
+
+
+async def test_every_provider_flag_is_carried_and_wins_only_where_it_changed(
+    store: Store,
+) -> None:
+    source = MemorySource()
+    source.deliver("a", flags=["\\Flagged", "$Forwarded"])  # as an upstream IMAP server has it
+    source.deliver("b", flags=["\\Answered", "\\Draft", SEEN])
+    view = await open_view(store, source)
+    await view.sync()
+    assert view.flags(1) == {"\\Flagged", "$Forwarded"}
+    assert view.flags(2) == {"\\Answered", "\\Draft", SEEN}
+    assert view.keywords() == ("$Forwarded",)
+    # Locally: read, and the keyword taken off.
+    await view.store_flags([1], [SEEN], 1)
+    await view.store_flags([1], ["$Forwarded"], -1)
+    # At the provider: unflagged and answered; $Forwarded and \\Seen did not change there.
+    source.set_provider_flags("a", "\\Answered", "$Forwarded")
+    applied = await view.sync()
+    assert applied.flags_changed == [1]
+    assert view.flags(1) == {SEEN, "\\Answered"}
+    assert view.keywords() == ()
+    source.set_provider_flags("a", "\\Answered")  # the keyword removed there too: no change
+    await view.sync()
+    assert view.flags(1) == {SEEN, "\\Answered"}
 
 
 async def test_present_removes_what_the_provider_no_longer_lists(store: Store) -> None:

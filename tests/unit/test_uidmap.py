@@ -17,7 +17,7 @@ T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def msg(pid: str, minutes: int = 0, seen: bool = False) -> RemoteMessage:
-    return RemoteMessage(pid, T0 + timedelta(minutes=minutes), seen)
+    return RemoteMessage(pid, T0 + timedelta(minutes=minutes), frozenset({SEEN} if seen else ()))
 
 
 @pytest.fixture
@@ -54,7 +54,9 @@ async def test_apply_is_idempotent_and_uids_are_never_reused(store: Store) -> No
 async def test_flags_change_only_when_different(store: Store) -> None:
     uids = await UidMap.load(store, "a")
     await uids.reconcile([msg("a"), msg("b", 1)], "c1")
-    applied = await uids.apply([msg("a", seen=True)], [], {"b": False, "x": True}, "c2")
+    applied = await uids.apply(
+        [msg("a", seen=True)], [], {"b": frozenset(), "x": frozenset({SEEN})}, "c2"
+    )
     assert applied.flags_changed == [1]
     assert uids.by_id["a"].flags == (SEEN,) and uids.by_id["b"].flags == ()
 
