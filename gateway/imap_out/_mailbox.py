@@ -80,7 +80,7 @@ class InboxAccount:
         async def open_() -> InboxMailbox | None:
             if name.upper() != INBOX:
                 return None
-            await self.view.sync()
+            await self.view.ensure_fresh()  # a sync of the last seconds will do
             return InboxMailbox(self.view, bool(rw))
 
         return as_deferred(open_())
@@ -280,8 +280,9 @@ class InboxMailbox:
                     notify()
 
     async def refresh(self) -> None:
-        """NOOP: ask the provider now (the changes arrive through :meth:`_told`)."""
-        await self.view.sync()
+        """NOOP/CHECK: nothing to ask the provider; the view's poller asks it every
+        ``poll_seconds`` and its changes arrive through :meth:`_told`, so what a client
+        sends never sets the pace of provider requests."""
 
     def drain(self) -> list[bytes]:
         """The untagged responses for every pending change, applied to this session's list:

@@ -27,7 +27,7 @@ import contextlib
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -35,14 +35,23 @@ from ..config import OnDelete
 from ..logs import get_logger
 from ..oauth import OAuthError
 from ..providers._errors import DeliveryError
-from ..providers._inbox import FLAGGED, SEEN, CursorExpired, MailboxSource, NotSupported
+from ..providers._inbox import (
+    FLAGGED,
+    SEEN,
+    CursorExpired,
+    MailboxSource,
+    NotSupported,
+    WarmUpQuota,
+)
 from ..store import Store
 from ._uidmap import Applied, Entry, UidMap
+from ._warmup import WarmUp
 
 log = get_logger(__name__)
 
 DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
 DEFAULT_POLL_SECONDS = 30.0
+MAX_FRESH_SECONDS = 10.0  # see MailboxView.fresh_seconds
 KNOWN_FLAGS = (SEEN, "\\Answered", FLAGGED, "\\Deleted", "\\Draft")
 # RFC 3501 flag-keyword = atom: no atom-specials, no CTL, not empty; ``\\`` only in system flags.
 _KEYWORD = re.compile(r"[^\x00-\x20\x7f-\U0010ffff(){%*\"\\\]]+")
@@ -149,14 +158,21 @@ class MailboxView:
         cache: BodyCache,
         policy: ReadingPolicy = ReadingPolicy(),
         poll_seconds: float = DEFAULT_POLL_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._uids = uids
         self.source = source
         self.cache = cache
         self.policy = policy
         self.poll_seconds = poll_seconds
+        # A session opening the view (SELECT, EXAMINE, STATUS, POP3 login) uses a sync this
+        # recent instead of asking the provider: a thousand logins cost one round.
+        self.fresh_seconds = min(poll_seconds, MAX_FRESH_SECONDS)
+        self._clock, self._sleep = clock, sleep  # the warm-up's pace; tests pass their own
         self._sync_lock = asyncio.Lock()
         self._last_sync_started = float("-inf")
+        self._last_synced = float("-inf")  # when the last successful sync finished
         self._listing: tuple[MessageInfo, ...] | None = None
         self._keywords: tuple[str, ...] | None = None
         self._watchers: list[Watcher] = []
@@ -167,6 +183,10 @@ class MailboxView:
         self._mirror = _Mirror(source, uids.account)
         self._caught_up = False  # see _catch_up
         self._downloads = asyncio.Semaphore(_PARALLEL_DOWNLOADS)
+        self._client_downloads = 0  # a warm-up waits while any runs (clients first)
+        self._clients_idle = asyncio.Event()
+        self._clients_idle.set()
+        self.warm_up = self._warm_up_for(source)
 
     @classmethod
     async def open(
@@ -177,9 +197,11 @@ class MailboxView:
         cache: BodyCache | None = None,
         policy: ReadingPolicy = ReadingPolicy(),
         poll_seconds: float = DEFAULT_POLL_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> MailboxView:
         uids = await UidMap.load(store, account)
-        return cls(uids, source, cache or BodyCache(), policy, poll_seconds)
+        return cls(uids, source, cache or BodyCache(), policy, poll_seconds, clock, sleep)
 
     @property
     def account(self) -> str:
@@ -227,22 +249,39 @@ class MailboxView:
     # -- syncing and watching ----------------------------------------------------------------
 
     async def sync(self) -> Applied:
-        """Bring the map up to date with the provider; safe to repeat and to run concurrently.
-
-        Callers that queue behind a sync which started after they asked share its result
-        (returned empty here; watchers were told), so a thousand NOOPs cost one provider round.
-        """
-        asked = time.monotonic()
+        """Bring the map up to date with the provider now; safe to run concurrently: callers
+        that queue behind a sync which started after they asked share its result (returned
+        empty here; watchers were told). The poller calls this; sessions call
+        :meth:`ensure_fresh`, and NOOP/CHECK/IDLE never reach the provider."""
+        asked = self._clock()
         async with self._sync_lock:
-            if self._last_sync_started >= asked:
+            if self._last_sync_started > asked:
                 return Applied()
-            self._last_sync_started = time.monotonic()
-            with _provider_call():
-                applied = await self._sync_once()
-            if not self._caught_up:
-                self._caught_up = True
-                self._catch_up()
+            return await self._sync_locked()
+
+    async def ensure_fresh(self) -> Applied:
+        """Sync unless the view synced less than ``fresh_seconds`` ago (SELECT, EXAMINE,
+        STATUS, POP3 login): logins arriving together share one provider round, and those
+        arriving within the window use its state."""
+        if self._clock() - self._last_synced < self.fresh_seconds:
+            return Applied()
+        async with self._sync_lock:  # waiters behind a sync find it fresh once it is done
+            if self._clock() - self._last_synced < self.fresh_seconds:
+                return Applied()
+            return await self._sync_locked()
+
+    async def _sync_locked(self) -> Applied:
+        self._last_sync_started = self._clock()
+        with _provider_call():
+            applied = await self._sync_once()
+        self._last_synced = self._clock()
+        first = not self._caught_up
+        if first:
+            self._caught_up = True
+            self._catch_up()
         self._changed(applied, None)
+        if self.warm_up is not None and (first or applied.added or applied.rebuilt):
+            self.warm_up.kick()
         return applied
 
     def _catch_up(self) -> None:
@@ -382,13 +421,20 @@ class MailboxView:
         wire = self.cache.get(entry.provider_id)
         if wire is not None:
             return wire
-        async with self._downloads:  # however many sessions and FETCHes ask at once
-            wire = self.cache.get(entry.provider_id)  # a waiter before us may have got it
-            if wire is None:
-                with _provider_call():
-                    wire = crlf_form(await self.source.fetch_raw(entry.provider_id))
-                self.cache.put(entry.provider_id, wire)
-                self._learn(entry, wire)
+        self._client_downloads += 1
+        self._clients_idle.clear()
+        try:
+            async with self._downloads:  # however many sessions and FETCHes ask at once
+                wire = self.cache.get(entry.provider_id)  # a waiter before us may have got it
+                if wire is None:
+                    with _provider_call():
+                        wire = crlf_form(await self.source.fetch_raw(entry.provider_id))
+                    self.cache.put(entry.provider_id, wire)
+                    self._learn(entry, wire)
+        finally:
+            self._client_downloads -= 1
+            if not self._client_downloads:
+                self._clients_idle.set()
         return wire
 
     async def headers(self, uids: Iterable[int]) -> dict[int, bytes]:
@@ -435,20 +481,59 @@ class MailboxView:
     async def _save_learnt(self) -> None:
         while self._sizes or self._headers:
             await asyncio.sleep(0)  # let the other downloads of this FETCH add theirs
-            sizes, self._sizes = self._sizes, {}
-            headers = dict(self._headers)
+            sizes, headers = dict(self._sizes), dict(self._headers)  # known while saved
             try:
                 await self._uids.update(sizes, _with_size(sizes))
                 await self._uids.store.save_mailbox_headers(self.account, headers)
             except Exception as error:  # only a cost: they are learnt again next time
                 log.warning("mailbox.learnt_not_saved", account=self.account, error=str(error))
+            for pid in sizes:
+                self._sizes.pop(pid, None)
             for pid in headers:
                 self._headers.pop(pid, None)
             self._listing = None
 
+    # -- warm-up (see _warmup) ---------------------------------------------------------------
+
+    def _warm_up_for(self, source: MailboxSource) -> WarmUp | None:
+        quota = getattr(source, "warm_up", None)
+        fetch_batch = getattr(source, "fetch_batch", None)
+        if not isinstance(quota, WarmUpQuota) or fetch_batch is None:
+            return None  # upstream IMAP/POP3 give exact sizes in their listings
+        return WarmUp(
+            quota,
+            fetch_batch,
+            self._unsized,
+            self._learn_batch,
+            self._clients_idle.wait,
+            self._clock,
+            self._sleep,
+            name=f"warm-up {self.account}",
+        )
+
+    def _unsized(self) -> list[str]:
+        """Provider ids of visible messages whose size is not known, newest first (what a
+        client looks at first)."""
+        return [
+            e.provider_id
+            for e in reversed(self._uids.entries())
+            if not e.hidden and e.size is None and e.provider_id not in self._sizes
+        ]
+
+    def _learn_batch(self, bodies: dict[str, bytes]) -> None:
+        """Sizes and headers of a warm-up batch; the bodies are not cached (clients' are)."""
+        by_id = self._uids.by_id
+        for provider_id, raw in bodies.items():
+            entry = by_id.get(provider_id)
+            if entry is not None:
+                self._learn(entry, crlf_form(raw))
+
     async def close(self) -> None:
-        """Stop polling, save learnt sizes and headers, let queued provider changes finish."""
+        """Stop polling and warming up, save learnt sizes and headers, let queued provider
+        changes finish."""
         self._watchers.clear()
+        if self.warm_up is not None:
+            await self.warm_up.stop()
         if self._poller is not None:
             self._poller.cancel()
             self._poller = None

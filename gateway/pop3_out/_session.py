@@ -59,8 +59,9 @@ class Pop3Session:
 
     @classmethod
     async def start(cls, account: str, view: MailboxView) -> Pop3Session:
-        """Sync first so the session sees the INBOX as it is now, then freeze it."""
-        await view.sync()
+        """Sync first (unless the view just did) so the session sees the INBOX as it is now,
+        then freeze it."""
+        await view.ensure_fresh()  # a sync of the last seconds will do
         return cls(account, view, view.messages())
 
     def info(self, number: int) -> MessageInfo:

@@ -70,6 +70,27 @@ class Changes:
     present: frozenset[str] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """What one batched download brought: the raw bytes per id, the ids the provider no longer
+    has (404), and, when some were refused for throttling, how long to wait (seconds) before
+    asking again. Ids in none of these failed otherwise and may be asked again later."""
+
+    bodies: dict[str, bytes] = field(default_factory=dict)
+    gone: list[str] = field(default_factory=list)
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WarmUpQuota:
+    """How a background warm-up may download: at most ``requests`` provider requests (each
+    inner request of a batch counts) per ``seconds``, ``batch`` messages per round trip."""
+
+    requests: int
+    seconds: float
+    batch: int
+
+
 class CursorExpired(Exception):
     """The provider no longer knows the cursor: only a full listing can continue."""
 
@@ -86,6 +107,10 @@ class MailboxSource(Protocol):
         """Changes after ``cursor``; raise :class:`CursorExpired` when it is too old."""
 
     async def fetch_raw(self, provider_id: str) -> bytes: ...
+
+    # Optional, for sources a view may warm up in the background (see ``mailbox._warmup``):
+    #   warm_up: WarmUpQuota
+    #   async def fetch_batch(self, provider_ids: list[str]) -> Batch
 
     async def set_flags(self, provider_id: str, seen: bool | None, flagged: bool | None) -> None:
         """Mirror read/flagged state to the provider (opt-in; None leaves that flag alone).

@@ -4,6 +4,8 @@ Tests and the demo use this to show what the gateway does under throttling (429 
 Retry-After, as Graph sends), outages (503), a token refused at any step (401, as after a
 revocation), slowness and dropped connections. A fault applies
 to one *target* (which service the request is for), so a Graph outage leaves sign-in working.
+``latency`` adds a network round trip to every API request (not to the inner requests of a
+batch, which cross no network), for benchmarks against cloud-like delays.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from typing import Literal
 from aiohttp import web
 
 from . import _errors
+from ._batch import INNER
 
 Target = Literal["microsoft-login", "graph", "google-oauth", "gmail", "any"]
 FaultKind = Literal["401", "429", "503", "slow", "reset"]
 
 _TARGET_PATTERNS: tuple[tuple[Target, re.Pattern[str]], ...] = (
     ("graph", re.compile(r"^/(v1\.0|api/v2\.0)/")),
-    ("gmail", re.compile(r"^/(upload/|resumable/upload/)?gmail/")),
+    ("gmail", re.compile(r"^/(upload/|resumable/upload/|batch/)?gmail/")),
     ("google-oauth", re.compile(r"^/(o/oauth2/|token$|device/code$|revoke$)")),
 )
 
@@ -64,6 +67,7 @@ class FaultPlan:
     def __init__(self) -> None:
         self.pending: list[Fault] = []
         self.requests: dict[str, int] = {}  # requests seen per target, faulted or not
+        self.latency = 0.0  # seconds added to every Graph and Gmail request (see the docstring)
 
     def add(self, fault: Fault) -> None:
         self.pending.append(fault)
@@ -91,6 +95,8 @@ def middleware(plan: FaultPlan) -> Callable[[web.Request, Handler], Awaitable[we
         if target is None:
             return await handler(request)
         plan.requests[target] = plan.requests.get(target, 0) + 1
+        if plan.latency and target in ("graph", "gmail") and not request.get(INNER):
+            await asyncio.sleep(plan.latency)
         fault = plan.take(target, request.path, request.method)
         if fault is None:
             return await handler(request)

@@ -15,6 +15,7 @@ from aiohttp import web
 from .._directory import User
 from .._provider import Context
 from .api import Gate
+from .batch import GmailBatch
 from .gmail import GmailApi
 from .mailstore import GmailOps, GmailStore, Mailbox
 from .oauth import TOKEN_PATH, GoogleOAuth
@@ -38,6 +39,7 @@ class GoogleSandbox:
     def add_routes(self, app: web.Application) -> None:
         self.oauth.add_routes(app)
         self._gmail.add_routes(app)
+        GmailBatch().add_routes(app)
         self._uploads.add_routes(app)
 
     def mailbox(self, user: User) -> Mailbox:

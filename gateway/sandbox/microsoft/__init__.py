@@ -14,6 +14,7 @@ from aiohttp import web
 
 from .._provider import Context
 from .authorize import Authorize
+from .batch import JsonBatch
 from .delta import delta
 from .device import DeviceFlow
 from .graph import Graph, Route
@@ -55,6 +56,7 @@ class MicrosoftSandbox:
         return extra + self.mail.routes()
 
     def add_routes(self, app: web.Application) -> None:
+        JsonBatch().add_routes(app)  # before Graph's catch-all /v1.0/{tail}
         for part in (self.identity, self.authorize, self.device, self.token, self.graph):
             part.add_routes(app)
         self.uploads.add_routes(app)
