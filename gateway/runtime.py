@@ -9,8 +9,18 @@ be installed on that loop *before* anything imports ``twisted.internet.reactor``
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .acceptor import Acceptor, HandOver, listening_socket, raise_open_file_limit
+from .admission import Admission, ConnectionLimits, size_caps
+from .logs import get_logger
+
+if TYPE_CHECKING:
+    from .config import ListenerSettings
+
+log = get_logger(__name__)
 
 T = TypeVar("T")
 
@@ -93,21 +103,182 @@ class ConnectionRegistry:
         self._closers.clear()
 
 
-async def listen_twisted(
-    name: str, factory: Any, host: str, port: int, tls_context: Any = None
-) -> RunningListener:
-    """Listen with a Twisted factory (plain or implicit TLS) and wrap it as a RunningListener.
+def default_limits() -> ConnectionLimits:
+    """Caps for a listener started on its own (tests, tools): the defaults of the config."""
+    from .config import ListenerSettings
 
-    ``factory.connections`` must be a :class:`ConnectionRegistry` kept by its protocols.
+    return limits_from(ListenerSettings(), log_numbers=False)
+
+
+def limits_from(settings: ListenerSettings, log_numbers: bool = True) -> ConnectionLimits:
+    """Raise the open-file limit to its hard limit and size the connection caps from it."""
+    before, open_files = raise_open_file_limit()
+    caps = size_caps(
+        open_files, settings.max_unauthenticated_per_address, settings.preauth_timeout_seconds
+    )
+    if log_numbers:
+        log.info(
+            "connections.limits",
+            open_files=open_files,
+            open_files_before=before,
+            connections=caps.connections,
+            unauthenticated=caps.unauthenticated,
+            unauthenticated_per_address=caps.per_address,
+            preauth_timeout_seconds=caps.preauth_timeout,
+        )
+    return ConnectionLimits(caps)
+
+
+async def listen(
+    name: str,
+    kind: str,
+    host: str,
+    port: int,
+    limits: ConnectionLimits,
+    refusals: dict[str, bytes],
+    hand_over: HandOver,
+    close_connections: Callable[[], Awaitable[None]],
+) -> RunningListener:
+    """Listen through our accept loop (admission, EMFILE pauses); every frontend uses this.
+
+    ``refusals`` maps an admission refusal ("address", "total") to the protocol's one line;
+    ``close_connections`` closes what is open when the listener stops.
     """
-    if tls_context is None:
-        listening = reactor().listenTCP(port, factory, interface=host)
-    else:
-        listening = reactor().listenSSL(port, factory, tls_context, interface=host)
+    acceptor = Acceptor(kind, listening_socket(host, port), limits, refusals, hand_over)
+    address = acceptor.address
+    acceptor.start()
 
     async def close() -> None:
-        await wait_deferred(listening.stopListening())
+        acceptor.close()
+        await close_connections()
+
+    return RunningListener(name, address, close)
+
+
+class AdmittedProtocol(asyncio.Protocol):
+    """Wraps an asyncio protocol that knows nothing of admissions (aiohttp's request handler):
+    frees the connection's place when it is lost, and at the pre-login deadline asks the
+    protocol to ``close()`` (aiohttp: finish the request in hand, then close)."""
+
+    def __init__(self, inner: Any, admission: Admission) -> None:
+        self._inner = inner
+        self._admission = admission
+        admission.on_expire = inner.close
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()  # type: ignore[no-any-return]
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._admission.release()
+        self._inner.connection_lost(exc)
+
+
+async def listen_asyncio(
+    name: str,
+    kind: str,
+    host: str,
+    port: int,
+    limits: ConnectionLimits,
+    refusals: dict[str, bytes],
+    protocol_factory: Callable[[], Any],
+    close_connections: Callable[[], Awaitable[None]],
+) -> RunningListener:
+    """Listen for a plain asyncio protocol through our accept loop (:class:`AdmittedProtocol`)."""
+    loop = asyncio.get_running_loop()
+
+    def hand_over(conn: socket.socket, admission: Admission) -> None:
+        connecting = loop.create_task(
+            loop.connect_accepted_socket(
+                lambda: AdmittedProtocol(protocol_factory(), admission), conn
+            )
+        )
+        connecting.add_done_callback(lambda task: release_if_failed(task, admission))
+
+    return await listen(name, kind, host, port, limits, refusals, hand_over, close_connections)
+
+
+def release_if_failed(task: asyncio.Task[Any], admission: Admission) -> None:
+    """A connection whose setup failed (a TLS handshake) never reached its protocol: free its
+    place."""
+    if task.cancelled() or task.exception() is not None:
+        admission.release()
+
+
+class _AdmittedFactory:
+    """Builds one connection's protocol with its :class:`Admission` attached as ``admission``."""
+
+    noisy = False
+
+    def __init__(self, factory: Any, admission: Admission) -> None:
+        self._factory = factory
+        self._admission = admission
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = self._factory.buildProtocol(addr)
+        if protocol is not None:
+            protocol.admission = self._admission
+        return protocol
+
+    def doStart(self) -> None:
+        pass
+
+    def doStop(self) -> None:
+        pass
+
+
+async def listen_twisted(
+    name: str,
+    factory: Any,
+    host: str,
+    port: int,
+    tls_context: Any = None,
+    limits: ConnectionLimits | None = None,
+    kind: str = "",
+    refusals: dict[str, bytes] | None = None,
+) -> RunningListener:
+    """Listen for a Twisted factory (plain or implicit TLS) through our accept loop.
+
+    Each admitted socket is adopted by the reactor with ``protocol.admission`` set; the protocol
+    calls ``admission.authenticated()`` on login and ``admission.release()`` when it is lost.
+    ``factory.connections`` must be a :class:`ConnectionRegistry` kept by its protocols.
+    """
+    from twisted.internet.interfaces import IProtocolFactory
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+    from zope.interface import directlyProvides
+
+    def hand_over(conn: socket.socket, admission: Admission) -> None:
+        per_connection = _AdmittedFactory(factory, admission)
+        directlyProvides(per_connection, IProtocolFactory)
+        wrapped: Any = per_connection
+        if tls_context is not None:
+            wrapped = TLSMemoryBIOFactory(tls_context, False, per_connection)
+        try:
+            reactor().adoptStreamConnection(conn.fileno(), conn.family, wrapped)
+        finally:
+            conn.close()  # the reactor holds its own duplicate of the descriptor
+
+    async def close_connections() -> None:
         factory.connections.close_all()
 
-    bound = listening.getHost()
-    return RunningListener(name, (bound.host, bound.port), close)
+    return await listen(
+        name,
+        kind or name,
+        host,
+        port,
+        limits or default_limits(),
+        {} if tls_context is not None else (refusals or {}),
+        hand_over,
+        close_connections,
+    )

@@ -122,6 +122,18 @@ class ListenerSettings:
     pop3_port: int | None = _port(2110)
     pop3s_port: int | None = _port(2995)
     admin_port: int | None = _port(8025)
+    preauth_timeout_seconds: int = field_info(
+        30,
+        fix="seconds a client has from connecting to logging in before it is disconnected "
+        "(1-600); the deadline is total, sending slowly does not extend it",
+        check=in_range(1, 600),
+    )
+    max_unauthenticated_per_address: int = field_info(
+        20,
+        fix="connections not yet logged in that one client address may hold per protocol "
+        "(SMTP, IMAP, POP3, admin page) at once (1-10000)",
+        check=in_range(1, 10000),
+    )
 
     def ports(self) -> dict[str, int]:
         """Enabled listeners by name (``smtp``, ``imaps``...), with their configured port."""
@@ -334,8 +346,9 @@ class AdminSettings:
     )
     public_url: str | None = field_info(
         None,
-        fix="the address browsers use for this page, e.g. http://localhost:8025 (the default); "
-        "sign-in redirects and consent links are built from it",
+        fix="the address browsers use for this page, e.g. http://localhost:8025 (the default) or "
+        "a reverse proxy's https://host; sign-in redirects, consent links and the forms' "
+        "origin check use it",
         check=lambda url: (
             None
             if re.match(r"^https?://[^/\s]+$", url)
@@ -378,7 +391,7 @@ class SmtpSettings:
     )
     max_connections: int = field_info(
         100,
-        fix="simultaneous SMTP connections (1-10000)",
+        fix="simultaneous logged-in SMTP sessions (1-10000)",
         check=in_range(1, 10000),
     )
     deliver_inline: bool = field_info(
