@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the system packages the integration tests need (real Dovecot, Postfix and mail clients,
 # and Chromium for the admin page's browser test, driven by PyPI's playwright from the test extra;
-# `playwright install`, which downloads its own browser builds, is not used).
+# `playwright install`, which downloads its own browser builds, is not used; and nginx, the HTTPS
+# reverse proxy in front of the admin page in tests/integration/test_admin.py).
 #
 # Idempotent and non-interactive: run as root on Debian 12. Repeated runs skip apt entirely when every
 # package is already present, so CI can call it unconditionally. The tests start their OWN private
@@ -14,6 +15,7 @@ PACKAGES=(
     curl swaks fetchmail mutt openssl
     libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl tmux
     chromium
+    nginx-light
 )
 
 say() { printf 'install-test-deps: %s\n' "$*"; }
@@ -99,7 +101,7 @@ if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     say "disabled dovecot/postfix systemd units"
 fi
 
-for bin in dovecot doveadm postfix postconf curl swaks openssl chromium; do
+for bin in dovecot doveadm postfix postconf curl swaks openssl chromium nginx; do
     command -v "$bin" >/dev/null || { say "ERROR: $bin not found after install" >&2; exit 1; }
 done
 say "done: $(dovecot --version | cut -d' ' -f1) dovecot, postfix $(postconf -d -h mail_version)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,12 +48,45 @@ def content_security_policy(settings: Settings) -> str:
         _origin(settings.google.auth_uri),
     }
     targets = " ".join(["'self'", *sorted(providers)])
-    return f"default-src 'none'; style-src 'unsafe-inline'; form-action {targets}"
+    return (
+        f"default-src 'none'; style-src 'unsafe-inline'; form-action {targets}; "
+        "frame-ancestors 'none'; base-uri 'none'"
+    )
 
 
 def _origin(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}"
+
+
+Origin = tuple[str, str, int]
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin_of(url: str) -> Origin | None:
+    """(scheme, host, port) of a URL, lower-cased with the default port filled in, so that
+    ``https://Gateway.example`` and ``https://gateway.example:443`` compare equal; None when
+    the URL names no http(s) host (e.g. the ``Origin: null`` of a sandboxed frame)."""
+    try:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        port = parts.port or _DEFAULT_PORTS.get(scheme)
+    except ValueError:  # a port that is not a number
+        return None
+    if scheme not in _DEFAULT_PORTS or not parts.hostname or port is None:
+        return None
+    return scheme, parts.hostname, port
+
+
+# A path on this site: one "/", then printable ASCII without a backslash. Browsers drop tabs
+# and newlines from a Location and read "\" as "/", so "/%09/evil.example" and "/\evil.example"
+# would leave the site ("//evil.example"); anything not plainly local is refused, not cleaned.
+_LOCAL_PATH = re.compile(r"/(?!/)[\x21-\x5b\x5d-\x7e]*")
+
+
+def local_path(target: str | None) -> str:
+    """``target`` if it is a path on this site, else "/" (never an open redirect)."""
+    return target if target and _LOCAL_PATH.fullmatch(target) else "/"
 
 
 PUBLIC_PATHS = frozenset({"/login", "/healthz", "/lang", "/oauth/callback"})
@@ -124,9 +158,17 @@ def _set_session_cookie(
         session.id,
         httponly=True,
         samesite="Strict",
-        secure=request.secure,
+        # Behind an HTTPS proxy the request arrives as http: public_url says what browsers see.
+        secure=(_expected_origin(request) or ("http",))[0] == "https",
         path="/",
     )
+
+
+def _expected_origin(request: web.Request) -> Origin | None:
+    """Where our own forms come from: ``admin.public_url`` when set (behind an HTTPS reverse
+    proxy the request itself arrives as http://127.0.0.1), else the request's own origin."""
+    public_url = _state(request).settings.admin.public_url
+    return origin_of(public_url or f"{request.scheme}://{request.host}")
 
 
 def _same_origin(request: web.Request) -> bool:
@@ -134,8 +176,8 @@ def _same_origin(request: web.Request) -> bool:
     for header in ("Origin", "Referer"):
         value = request.headers.get(header)
         if value:
-            origin = urlsplit(value)
-            return origin.netloc == request.host and origin.scheme == request.scheme
+            origin = origin_of(value)
+            return origin is not None and origin == _expected_origin(request)
     return True
 
 
@@ -157,22 +199,18 @@ async def security(request: web.Request, handler: Handler) -> web.StreamResponse
         ):
             log.warning("admin.csrf_refused", path=request.path, client=request.remote)
             message = i18n.translator(request[LANGUAGE])("forbidden_form")
-            response: web.StreamResponse = render(
-                request, "message.html", 403, message=message, failed=True
-            )
-            _secure_headers(state, response)
-            return response
+            return render(request, "message.html", 403, message=message, failed=True)
     public = request.path in PUBLIC_PATHS or request.path.startswith(PUBLIC_PREFIXES)
     if not public and not (session and session.signed_in):
         raise web.HTTPSeeOther("/login")
-    response = await handler(request)
-    _secure_headers(state, response)
-    return response
+    return await handler(request)
 
 
-def _secure_headers(state: AdminState, response: web.StreamResponse) -> None:
+async def secure_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """On every response as it is sent (an ``on_response_prepare`` signal, not the middleware:
+    redirects, 404, 405 and error pages are raised past middlewares and would miss them)."""
     response.headers.update(SECURITY_HEADERS)
-    response.headers["Content-Security-Policy"] = state.csp
+    response.headers["Content-Security-Policy"] = request.app[STATE].csp
 
 
 async def login_page(request: web.Request) -> web.StreamResponse:
@@ -431,10 +469,7 @@ async def delete_message(request: web.Request) -> web.StreamResponse:
 
 async def switch_language(request: web.Request) -> web.StreamResponse:
     language = request.query.get("to")
-    target = request.query.get("next", "/")
-    if not target.startswith("/") or target.startswith("//"):
-        target = "/"  # only local paths: never an open redirect
-    response = web.HTTPSeeOther(target)
+    response = web.HTTPSeeOther(local_path(request.query.get("next")))
     if language in i18n.LANGUAGES:
         response.set_cookie(LANG_COOKIE, language, samesite="Lax", path="/", max_age=365 * 86400)
     raise response
@@ -447,6 +482,7 @@ async def healthz(request: web.Request) -> web.Response:
 def build_app(state: AdminState) -> web.Application:
     app = web.Application(middlewares=[security], client_max_size=1024 * 1024)
     app[STATE] = state
+    app.on_response_prepare.append(secure_headers)
     app.router.add_get("/", status)
     app.router.add_post("/accounts/{account}/connect", connect)
     app.router.add_post("/accounts/{account}/disconnect", disconnect)

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+import shutil
 import smtplib
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from gateway import tls
 from gateway.app import Gateway
-from tests.helpers import PASSWORD, base_config, running_gateway
+from gateway.sandbox.upstream import INSTALL_HINT
+from tests.helpers import PASSWORD, base_config, free_port, running_gateway
 
 
 def _csrf(page: httpx.Response) -> str:
@@ -154,3 +159,150 @@ async def test_queue_page_shows_held_mail_and_deletes_it(
     assert deleted.status_code == 303 and gateway.spool.messages() == []
     log = await browser.get("/queue")
     assert "Nothing is waiting" in log.text and "deleted" in log.text
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/%09/evil.example",
+        "/%0A/evil.example",
+        "/%0D/evil.example",
+        "/%5Cevil.example",
+        "/%5C/evil.example",
+        "%5C%5Cevil.example",
+        "//evil.example",
+        "///evil.example",
+        "/%2F/evil.example",
+        "https://evil.example/",
+        "https:evil.example",
+    ],
+)
+async def test_language_switch_never_redirects_off_site(
+    browser: httpx.AsyncClient, target: str
+) -> None:
+    response = await browser.get(f"/lang?to=ja&next={target}")
+    assert response.status_code == 303 and response.headers["location"] == "/"
+    assert response.cookies["gw_lang"] == "ja"  # the switch itself still happens
+
+
+async def test_security_headers_on_every_response(browser: httpx.AsyncClient) -> None:
+    responses = {
+        "page": await browser.get("/login"),
+        "redirect to sign-in": await browser.get("/"),
+        "language redirect": await browser.get("/lang?to=en&next=/login"),
+        "refused form": await browser.post("/logout", data={}),
+    }
+    await sign_in(browser)
+    responses["not found"] = await browser.get("/no-such-page")
+    responses["wrong method"] = await browser.get("/logout")
+    statuses = {name: response.status_code for name, response in responses.items()}
+    assert list(statuses.values()) == [200, 303, 303, 403, 404, 405], statuses
+    for name, response in responses.items():
+        headers = response.headers
+        assert headers.get("x-content-type-options") == "nosniff", name
+        assert headers.get("x-frame-options") == "DENY", name
+        assert headers.get("referrer-policy") == "same-origin", name
+        assert headers.get("cache-control") == "no-store", name
+        policy = headers.get("content-security-policy", "")
+        assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy, name
+
+
+def _proxy_config(directory: Path, port: int, admin_port: int) -> tuple[Path, Path]:
+    """nginx's configuration (the README's example, in a private prefix) and the CA file a
+    browser would trust for it."""
+    pair = tls.create_ca_signed_pair(directory, "proxy", "localhost")
+    assert pair.ca is not None
+    config = directory / "nginx.conf"
+    config.write_text(
+        f"""daemon off;
+master_process off;
+pid {directory}/nginx.pid;
+error_log {directory}/error.log;
+events {{}}
+http {{
+    access_log off;
+    client_body_temp_path {directory}/body;
+    proxy_temp_path {directory}/proxy;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {pair.cert};
+        ssl_certificate_key {pair.key};
+        location / {{
+            proxy_pass http://127.0.0.1:{admin_port};
+        }}
+    }}
+}}
+"""
+    )
+    return config, pair.ca
+
+
+@contextlib.asynccontextmanager
+async def https_proxy(directory: Path, port: int, admin_port: int) -> AsyncIterator[Path]:
+    """nginx terminating HTTPS on ``port`` in front of the admin page; yields its CA file."""
+    if shutil.which("nginx") is None:
+        pytest.fail(f"nginx is missing: {INSTALL_HINT}", pytrace=False)
+    config, ca = await asyncio.to_thread(_proxy_config, directory, port, admin_port)
+    log = directory / "error.log"
+    nginx = await asyncio.create_subprocess_exec(
+        "nginx", "-p", str(directory), "-c", str(config), "-e", str(log)
+    )
+    try:
+        for _ in range(200):  # until it listens
+            if nginx.returncode is not None:
+                pytest.fail(await asyncio.to_thread(log.read_text))
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail(f"nginx did not listen on port {port}: {log.read_text()}")
+        yield ca
+    finally:
+        nginx.terminate()
+        await nginx.wait()
+
+
+@contextlib.asynccontextmanager
+async def behind_proxy(tmp_path: Path, public_url: bool) -> AsyncIterator[httpx.AsyncClient]:
+    """A browser on https://localhost:PORT, nginx, and the gateway (with or without
+    ``admin.public_url`` set to that address)."""
+    port = free_port()
+    config = base_config(tmp_path / "state")
+    if public_url:
+        config["admin"]["public_url"] = f"https://localhost:{port}"
+    async with (
+        running_gateway(config, tmp_path / "gateway.yaml") as gateway,
+        https_proxy(tmp_path / "nginx", port, gateway.ports["admin"]) as ca,
+        httpx.AsyncClient(
+            base_url=f"https://localhost:{port}",
+            verify=ssl.create_default_context(cafile=ca),
+            headers={"Origin": f"https://localhost:{port}"},  # as a browser sends with a form
+            timeout=10,
+        ) as browser,
+    ):
+        yield browser
+
+
+async def test_forms_work_behind_an_https_reverse_proxy(tmp_path: Path) -> None:
+    async with behind_proxy(tmp_path, public_url=True) as browser:
+        login_page = await browser.get("/login")
+        assert "Secure" in login_page.headers["set-cookie"]  # the browser sees https
+        signed_in = await sign_in(browser)
+        assert signed_in.status_code == 303, signed_in.text
+        page = await browser.get("/")
+        assert page.status_code == 200
+        token = {"csrf_token": _csrf(page)}
+        for forged in ("https://evil.example", f"http://{browser.base_url.netloc.decode()}"):
+            refused = await browser.post("/logout", data=token, headers={"Origin": forged})
+            assert refused.status_code == 403, forged
+        logged_out = await browser.post("/logout", data=token)
+        assert logged_out.status_code == 303 and logged_out.headers["location"] == "/login"
+
+
+async def test_without_public_url_forms_through_a_proxy_are_refused(tmp_path: Path) -> None:
+    """The request arrives as http://127.0.0.1: only ``admin.public_url`` can vouch for the
+    https origin the browser names."""
+    async with behind_proxy(tmp_path, public_url=False) as browser:
+        assert (await sign_in(browser)).status_code == 403

@@ -9,6 +9,7 @@ import pytest
 
 from gateway.admin import i18n
 from gateway.admin.auth import SessionStore
+from gateway.admin.server import local_path, origin_of
 from gateway.throttle import LoginThrottle
 
 TEMPLATES = Path(i18n.__file__).parent / "templates"
@@ -100,3 +101,49 @@ def test_each_entra_error_gets_one_sentence_in_both_languages(
 def test_other_errors_get_no_entra_advice() -> None:
     for error in (None, "", "invalid_grant: AADSTS70008: expired", "Google answered x"):
         assert i18n.entra_advice("en", error, "http://x/oauth/callback", False) is None
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "//evil.example",
+        "///evil.example",
+        "/\t/evil.example",
+        "/\n/evil.example",
+        "/\r/evil.example",
+        "/\\evil.example",
+        "/\\/evil.example",
+        "\\\\evil.example",
+        "https://evil.example/",
+        "evil.example",
+        " /login",
+        "/login x",
+        "/caf\u00e9",
+        "/login\x7f",
+        "",
+        None,
+    ],
+)
+def test_only_plain_local_paths_are_redirect_targets(target: str | None) -> None:
+    assert local_path(target) == "/"
+
+
+@pytest.mark.parametrize("target", ["/", "/login", "/queue?page=2&x=%2F%2Fevil", "/a/b/../c"])
+def test_local_paths_are_kept_as_given(target: str) -> None:
+    assert local_path(target) == target
+
+
+@pytest.mark.parametrize(
+    ("url", "origin"),
+    [
+        ("https://Gateway.Example", ("https", "gateway.example", 443)),
+        ("https://gateway.example:443/login", ("https", "gateway.example", 443)),
+        ("http://127.0.0.1:8025", ("http", "127.0.0.1", 8025)),
+        ("http://[::1]:8025/", ("http", "::1", 8025)),
+        ("null", None),
+        ("ftp://gateway.example", None),
+        ("https://gateway.example:port", None),
+    ],
+)
+def test_origins_compare_by_scheme_host_and_port(url: str, origin: tuple | None) -> None:
+    assert origin_of(url) == origin
