@@ -12,7 +12,7 @@ set -euo pipefail
 
 PACKAGES=(
     dovecot-core dovecot-imapd dovecot-pop3d dovecot-lmtpd postfix
-    curl swaks fetchmail mutt openssl
+    curl swaks fetchmail mutt isync openssl
     libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl tmux
     chromium
     nginx-light
@@ -101,7 +101,7 @@ if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     say "disabled dovecot/postfix systemd units"
 fi
 
-for bin in dovecot doveadm postfix postconf curl swaks openssl chromium nginx; do
+for bin in dovecot doveadm postfix postconf curl swaks mbsync openssl chromium nginx; do
     command -v "$bin" >/dev/null || { say "ERROR: $bin not found after install" >&2; exit 1; }
 done
 say "done: $(dovecot --version | cut -d' ' -f1) dovecot, postfix $(postconf -d -h mail_version)"

@@ -36,6 +36,11 @@ _COMMAND = re.compile(rb"[A-Za-z][A-Za-z0-9]*")
 _STORE_MODES = {p + b"FLAGS" + s for p in (b"", b"+", b"-") for s in (b"", b".SILENT")}
 _BATCH = 25  # messages rendered per reactor turn: other connections keep being served
 _MAX_PIPELINED = 1 << 20  # bytes queued behind a slow command before the client is cut off
+_LITERAL_LIMIT = 4096  # octets of one literal (no APPEND here): LITERAL-'s bound (RFC 7888)
+_LITERAL = re.compile(rb"\{(\d{1,10})(\+?)\}\Z")  # a literal announced at the end of a line
+_INLINE_LITERAL = re.compile(rb"\{(\d{1,10})\}\r\n")  # as parse_command hands it on
+_QUOTED = re.compile(rb'"((?:[^"\\]|\\.)*)"', re.DOTALL)
+_ESCAPED = re.compile(rb"\\(.)", re.DOTALL)
 
 
 class CompatIMAP4Server(imap4.IMAP4Server):
@@ -43,17 +48,17 @@ class CompatIMAP4Server(imap4.IMAP4Server):
 
     MAX_LENGTH = 65536  # Dovecot's limit; Twisted's 16 KiB drops long UID FETCH lines
 
-    _inflight: bytes | None = None
-    _pending_lines: list[bytes]
-    _draining = False
+    _inflight: bytes | None = None  # tag of the command being run; reading waits meanwhile
     _lost = False
-    _throttle: _Throttle
+    _throttle: _Throttle | None = None
+    _command: list[bytes] | None = None  # a command whose literals are being read
+    _literal_left = 0  # octets of the current literal still to come
+    _refused = False  # the command was answered already: its literals are read and dropped
 
     # -- connection ------------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
         """Disable Nagle: with delayed ACK it costs ~40 ms per BODY[] response."""
-        self._pending_lines = []
         with contextlib.suppress(Exception):  # TLS wrappers or test transports may lack it
             self.transport.setTcpNoDelay(True)
         super().connectionMade()
@@ -62,7 +67,7 @@ class CompatIMAP4Server(imap4.IMAP4Server):
         """Leave the mailbox's listeners: stock Twisted keeps dead sessions there forever."""
         self._lost = True
         self._close_mailbox()
-        self._pending_lines = []
+        self._command = None
         super().connectionLost(reason)
 
     def _close_mailbox(self) -> None:
@@ -82,7 +87,6 @@ class CompatIMAP4Server(imap4.IMAP4Server):
 
     def do_STARTTLS(self, tag: bytes) -> None:
         """Drop whatever was pipelined after STARTTLS in clear text (STARTTLS injection)."""
-        self._pending_lines = []
         self._buffer = b""
         super().do_STARTTLS(tag)
 
@@ -92,45 +96,171 @@ class CompatIMAP4Server(imap4.IMAP4Server):
         caps = super().capabilities()
         caps[b"ID"] = None
         caps[b"UNSELECT"] = None
+        caps[b"LITERAL-"] = None  # RFC 7888: {n+} up to _LITERAL_LIMIT octets
         return caps
 
-    # -- pipelining (Twisted #9282) --------------------------------------------------------------
+    # -- reading commands: pipelining (Twisted #9282) and literals (RFC 3501 §7.5, RFC 7888) --
+
+    def dataReceived(self, data: bytes) -> None:
+        """Bytes pipelined behind a command in flight wait in the buffer, up to a bound."""
+        if self.paused and len(self._buffer) + len(data) > _MAX_PIPELINED:
+            self._buffer = b""
+            self.sendLine(b"* BYE Too many pipelined commands")
+            self.transport.loseConnection()
+            return
+        super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
-        """Queue command lines while a command is in flight; continuation lines pass through."""
-        if self._inflight is not None and self.parseState == "command":
-            if sum(map(len, self._pending_lines)) + len(line) > _MAX_PIPELINED:
-                self.sendLine(b"* BYE Too many pipelined commands")
-                self.transport.loseConnection()
-                return
-            self._pending_lines.append(line)
-            return
+        """One line at a time; reading stops while a command runs (stock ran the next command
+        before an asynchronous one had answered) and resumes at its tagged answer. A command
+        waiting for a continuation (IDLE's DONE, an AUTHENTICATE response) keeps reading."""
         super().lineReceived(line)
+        if self._inflight is not None and self.parseState == "command" and self._command is None:
+            self.paused = True
 
-    def parse_command(self, line: bytes) -> Any:
-        """Stock parsing behind a check of the tag and command name, like Dovecot's.
+    def _resume_reading(self) -> None:
+        if not self.paused or self._lost:
+            return
+        self.paused = False
+        if not self._busyReceiving:  # else the loop reading the buffer goes on by itself
+            self.dataReceived(b"")
 
-        Stock echoes any bytes back as a tag (NULs, 8-bit, even a ``+``), and a non-ASCII
-        command name made it answer ``NO [SERVERBUG] 'ascii' codec can't decode…``.
+    def sendContinuationRequest(self, msg: bytes = b"Ready for additional command text") -> None:
+        super().sendContinuationRequest(msg)
+        self._resume_reading()  # the command in flight wants the client's next line
+
+    def parse_command(self, line: bytes) -> None:
+        """Read a command whole, its literals included, then run it.
+
+        Stock read a literal only where its parser for one argument expected it, so a literal
+        anywhere else (a SEARCH key: imaplib sends every non-ASCII term as one) got no ``+``,
+        the command ran at once and the literal was read as the next command; ``{n+}`` got
+        BAD. Here every ``{n}`` and ``{n+}`` ending a line is read first (``+`` only for
+        ``{n}``), and the argument parsers see the literal in place, as ``{n}\\r\\n<octets>``.
+        A command refused on its first line (a bad tag, APPEND) never gets a ``+``; the octets
+        of its non-synchronising literals are read and dropped, never run as commands.
         """
+        if self._command is None:
+            self._refused = not self._starts_command(line)
+            self._command = [line]
+        else:
+            self._command.append(line)
+        marker = _LITERAL.search(line)
+        if marker is not None:
+            self._expect_literal(int(marker[1]), not marker[2], marker.start())
+            return
+        parts, refused = self._command, self._refused
+        self._command, self._refused = None, False
+        if not refused:
+            self._run(b"".join(parts))
+
+    def _starts_command(self, line: bytes) -> bool:
+        """Whether the command on ``line`` is to be read on; if not it was answered. Stock
+        echoed any bytes back as a tag (NULs, 8-bit, even a ``+``), and a non-ASCII command
+        name made it answer ``NO [SERVERBUG] 'ascii' codec can't decode…``."""
         words = line.split(None, 2)
         if words and not _TAG.fullmatch(words[0]):
             self.sendUntaggedResponse(b"BAD Error in IMAP command: invalid tag")
-            return None
+            return False
         if len(words) >= 2 and not _COMMAND.fullmatch(words[1]):
             self.sendBadResponse(words[0], b"Error in IMAP command: unknown command")
-            return None
+            return False
+        if len(words) >= 2 and words[1].upper() == b"APPEND":
+            self._run(line)  # refused before its literal is read: see do_APPEND
+            return False
+        return True
+
+    def _expect_literal(self, size: int, synchronising: bool, start: int) -> None:
+        parts = self._command
+        assert parts is not None
+        if not self._refused and (
+            size > _LITERAL_LIMIT or sum(map(len, parts)) + size > self.MAX_LENGTH
+        ):
+            self._refused = True
+            tag = parts[0].split(None, 1)[0]
+            self.sendBadResponse(
+                tag, b"[TOOBIG] Literal too long: at most %d octets" % _LITERAL_LIMIT
+            )
+        if self._refused:
+            if synchronising:  # no "+" was sent, so the client sends no octets: command over
+                self._command, self._refused = None, False
+                return
+            parts.clear()  # octets of a refused command are counted, not kept
+        else:
+            parts[-1] = parts[-1][:start] + b"{%d}\r\n" % size  # one form for the parsers
+            if synchronising:
+                self.sendContinuationRequest(b"Ready for literal data")
+        self._literal_left = size
+        if size:
+            self.setRawMode()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._command is None:  # not a command's literal: stock's use of raw mode
+            super().rawDataReceived(data)
+            return
+        self.resetTimeout()
+        chunk, rest = data[: self._literal_left], data[self._literal_left :]
+        self._literal_left -= len(chunk)
+        if not self._refused:
+            self._command.append(chunk)
+        if not self._literal_left:
+            self.setLineMode(rest)  # the rest of the command's line comes next
+
+    def _run(self, command: bytes) -> None:
+        words = command.split(None, 2)
         if len(words) >= 2:
             self._inflight = words[0]
         try:
-            return super().parse_command(line)
+            super().parse_command(command)
         except Exception:
             log.err(None, "imap: command failed")
             self._inflight = None
             tag = words[0] if words else None
             # The details go to the log only: Python's error text means nothing to a client.
             self.sendNegativeResponse(tag, b"[SERVERBUG] Internal error, the command was not run")
-            return None
+
+    def lookupCommand(self, cmd: bytes) -> Any:
+        """The command's handler and argument parsers, the parsers taken from this class by
+        name: stock's tables hold its own functions, so overrides (literals, quoted strings
+        with escapes) would otherwise never be used."""
+        spec = super().lookupCommand(cmd)
+        if not spec:
+            return spec
+        return (spec[0], *(self._own_parser(p) for p in spec[1:]))
+
+    def _own_parser(self, parser: Any) -> Any:
+        name = getattr(parser, "__name__", "")
+        if callable(parser) and name.startswith(("arg_", "opt_")):
+            return getattr(type(self), name)
+        return parser
+
+    def arg_astring(self, line: bytes, final: bool = False) -> tuple[bytes, bytes]:
+        """An astring: an atom, a quoted string (``\\"`` and ``\\\\`` escaped; stock ended it at
+        the first ``"``) or a literal, in place as :meth:`parse_command` reads it."""
+        del final  # stock needed it for empty literals; these are read already
+        line = line.lstrip(b" ")
+        if not line:
+            raise imap4.IllegalClientResponse("Missing argument")
+        if line[:1] == b'"':
+            quoted = _QUOTED.match(line)
+            if quoted is None:
+                raise imap4.IllegalClientResponse("Unmatched quotes")
+            value = _ESCAPED.sub(rb"\1", quoted[1])
+            return value, line[quoted.end() :].removeprefix(b" ")
+        literal = _INLINE_LITERAL.match(line)
+        if literal is not None:
+            end = literal.end() + int(literal[1])
+            return line[literal.end() : end], line[end:].removeprefix(b" ")
+        if line[:1] == b"{":
+            raise imap4.IllegalClientResponse("Malformed literal")
+        value, _, rest = line.partition(b" ")
+        return value, rest
+
+    def opt_charset(self, line: bytes) -> tuple[bytes | None, bytes]:
+        """SEARCH's optional ``CHARSET <astring>``; the charset may be quoted or a literal."""
+        if line[:8].upper() != b"CHARSET ":
+            return None, line
+        return self.arg_astring(line[8:])
 
     def _IMAP4Server__ebDispatch(self, failure: Any, tag: bytes) -> None:
         """Argument parsing failed: stock sends ``BAD Server error: <Python text>`` for anything
@@ -186,23 +316,7 @@ class CompatIMAP4Server(imap4.IMAP4Server):
         super()._respond(state, tag, message)
         if tag is not None and tag == self._inflight and state in (b"OK", b"NO", b"BAD"):
             self._inflight = None
-            self._release_lines()
-
-    def _release_lines(self) -> None:
-        if self._draining:
-            return  # the loop below continues once the current command returns
-        self._draining = True
-        try:
-            # A queued line is due when no command is in flight, or when the one in flight waits
-            # for a continuation (IDLE's DONE, a literal, an AUTHENTICATE response).
-            while (
-                self._pending_lines
-                and not self._lost
-                and (self._inflight is None or self.parseState != "command")
-            ):
-                imap4.IMAP4Server.lineReceived(self, self._pending_lines.pop(0))
-        finally:
-            self._draining = False
+            self._resume_reading()
 
     # -- APPEND ----------------------------------------------------------------------------------
 
@@ -377,8 +491,9 @@ class CompatIMAP4Server(imap4.IMAP4Server):
         self._throttle = _Throttle()
         try:  # a slow reader pauses us instead of growing the write buffer without bound
             self.transport.registerProducer(self._throttle, True)
+            self._throttle.registered = True
         except RuntimeError:  # another producer is registered; go on without backpressure
-            self._throttle = _Throttle()
+            pass
         # A mailbox with ``fetch_items`` is told the query (Twisted #9197), so it downloads
         # bodies only for the items that render them.
         fetch_items = getattr(self.mbox, "fetch_items", None)
@@ -398,8 +513,10 @@ class CompatIMAP4Server(imap4.IMAP4Server):
     ) -> None:
         if self._lost:
             return
-        if self._throttle.paused:
-            self._throttle.on_resume = lambda: self._fetch_batch(
+        throttle = self._throttle
+        assert throttle is not None
+        if throttle.paused:
+            throttle.on_resume = lambda: self._fetch_batch(
                 found, tag, query, uid, old_timeout, failed
             )
             return
@@ -440,7 +557,12 @@ class CompatIMAP4Server(imap4.IMAP4Server):
         self.sendNegativeResponse(tag, b"[SERVERBUG] FETCH failed")
 
     def _release_throttle(self) -> None:
-        if self._throttle.registered_with(self.transport):
+        """Unregister the producer this FETCH registered. Asking the transport which producer
+        it holds does not work under TLS (the TLS protocol wraps ours), and a producer left
+        registered made LOGOUT's loseConnection wait for it forever: no close_notify, no FIN."""
+        throttle = self._throttle
+        if throttle is not None and throttle.registered:
+            throttle.registered = False
             self.transport.unregisterProducer()
 
     def spewMessage(self, id: int, msg: Any, query: list, uid: int) -> Any:
@@ -498,6 +620,7 @@ class _Throttle:
 
     def __init__(self) -> None:
         self.paused = False
+        self.registered = False  # with the transport, by this FETCH
         self.on_resume: Any = None
 
     def pauseProducing(self) -> None:
@@ -511,9 +634,6 @@ class _Throttle:
 
     def stopProducing(self) -> None:
         self.paused, self.on_resume = True, None
-
-    def registered_with(self, transport: Any) -> bool:
-        return transport is not None and getattr(transport, "producer", None) is self
 
 
 def _render_body(item: Any, root: Any) -> bytes:

@@ -228,3 +228,47 @@ async def test_fetchmail_pop3_keep_mode_downloads_each_message_once(
     poll = f"service {gw.ports['pop3']} protocol POP3 uidl"
     log = await _fetchmail_twice(gw, account, tmp_path, poll, "sslproto TLS1.2+")
     assert "upgrade to TLS succeeded" in log, log  # STLS before USER/PASS
+
+
+# -- mbsync ------------------------------------------------------------------------------------
+
+MBSYNC_MODES = pytest.mark.parametrize(
+    ("port", "ssl_type"),
+    [("imaps", "IMAPS"), ("imap", "STARTTLS"), ("imap", "None")],
+    ids=["imaps", "starttls", "plain-loopback"],
+)
+
+
+@MBSYNC_MODES
+@ACCOUNTS
+async def test_mbsync_pulls_the_inbox_into_a_maildir(
+    gw: Gateway, account: str, port: str, ssl_type: str, tmp_path: Path
+) -> None:
+    """mbsync logs in with AUTHENTICATE PLAIN (in clear text only on loopback, where
+    reading.plaintext_auth allows it), pulls every message and exits 0: it waits for the server
+    to close after LOGOUT, so a LOGOUT that left a TLS connection open hung it (its Timeout does
+    not cover that wait) until the subprocess timeout failed the test."""
+    mbsync = _require("mbsync")
+    raws = gw.raws[account]  # type: ignore[attr-defined]
+    maildir = tmp_path / "mail"
+    maildir.mkdir()  # mbsync creates the mailbox (Create Near), not the store's directory
+    rc = tmp_path / "mbsyncrc"
+    rc.write_text(
+        f"IMAPAccount gateway\nHost localhost\nPort {gw.ports[port]}\nUser {account}\n"
+        f'Pass "{PASSWORD}"\nSSLType {ssl_type}\nCertificateFile {gw.cafile}\n'
+        "AuthMechs PLAIN\nTimeout 20\n\n"
+        "IMAPStore gateway-remote\nAccount gateway\n\n"
+        f"MaildirStore local\nPath {maildir}/\nInbox {maildir}/INBOX\n\n"
+        "Channel inbox\nFar :gateway-remote:\nNear :local:\nPatterns INBOX\n"
+        "Sync Pull\nCreate Near\nSyncState *\n"
+    )
+    done = await asyncio.to_thread(_run, [mbsync, "-V", "-c", str(rc), "inbox"], tmp_path, 60)
+    log = (done.stdout + done.stderr).decode(errors="replace")
+    assert done.returncode == 0, log
+    pulled = [p.read_bytes() for d in ("new", "cur") for p in (maildir / "INBOX" / d).iterdir()]
+    assert len(pulled) == len(raws), log
+    # mbsync stores LF line ends and adds its X-TUID: line to the header
+    pulled = [re.sub(rb"(?m)^X-TUID: [^\n]*\n", b"", body) for body in pulled]
+    for raw in raws:
+        assert sum(_lf(raw) == body for body in pulled) == 1, log
+    assert "AUTHENTICATE PLAIN" in log or "Authenticating with SASL mechanism PLAIN" in log, log
