@@ -270,6 +270,11 @@ class MailboxView:
                 return Applied()
             return await self._sync_locked()
 
+    def stale(self) -> None:
+        """The provider is known to have changed: the next session opening the view syncs
+        even inside the freshness window."""
+        self._last_synced = float("-inf")
+
     async def _sync_locked(self) -> Applied:
         self._last_sync_started = self._clock()
         with _provider_call():

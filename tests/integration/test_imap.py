@@ -56,6 +56,9 @@ class World:
         received = T0 + timedelta(minutes=self.seeded)
         self.sandbox.ops(self.user).seed_inbox(self.user, raw, received_at=received)
         self.seeded += 1
+        view = self.gateway.views.get(self.account)
+        if view is not None:  # else a new session inside the freshness window would not see it
+            view.stale()
         return raw
 
     def tls(self) -> ssl.SSLContext:
@@ -206,7 +209,8 @@ async def test_store_seen_search_noop_and_expunge(world: World) -> None:
 
     out = await asyncio.to_thread(session)
     client = out.pop("client")
-    world.seed("s3")  # new mail while the session is selected: NOOP reports it
+    world.seed("s3")  # new mail while the session is selected: NOOP reports what the
+    await world.gateway.views[world.account].sync()  # poller found (its round, run now)
 
     def rest() -> None:
         try:

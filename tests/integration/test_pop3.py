@@ -101,6 +101,8 @@ class Pop3World:
         # Distinct arrival times: UIDs (so message numbers) follow arrival order.
         self.ops.seed_inbox(self.user, raw, received_at=T0 + timedelta(minutes=self.seeded))
         self.seeded += 1
+        if self.view is not None:  # else a login inside the freshness window would not see it
+            self.view.stale()
         return raw
 
     def plain(self) -> poplib.POP3:
