@@ -69,6 +69,7 @@ class ControlApi:
             ("GET", "/_sandbox/users/{address}/sent", self.sent),
             ("POST", "/_sandbox/users/{address}/messages/{id}/move", self.move),
             ("POST", "/_sandbox/users/{address}/messages/{id}/read", self.read),
+            ("POST", "/_sandbox/users/{address}/messages/{id}/flag", self.flag),
             ("DELETE", "/_sandbox/users/{address}/messages/{id}", self.delete),
             ("POST", "/_sandbox/users/{address}/revoke", self.revoke),
             ("POST", "/_sandbox/tokens/expire", self.expire),
@@ -185,6 +186,13 @@ class ControlApi:
         read = bool((await self._json(request)).get("read", True))
         self._message_op(lambda: self.sandbox.ops(user).set_read(user, _id(request), read))
         return web.json_response({"read": read})
+
+    async def flag(self, request: web.Request) -> web.Response:
+        """Flag (Outlook) or star (Gmail) a message, or with ``{"flagged": false}`` clear it."""
+        user = self._user(request)
+        flagged = _flag(await self._json(request), "flagged", True)
+        self._message_op(lambda: self.sandbox.ops(user).set_flagged(user, _id(request), flagged))
+        return web.json_response({"flagged": flagged})
 
     async def delete(self, request: web.Request) -> web.Response:
         user = self._user(request)

@@ -61,6 +61,10 @@ class MailboxOps(Protocol):
     def set_read(self, user: User, message_id: str, read: bool) -> None:
         """Mark read or unread as the user would in the web client."""
 
+    def set_flagged(self, user: User, message_id: str, flagged: bool) -> None:
+        """Flag or clear the flag as the user would in the web client (Outlook's follow-up
+        flag, Gmail's star): the one flag besides read that both providers keep per message."""
+
 
 class ProviderSandbox(Protocol):
     provider: Provider

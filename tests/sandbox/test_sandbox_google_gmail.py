@@ -365,6 +365,52 @@ async def test_history_records_every_change_and_expires(
     assert gone.json()["error"]["errors"][0]["reason"] == "notFound"
 
 
+async def test_starring_in_gmail_is_the_starred_label_with_a_history_record(
+    sandbox: Sandbox, sandbox_tls: ssl.SSLContext, ada: User, connect: Connect
+) -> None:
+    gmail = connect(ada, READONLY)
+    message = sandbox.ops(ada).seed_inbox(ada, rfc822())
+    start = (await gmail.get("/profile")).json()["historyId"]
+    async with httpx.AsyncClient(verify=sandbox_tls, base_url=sandbox.url) as control:
+        starred = await control.post(
+            f"/_sandbox/users/{ada.address}/messages/{message}/flag",
+            json={"flagged": True},
+            headers={"X-Sandbox-Control": "1"},
+        )
+    assert starred.json() == {"flagged": True}
+    labels = (await gmail.get(f"/messages/{message}", params={"format": "minimal"})).json()
+    assert labels["labelIds"] == ["INBOX", "STARRED", "UNREAD"]
+    sandbox.ops(ada).set_flagged(ada, message, True)  # already starred: nothing changes
+    sandbox.ops(ada).set_flagged(ada, message, False)
+    records = (await gmail.get("/history", params={"startHistoryId": start})).json()["history"]
+    assert [(r.get("labelsAdded"), r.get("labelsRemoved")) for r in records] == [
+        (
+            [
+                {
+                    "message": _summary(
+                        message, thread=message, labels=["INBOX", "STARRED", "UNREAD"]
+                    ),
+                    "labelIds": ["STARRED"],
+                }
+            ],
+            None,
+        ),
+        (
+            None,
+            [
+                {
+                    "message": _summary(message, thread=message, labels=["INBOX", "UNREAD"]),
+                    "labelIds": ["STARRED"],
+                }
+            ],
+        ),
+    ]
+
+
+def _summary(message_id: str, thread: str, labels: list[str]) -> dict[str, object]:
+    return {"id": message_id, "threadId": thread, "labelIds": labels}
+
+
 async def test_modify_rules(sandbox: Sandbox, ada: User, connect: Connect) -> None:
     message = sandbox.ops(ada).seed_inbox(ada, rfc822())
     gmail = connect(ada, MODIFY)

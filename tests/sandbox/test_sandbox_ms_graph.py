@@ -670,6 +670,35 @@ async def test_delta_pages_then_reports_changes_and_removals(
     assert quiet == [[]]
 
 
+async def test_flagging_in_outlook_shows_in_delta_and_the_control_api_checks_its_body(
+    sandbox: Sandbox, sandbox_tls: Any, graph: httpx.AsyncClient, adele: User
+) -> None:
+    ids = _seed(sandbox, adele, 3)
+    select = "/me/mailFolders/inbox/messages/delta?$select=flag"
+    _, delta_link = await _delta_round(graph, select, IMMUTABLE)
+    sandbox.ops(adele).set_flagged(adele, ids[0], True)
+    sandbox.ops(adele).set_flagged(adele, ids[2], True)  # flagged, then cleared below
+    async with httpx.AsyncClient(verify=sandbox_tls, base_url=sandbox.url) as control:
+        base = f"/_sandbox/users/{ADDRESS}/messages"
+        headers = {"X-Sandbox-Control": "1"}
+        cleared = await control.post(
+            f"{base}/{_path_id(ids[2])}/flag", json={"flagged": False}, headers=headers
+        )
+        flagged = await control.post(f"{base}/{_path_id(ids[1])}/flag", json={}, headers=headers)
+        not_a_bool = await control.post(
+            f"{base}/{_path_id(ids[1])}/flag", json={"flagged": "yes"}, headers=headers
+        )
+        missing = await control.post(f"{base}/AAMkAGI2nothere/flag", json={}, headers=headers)
+    assert cleared.json() == {"flagged": False} and flagged.json() == {"flagged": True}
+    assert not_a_bool.status_code == 400 and "flagged must be true or false" in not_a_bool.text
+    assert missing.status_code == 404
+    pages, delta_link = await _delta_round(graph, delta_link, IMMUTABLE)
+    changes = {m["id"]: m["flag"]["flagStatus"] for page in pages for m in page}
+    assert changes == {ids[0]: "flagged", ids[1]: "flagged", ids[2]: "notFlagged"}
+    sandbox.ops(adele).set_flagged(adele, ids[0], True)  # already flagged: no change to report
+    assert (await _delta_round(graph, delta_link, IMMUTABLE))[0] == [[]]
+
+
 async def test_delta_without_immutable_ids_reports_the_old_rest_id(
     sandbox: Sandbox, graph: httpx.AsyncClient, adele: User
 ) -> None:

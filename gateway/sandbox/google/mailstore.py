@@ -319,3 +319,14 @@ class GmailOps:
             mailbox.change_labels(message, remove={"UNREAD"})
         else:
             mailbox.change_labels(message, add={"UNREAD"})
+
+    def set_flagged(self, user: User, message_id: str, flagged: bool) -> None:
+        """Star or unstar: the STARRED system label, which a user may apply by hand ("Manage
+        labels", https://developers.google.com/gmail/api/guides/labels). Like every label
+        change it leaves a history record (labelAdded / labelRemoved)."""
+        mailbox = self.store.mailbox(user)
+        message = mailbox.get(message_id)
+        if flagged:
+            mailbox.change_labels(message, add={"STARRED"})
+        else:
+            mailbox.change_labels(message, remove={"STARRED"})

@@ -51,6 +51,17 @@ class OutlookOps:
             message.is_read = read
             box.touch(message)
 
+    def set_flagged(self, user: User, message_id: str, flagged: bool) -> None:
+        """Outlook's "Flag" / "Clear flag": the message's followupFlag.flagStatus becomes
+        ``flagged`` or ``notFlagged`` (the values of the followupFlag resource type,
+        https://learn.microsoft.com/en-us/graph/api/resources/followupflag); a change shows up
+        in the folder's next delta like any other."""
+        box, message = self._message(user, message_id)
+        status = "flagged" if flagged else "notFlagged"
+        if message.flag != status:
+            message.flag = status
+            box.touch(message)
+
     def _message(self, user: User, message_id: str) -> tuple[Mailbox, Message]:
         box = self.store.mailbox(user)
         message = box.find(message_id)
