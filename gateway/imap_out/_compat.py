@@ -39,6 +39,7 @@ _MAX_PIPELINED = 1 << 20  # bytes queued behind a slow command before the client
 _LITERAL_LIMIT = 4096  # octets of one literal (no APPEND here): LITERAL-'s bound (RFC 7888)
 _LITERAL = re.compile(rb"\{(\d{1,10})(\+?)\}\Z")  # a literal announced at the end of a line
 _INLINE_LITERAL = re.compile(rb"\{(\d{1,10})\}\r\n")  # as parse_command hands it on
+_ATOM = re.compile(rb"([" + re.escape(imap4._atomChars) + rb"]+)(?: |\Z)")
 _QUOTED = re.compile(rb'"((?:[^"\\]|\\.)*)"', re.DOTALL)
 _ESCAPED = re.compile(rb"\\(.)", re.DOTALL)
 
@@ -255,6 +256,16 @@ class CompatIMAP4Server(imap4.IMAP4Server):
             raise imap4.IllegalClientResponse("Malformed literal")
         value, _, rest = line.partition(b" ")
         return value, rest
+
+    def arg_atom(self, line: bytes | None) -> tuple[bytes, bytes | None]:
+        """An atom; stock's pattern stopped at a line end, so ``UID SEARCH`` with a literal
+        after it was "Malformed ATOM". The rest is None when nothing follows, as in stock."""
+        if not line:
+            raise imap4.IllegalClientResponse("Missing argument")
+        atom = _ATOM.match(line)
+        if atom is None:
+            raise imap4.IllegalClientResponse("Malformed ATOM")
+        return atom[1], line[atom.end() :] if atom.end() < len(line) else None
 
     def opt_charset(self, line: bytes) -> tuple[bytes | None, bytes]:
         """SEARCH's optional ``CHARSET <astring>``; the charset may be quoted or a literal."""
