@@ -4,8 +4,9 @@ Login: ``login(username, password, client)`` checks the local password (None = r
 ``NO [AUTHENTICATIONFAILED]``) and returns the account name; ``mailbox_for(account)`` returns its
 :class:`MailboxView`, or the sentence saying why it cannot be served (e.g. the mailbox must be
 connected again on the admin page), answered ``NO [UNAVAILABLE] <sentence>``. The same path serves
-``LOGIN`` and ``AUTHENTICATE PLAIN/LOGIN``; AUTHENTICATE is offered only over TLS (after STARTTLS,
-or on the implicit-TLS port), never in clear text. What a session sees is in :mod:`._mailbox`.
+``LOGIN`` and ``AUTHENTICATE PLAIN/LOGIN``, offered together: over TLS (after STARTTLS, or on the
+implicit-TLS port), and in clear text only where ``reading.plaintext_auth`` allows the client
+(LOGINDISABLED elsewhere). What a session sees is in :mod:`._mailbox`.
 """
 
 from __future__ import annotations
@@ -62,12 +63,18 @@ class _GatewayIMAP4Server(CompatIMAP4Server):
 
     def capabilities(self) -> dict[bytes, Any]:
         """LOGINDISABLED before STARTTLS unless ``reading.plaintext_auth`` allows this client
-        (loopback by default); AUTHENTICATE is offered only under TLS either way. UIDPLUS for
-        UID EXPUNGE (APPEND and COPY, its other half, are refused: only INBOX exists)."""
+        (loopback by default). Wherever LOGIN is allowed so is AUTHENTICATE PLAIN/LOGIN, with
+        SASL-IR (RFC 4959): mbsync logs in only through AUTHENTICATE. UIDPLUS for UID EXPUNGE
+        (APPEND and COPY, its other half, are refused: only INBOX exists)."""
         caps = super().capabilities()
         caps[b"UIDPLUS"] = None
         if b"LOGINDISABLED" in caps and self._cleartext_allowed():
             del caps[b"LOGINDISABLED"]
+        if b"LOGINDISABLED" in caps:
+            caps[b"AUTH"] = []  # not listed
+        else:
+            caps[b"AUTH"] = list(_MECHANISMS)
+            caps[b"SASL-IR"] = None
         return caps
 
     def _cleartext_allowed(self) -> bool:
@@ -82,9 +89,27 @@ class _GatewayIMAP4Server(CompatIMAP4Server):
 
     unauth_LOGIN = (do_LOGIN, imap4.IMAP4Server.arg_astring, imap4.IMAP4Server.arg_finalastring)
 
-    def authenticate(self, chal: Any, tag: bytes) -> None:
-        """AUTHENTICATE through the same check as LOGIN (stock needs a cred portal)."""
-        self._setupChallenge(chal, tag)
+    def do_AUTHENTICATE(self, tag: bytes, mechanism: bytes, initial: bytes | None) -> None:
+        """AUTHENTICATE where LOGIN is allowed, through the same check (stock needs a cred
+        portal), with the initial response of RFC 4959 (``=`` for an empty one)."""
+        if b"LOGINDISABLED" in self.capabilities():  # a STARTTLS port before STARTTLS
+            self.sendNegativeResponse(tag, b"[PRIVACYREQUIRED] Use STARTTLS first")
+            return
+        credentials = _MECHANISMS.get(mechanism.upper())
+        if credentials is None:
+            self.sendNegativeResponse(tag, b"Unsupported authentication mechanism")
+            return
+        chal = credentials()
+        if initial is None:
+            self._setupChallenge(chal, tag)
+            return
+        chal.getChallenge()  # the (empty) challenge that the initial response answers
+        self._auth_chunk(b"" if initial == b"=" else initial, chal, tag)
+
+    def opt_initial_response(self, line: bytes | None) -> tuple[bytes | None, bytes]:
+        return (line or b"").strip() or None, b""
+
+    unauth_AUTHENTICATE = (do_AUTHENTICATE, imap4.IMAP4Server.arg_atom, opt_initial_response)
 
     def _setupChallenge(self, chal: Any, tag: bytes) -> None:
         """Stock's challenge loop, ending in :meth:`_sign_in` so replies carry response codes."""
@@ -109,8 +134,14 @@ class _GatewayIMAP4Server(CompatIMAP4Server):
         except (binascii.Error, ValueError):
             self.sendBadResponse(tag, b"AUTHENTICATE response is not base64")
             return
+        except imap4.IllegalClientResponse:
+            self.sendBadResponse(tag, b"AUTHENTICATE response is malformed")
+            return
         if chal.moreChallenges():
             self._setupChallenge(chal, tag)
+            return
+        if getattr(chal, "authzid", b"") not in (b"", chal.username):
+            self.sendNegativeResponse(tag, b"[AUTHORIZATIONFAILED] Cannot act as another user")
             return
         self._sign_in(tag, _text(chal.username or b""), _text(chal.password or b""))
 
@@ -244,6 +275,20 @@ class _GatewayIMAP4Server(CompatIMAP4Server):
             self.sendBadResponse(tag, b"Expected DONE to end IDLE")
 
 
+class _PlainCredentials(imap4.PLAINCredentials):
+    """SASL PLAIN (RFC 4616) keeping the authorization identity, which stock drops: asking to
+    act as another user must be refused, not ignored."""
+
+    authzid = b""
+
+    def setResponse(self, response: bytes) -> None:
+        super().setResponse(response)
+        self.authzid = response.split(b"\0", 1)[0]
+
+
+_MECHANISMS = {b"PLAIN": _PlainCredentials, b"LOGIN": imap4.LOGINCredentials}
+
+
 def _text(value: bytes | str) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
@@ -269,15 +314,8 @@ class _IMAPFactory(Factory):
         self.log_failure = log_failure
 
     def buildProtocol(self, addr: Any) -> _GatewayIMAP4Server:
-        # chal={} on the STARTTLS port on purpose: with PLAIN registered there Twisted would
-        # accept AUTHENTICATE PLAIN in clear text (docs/protocol-servers.md); it adds PLAIN and
-        # LOGIN itself after STARTTLS. The implicit-TLS port is encrypted from the first byte.
-        chal = (
-            {b"PLAIN": imap4.PLAINCredentials, b"LOGIN": imap4.LOGINCredentials}
-            if self.implicit_tls
-            else {}
-        )
-        protocol = _GatewayIMAP4Server(chal=chal, contextFactory=self._tls)
+        # AUTHENTICATE's mechanisms are _MECHANISMS, offered where LOGIN is allowed.
+        protocol = _GatewayIMAP4Server(contextFactory=self._tls)
         protocol.factory = self
         return protocol
 
