@@ -573,6 +573,133 @@ async def main(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- cold mailboxes (--cold): warm-up, shared syncs, first listing ---------------------------
+
+
+def mailbox_requests(sandbox, address: str) -> int:
+    """Provider requests the sandbox counted for one mailbox (inner batch requests each)."""
+    return sandbox.throttle.stats().get(address.casefold(), {}).get("requests", 0)
+
+
+async def cold(args: argparse.Namespace) -> int:
+    """The issue's cold-mailbox figures against Graph with ``--latency`` per request: the
+    --messages INBOX of ``crm`` warmed up after its first sync (duration, provider requests),
+    then the first and second full listing; a second mailbox (``sync``, same messages) listed
+    at once, before any warm-up could finish (it must still answer correctly); and
+    --connections simultaneous LOGIN + EXAMINE of ``crm`` (provider requests they cost)."""
+    run_id = f"{int(time.time())}"
+    messages = [build_message(i, args.size, run_id) for i in range(args.messages)]
+    work_dir = Path(tempfile.mkdtemp(prefix="bench-cold-"))
+    sandbox, app, user = await c.start_sandbox(work_dir / "sandbox")
+    sandbox.faults.latency = args.latency
+    sync_user = sandbox.add_user("microsoft", SYNC_ADDRESS)
+    for target in (user, sync_user):
+        ops = sandbox.ops(target)
+        for i, raw in enumerate(messages):
+            ops.seed_inbox(target, raw, received_at=T0 + timedelta(minutes=i))
+    port = c.free_port()
+    config = c.write_yaml(
+        work_dir / "gateway.yaml", gateway_config(sandbox, app, work_dir / "state", port)
+    )
+    log_path = work_dir / "gateway.log"
+    report: list[str] = []
+    with open(log_path, "ab") as log_file:
+        process = await c.start_gateway(config, log_file)
+    try:
+        await c.wait_for_banner(port, process, 60, expect=b"* OK", goodbye=b"x LOGOUT\r\n")
+        address = c.SENDER
+
+        def examine(account: str) -> float:
+            client = connect(port, None, account, c.PASSWORD, args.timeout)
+            try:
+                start = time.perf_counter()
+                client.select("INBOX", readonly=True)
+                return time.perf_counter() - start
+            finally:
+                client.logout()
+
+        def listing(account: str) -> tuple[float, int, int]:
+            client = connect(port, None, account, c.PASSWORD, args.timeout)
+            try:
+                client.select("INBOX", readonly=True)
+                took, count, _ = timed_fetch(client, "1:*", "(UID FLAGS RFC822.SIZE INTERNALDATE)")
+                return took, count, 0
+            finally:
+                client.logout()
+
+        before = mailbox_requests(sandbox, address)
+        started = time.perf_counter()
+        first_examine = await asyncio.to_thread(examine, c.USERNAME)  # first sync: warm-up starts
+        sync_requests = mailbox_requests(sandbox, address) - before
+        sync_before = mailbox_requests(sandbox, SYNC_ADDRESS)
+        cold_took, cold_count, _ = await asyncio.to_thread(listing, SYNC_ACCOUNT)
+        cold_requests = mailbox_requests(sandbox, SYNC_ADDRESS) - sync_before
+
+        def warm_up_done() -> list[str]:  # the gateway logs the end of each warm-up
+            return [
+                line
+                for line in log_path.read_text(errors="replace").splitlines()
+                if "mailbox.warm_up_done" in line and "warm-up crm" in line
+            ]
+
+        while not (lines := warm_up_done()):
+            if time.perf_counter() - started > args.timeout:
+                raise RuntimeError("the warm-up did not finish in time")
+            await asyncio.sleep(0.2)
+        warm_took = time.perf_counter() - started
+        warm_requests = mailbox_requests(sandbox, address) - before - sync_requests
+        before = mailbox_requests(sandbox, address)
+        first = await asyncio.to_thread(listing, c.USERNAME)
+        first_requests = mailbox_requests(sandbox, address) - before
+        second = await asyncio.to_thread(listing, c.USERNAME)
+        second_requests = mailbox_requests(sandbox, address) - before - first_requests
+
+        async def login_examine() -> None:
+            reader, writer = await asyncio.open_connection(c.HOST, port)
+            try:
+                await asyncio.wait_for(reader.readline(), args.timeout)
+                login = f'LOGIN {c.USERNAME} "{c.PASSWORD}"'.encode()
+                await _command(reader, writer, b"a1", login, args.timeout)
+                await _command(reader, writer, b"a2", b"EXAMINE INBOX", args.timeout)
+                await _command(reader, writer, b"a3", b"LOGOUT", args.timeout)
+            finally:
+                writer.close()
+
+        await asyncio.sleep(c_fresh_wait := 11)  # past the freshness window of the first EXAMINE
+        before = mailbox_requests(sandbox, address)
+        start = time.perf_counter()
+        crowd = await asyncio.gather(
+            *(login_examine() for _ in range(args.connections)), return_exceptions=True
+        )
+        crowd_took = time.perf_counter() - start
+        crowd_requests = mailbox_requests(sandbox, address) - before
+        errors = [repr(e) for e in crowd if isinstance(e, BaseException)]
+        report += [
+            f"cold mailboxes: {args.messages} messages of ~{args.size // 1024} KB, Graph latency "
+            f"{args.latency * 1000:.0f} ms per request (sandbox), poll_seconds 30",
+            f"  first EXAMINE (first sync): {first_examine:.2f}s, "
+            f"{sync_requests} provider requests",
+            f"  a second mailbox listed at once (no warm-up yet): {cold_took:.2f}s, "
+            f"{cold_count} FETCH answers, {cold_requests} provider requests",
+            f"  warm-up: done {warm_took:.1f}s after the first EXAMINE, {warm_requests} provider "
+            f"requests counted by the sandbox; gateway log: {lines[-1] if lines else '?'}",
+            f"  first listing after the warm-up: {first[0]:.2f}s, {first[1]} FETCH answers, "
+            f"{first_requests} provider requests",
+            f"  second listing: {second[0]:.2f}s, {second_requests} provider requests",
+            f"  {args.connections} simultaneous LOGIN + EXAMINE ({c_fresh_wait}s after the last "
+            f"sync): {crowd_took:.1f}s, {crowd_requests} provider requests, {len(errors)} errors",
+        ]
+        for error in sorted(set(errors))[:3]:
+            report.append(f"  error: {error[:200]}")
+    finally:
+        await c.stop_child(process)
+        await sandbox.stop()
+        if not args.keep:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    print("\n".join(report))
+    return 0
+
+
 def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=5000)
@@ -591,6 +718,12 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=10 * 1024, help="bytes per message (about)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds: socket timeouts")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--cold", action="store_true", help="only the cold-mailbox figures (see cold())"
+    )
+    parser.add_argument(
+        "--latency", type=float, default=0.05, help="seconds per Graph request with --cold"
+    )
     arguments = parser.parse_args()
     if arguments.messages < 1:
         parser.error("--messages must be at least 1")
@@ -603,6 +736,7 @@ if __name__ == "__main__":
 
     loop = new_loop_with_reactor()
     try:
-        sys.exit(loop.run_until_complete(asyncio.wait_for(main(arguments), 1800)))
+        chosen = cold(arguments) if arguments.cold else main(arguments)
+        sys.exit(loop.run_until_complete(asyncio.wait_for(chosen, 1800)))
     finally:
         loop.close()
