@@ -4,7 +4,9 @@ A real private Dovecot is the upstream; the gateway reads it with the password f
 (STARTTLS, the Dovecot CA as ``ca_file``) and serves it to imaplib and poplib through the same
 view as the clouds: the bytes are Dovecot's, RFC822.SIZE is Dovecot's, UIDs and UIDVALIDITY
 survive a restart, new mail arrives by IDLE, mail expunged upstream leaves, and what a client
-deletes is hidden by the gateway while Dovecot keeps it and its \\Seen flag stays unset.
+deletes is hidden by the gateway while Dovecot keeps it and its \\Seen flag stays unset. The
+flags another client sets upstream (\\Answered, \\Flagged, keywords such as $Forwarded) reach
+the gateway's clients: in FETCH FLAGS, SELECT's FLAGS and PERMANENTFLAGS, SEARCH, and IDLE.
 """
 
 from __future__ import annotations
@@ -81,6 +83,26 @@ def _dovecot_view(dovecot: Dovecot, user: MailUser) -> list[bytes]:
     return [part[1] for part in data if isinstance(part, tuple)]
 
 
+def _store_upstream(dovecot: Dovecot, user: MailUser, flags: dict[int, str]) -> None:
+    """Set flags on the upstream server as another of its IMAP clients would: UID STORE."""
+    with imaplib.IMAP4(dovecot.host, dovecot.imap_port, timeout=10) as imap:
+        imap.login(user.name, user.password)
+        imap.select("INBOX")
+        for uid, names in flags.items():
+            assert imap.uid("STORE", str(uid), "+FLAGS", f"({names})")[0] == "OK"
+
+
+def _flag_sets(data: list) -> dict[int, set[str]]:
+    """Sequence number → flags, from imaplib's FETCH (FLAGS) answer (order is not compared
+    here; the differential test compares the rendering with Dovecot's)."""
+    out = {}
+    for line in data:
+        found = re.match(rb"(\d+) \(.*FLAGS \(([^)]*)\)", line)
+        assert found, line
+        out[int(found.group(1))] = set(found.group(2).decode().split())
+    return out
+
+
 def _sizes(data: list) -> list[int]:
     text = b" ".join(part[0] if isinstance(part, tuple) else part for part in data)
     return [int(n) for n in re.findall(rb"RFC822.SIZE (\d+)", text)]
@@ -139,6 +161,51 @@ async def test_imap_upstream_through_the_gateway(
 
         validity, uids = await asyncio.to_thread(again)
     assert validity == out["validity"] and uids == [b"3 4"]
+
+
+async def test_upstream_flags_reach_the_gateways_imap_clients(
+    dovecot: Dovecot, upstream_user: MailUser, tmp_path: Path
+) -> None:
+    for n in range(3):
+        dovecot.deliver(upstream_user.name, _message(f"f{n}"))
+    flags = {1: "\\Answered", 2: "\\Flagged $Forwarded"}  # as another upstream client sets them
+    await asyncio.to_thread(_store_upstream, dovecot, upstream_user, flags)
+
+    async with upstream_gateway(dovecot, upstream_user, "imap", tmp_path) as gateway:
+
+        def session() -> dict[str, Any]:
+            client = _imap(gateway)
+            try:
+                assert client.select("INBOX")[0] == "OK"
+                out: dict[str, Any] = {
+                    "flags": client.response("FLAGS")[1][0],
+                    "permanent": client.response("PERMANENTFLAGS")[1][0],
+                    "fetched": _flag_sets(client.fetch("1:*", "(UID FLAGS)")[1]),
+                }
+                for key in ("ANSWERED", "UNANSWERED", "FLAGGED", "KEYWORD $Forwarded"):
+                    out[key] = client.search(None, key)[1]
+                out["UNKEYWORD"] = client.uid("SEARCH", "UNKEYWORD", "$Forwarded")[1]
+                with idling(client) as wait:  # another upstream client replies and forwards
+                    _store_upstream(dovecot, upstream_user, {3: "\\Answered $Forwarded"})
+                    out["pushed"] = wait(rb"^\* 3 FETCH")
+                out["after"] = client.search(None, "ANSWERED KEYWORD $Forwarded")[1]
+                return out
+            finally:
+                client.logout()
+
+        out = await asyncio.to_thread(session)
+    # SELECT lists the upstream's keyword, and a client may store flags and new keywords.
+    assert out["flags"] == b"(\\Answered \\Flagged \\Deleted \\Seen \\Draft $Forwarded)"
+    assert out["permanent"] == b"(\\Answered \\Flagged \\Deleted \\Seen \\Draft $Forwarded \\*)"
+    assert out["fetched"] == {1: {"\\Answered"}, 2: {"\\Flagged", "$Forwarded"}, 3: set()}
+    assert out["ANSWERED"] == [b"1"] and out["UNANSWERED"] == [b"2 3"]
+    assert out["FLAGGED"] == [b"2"] and out["KEYWORD $Forwarded"] == [b"2"]
+    assert out["UNKEYWORD"] == [b"1 3"]
+    pushed = re.search(rb"FLAGS \(([^)]*)\)", out["pushed"])
+    assert pushed and set(pushed.group(1).decode().split()) == {"\\Answered", "$Forwarded"}
+    assert out["after"] == [b"3"]
+    # Reading through the gateway changed nothing upstream.
+    assert dovecot.search(upstream_user.name, "SEEN") == []
 
 
 async def test_pop3_upstream_through_the_gateway(
