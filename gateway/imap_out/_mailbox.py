@@ -42,6 +42,15 @@ from ._search import (
 
 INBOX = "INBOX"
 FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")  # Dovecot's order
+_SYSTEM_RANK = {flag.casefold(): rank for rank, flag in enumerate(FLAGS)}
+
+
+def in_imap_order(flags: Iterable[str]) -> list[str]:
+    """System flags in Dovecot's order, then keywords by name: FETCH FLAGS byte for byte as
+    Dovecot writes it (a plain sort would put ``$Forwarded`` before ``\\Answered``)."""
+    return sorted(flags, key=lambda f: (_SYSTEM_RANK.get(f.casefold(), len(FLAGS)), f))
+
+
 _NEEDS_BODY = {"body", "bodystructure", "envelope", "rfc822", "rfc822header", "rfc822text"}
 _FROM_HEADER = {"uid", "flags", "internaldate", "rfc822size", "envelope", "rfc822header"}
 
@@ -151,7 +160,7 @@ class GatewayMessage:
         return self.info.uid
 
     def getFlags(self) -> list[str]:
-        return sorted(self.flags)
+        return in_imap_order(self.flags)
 
     def getInternalDate(self) -> str:
         return format_datetime(self.info.internal_date)
@@ -297,7 +306,7 @@ class InboxMailbox:
                 lines.append(b"%d EXISTS" % len(self.messages))
         for seq, info in enumerate(self.messages, 1):
             if info.uid in pending.flags:
-                names = " ".join(sorted(self.flags_of(info))).encode()
+                names = " ".join(in_imap_order(self.flags_of(info))).encode()
                 lines.append(b"%d FETCH (FLAGS (%b) UID %d)" % (seq, names, info.uid))
         return lines
 
@@ -401,7 +410,7 @@ class InboxMailbox:
         self, chosen: list[tuple[int, MessageInfo]], flags: list[str], mode: int
     ) -> dict[int, list[str]]:
         now = await self.view.store_flags([i.uid for _, i in chosen], flags, mode, origin=self)
-        return {seq: sorted(now.get(info.uid, self.flags_of(info))) for seq, info in chosen}
+        return {seq: in_imap_order(now.get(info.uid, self.flags_of(info))) for seq, info in chosen}
 
     def search(self, query: list, uid: bool) -> Any:
         """Sequence numbers (the server turns them into UIDs for UID SEARCH); headers, sizes

@@ -4,7 +4,8 @@ IMAP clients cache by (UIDVALIDITY, UID), so the rules are strict (RFC 3501 2.3.
 ascend in arrival order and are never reused — ``uidnext`` only grows, and a message that
 leaves and comes back gets a new UID — and UIDVALIDITY changes only when the map is rebuilt
 from scratch (ids that cannot be matched). Arrival order within one batch is the provider's
-arrival time, then id; UIDs are never derived from dates (imports can be back-dated).
+arrival time, then id (or the upstream server's own UID order); UIDs are never derived from dates
+(imports can be back-dated).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 
 from ..providers._inbox import RemoteMessage
 from ..store import Store
@@ -118,7 +120,7 @@ class UidMap:
             and pid not in gone_set
             and entry.flags != _flags(now)
         ]
-        ordered = sorted(fresh.values(), key=lambda m: (m.internal_date, m.id))
+        ordered = sorted(fresh.values(), key=_arrival)
         new = [
             Entry(self.uidnext + n, m.id, m.internal_date, _flags(m.flags), m.size)
             for n, m in enumerate(ordered)
@@ -154,7 +156,7 @@ class UidMap:
 
     async def rebuild(self, snapshot: Iterable[RemoteMessage], cursor: str) -> Applied:
         """Start over under a new UIDVALIDITY: for ids that cannot be matched to the old ones."""
-        ordered = sorted(snapshot, key=lambda m: (m.internal_date, m.id))
+        ordered = sorted(snapshot, key=_arrival)
         new = [
             Entry(n, m.id, m.internal_date, _flags(m.flags), m.size)
             for n, m in enumerate(ordered, 1)
@@ -196,3 +198,9 @@ def _provider_flags(entry: Entry, now: frozenset[str]) -> Entry:
         before = set(entry.flags)
         local = _flags(frozenset((set(local) - (before - now)) | (now - before)))
     return replace(entry, flags=_flags(now), local_flags=local)
+
+
+def _arrival(message: RemoteMessage) -> tuple[int, datetime, str]:
+    """The order new messages get UIDs in: the source's own numbering where it has one (see
+    :class:`RemoteMessage`), else arrival time, then id for a stable tie-break."""
+    return (message.order or 0, message.internal_date, message.id)

@@ -37,12 +37,17 @@ class RemoteMessage:
     returns, when the source knows it without downloading (upstream IMAP RFC822.SIZE, POP3
     LIST); the APIs only give estimates, so there it is None and the view learns it on the
     first download.
+
+    ``order`` is the source's own numbering where it has one (an upstream IMAP server's UID):
+    new messages get gateway UIDs in that order, so sequence numbers match the upstream
+    server's even when messages share an arrival second. Without it, arrival time decides.
     """
 
     id: str
     internal_date: datetime
     flags: frozenset[str] = frozenset()
     size: int | None = None
+    order: int | None = None
 
     @property
     def seen(self) -> bool:

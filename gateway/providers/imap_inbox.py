@@ -337,9 +337,8 @@ class UpstreamImapSource(ThreadedClient):
         if not isinstance(date, datetime) or not isinstance(size, int):
             return None  # only an unsolicited FETCH named it: gone again, or next time
         flags = fields.get("flags")
-        return RemoteMessage(
-            f"{validity}.{uid}", date, flags if isinstance(flags, frozenset) else frozenset(), size
-        )
+        flags = flags if isinstance(flags, frozenset) else frozenset()
+        return RemoteMessage(f"{validity}.{uid}", date, flags, size, order=uid)
 
     def _meta(self, imap: imaplib.IMAP4, validity: int, lowest: int) -> list[RemoteMessage]:
         data = _check(imap.uid("FETCH", f"{lowest}:*", _META), "UID FETCH")

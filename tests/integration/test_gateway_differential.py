@@ -289,25 +289,7 @@ def test_documented_differences_name_only_flags_the_corpus_carries() -> None:
             assert corpus_flags - set(missing) == {"\\Seen", "\\Flagged"}, kind
 
 
-# Found by this test (gateway/mailbox/_uidmap.py and gateway/imap_out/_mailbox.py are other
-# helpers' files): upstream messages with the same INTERNALDATE are numbered in the string order
-# of their ids ("v.10" before "v.2"), not in the upstream's UID order; and FETCH FLAGS lists
-# flags in string order ($Forwarded before \\Answered), not Dovecot's (\\Answered \\Flagged
-# \\Deleted \\Seen \\Draft, then keywords). Strict: the test fails once they are fixed, so
-# that this mark is removed.
-_UPSTREAM_DEFECTS = pytest.mark.xfail(
-    strict=True,
-    reason="same-second upstream messages out of UID order; FETCH FLAGS not in Dovecot's order",
-)
-
-
-@pytest.mark.parametrize(
-    "kind",
-    [
-        pytest.param(kind, marks=_UPSTREAM_DEFECTS if kind == "upstream" else ())
-        for kind in ACCOUNTS
-    ],
-)
+@pytest.mark.parametrize("kind", list(ACCOUNTS))
 async def test_gateway_fetches_equal_dovecot_byte_for_byte(
     gw: Gateway, references: dict[frozenset[str], dict[tuple[str, str], bytes]], kind: str
 ) -> None:
