@@ -1,4 +1,5 @@
-"""The ``gateway`` command: run, demo, check-config, health, hash-password.
+"""The ``gateway`` command: run, check-config, health, connect, queue, accounts, demo,
+hash-password.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad usage or a config that does not validate.
 """
@@ -18,7 +19,6 @@ from typing import Any
 from . import __version__
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
-DEFAULT_CONFIG = os.environ.get("GATEWAY_CONFIG", "config.yaml")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -35,29 +35,48 @@ def _parser() -> argparse.ArgumentParser:
         prog="gateway",
         description="Lets legacy SMTP/IMAP/POP3 programs use Microsoft 365 and Gmail mailboxes "
         "after password logins are switched off.",
+        epilog="Exit codes: 0 success, 1 runtime failure, 2 bad configuration or usage.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    run = commands.add_parser("run", help="start every configured listener and serve")
+    run = _command(
+        commands,
+        "run",
+        "Start every configured listener and serve until SIGTERM or SIGINT.",
+        "The config must pass check-config, every {env: ...} secret must be set, and no "
+        "password hash may be the example's.",
+    )
     _add_config_option(run)
     run.set_defaults(handler=_run)
 
-    check = commands.add_parser("check-config", help="validate a config file and list problems")
-    check.add_argument("config", type=Path, help="the config file to check")
+    check = _command(
+        commands,
+        "check-config",
+        "Validate a config file and list every problem with its line, key and fix.",
+        "Exits 0 when `gateway run` would accept the file, 2 otherwise.",
+    )
+    check.add_argument(
+        "file", nargs="?", type=Path, help="the config file to check (the same as -c FILE)"
+    )
+    _add_config_option(check)
     check.set_defaults(handler=_check_config)
 
-    health = commands.add_parser(
+    health = _command(
+        commands,
         "health",
-        help="exit 0 if the running gateway answers on its admin listener (for healthchecks)",
+        "Exit 0 if the running gateway answers on its admin listener (for healthchecks).",
+        "Asks http://<listeners.host>:<admin_port>/healthz directly, never through a proxy "
+        "(HTTP_PROXY and friends are ignored); needs no secrets.",
     )
     _add_config_option(health)
     health.set_defaults(handler=_health)
 
-    connect = commands.add_parser(
+    connect = _command(
+        commands,
         "connect",
-        help="connect a mailbox: print a one-time consent link for its owner, or sign in "
-        "here with a device code (--device, Microsoft only)",
+        "Connect a mailbox: print a one-time consent link for its owner, or sign in here with "
+        "a device code (--device, Microsoft only).",
     )
     connect.add_argument("account", help="the account's username in the config")
     connect.add_argument(
@@ -68,33 +87,56 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_option(connect)
     connect.set_defaults(handler=_connect)
 
-    queue = commands.add_parser(
+    queue = _command(
+        commands,
         "queue",
-        help="list, retry, delete or release outgoing mail",
-        description="list: queued, held and dead messages with reasons, and which accounts "
-        "the provider paused until when; retry [ID]: try again now (all when no ID; a paused "
-        "account still waits for its pause to end); delete ID: drop a message; release "
-        "ACCOUNT: send its held mail.",
+        "List, retry, delete or release outgoing mail.",
+        "list: queued, held and dead messages with reasons, and which accounts the provider "
+        "paused until when; retry [ID]: try again now (all when no ID; a paused account still "
+        "waits for its pause to end); delete ID: drop a message; release ACCOUNT: send its held "
+        "mail. Needs no secrets.",
     )
     queue.add_argument("action", choices=("list", "retry", "delete", "release"))
     queue.add_argument("target", nargs="?", help="a message ID, or for release an account")
     _add_config_option(queue)
     queue.set_defaults(handler=_queue)
 
-    accounts = commands.add_parser("accounts", help="list the accounts and their connection state")
+    accounts = _command(
+        commands,
+        "accounts",
+        "List the accounts and whether each mailbox is connected or needs re-consent.",
+        "Needs no secrets.",
+    )
     _add_config_option(accounts)
     accounts.set_defaults(handler=_accounts)
 
-    demo = commands.add_parser(
+    demo = _command(
+        commands,
         "demo",
-        help="run the gateway against local sandbox clouds (no accounts needed) and print how "
-        "to connect",
+        "Run the gateway against local sandbox clouds (no accounts needed) and print how to "
+        "connect.",
+        "The listeners get free ports (printed), or --first-port N and the six after it. A "
+        "temporary state directory is removed on exit unless --keep is given.",
     )
     demo.add_argument(
         "--state-dir",
         type=Path,
         default=None,
-        help="where the demo keeps its config and state (default: a new temporary directory)",
+        help="where the demo keeps its config and state; kept on exit (default: a new "
+        "temporary directory, removed on exit unless --keep)",
+    )
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the temporary state directory (tokens, key, config) on exit",
+    )
+    demo.add_argument(
+        "--first-port",
+        type=_first_port,
+        default=None,
+        metavar="N",
+        help="listen on N (SMTP), N+1 (SMTPS), N+2 (IMAP), N+3 (IMAPS), N+4 (POP3), N+5 "
+        "(POP3S) and N+6 (admin page) instead of free ports",
     )
     demo.add_argument(
         "--log-level",
@@ -104,14 +146,32 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=_demo)
 
-    hasher = commands.add_parser(
+    hasher = _command(
+        commands,
         "hash-password",
-        help="hash a local account password for the config",
-        description="Reads a password (prompted without echo, or one line from standard input) "
-        "and prints a salted scrypt hash to paste into accounts[].password_hash.",
+        "Hash a local password for accounts[].password_hash or admin.password_hash.",
+        "Reads a password (prompted twice without echo, or one line from standard input) and "
+        "prints a salted scrypt hash to paste into the config.",
     )
     hasher.set_defaults(handler=_hash_password)
     return parser
+
+
+def _command(commands: Any, name: str, summary: str, details: str = "") -> argparse.ArgumentParser:
+    """A subcommand whose one-sentence summary is both its line in ``gateway --help`` and the
+    start of its own ``--help``."""
+    help_line = summary[0].lower() + summary[1:].rstrip(".")
+    return commands.add_parser(name, help=help_line, description=f"{summary} {details}".strip())
+
+
+def _first_port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65535 - 6:
+        raise argparse.ArgumentTypeError(f"must be 1-{65535 - 6} (seven ports from N): {port}")
+    return port
 
 
 def _add_config_option(parser: argparse.ArgumentParser) -> None:
@@ -119,28 +179,41 @@ def _add_config_option(parser: argparse.ArgumentParser) -> None:
         "-c",
         "--config",
         type=Path,
-        default=Path(DEFAULT_CONFIG),
+        default=None,
         help="config file (default: $GATEWAY_CONFIG or ./config.yaml)",
     )
 
 
-def _load(path: Path):  # type: ignore[no-untyped-def]
+def _config_path(args: argparse.Namespace) -> Path:
+    return args.config or Path(os.environ.get("GATEWAY_CONFIG") or "config.yaml")
+
+
+def _load(args: argparse.Namespace, *, serving: bool = True):  # type: ignore[no-untyped-def]
+    """The settings, or None after printing every problem. ``serving=False`` for commands that
+    need no secrets (see :func:`gateway.config.load_settings`)."""
     from .config import ConfigError, load_settings
 
     try:
-        return load_settings(path)
+        return load_settings(_config_path(args), serving=serving)
     except ConfigError as error:
         print(error.report(), file=sys.stderr)
         return None
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    settings = _load(args.config)
+    if args.file and args.config and args.file != args.config:
+        print(
+            f"gateway check-config: two files given ({args.file}, {args.config}); give one",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    args.config = args.file or args.config
+    settings = _load(args)
     if settings is None:
         return EXIT_CONFIG
     ports = ", ".join(f"{name} {port}" for name, port in settings.listeners.ports().items())
     accounts = len(settings.accounts)
-    print(f"{args.config}: OK ({accounts} account{'s' if accounts != 1 else ''}; {ports})")
+    print(f"{_config_path(args)}: OK ({accounts} account{'s' if accounts != 1 else ''}; {ports})")
     from .config import config_notes
 
     for note in config_notes(settings):
@@ -155,7 +228,7 @@ _LOOPBACK_FOR_WILDCARD = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104
 def _health(args: argparse.Namespace) -> int:
     import httpx
 
-    settings = _load(args.config)
+    settings = _load(args, serving=False)
     if settings is None:
         return EXIT_CONFIG
     port = settings.listeners.admin_port
@@ -165,7 +238,9 @@ def _health(args: argparse.Namespace) -> int:
     host = _LOOPBACK_FOR_WILDCARD.get(settings.listeners.host, settings.listeners.host)
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/healthz"
     try:
-        response = httpx.get(url, timeout=5)
+        # A proxy from the environment (HTTP_PROXY, ALL_PROXY: exactly where outbound traffic
+        # needs one) would be asked to reach our own loopback listener, and cannot.
+        response = httpx.get(url, timeout=5, trust_env=False)
     except httpx.HTTPError as error:
         print(f"gateway: not healthy: {url}: {error}", file=sys.stderr)
         return EXIT_FAILURE
@@ -176,11 +251,14 @@ def _health(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _with_broker(args: argparse.Namespace, job: Callable[[Any], Awaitable[int]]) -> int:
+def _with_broker(
+    args: argparse.Namespace, job: Callable[[Any], Awaitable[int]], *, serving: bool = True
+) -> int:
     """Run ``job(broker)`` against the state directory, beside a running gateway or not."""
-    settings = _load(args.config)
+    settings = _load(args, serving=serving)
     if settings is None:
         return EXIT_CONFIG
+    from .config import SecretUnavailable
     from .oauth import OAuthError, TokenBroker
     from .store import SecretBox, Store, StoreError, load_or_create_key
 
@@ -198,10 +276,27 @@ def _with_broker(args: argparse.Namespace, job: Callable[[Any], Awaitable[int]])
     except (OAuthError, StoreError) as error:
         print(f"gateway: {error}", file=sys.stderr)
         return EXIT_FAILURE
+    except SecretUnavailable as error:  # only with serving=False, and then never expected
+        print(f"gateway: this command needs a secret: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _unknown_account(settings: Any, username: str, command: str) -> bool:
+    """Whether ``username`` is not configured (said on stderr: a usage error, exit 2)."""
+    known = [account.username for account in settings.accounts]
+    if username in known:
+        return False
+    listed = ", ".join(known) or "none"
+    print(
+        f"gateway {command}: there is no account {username!r} (accounts: {listed})", file=sys.stderr
+    )
+    return True
 
 
 def _connect(args: argparse.Namespace) -> int:
     async def job(broker: Any) -> int:
+        if _unknown_account(broker.settings, args.account, "connect"):
+            return EXIT_CONFIG
         if args.device:
             status = await broker.connect_with_device_code(
                 args.account, lambda message: print(message, flush=True)
@@ -223,12 +318,14 @@ def _connect(args: argparse.Namespace) -> int:
 
 
 def _queue(args: argparse.Namespace) -> int:
-    settings = _load(args.config)
+    settings = _load(args, serving=False)
     if settings is None:
         return EXIT_CONFIG
     if args.action in ("delete", "release") and not args.target:
         what = "message ID" if args.action == "delete" else "account"
         print(f"gateway queue {args.action}: say which {what}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.action == "release" and _unknown_account(settings, args.target, "queue release"):
         return EXIT_CONFIG
     from .spool import queue_main
 
@@ -254,7 +351,7 @@ def _accounts(args: argparse.Namespace) -> int:
             print(f"{account.username:<16} {account.address:<32} {account.provider:<9} {detail}")
         return EXIT_OK
 
-    return _with_broker(args, job)
+    return _with_broker(args, job, serving=False)
 
 
 def _hash_password(args: argparse.Namespace) -> int:
@@ -264,12 +361,12 @@ def _hash_password(args: argparse.Namespace) -> int:
         password = getpass.getpass("Password: ")
         if password != getpass.getpass("Repeat password: "):
             print("The passwords differ; nothing was hashed.", file=sys.stderr)
-            return EXIT_FAILURE
+            return EXIT_CONFIG
     else:
         password = sys.stdin.readline().rstrip("\r\n")
     if not password:
         print("An empty password cannot be hashed.", file=sys.stderr)
-        return EXIT_FAILURE
+        return EXIT_CONFIG
     print(hash_password(password))
     return EXIT_OK
 
@@ -279,7 +376,7 @@ def _run(args: argparse.Namespace) -> int:
     from .runtime import new_loop_with_reactor
 
     loop = new_loop_with_reactor()
-    settings = _load(args.config)
+    settings = _load(args)
     if settings is None:
         return EXIT_CONFIG
     from .app import Gateway
@@ -297,7 +394,10 @@ def _demo(args: argparse.Namespace) -> int:
     from .logs import configure_logging
 
     configure_logging(args.log_level, "text")
-    return _serve_until_signal(loop, lambda stop: run_demo(args.state_dir, stop))
+    return _serve_until_signal(
+        loop,
+        lambda stop: run_demo(stop, args.state_dir, keep=args.keep, first_port=args.first_port),
+    )
 
 
 def _serve_until_signal(

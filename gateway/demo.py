@@ -3,12 +3,17 @@
 A new user sees the whole product on one machine without any cloud account: a Microsoft 365
 mailbox, a Google Workspace mailbox and (where Dovecot is installed) a password-based upstream
 mailbox, each with mail in its INBOX, behind the gateway's local listeners.
+
+The listeners get free ports unless asked for fixed ones (8025, the gateway's default admin port,
+is also MailHog's and Mailpit's), and a temporary state directory (tokens, the key) is removed
+when the demo stops, unless the user asked to keep it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+import shutil
 import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -31,6 +36,8 @@ log = get_logger(__name__)
 MICROSOFT_ADDRESS = "crm@contoso.example"
 GOOGLE_ADDRESS = "scanner@fabrikam.example"
 GOOGLE_ALIAS = "info@fabrikam.example"
+LISTENERS = ("smtp", "smtps", "imap", "imaps", "pop3", "pop3s", "admin")
+"""In the order ``first_port`` numbers them."""
 
 
 @dataclass(frozen=True)
@@ -69,8 +76,15 @@ def _seed_messages(address: str) -> list[bytes]:
 class Demo:
     """Everything the demo runs; :meth:`start` it, print :meth:`instructions`, then :meth:`stop`."""
 
-    def __init__(self, state_dir: Path | None = None) -> None:
+    def __init__(
+        self, state_dir: Path | None = None, *, keep: bool = False, first_port: int | None = None
+    ) -> None:
+        """``state_dir`` is kept; without it a temporary one is made and removed by :meth:`stop`
+        unless ``keep``. ``first_port`` fixes the listeners' ports (see :data:`LISTENERS`);
+        without it each gets a free port."""
+        self.temporary = state_dir is None and not keep
         self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix="gateway-demo-"))
+        self.first_port = first_port
         self.sandbox = Sandbox(self.state_dir / "sandbox")
         self.dovecot: Dovecot | None = None
         self.accounts: list[DemoAccount] = []
@@ -105,6 +119,15 @@ class Demo:
         await self.sandbox.stop()
         if self.dovecot is not None:
             await asyncio.to_thread(self.dovecot.stop)
+        if self.temporary:
+            await asyncio.to_thread(shutil.rmtree, self.state_dir, True)
+
+    @property
+    def admin_url(self) -> str:
+        """The admin page as printed: the same origin as the OAuth callback, so the session
+        cookie set at sign-in comes back with the provider's redirect."""
+        assert self.gateway is not None and self.gateway.broker is not None
+        return f"{self.gateway.broker.admin_url()}/"
 
     def _seed_sandbox(self) -> None:
         sandbox = self.sandbox
@@ -161,6 +184,10 @@ class Demo:
         config = {
             "state_dir": str(self.state_dir / "gateway"),
             "admin": {"password_hash": hash_password(self.admin_password)},
+            "listeners": {
+                f"{name}_port": self.first_port + offset if self.first_port else 0
+                for offset, name in enumerate(LISTENERS)
+            },
             "ca_bundle": str(sandbox.ca_file),
             "microsoft": {
                 "client_id": self.microsoft_app.client_id,
@@ -187,8 +214,7 @@ class Demo:
             "",
             "Mail gateway demo is running. Stop it with Ctrl-C.",
             "",
-            f"  admin page     http://127.0.0.1:{ports.get('admin')}/  "
-            f"(admin password {self.admin_password})",
+            f"  admin page     {self.admin_url}  (admin password {self.admin_password})",
             f"  SMTP           localhost:{ports.get('smtp')} (STARTTLS), "
             f"localhost:{ports.get('smtps')} (TLS)",
             f"  IMAP           localhost:{ports.get('imap')} (STARTTLS), "
@@ -229,6 +255,8 @@ class Demo:
             "",
             f"  sandbox clouds {self.sandbox.url}  (CA {self.sandbox.ca_file})",
             f"  config         {self.state_dir / 'config.yaml'}",
+            f"  state          {self.state_dir}  "
+            + ("(removed on exit; --keep keeps it)" if self.temporary else "(kept on exit)"),
             "",
         ]
         return "\n".join(lines)
@@ -254,8 +282,14 @@ def _password() -> str:
     return secrets.token_urlsafe(9)
 
 
-async def run_demo(state_dir: Path | None, stop: asyncio.Event) -> None:
-    demo = Demo(state_dir)
+async def run_demo(
+    stop: asyncio.Event,
+    state_dir: Path | None = None,
+    *,
+    keep: bool = False,
+    first_port: int | None = None,
+) -> None:
+    demo = Demo(state_dir, keep=keep, first_port=first_port)
     try:
         await demo.start()
         print(demo.instructions(), flush=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ._checks import CHECKS
 from ._checks import notes as config_notes
-from ._schema import Problem, Secret, Validator
+from ._schema import Problem, Secret, SecretUnavailable, Validator
 from ._settings import (
     AccountReadingSettings,
     AccountSettings,
@@ -35,6 +35,7 @@ from ._settings import (
 from ._yaml import YamlSyntaxError, load_with_lines
 
 __all__ = [
+    "STATE_DIR_VARIABLE",
     "AccountReadingSettings",
     "AccountSettings",
     "AdminSettings",
@@ -47,6 +48,7 @@ __all__ = [
     "Problem",
     "ReadingSettings",
     "Secret",
+    "SecretUnavailable",
     "SendingSettings",
     "Settings",
     "SmtpSettings",
@@ -78,8 +80,20 @@ class ConfigError(Exception):
         return "\n".join(lines)
 
 
-def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Settings:
-    """Read, parse and validate ``path``; raise :class:`ConfigError` with every problem."""
+STATE_DIR_VARIABLE = "GATEWAY_STATE_DIR"
+"""When set, the state directory, whatever the file says (the Docker image sets it)."""
+
+
+def load_settings(
+    path: Path, environ: Mapping[str, str] | None = None, *, serving: bool = True
+) -> Settings:
+    """Read, parse and validate ``path``; raise :class:`ConfigError` with every problem.
+
+    ``serving=False`` is for the operations commands (``queue``, ``accounts``, ``health``), which
+    read the state directory but log nobody in and reach no upstream server: an ``{env: ...}``
+    secret whose variable is unset is loaded unresolved (reading it raises
+    :class:`SecretUnavailable`), and a published example password hash is not refused.
+    """
     path = Path(path)
     environ = os.environ if environ is None else environ
     try:
@@ -95,11 +109,29 @@ def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Setti
     except YamlSyntaxError as error:
         problem = Problem((), f"YAML syntax error: {error}", "fix the YAML syntax", error.line)
         raise ConfigError(path, [problem]) from None
-    validator = Validator(path.resolve().parent, environ, lines)
+    state_dir = environ.get(STATE_DIR_VARIABLE)
+    if state_dir and isinstance(raw, dict):
+        raw = {**raw, "state_dir": state_dir}
+    validator = Validator(path.resolve().parent, environ, lines, serving=serving)
     settings = validator.build(Settings, raw, ())
     if settings is not None:
         for check in CHECKS:
             check(settings, validator)
     if validator.problems or settings is None:
-        raise ConfigError(path, validator.problems)
+        problems = validator.problems
+        if state_dir:
+            problems = [_from_state_dir_variable(problem) for problem in problems]
+        raise ConfigError(path, problems)
     return dataclasses.replace(settings, source=path.resolve())
+
+
+def _from_state_dir_variable(problem: Problem) -> Problem:
+    """A state_dir problem names the variable that set it: the file's value was not used."""
+    if problem.path[:1] != ("state_dir",):
+        return problem
+    return dataclasses.replace(
+        problem,
+        message=f"{problem.message} (from {STATE_DIR_VARIABLE}, which overrides the file)",
+        fix=f"fix or unset {STATE_DIR_VARIABLE}",
+        line=None,
+    )

@@ -139,6 +139,36 @@ def check_app_only(settings: Settings, v: Validator) -> None:
         )
 
 
+# Hashes published in config.example.yaml (every one is of the password "change-me-now"). A copy
+# of the example that keeps one would let anyone who read the example log in.
+PUBLISHED_PASSWORD_HASHES = frozenset(
+    {"$scrypt$ln=15,r=8,p=1$FD41NgOlrtNuR4Kfzqy5Tg$0Carnr2QEYijPMFQmqRcT0V1tLTpuUM1tFMhcayBYTQ"}
+)
+_PUBLISHED_FIX = (
+    "run `gateway hash-password`, type a password of your own, and paste its output here"
+)
+
+
+def check_published_hashes(settings: Settings, v: Validator) -> None:
+    """Refuse the example's hashes when serving; the operations commands may read such a file."""
+    if not v.serving:
+        return
+    hashed: list[tuple[tuple, str | None]] = [
+        (("admin", "password_hash"), settings.admin.password_hash if settings.admin else None)
+    ]
+    for index, account in enumerate(settings.accounts or ()):
+        if account is not None:
+            hashed.append((("accounts", index, "password_hash"), account.password_hash))
+    for path, value in hashed:
+        if value in PUBLISHED_PASSWORD_HASHES:
+            v.report(
+                path,
+                'this is the example\'s published hash of the password "change-me-now" '
+                "(config.example.yaml): anyone who has read the example could log in",
+                _PUBLISHED_FIX,
+            )
+
+
 def notes(settings: Settings) -> list[str]:
     """Settings that are valid but change what the gateway does in a way the admin should know
     (``check-config`` prints them after OK)."""
@@ -159,4 +189,5 @@ CHECKS: tuple[Callable[[Settings, Validator], None], ...] = (
     check_ca_bundle,
     check_accounts,
     check_app_only,
+    check_published_hashes,
 )

@@ -38,24 +38,44 @@ class Problem:
         return text or "(top level)"
 
 
+class SecretUnavailable(LookupError):
+    """A secret was read that was loaded unresolved (``load_settings(..., serving=False)``)."""
+
+
 class Secret:
-    """A secret string from the file or from an environment variable; never shown in a repr."""
+    """A secret string from the file or from an environment variable; never shown in a repr.
 
-    __slots__ = ("source", "value")
+    A secret read from an unset environment variable exists only in settings loaded for the
+    operations commands (queue, accounts, health), which never use it: reading its ``value``
+    raises :class:`SecretUnavailable` naming the variable.
+    """
 
-    def __init__(self, value: str, source: str) -> None:
-        self.value = value
+    __slots__ = ("_value", "source")
+
+    def __init__(self, value: str | None, source: str) -> None:
+        self._value = value
         self.source = source
-        register_secret(value)  # so it is masked should any log line ever contain it
+        if value is not None:
+            register_secret(value)  # so it is masked should any log line ever contain it
+
+    @property
+    def value(self) -> str:
+        if self._value is None:
+            raise SecretUnavailable(f"{self.source} is not set or empty")
+        return self._value
 
     def __repr__(self) -> str:
         return f"Secret(from {self.source})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other.value == self.value
+        if not isinstance(other, Secret):
+            return False
+        if self._value is None or other._value is None:  # unresolved: the same variable
+            return self._value == other._value and self.source == other.source
+        return self._value == other._value
 
     def __hash__(self) -> int:
-        return hash(self.value)
+        return hash(self._value)
 
 
 Check = Callable[[Any], str | None]
@@ -74,10 +94,20 @@ def field_info(default: Any = dataclasses.MISSING, *, fix: str = "", check: Chec
 class Validator:
     """Walks raw YAML data against a dataclass schema, building values and problems."""
 
-    def __init__(self, base_dir: Path, environ: Mapping[str, str], lines: dict[KeyPath, int]):
+    def __init__(
+        self,
+        base_dir: Path,
+        environ: Mapping[str, str],
+        lines: dict[KeyPath, int],
+        *,
+        serving: bool = True,
+    ) -> None:
         self.base_dir = base_dir
         self.environ = environ
         self.lines = lines
+        # False for the operations commands: unset {env: ...} secrets are loaded unresolved and
+        # the checks that only matter to a serving gateway (published example hashes) are off.
+        self.serving = serving
         self.problems: list[Problem] = []
 
     def report(self, path: KeyPath, message: str, fix: str = "") -> None:
@@ -189,6 +219,8 @@ class Validator:
         if isinstance(raw, dict) and set(raw) == {"env"} and isinstance(raw["env"], str):
             name = raw["env"]
             if not self.environ.get(name):
+                if not self.serving:
+                    return Secret(None, f"environment variable {name}"), True
                 message = f"environment variable {name} is not set or empty"
                 return self._wrong(path, message, f"export {name}=... before starting the gateway")
             return Secret(self.environ[name], f"environment variable {name}"), True

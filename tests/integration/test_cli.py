@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import select
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -18,24 +20,142 @@ import yaml
 
 from gateway.config import load_settings
 from gateway.passwords import parse_hash, verify_password
-from tests.helpers import PASSWORD, base_config, free_port
+from tests.helpers import PASSWORD, PASSWORD_HASH, base_config, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 GATEWAY = [sys.executable, "-m", "gateway"]
 LISTENERS = ("smtp", "smtps", "imap", "imaps", "pop3", "pop3s", "admin")
 
 
-def gateway_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+EXAMPLE = REPO / "config.example.yaml"
+EXAMPLE_HASH = (
+    "$scrypt$ln=15,r=8,p=1$FD41NgOlrtNuR4Kfzqy5Tg$0Carnr2QEYijPMFQmqRcT0V1tLTpuUM1tFMhcayBYTQ"
+)
+
+
+def gateway_cli(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*GATEWAY, *args], input=stdin, capture_output=True, text=True, timeout=60, check=False
+        [*GATEWAY, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
     )
 
 
-def test_check_config_accepts_the_example() -> None:
-    result = gateway_cli("check-config", str(REPO / "config.example.yaml"))
+def _environ_without(*names: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in names and not k.endswith("_PROXY")}
+    return {**env, **extra}
+
+
+def test_check_config_flags_the_examples_published_hashes() -> None:
+    """A copy of the example as it is must not serve: its hashes are of "change-me-now"."""
+    result = gateway_cli("check-config", str(EXAMPLE))
+    assert result.returncode == 2
+    assert f"{EXAMPLE}: 4 problems" in result.stderr
+    lines = [
+        n for n, text in enumerate(EXAMPLE.read_text().splitlines(), 1) if EXAMPLE_HASH in text
+    ]
+    keys = ["admin.password_hash"] + [f"accounts[{i}].password_hash" for i in range(3)]
+    for line, key in zip(lines, keys, strict=True):
+        assert f"{EXAMPLE}:{line}: {key}: this is the example's published hash" in result.stderr
+    assert result.stderr.count("fix: run `gateway hash-password`") == 4
+
+
+def _example_copy(tmp_path: Path, password_hash: str = EXAMPLE_HASH) -> Path:
+    copy = tmp_path / "config.yaml"
+    copy.write_text(EXAMPLE.read_text().replace(EXAMPLE_HASH, password_hash))
+    return copy
+
+
+def test_the_example_with_own_hashes_is_accepted(tmp_path: Path) -> None:
+    result = gateway_cli("check-config", str(_example_copy(tmp_path, PASSWORD_HASH)))
     assert result.returncode == 0, result.stderr
     assert "OK (3 accounts" in result.stdout
     assert "note:" not in result.stdout  # its upstream account has an SMTP server
+
+
+def test_run_refuses_the_examples_published_hash(tmp_path: Path) -> None:
+    copy = _example_copy(tmp_path)
+    result = subprocess.run(
+        [*GATEWAY, "run", "-c", str(copy)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 2
+    assert f"{copy}:" in result.stderr and "admin.password_hash: this is the example's" in (
+        result.stderr
+    )
+    assert "run `gateway hash-password`, type a password of your own" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "state").exists()  # refused before anything started
+
+
+def test_check_config_takes_dash_c_like_every_command(tmp_path: Path) -> None:
+    copy = _example_copy(tmp_path, PASSWORD_HASH)
+    result = gateway_cli("check-config", "-c", str(copy))
+    assert result.returncode == 0, result.stderr
+    assert f"{copy}: OK" in result.stdout
+    from_env = gateway_cli("check-config", env={**os.environ, "GATEWAY_CONFIG": str(copy)})
+    assert from_env.returncode == 0 and f"{copy}: OK" in from_env.stdout
+    both = gateway_cli("check-config", str(copy), "-c", str(EXAMPLE))
+    assert both.returncode == 2 and "two files given" in both.stderr
+
+
+def test_state_dir_variable_overrides_the_file(tmp_path: Path) -> None:
+    """The Docker image sets GATEWAY_STATE_DIR, so a copied example's ./state is not used."""
+    copy = _example_copy(tmp_path, PASSWORD_HASH)
+    state = tmp_path / "elsewhere"
+    result = gateway_cli(
+        "queue", "list", "-c", str(copy), env={**os.environ, "GATEWAY_STATE_DIR": str(state)}
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"no spool at {state / 'spool'}" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "usage: gateway"),
+        (("frobnicate",), "invalid choice: 'frobnicate'"),
+        (("queue",), "the following arguments are required: action"),
+        (("queue", "delete"), "gateway queue delete: say which message ID"),
+        (("queue", "release", "nobody"), "there is no account 'nobody' (accounts: crm, scanner)"),
+        (("connect", "nobody"), "there is no account 'nobody' (accounts: crm, scanner)"),
+        (("demo", "--first-port", "x"), "not a port number: 'x'"),
+    ],
+)
+def test_bad_usage_exits_2(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(base_config(tmp_path / "state")))
+    needs_config = args[:1] in (("queue",), ("connect",)) and len(args) > 1
+    result = gateway_cli(*args, *(("-c", str(path)) if needs_config else ()))
+    assert result.returncode == 2, result
+    assert message in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_every_command_says_what_it_does() -> None:
+    overview = gateway_cli("--help").stdout
+    section = overview[overview.index("commands:") :]
+    commands = re.findall(r"^    (\S+)", section, re.MULTILINE)
+    assert set(commands) >= {
+        "run",
+        "check-config",
+        "health",
+        "connect",
+        "queue",
+        "accounts",
+        "demo",
+        "hash-password",
+    }
+    assert "Exit codes: 0 success, 1 runtime failure, 2 bad configuration or usage." in overview
+    for command in commands:
+        text = gateway_cli(command, "--help").stdout
+        description = " ".join(text.split("\n\n")[1].split())  # the paragraph after usage
+        assert re.match(r"[A-Z].{15,}?[a-z)]\.( |$)", description), (command, description)
 
 
 def test_check_config_notes_an_account_that_can_only_read(tmp_path: Path) -> None:
@@ -76,11 +196,8 @@ def test_check_config_lists_every_problem_and_exits_2(tmp_path: Path) -> None:
     assert result.stderr.count("    fix: ") == 4
 
 
-def test_version_and_help() -> None:
+def test_version() -> None:
     assert gateway_cli("--version").stdout.startswith("gateway 0.")
-    help_text = gateway_cli("--help").stdout
-    for command in ("run", "check-config", "hash-password"):
-        assert command in help_text
 
 
 def test_hash_password_from_stdin_is_accepted_by_the_config(tmp_path: Path) -> None:
@@ -93,7 +210,8 @@ def test_hash_password_from_stdin_is_accepted_by_the_config(tmp_path: Path) -> N
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config))
     assert load_settings(path, environ={}).accounts[0].password_hash == hashed
-    assert gateway_cli("hash-password", stdin="\n").returncode == 1
+    empty = gateway_cli("hash-password", stdin="\n")
+    assert empty.returncode == 2 and "An empty password cannot be hashed." in empty.stderr
 
 
 def _read_until(fd: int, marker: bytes, timeout: float = 30) -> bytes:
@@ -130,16 +248,37 @@ def test_hash_password_prompts_twice_without_echo() -> None:
     assert verify_password("typed secret 42", parse_hash(hashed))
 
 
+def _distinct_free_ports(count: int) -> list[int]:
+    """Ports free a moment ago, all different (held open together while the kernel picks)."""
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+
+
 class GatewayProcess:
     """``gateway run`` in a child process on fixed free ports, stderr kept for inspection."""
 
-    def __init__(self, tmp_path: Path, state_dir: Path) -> None:
-        self.ports = {name: free_port() for name in LISTENERS}
+    def __init__(
+        self,
+        tmp_path: Path,
+        state_dir: Path,
+        configure: Callable[[dict], None] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.ports = dict(zip(LISTENERS, _distinct_free_ports(len(LISTENERS)), strict=True))
         config = base_config(state_dir)
         config["listeners"] = {f"{name}_port": port for name, port in self.ports.items()}
+        if configure is not None:
+            configure(config)
         self.config = tmp_path / "run.yaml"
         self.config.write_text(yaml.safe_dump(config))
         self.log = tmp_path / "gateway.log"
+        self.env = env
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -147,6 +286,7 @@ class GatewayProcess:
             [*GATEWAY, "run", "-c", str(self.config)],
             stdout=subprocess.DEVNULL,
             stderr=self.log.open("wb"),
+            env=self.env,
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and self.proc.poll() is None:
@@ -285,3 +425,76 @@ def test_health_command_follows_the_running_gateway(process: GatewayProcess) -> 
     assert process.stop() == 0
     down = gateway_cli("health", "-c", str(process.config))
     assert down.returncode == 1 and "not healthy" in down.stderr
+
+
+def test_health_ignores_proxy_settings(process: GatewayProcess) -> None:
+    """A proxy for the gateway's outbound traffic must not carry the loopback probe (port 9 is
+    discard: a proxy there refuses every connection)."""
+    process.start()
+    proxied = {
+        **os.environ,
+        **{name: "http://127.0.0.1:9" for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")},
+        **{name.lower(): "http://127.0.0.1:9" for name in ("HTTP_PROXY", "ALL_PROXY")},
+    }
+    result = gateway_cli("health", "-c", str(process.config), env=proxied)
+    assert result.returncode == 0, result.stderr
+    assert "healthy" in result.stdout
+
+
+UPSTREAM_VARIABLE = "GW_TEST_UPSTREAM_PASSWORD"
+
+
+def _with_upstream_account(config: dict) -> None:
+    """An upstream account whose password comes from the environment."""
+    server = {"host": "localhost", "username": "legacy", "password": {"env": UPSTREAM_VARIABLE}}
+    config["accounts"].append(
+        {
+            "username": "legacy",
+            "password_hash": config["accounts"][0]["password_hash"],
+            "provider": "upstream",
+            "address": "legacy@example.org",
+            "upstream": {"imap": {**server, "port": free_port(), "security": "none"}},
+        }
+    )
+
+
+def test_operations_commands_need_no_unused_secrets(tmp_path: Path) -> None:
+    """queue, accounts and health work without the upstream password exported; run and
+    check-config still insist on it, naming the file, the key and the fix."""
+    running = GatewayProcess(
+        tmp_path,
+        tmp_path / "state",
+        configure=_with_upstream_account,
+        env=_environ_without(UPSTREAM_VARIABLE, **{UPSTREAM_VARIABLE: "upstream secret"}),
+    )
+    unset = _environ_without(UPSTREAM_VARIABLE)
+    config = str(running.config)
+    try:
+        running.start()
+        health = gateway_cli("health", "-c", config, env=unset)
+        assert health.returncode == 0, health.stderr
+        queue = gateway_cli("queue", "list", "-c", config, env=unset)
+        assert queue.returncode == 0 and "the queue is empty" in queue.stdout, queue.stderr
+        accounts = gateway_cli("accounts", "-c", config, env=unset)
+        assert accounts.returncode == 0, accounts.stderr
+        assert re.search(
+            r"^legacy\s+legacy@example.org\s+upstream\s+password server$",
+            accounts.stdout,
+            re.MULTILINE,
+        ), accounts.stdout
+        release = gateway_cli("queue", "release", "legacy", "-c", config, env=unset)
+        assert release.returncode == 0, release.stderr
+    finally:
+        running.kill()
+    for command in (("check-config", config), ("run", "-c", config)):
+        refused = gateway_cli(*command, env=unset)
+        assert refused.returncode == 2, refused
+        assert (
+            f"{config}:" in refused.stderr
+            and f"accounts[2].upstream.imap.password: environment variable {UPSTREAM_VARIABLE} "
+            "is not set or empty"
+            in refused.stderr
+        )
+        assert f"fix: export {UPSTREAM_VARIABLE}=... before starting the gateway" in (
+            refused.stderr
+        )

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from gateway import tls
-from gateway.config import ConfigError, Secret, config_notes, load_settings
+from gateway.config import (
+    ConfigError,
+    Secret,
+    SecretUnavailable,
+    config_notes,
+    load_settings,
+)
+from gateway.config._checks import PUBLISHED_PASSWORD_HASHES
+from gateway.passwords import parse_hash, verify_password
 from tests.helpers import PASSWORD_HASH, base_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -21,9 +29,12 @@ def _problems(path: Path, environ: dict | None = None) -> list:
     return raised.value.problems
 
 
-def test_example_config_is_valid(tmp_path: Path) -> None:
+def test_example_config_is_valid_once_its_hashes_are_replaced(tmp_path: Path) -> None:
     example = tmp_path / "config.example.yaml"
-    shutil.copy(REPO / "config.example.yaml", example)
+    text = (REPO / "config.example.yaml").read_text()
+    for published in PUBLISHED_PASSWORD_HASHES:
+        text = text.replace(published, PASSWORD_HASH)
+    example.write_text(text)
     settings = load_settings(example, environ={})
     assert settings.listeners.host == "127.0.0.1"
     assert settings.state_dir == tmp_path / "state"  # relative to the config file
@@ -250,6 +261,65 @@ def test_tls_pair_is_checked(write_config, tmp_path: Path) -> None:
     assert "does not belong to certificate" in problem.message
     config["tls"] = {"cert": str(first.cert), "key": str(first.key)}
     assert load_settings(write_config(config), environ={}).tls.cert == first.cert
+
+
+def test_published_hashes_are_the_examples_and_of_change_me_now() -> None:
+    """The list the check refuses is exactly what the example publishes (a new example hash
+    must be added to it), and each entry really is a hash of the published password."""
+    text = (REPO / "config.example.yaml").read_text()
+    in_example = {word.strip('"') for word in text.split() if word.startswith('"$scrypt$')}
+    assert in_example and in_example <= PUBLISHED_PASSWORD_HASHES
+    for published in PUBLISHED_PASSWORD_HASHES:
+        assert verify_password("change-me-now", parse_hash(published))
+
+
+def test_published_hashes_are_refused_when_serving_only(tmp_path: Path) -> None:
+    example = tmp_path / "config.yaml"
+    shutil.copy(REPO / "config.example.yaml", example)
+    problems = _problems(example)
+    assert [p.key for p in problems] == [
+        "admin.password_hash",
+        "accounts[0].password_hash",
+        "accounts[1].password_hash",
+        "accounts[2].password_hash",
+    ]
+    for problem in problems:
+        assert problem.line and '"change-me-now"' in problem.message
+        assert "gateway hash-password" in problem.fix
+    # queue, accounts and health read such a file: they log nobody in.
+    settings = load_settings(example, environ={}, serving=False)
+    assert settings.admin.password_hash in PUBLISHED_PASSWORD_HASHES
+
+
+def test_unset_secrets_load_unresolved_for_the_operations_commands(
+    write_config, tmp_path: Path
+) -> None:
+    config = base_config(tmp_path / "state")
+    config["microsoft"]["client_secret"] = {"env": "GW_TEST_MS_SECRET"}
+    path = write_config(config)
+    settings = load_settings(path, environ={}, serving=False)
+    secret = settings.microsoft.client_secret
+    assert "GW_TEST_MS_SECRET" in repr(secret)
+    with pytest.raises(SecretUnavailable, match="environment variable GW_TEST_MS_SECRET is not"):
+        _ = secret.value
+    assert secret == Secret(None, "environment variable GW_TEST_MS_SECRET")
+    assert secret != Secret("x", "environment variable GW_TEST_MS_SECRET")
+    set_too = load_settings(path, environ={"GW_TEST_MS_SECRET": "v"}, serving=False)
+    assert set_too.microsoft.client_secret.value == "v"  # a set variable is read as always
+    (problem,) = _problems(path, environ={})  # ... and serving still requires it
+    assert problem.key == "microsoft.client_secret"
+
+
+def test_state_dir_variable_overrides_the_file(write_config, tmp_path: Path) -> None:
+    path = write_config(base_config(tmp_path / "from-file"))
+    environ = {"GATEWAY_STATE_DIR": str(tmp_path / "from-env")}
+    assert load_settings(path, environ=environ).state_dir == tmp_path / "from-env"
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    (problem,) = _problems(path, environ={"GATEWAY_STATE_DIR": str(blocker)})
+    assert problem.key == "state_dir" and "is not a directory" in problem.message
+    assert "from GATEWAY_STATE_DIR, which overrides the file" in problem.message
+    assert problem.fix == "fix or unset GATEWAY_STATE_DIR" and problem.line is None
 
 
 def test_state_dir_must_be_a_writable_directory(write_config, tmp_path: Path) -> None:
