@@ -1,7 +1,8 @@
 """The transaction policy: EHLO keywords, who may send as whom, recipients, and the hand-off.
 
 aiosmtpd has parsed the command and checked its syntax when these hooks run; they decide and
-return the reply. An accepted message goes to the spool, whose reply the client gets.
+return the reply. DATA is streamed into the spool as it arrives (``receive_data``, called by
+``GatewaySMTP.smtp_DATA``); an accepted message's reply is the spool's.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from aiosmtpd.smtp import Session
 from ..accounts import Accounts
 from ..config import AccountSettings
 from ..logs import get_logger
+from ..spool._incoming import HEAD_LIMIT, IncomingMessage
 from ..spool._types import Envelope, SpoolError
 from . import replies
+from .data import read_data
 from .front import SmtpFront
 from .policy import header_senders, normalize_line_endings, received_header
 
@@ -108,58 +111,76 @@ class SubmissionHandler:
         envelope.rcpt_options.extend(options)
         return replies.RECIPIENT_OK
 
-    async def handle_DATA(
-        self, server: GatewaySMTP, session: Session, envelope: SmtpEnvelope
-    ) -> str:
-        account: AccountSettings = session.auth_data
-        raw = envelope.original_content or b""
-        # Normalizing and scanning up to max_message_mb of bytes and parsing headers: off the loop.
-        content = await asyncio.to_thread(normalize_line_endings, raw)
-        refusal = await asyncio.to_thread(content_refusal, self._front.accounts, account, content)
-        if refusal is not None:
-            log.warning("smtp.message_refused", account=account.username, reply=refusal)
-            return refusal
-        return await self._submit(server, session, envelope, account, content)
-
-    async def _submit(
+    async def receive_data(
         self,
         server: GatewaySMTP,
         session: Session,
         envelope: SmtpEnvelope,
-        account: AccountSettings,
-        content: bytes,
+        reader: asyncio.StreamReader,
     ) -> str:
+        """Stream DATA into the spool (after the 354), check the headers, submit; the reply.
+
+        Only the header block stays in memory (see ``spool._incoming``); the content is
+        normalized (policy.normalize_line_endings) batch by batch, which gives the same bytes
+        as normalizing it whole because every batch ends with CRLF.
+        """
+        account: AccountSettings = session.auth_data
         now = datetime.now(UTC)
-        client = server.peer_host()
         trace = received_header(
             session.host_name,
-            client,
+            server.peer_host(),
             self._hostname,
             tls=server.tls_active(),
             smtputf8=envelope.smtp_utf8,
             when=now,
         )
+        incoming = self._front.spool.receive(trace)
+        try:
+            problem = await read_data(
+                reader,
+                lambda batch: incoming.write(normalize_line_endings(batch)),
+                server.data_size_limit,
+                server.line_length_limit,
+            )
+            incoming.finish()
+            refusal = problem or self._content_refusal(account, incoming)
+        except BaseException:
+            incoming.discard()  # the connection was lost: no reply, nothing kept
+            raise
+        if refusal is not None:
+            incoming.discard()
+            log.warning("smtp.message_refused", account=account.username, reply=refusal)
+            return refusal
+        return await self._submit(server, envelope, account, incoming, now)
+
+    def _content_refusal(self, account: AccountSettings, incoming: IncomingMessage) -> str | None:
+        if incoming.head_too_large:
+            return replies.header_block_too_large(HEAD_LIMIT)
+        assert incoming.head is not None
+        return content_refusal(self._front.accounts, account, incoming.head)
+
+    async def _submit(
+        self,
+        server: GatewaySMTP,
+        envelope: SmtpEnvelope,
+        account: AccountSettings,
+        incoming: IncomingMessage,
+        now: datetime,
+    ) -> str:
+        """Hand the message to the spool (which logs it, off the loop); its reply."""
         submitted = Envelope(
             account=account.username,
             mail_from=envelope.mail_from or "",
             rcpt_tos=tuple(envelope.rcpt_tos),
             smtputf8=envelope.smtp_utf8,
             received_at=now,
-            client=client,
+            client=server.peer_host(),
         )
         try:
-            result = await self._front.spool.submit(submitted, trace + content)
+            result = await self._front.spool.submit(submitted, incoming)
         except SpoolError as error:
             log.error("smtp.spool_failed", account=account.username, error=str(error))
             return replies.SPOOL_UNAVAILABLE
-        log.info(
-            "smtp.submitted",
-            account=account.username,
-            recipients=len(submitted.rcpt_tos),
-            size=len(content),
-            queue_id=result.queue_id,
-            reply=result.reply,
-        )
         return result.reply
 
 

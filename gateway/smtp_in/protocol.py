@@ -142,6 +142,25 @@ class GatewaySMTP(SMTP):
         else:
             await super().smtp_MAIL(arg)
 
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's checks and replies, but the data streams into the spool through the
+        handler (``SubmissionHandler.receive_data``) instead of being buffered whole."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None and self.session is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        handler = self.event_handler
+        reply = await handler.receive_data(self, self.session, self.envelope, self._reader)
+        self._set_post_data_state()
+        await self.push(reply)
+
     @syntax("VRFY <address>")
     async def smtp_VRFY(self, arg: str) -> None:
         """Reveals nothing: the same answer for every address, known or not."""

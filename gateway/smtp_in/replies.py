@@ -69,6 +69,13 @@ def too_big(limit_bytes: int | None) -> str:
     return f"552 5.3.4 Message too big: the limit is {(limit_bytes or 0) // 2**20} MB"
 
 
+def header_block_too_large(limit_bytes: int) -> str:
+    return (
+        f"552 5.3.4 The header block is over {limit_bytes // 2**20} MB; a message needs a "
+        "blank line between its headers and its body"
+    )
+
+
 LINE_TOO_LONG = (
     "500 5.5.2 Line too long: a message line may have at most 998 characters (RFC 5321); "
     "wrap long lines or use quoted-printable or base64"

@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import mmap
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,7 +42,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from ..config import AccountSettings, Settings
 from ..logs import get_logger
 from ..providers._errors import Permanent, ReauthRequired, Temporary
-from ._files import Record, SpoolFiles, message_id_header, new_id
+from ._commit import GroupCommitter
+from ._files import Record, SpoolFiles
+from ._incoming import IncomingMessage
 from ._types import Envelope, SpoolError, SubmitResult
 
 if TYPE_CHECKING:
@@ -93,6 +96,9 @@ class FileSpool:
         self.max_in_flight = max_in_flight
         self.jitter = jitter
         self._records: dict[str, Record] = {}
+        self._generation = 0  # counts directory listings begun by _rescan
+        self._touched: dict[str, int] = {}  # id → generation when the worker last changed it
+        self._committer = GroupCommitter(self.files)
         self._busy: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._slots: dict[str, asyncio.Semaphore] = {}
@@ -123,22 +129,33 @@ class FileSpool:
 
     # -- submission ---------------------------------------------------------------------------
 
-    async def submit(self, envelope: Envelope, message: bytes) -> SubmitResult:
-        prefix, message_id = message_id_header(message, self.hostname)
-        record = Record(new_id(), envelope, message_id, len(prefix) + len(message))
+    def receive(self, prologue: bytes = b"") -> IncomingMessage:
+        """A new message to stream into the spool; ``prologue`` is stored before its content."""
+        return IncomingMessage(self.files, self.hostname, prologue)
+
+    async def submit(self, envelope: Envelope, message: bytes | IncomingMessage) -> SubmitResult:
+        """Commit the message (group commit, see ``_commit``), then queue or deliver it inline.
+
+        Nothing here waits for anything but the commit: no logging I/O, no rescan.
+        """
+        if isinstance(message, bytes):
+            incoming = self.receive()
+            await incoming.write(message)
+        else:
+            incoming = message
+        incoming.finish()
+        record = Record(incoming.id, envelope, incoming.message_id, incoming.size)
         try:
-            await asyncio.to_thread(self.files.commit, record, (prefix, message))
+            await self._committer.commit(record, incoming)
         except OSError as error:
-            log.error("spool.submit_failed", error=str(error))
             raise SpoolError(f"cannot store the message: {error.strerror or error}") from error
-        log.info("spool.queued", queue_id=record.id, account=envelope.account, size=record.size)
         queued = SubmitResult(f"250 2.0.0 Ok: queued as {record.id}", record.id)
         if not self.deliver_inline or self._must_wait(envelope.account):
             self._track(record)  # a paused account's mail waits in the queue like the rest
             return queued
         self._start(record)
         try:
-            outcome = await self._attempt(record, prefix + message, inline=True)
+            outcome = await self._attempt(record, inline=True)
         finally:
             self._finish(record)
         if isinstance(outcome, Refusal):
@@ -216,7 +233,7 @@ class FileSpool:
 
     async def _deliver(self, record: Record) -> None:
         try:
-            await self._attempt(record, None)
+            await self._attempt(record)
         finally:
             self._finish(record)
             self._wake.set()
@@ -244,26 +261,44 @@ class FileSpool:
         return account in self._probing and self._in_flight.get(account, 0) > 0
 
     async def _rescan(self) -> None:
-        """Take the disk's word for every message not in flight (``gateway queue`` edits it)."""
+        """Take the disk's word for every message not in flight (``gateway queue`` edits it).
+
+        Only for records the worker did not touch since the listing began: a message committed,
+        saved or forgotten while the directory was being read is newer than what the listing
+        says about it, and stays as the worker knows it (issue 13: such messages were dropped
+        from memory and waited for the next rescan).
+        """
+        self._generation += 1
+        started = self._generation
         on_disk = {r.id: r for r in await asyncio.to_thread(self.files.records)}
         for queue_id in list(self._records):
-            if queue_id not in on_disk and queue_id not in self._busy:
+            if queue_id not in on_disk and self._settled(queue_id, started):
                 del self._records[queue_id]
         for queue_id, record in on_disk.items():
-            if queue_id not in self._busy:
+            if self._settled(queue_id, started):
                 self._records[queue_id] = record
+        for queue_id, touched in list(self._touched.items()):
+            if touched < started:  # this listing came after that change: the disk knows it
+                del self._touched[queue_id]
+
+    def _settled(self, queue_id: str, listing_started: int) -> bool:
+        """Not in flight, and not changed in memory since the listing that began then."""
+        return queue_id not in self._busy and self._touched.get(queue_id, 0) < listing_started
+
+    def _touch(self, queue_id: str) -> None:
+        """The worker changed this record (or forgot it): a listing under way is older."""
+        self._touched[queue_id] = self._generation
 
     def _track(self, record: Record) -> None:
         self._records[record.id] = record
+        self._touch(record.id)
         self._wake.set()
 
     # -- one attempt ----------------------------------------------------------------------------
 
-    async def _attempt(
-        self, record: Record, message: bytes | None, inline: bool = False
-    ) -> Outcome | Refusal:
-        """Deliver once. Inline (``message`` given), a permanent refusal is returned as the
-        SMTP reply and the message is forgotten instead of dead-lettered."""
+    async def _attempt(self, record: Record, inline: bool = False) -> Outcome | Refusal:
+        """Deliver once. Inline, a permanent refusal is returned as the SMTP reply and the
+        message is forgotten instead of dead-lettered."""
         account = self.accounts.get(record.envelope.account)
         sender = self.senders.get(account.provider) if account else None
         if account is None or sender is None:
@@ -274,7 +309,10 @@ class FileSpool:
             if self._paused.get(account.username, 0.0) > time.time():
                 return "paused"  # throttled while this one waited for a slot: no request
             try:
-                return await self._try(record, message, inline, account, sender)
+                async with self._message(record, sender) as message:
+                    return await self._try(record, message, inline, account, sender)
+            except FileNotFoundError:
+                return self._gone(record)
             finally:
                 if self._paused.get(account.username, 0.0) <= time.time():
                     self._probing.discard(account.username)  # answered without a throttle
@@ -282,7 +320,7 @@ class FileSpool:
     async def _try(
         self,
         record: Record,
-        message: bytes | None,
+        message: bytes | mmap.mmap,
         inline: bool,
         account: AccountSettings,
         sender: Sender,
@@ -291,8 +329,6 @@ class FileSpool:
         # The previous attempt's outcome is unknown: look in sent mail before sending.
         looking_up = record.attempt_started
         try:
-            if message is None:
-                message = await asyncio.to_thread(self.files.read_message, record.id)
             record.attempt_started = True
             record.attempts += 1
             if not await asyncio.to_thread(self.files.save, record):
@@ -332,6 +368,21 @@ class FileSpool:
         await self._sent(record, result.detail)
         await self.release(account.username)  # a send worked: the account's held mail may go
         return "sent"
+
+    @contextlib.asynccontextmanager
+    async def _message(self, record: Record, sender: Sender) -> AsyncIterator[bytes | mmap.mmap]:
+        """The message for ``sender``: the spool file mapped read-only for a sender that reads
+        it that way (the API senders stream their request bodies from it, so a large message
+        is never copied into the heap), else its bytes."""
+        if not getattr(sender, "reads_mapped_files", False):
+            yield await asyncio.to_thread(self.files.read_message, record.id)
+            return
+        mapped = await asyncio.to_thread(self.files.map_message, record.id)
+        try:
+            yield mapped
+        finally:
+            with contextlib.suppress(BufferError):  # a view still alive: unmapped when freed
+                mapped.close()
 
     def _slot(self, username: str) -> asyncio.Semaphore:
         slot = self._slots.get(username)
@@ -428,18 +479,21 @@ class FileSpool:
     async def _forget(self, record: Record, result: str, detail: str) -> None:
         """Remove the files, then log the outcome (a crash between repeats no delivery)."""
         self._records.pop(record.id, None)
+        self._touch(record.id)
         await asyncio.to_thread(self.files.remove, record.id)
         await asyncio.to_thread(self.files.log_delivery, record, result, detail)
 
     async def _save(self, record: Record) -> None:
         if await asyncio.to_thread(self.files.save, record):
             self._records[record.id] = record
+            self._touch(record.id)
         else:
             self._gone(record)
 
     def _gone(self, record: Record) -> Outcome:
         """Deleted by ``gateway queue delete`` while in flight."""
         self._records.pop(record.id, None)
+        self._touch(record.id)
         return "gone"
 
     # -- queue tools --------------------------------------------------------------------------

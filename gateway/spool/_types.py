@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ._incoming import IncomingMessage
 
 
 @dataclass(frozen=True)
@@ -40,5 +43,8 @@ class SpoolError(Exception):
 
 
 class Spool(Protocol):
-    async def submit(self, envelope: Envelope, message: bytes) -> SubmitResult:
+    def receive(self, prologue: bytes = b"") -> IncomingMessage:
+        """A message to stream in (``write`` its content), then ``submit`` or ``discard``."""
+
+    async def submit(self, envelope: Envelope, message: bytes | IncomingMessage) -> SubmitResult:
         """Store the message durably (fsynced) before returning; then deliver it."""

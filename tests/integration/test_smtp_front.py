@@ -11,6 +11,7 @@ import base64
 import smtplib
 import ssl
 import subprocess
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from gateway.config import load_settings
 from gateway.runtime import RunningListener
 from gateway.smtp_in import server as smtp_server
 from gateway.smtp_in.policy import normalize_line_endings
+from gateway.spool._files import SpoolFiles
+from gateway.spool._incoming import IncomingMessage
 from gateway.spool._types import Envelope, SpoolError, SubmitResult
 from gateway.throttle import LoginThrottle
 from tests.helpers import PASSWORD, PASSWORD_HASH, base_config
@@ -41,11 +44,20 @@ class RecordingSpool:
     def __init__(self) -> None:
         self.submitted: list[tuple[Envelope, bytes]] = []
         self.failure: Exception | None = None
+        self.files = SpoolFiles(Path(tempfile.mkdtemp(prefix="recording-spool-")))
+        self.files.prepare()
 
-    async def submit(self, envelope: Envelope, message: bytes) -> SubmitResult:
+    def receive(self, prologue: bytes = b"") -> IncomingMessage:
+        return IncomingMessage(self.files, "gw.test", prologue)
+
+    async def submit(self, envelope: Envelope, message: IncomingMessage) -> SubmitResult:  # type: ignore[override]
+        message.finish()
+        message.complete()  # the streamed bytes, as the real spool would store them
+        stored = message.path.read_bytes()[len(message.added) :]  # as the handler gave it
+        message.discard()
         if self.failure is not None:
             raise self.failure
-        self.submitted.append((envelope, message))
+        self.submitted.append((envelope, stored))
         queue_id = f"q{len(self.submitted)}"
         return SubmitResult(f"250 2.0.0 Queued as {queue_id}", queue_id)
 

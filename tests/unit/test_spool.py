@@ -7,6 +7,7 @@ import asyncio
 import io
 import itertools
 import json
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -432,3 +433,110 @@ async def test_the_worker_wakes_up_when_a_pause_ends(tmp_path: Path) -> None:
     finally:
         await spool.stop()
     assert len(sender.calls) == 2
+
+
+# -- group commit and the rescan (issue 13) -------------------------------------------------
+
+
+class Gate:
+    """Holds a blocking call (in its worker thread) until the test opens it."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+
+    def hold(self) -> None:
+        self.entered.set()
+        assert self.opened.wait(10), "the test never opened the gate"
+
+    async def reached(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, 10), "the gated call never came"
+
+
+async def test_concurrent_submissions_share_a_commit_and_wait_for_it(tmp_path: Path) -> None:
+    spool = make(tmp_path, Scripted())
+    commit_batch = spool.files.commit_batch
+    batches: list[int] = []
+    first = Gate()
+
+    def gated(batch):  # type: ignore[no-untyped-def]
+        batches.append(len(batch))
+        if len(batches) == 1:
+            first.hold()
+        return commit_batch(batch)
+
+    spool.files.commit_batch = gated  # type: ignore[method-assign]
+    lone = asyncio.create_task(spool.submit(envelope(), RAW))
+    await first.reached()
+    others = [asyncio.create_task(spool.submit(envelope(), RAW)) for _ in range(9)]
+    await asyncio.sleep(0.05)  # they all reach the committer's queue
+    assert not lone.done() and not any(task.done() for task in others)  # no 250 before fsync
+    first.opened.set()
+    results = await asyncio.gather(lone, *others)
+    assert batches == [1, 9]  # the nine that came during the first commit shared the next
+    queue = tmp_path / "spool" / "queue"
+    for result in results:
+        assert result.reply.startswith("250 ")
+        assert (queue / f"{result.queue_id}.json").exists()
+    assert list((tmp_path / "spool" / "tmp").iterdir()) == []
+
+
+async def test_messages_committed_during_a_rescan_listing_go_at_once(tmp_path: Path) -> None:
+    """Issue 13: ids committed while the rescan read the directory were dropped from memory
+    and waited for the next rescan. With no next rescan (1 h), they must still go now."""
+    release = asyncio.Event()
+
+    class Blocking(Scripted):
+        async def send(self, account, envelope, raw):  # type: ignore[no-untyped-def]
+            await release.wait()
+            return await super().send(account, envelope, raw)
+
+    sender = Blocking()
+    spool = make(tmp_path, sender, rescan_interval=3600.0, max_in_flight=1)
+    await spool.start()
+    try:
+        listing = Gate()
+        records = spool.files.records
+
+        def slow_listing():  # type: ignore[no-untyped-def]
+            found = records()
+            listing.hold()
+            return found
+
+        spool.files.records = slow_listing  # type: ignore[method-assign]
+        rescan = asyncio.create_task(spool._rescan())
+        await listing.reached()
+        # Committed after the listing was taken: one goes in flight, the rest wait in memory.
+        ids = {(await spool.submit(envelope(), RAW)).queue_id for _ in range(5)}
+        listing.opened.set()
+        await rescan
+        spool.files.records = records  # type: ignore[method-assign]
+        assert {r.id for r in spool.messages()} == ids  # none dropped by the rescan
+        release.set()
+        await until(lambda: len(sender.calls) == 5 and spool.messages() == [])
+    finally:
+        release.set()
+        await spool.stop()
+
+
+async def test_a_rescan_does_not_bring_back_a_message_sent_during_its_listing(
+    tmp_path: Path,
+) -> None:
+    sender = Scripted()
+    spool = make(tmp_path, sender, rescan_interval=3600.0)
+    queue_id = (await spool.submit(envelope(), RAW)).queue_id
+    listing = Gate()
+    records = spool.files.records
+
+    def slow_listing():  # type: ignore[no-untyped-def]
+        found = records()
+        listing.hold()
+        return found
+
+    spool.files.records = slow_listing  # type: ignore[method-assign]
+    rescan = asyncio.create_task(spool._rescan())
+    await listing.reached()  # the listing holds the message
+    await spool.delete(str(queue_id))  # gone meanwhile
+    listing.opened.set()
+    await rescan
+    assert spool.messages() == []
