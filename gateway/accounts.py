@@ -6,12 +6,12 @@ then decides which mailbox its mail goes through and which From/sender addresses
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from collections.abc import Iterable
 
 from .config import AccountSettings
-from .passwords import ScryptHash, parse_hash, verify_password
+from .login_gate import MAILBOX, WRONG, LoginGate, Refused, UserKey
+from .passwords import ScryptHash, parse_hash
 
 
 class Accounts:
@@ -26,17 +26,22 @@ class Accounts:
     def get(self, username: str) -> AccountSettings | None:
         return self._accounts.get(username.casefold())
 
-    async def authenticate(self, username: str, password: str) -> AccountSettings | None:
-        """The account if the password is right, else None.
+    async def login(
+        self, gate: LoginGate, client: str, username: str, password: str, protocol: str
+    ) -> AccountSettings | Refused:
+        """The account if the password is right, else why not (through the one login gate).
 
-        An unknown username costs a check against a dummy hash of the same strength, so the
-        answer time does not tell an attacker which usernames exist. scrypt is CPU-heavy by
-        design, hence the thread.
+        An unknown username is checked against a dummy hash of the same strength, so the
+        answer time does not tell an attacker which usernames exist.
         """
         key = username.casefold()
         stored = self._hashes.get(key, self._dummy)
-        matches = await asyncio.to_thread(verify_password, password, stored)
-        return self._accounts[key] if matches and key in self._accounts else None
+        user = UserKey.of(MAILBOX, username)
+        verdict = await gate.check(client, user, password, stored, protocol=protocol)
+        if isinstance(verdict, Refused):
+            return verdict
+        account = self._accounts.get(key)
+        return WRONG if account is None else account  # the dummy matches nothing; be sure
 
     def set_send_as_aliases(self, username: str, aliases: Iterable[str]) -> None:
         """Record the provider's send-as aliases of a mailbox (Gmail sendAs, Exchange proxies)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from .accounts import Accounts
 from .admin import server as admin_server
 from .config import AccountSettings, Settings
 from .imap_out import server as imap_server
+from .login_gate import LoginGate, Refused
 from .logs import get_logger
 from .mailbox import BodyCache, MailboxView, ReadingPolicy
 from .notify import WebhookNotifier
@@ -27,7 +29,6 @@ from .runtime import RunningListener
 from .smtp_in import server as smtp_server
 from .spool import FileSpool
 from .store import SecretBox, Store, load_or_create_key
-from .throttle import LoginThrottle
 
 log = get_logger(__name__)
 
@@ -44,8 +45,9 @@ class Gateway:
         self.store: Store | None = None
         self.broker: TokenBroker | None = None
         self.accounts = Accounts(settings.accounts)
-        # One throttle for every protocol: guesses over SMTP and IMAP count together.
-        self.login_throttle = LoginThrottle()
+        # One gate for every protocol and the admin page: guesses count together, and at most
+        # a few scrypt checks run at once, whichever listener they came through.
+        self.login_gate = LoginGate()
         self.http: httpx.AsyncClient | None = None
         self._trust: Path | None = None  # the outbound CA bundle, written at start
         self.spool: FileSpool | None = None
@@ -106,7 +108,7 @@ class Gateway:
             self.accounts,
             self.spool,
             account_state=self.broker.reconnect_needed,
-            throttle=self.login_throttle,
+            gate=self.login_gate,
         )
 
     async def stop(self) -> None:
@@ -168,7 +170,7 @@ class Gateway:
                 port,
                 contexts.twisted,
                 implicit,
-                self._authenticate,
+                partial(self.login, protocol=name.rstrip("s")),
                 self._mailbox_for,
                 cleartext,
             )
@@ -181,7 +183,14 @@ class Gateway:
             "pop3": reading(pop3_server, False),
             "pop3s": reading(pop3_server, True),
             "admin": lambda name, host, port: admin_server.serve(
-                name, host, port, settings, self._broker(), self.spool, lambda: self.ports
+                name,
+                host,
+                port,
+                settings,
+                self._broker(),
+                self.spool,
+                lambda: self.ports,
+                gate=self.login_gate,
             ),
         }
 
@@ -215,16 +224,12 @@ class Gateway:
         self.accounts.set_send_as_aliases(username, aliases)
         log.info("smtp.send_as_learned", account=username, aliases=len(aliases))
 
-    async def _authenticate(self, username: str, password: str, client: str) -> str | None:
-        """The account name for a right password (throttled per client and user), else None."""
-        if self.login_throttle.retry_after(client, username.casefold()):
-            return None
-        account = await self.accounts.authenticate(username, password)
-        if account is None:
-            self.login_throttle.record_failure(client, username.casefold())
-            log.warning("mailbox.login_failed", username=username, client=client)
-            return None
-        return account.username
+    async def login(
+        self, username: str, password: str, client: str, protocol: str
+    ) -> str | Refused:
+        """The account name for a right password, else why not (IMAP and POP3 logins)."""
+        outcome = await self.accounts.login(self.login_gate, client, username, password, protocol)
+        return outcome if isinstance(outcome, Refused) else outcome.username
 
     async def _mailbox_for(self, username: str) -> MailboxView | str:
         """The account's INBOX view (one per account, shared by every session), or the sentence

@@ -19,7 +19,9 @@ MESSAGES: dict[str, dict[str, str]] = {
         "sign_out": "Sign out",
         "password": "Admin password",
         "sign_in_failed": "Wrong password.",
-        "sign_in_throttled": "Too many failed attempts. Try again in {seconds} seconds.",
+        "sign_in_throttled": (
+            "Too many failed attempts from your address. Try again in {seconds} seconds."
+        ),
         "sign_in_disabled": (
             "Sign-in is disabled: set admin.password_hash in the config file "
             "(gateway hash-password) and restart the gateway."
@@ -146,7 +148,9 @@ MESSAGES: dict[str, dict[str, str]] = {
         "sign_out": "サインアウト",
         "password": "管理者パスワード",
         "sign_in_failed": "パスワードが違います。",
-        "sign_in_throttled": "失敗が続いたため、{seconds} 秒後に再度お試しください。",
+        "sign_in_throttled": (
+            "このアドレスからの失敗が続いたため、{seconds} 秒後に再度お試しください。"
+        ),
         "sign_in_disabled": (
             "サインインできません。設定ファイルに admin.password_hash を設定し"
             "（gateway hash-password）、ゲートウェイを再起動してください。"

@@ -19,13 +19,13 @@ from aiohttp import web
 
 from .. import __version__
 from ..config import Settings
+from ..login_gate import ADMIN, Accepted, LoginGate, Refused, UserKey
 from ..logs import get_logger
 from ..oauth import AuthUnavailable, OAuthError, TokenBroker
 from ..oauth._scopes import short
-from ..passwords import parse_hash, verify_password
+from ..passwords import parse_hash
 from ..runtime import RunningListener
 from ..spool import FileSpool
-from ..throttle import LoginThrottle
 from . import i18n
 from .auth import CSRF_FIELD, SESSION_COOKIE, AdminSession, SessionStore
 
@@ -114,8 +114,8 @@ class AdminState:
     spool: FileSpool
     listeners: ListenerView
     sessions: SessionStore
-    # 5 wrong admin passwords per 5 minutes per client address.
-    throttle: LoginThrottle = field(default_factory=lambda: LoginThrottle(limit=5))
+    # The gateway's one login gate (5 wrong admin passwords per 5 minutes per client address).
+    gate: LoginGate = field(default_factory=LoginGate)
     csp: str = ""
 
     def __post_init__(self) -> None:
@@ -123,6 +123,7 @@ class AdminState:
 
 
 STATE = web.AppKey("state", AdminState)
+ADMIN_USER = UserKey.of(ADMIN, "admin")  # the page has one password, so one username
 SESSION = web.RequestKey("session", AdminSession | None)  # type: ignore[arg-type]
 LANGUAGE = web.RequestKey("lang", str)
 
@@ -237,20 +238,17 @@ async def login(request: web.Request) -> web.StreamResponse:
     assert session is not None  # the CSRF check guarantees a session
     translate = i18n.translator(request[LANGUAGE])
     client = request.remote or "?"
-    wait = math.ceil(state.throttle.retry_after(client))
-    if wait:
-        error = translate("sign_in_throttled", seconds=wait)
-        return render(request, "login.html", 429, enabled=True, error=error)
     password = (await request.post()).get("password")
     stored = state.settings.admin.password_hash
-    ok = (
-        stored is not None
-        and isinstance(password, str)
-        and await asyncio.to_thread(verify_password, password, parse_hash(stored))
-    )
-    if not ok:
-        state.throttle.record_failure(client)
-        log.warning("admin.sign_in_failed", client=client)
+    verdict: Accepted | Refused = Refused()  # sign-in disabled, or no password sent
+    if stored is not None and isinstance(password, str):
+        verdict = await state.gate.check(
+            client, ADMIN_USER, password, parse_hash(stored), protocol="admin"
+        )
+    if isinstance(verdict, Refused) and verdict.throttled:
+        error = translate("sign_in_throttled", seconds=math.ceil(verdict.retry_after))
+        return render(request, "login.html", 429, enabled=True, error=error)
+    if isinstance(verdict, Refused):
         return render(
             request,
             "login.html",
@@ -512,9 +510,12 @@ async def serve(
     broker: TokenBroker,
     spool: FileSpool,
     listeners: ListenerView,
+    gate: LoginGate | None = None,
 ) -> RunningListener:
     lifetime = settings.admin.session_minutes * 60
     state = AdminState(settings, broker, spool, listeners, SessionStore(lifetime))
+    if gate is not None:
+        state.gate = gate
     runner = web.AppRunner(build_app(state), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port)

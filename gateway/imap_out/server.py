@@ -1,9 +1,11 @@
 """The IMAP listeners (STARTTLS and implicit TLS), on Twisted's IMAP4 server, over the INBOX.
 
-Login: ``login(username, password, client)`` checks the local password (None = refused, answered
-``NO [AUTHENTICATIONFAILED]``) and returns the account name; ``mailbox_for(account)`` returns its
-:class:`MailboxView`, or the sentence saying why it cannot be served (e.g. the mailbox must be
-connected again on the admin page), answered ``NO [UNAVAILABLE] <sentence>``. The same path serves
+Login: ``login(username, password, client)`` checks the local password through the login gate
+and returns the account name, or a :class:`~gateway.login_gate.Refused`: a wrong password is
+answered ``NO [AUTHENTICATIONFAILED]``, a throttled one ``NO [UNAVAILABLE]`` with a sentence.
+``mailbox_for(account)`` returns its :class:`MailboxView`, or the sentence saying why it cannot
+be served (e.g. the mailbox must be connected again on the admin page), answered
+``NO [UNAVAILABLE] <sentence>``. The same path serves
 ``LOGIN`` and ``AUTHENTICATE PLAIN/LOGIN``, offered together: over TLS (after STARTTLS, or on the
 implicit-TLS port), and in clear text only where ``reading.plaintext_auth`` allows the client
 (LOGINDISABLED elsewhere). What a session sees is in :mod:`._mailbox`.
@@ -21,15 +23,15 @@ from twisted.internet.protocol import Factory
 from twisted.mail import imap4
 
 from ..cleartext import plaintext_auth_allowed
+from ..login_gate import Refused
 from ..logs import get_logger
 from ..mailbox import MailboxView
 from ..runtime import ConnectionRegistry, RunningListener, as_deferred, listen_twisted
 from ._compat import CompatIMAP4Server
 from ._mailbox import InboxAccount
 
-# (username, password, client address) -> the account name, or None for a wrong password (or a
-# throttled client).
-LoginCheck = Callable[[str, str, str], Awaitable[str | None]]
+# (username, password, client address) -> the account name, or why the login gate refused it.
+LoginCheck = Callable[[str, str, str], Awaitable[str | Refused]]
 MailboxFor = Callable[[str], Awaitable[MailboxView | str]]
 """``mailbox_for(account)``: the account's view, or a sentence saying why it is unavailable."""
 
@@ -153,8 +155,9 @@ class _GatewayIMAP4Server(CompatIMAP4Server):
 
     async def _open_account(self, user: str, password: str, client: str) -> InboxAccount | bytes:
         account = await self.factory.login(user, password, client)
-        if account is None:
-            return _WRONG
+        if isinstance(account, Refused):
+            # RFC 5530: UNAVAILABLE is "temporary failure ... try again later".
+            return b"[UNAVAILABLE] " + account.sentence().encode() if account.throttled else _WRONG
         view = await self.factory.mailbox_for(account)
         if isinstance(view, str):
             return b"[UNAVAILABLE] " + view.encode("utf-8")

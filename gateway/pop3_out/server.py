@@ -7,11 +7,12 @@ answer ``UIDL n`` without the message number (#9104), advertise joke capabilitie
 STLS. ``twisted.mail.pop3`` imports the global reactor at import time, so it is imported inside
 :func:`_protocol_class`, after the asyncio reactor has been installed.
 
-Login: ``login(username, password, client)`` checks the password (None = refused, answered
-``-ERR [AUTH]``). Without ``mailbox_for`` the string it returns is a sentence telling the
-client why it cannot have the mailbox (``-ERR [SYS/TEMP] …``). With ``mailbox_for`` the string
-is the account name, and ``mailbox_for(account)`` returns its :class:`MailboxView` — or a
-sentence, when the mailbox cannot be served (e.g. it must be reconnected on the admin page).
+Login: ``login(username, password, client)`` checks the password through the login gate (a
+wrong one is answered ``-ERR [AUTH]``, a throttled one ``-ERR [SYS/TEMP]`` with a sentence).
+Without ``mailbox_for`` the string it returns is a sentence telling the client why it cannot
+have the mailbox (``-ERR [SYS/TEMP] …``). With ``mailbox_for`` the string is the account name,
+and ``mailbox_for(account)`` returns its :class:`MailboxView` — or a sentence, when the mailbox
+cannot be served (e.g. it must be reconnected on the admin page).
 The view is synced at PASS and the session works on that snapshot, as POP3 requires.
 
 Cleartext passwords: on the plain port USER is advertised in CAPA only after STLS or to a
@@ -29,6 +30,7 @@ from typing import Any
 
 from ..cleartext import plaintext_auth_allowed
 from ..imap_out.server import LoginCheck
+from ..login_gate import Refused
 from ..logs import get_logger
 from ..mailbox import MailboxUnavailable, MailboxView
 from ..runtime import ConnectionRegistry, RunningListener, as_deferred, listen_twisted
@@ -245,7 +247,11 @@ def _protocol_class() -> type:
 
         async def _login(self, username: str, secret: str) -> bytes:
             account = await self.factory.login(username, secret, self.client)
-            if account is None:
+            if isinstance(account, Refused) and account.throttled:
+                # RFC 3206: SYS/TEMP is a temporary problem; [AUTH] would tell the client that
+                # its credentials are wrong, and a right password would be given up.
+                return err(b"[SYS/TEMP] " + account.sentence().encode())
+            if isinstance(account, Refused):
                 return err(b"[AUTH] Wrong username or password")
             if self.factory.mailbox_for is None:
                 return err(b"[SYS/TEMP] " + account.encode("utf-8"))

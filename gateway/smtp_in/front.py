@@ -1,4 +1,4 @@
-"""What the SMTP listeners share: accounts, spool, limits, the login throttle, the connection count.
+"""What the SMTP listeners share: accounts, spool, limits, the login gate, the connection count.
 
 Both listeners (STARTTLS and implicit TLS) use one :class:`SmtpFront`, so a password guesser
 cannot double its budget by alternating ports, and ``max_connections`` counts both.
@@ -10,8 +10,8 @@ from collections.abc import Awaitable, Callable
 
 from ..accounts import Accounts
 from ..config import Settings
+from ..login_gate import LoginGate
 from ..spool._types import Spool
-from ..throttle import LoginThrottle
 
 # account_state(username) -> a sentence when the mailbox needs re-consent, else None.
 AccountState = Callable[[str], Awaitable[str | None]]
@@ -26,13 +26,13 @@ class SmtpFront:
         accounts: Accounts,
         spool: Spool,
         account_state: AccountState | None = None,
-        throttle: LoginThrottle | None = None,
+        gate: LoginGate | None = None,
     ) -> None:
         self.smtp = settings.smtp
         self.accounts = accounts
         self.spool = spool
         self.account_state = account_state
-        self.throttle = throttle or LoginThrottle()
+        self.gate = gate or LoginGate()
         self._connections = 0
 
     @property

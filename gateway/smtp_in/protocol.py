@@ -18,6 +18,7 @@ from typing import Any, AnyStr
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session, TLSSetupException, syntax
 
 from ..cleartext import plaintext_auth_allowed
+from ..login_gate import MAILBOX, Refused, UserKey
 from ..logs import get_logger
 from ..runtime import ConnectionRegistry
 from . import replies
@@ -116,11 +117,6 @@ class GatewaySMTP(SMTP):
         if not self.may_offer_auth():
             await self.push(replies.ENCRYPTION_REQUIRED)
             return
-        wait = self._front.throttle.retry_after(self._client_key())
-        if wait:
-            log.warning("smtp.auth_throttled", client=self.peer_host())
-            await self.push(replies.login_throttled(wait))
-            return
         await super().smtp_AUTH(arg)
 
     @syntax("STARTTLS", when="tls_context")
@@ -212,26 +208,17 @@ class GatewaySMTP(SMTP):
             username, secret = login.decode("utf-8"), password.decode("utf-8")
         except UnicodeDecodeError:
             return self._refuse(login, "credentials are not UTF-8")
-        keys = (self._client_key(), self._user_key(username))
-        wait = self._front.throttle.retry_after(*keys)
-        if wait:
-            log.warning("smtp.auth_throttled", client=self.peer_host(), user=username[:64])
-            return AuthResult(success=False, handled=False, message=replies.login_throttled(wait))
-        account = await self._front.accounts.authenticate(username, secret)
-        if account is None:
-            return self._refuse(login, "wrong username or password")
-        log.info("smtp.auth_ok", client=self.peer_host(), user=account.username)
-        return AuthResult(success=True, auth_data=account)
+        outcome = await self._front.accounts.login(
+            self._front.gate, self.peer_host(), username, secret, "smtp"
+        )
+        if isinstance(outcome, Refused):
+            reply = replies.login_throttled(outcome) if outcome.throttled else replies.AUTH_INVALID
+            return AuthResult(success=False, handled=False, message=reply)
+        log.info("smtp.auth_ok", client=self.peer_host(), user=outcome.username)
+        return AuthResult(success=True, auth_data=outcome)
 
     def _refuse(self, login: bytes, reason: str) -> AuthResult:
-        username = login.decode("utf-8", "replace")
-        self._front.throttle.record_failure(self._client_key(), self._user_key(username))
-        log.warning("smtp.auth_failed", client=self.peer_host(), user=username[:64], reason=reason)
+        """Credentials refused before any password check; they still count as a failure."""
+        user = UserKey.of(MAILBOX, login.decode("utf-8", "replace"))
+        self._front.gate.record_failure(self.peer_host(), user, "smtp", reason)
         return AuthResult(success=False, handled=False, message=replies.AUTH_INVALID)
-
-    def _client_key(self) -> str:
-        return f"client:{self.peer_host()}"
-
-    @staticmethod
-    def _user_key(username: str) -> str:
-        return f"user:{username.casefold()}"

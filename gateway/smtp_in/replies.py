@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 
+from ..login_gate import Refused
+
 AUTH_REQUIRED = "530 5.7.0 Authentication required: log in with AUTH before MAIL FROM"
 AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
 ENCRYPTION_REQUIRED = "538 5.7.11 Encryption required: use STARTTLS (or the SMTPS port) before AUTH"
@@ -31,9 +33,9 @@ def too_many_recipients(limit: int) -> str:
     return f"452 4.5.3 Too many recipients: at most {limit} per message; send the rest separately"
 
 
-def login_throttled(seconds: float) -> str:
-    minutes = max(1, round(seconds / 60))
-    return f"454 4.7.0 Too many failed logins; try again in {minutes} minute(s)"
+def login_throttled(refusal: Refused) -> str:
+    """454 4.7.0: "temporary authentication failure" (RFC 4954), so the client retries later."""
+    return f"454 4.7.0 {refusal.sentence()}"
 
 
 def sender_refused(username: str, address: str, allowed: tuple[str, ...]) -> str:

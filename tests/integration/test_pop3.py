@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from gateway import outbound, tls
+from gateway.login_gate import WRONG, Refused
 from gateway.mailbox import MailboxView
 from gateway.pop3_out import server as pop3_server
 from gateway.providers import GmailSource, GraphSource
@@ -71,8 +72,8 @@ class Pop3World:
         self.store = await Store.open(self.state / "store", SecretBox(KEY))
         self.view = await MailboxView.open(self.store, "desk", self.source)
 
-    async def login(self, username: str, password: str, client: str) -> str | None:
-        return "desk" if (username, password) == ("desk", PASSWORD) else None
+    async def login(self, username: str, password: str, client: str) -> str | Refused:
+        return "desk" if (username, password) == ("desk", PASSWORD) else WRONG
 
     async def mailbox_for(self, account: str) -> MailboxView | str:
         assert self.view is not None and account == "desk"

@@ -24,13 +24,13 @@ import yaml
 from gateway import tls
 from gateway.accounts import Accounts
 from gateway.config import load_settings
+from gateway.login_gate import MAILBOX, LoginGate
 from gateway.runtime import RunningListener
 from gateway.smtp_in import server as smtp_server
 from gateway.smtp_in.policy import normalize_line_endings
 from gateway.spool._files import SpoolFiles
 from gateway.spool._incoming import IncomingMessage
 from gateway.spool._types import Envelope, SpoolError, SubmitResult
-from gateway.throttle import LoginThrottle
 from tests.helpers import PASSWORD, PASSWORD_HASH, base_config
 
 HOST = "127.0.0.1"
@@ -63,11 +63,17 @@ class RecordingSpool:
 
 
 class FakeClock:
+    """The login gate's clock; its tarpit sleeps are recorded, not waited."""
+
     def __init__(self) -> None:
         self.now = 1000.0
+        self.slept: list[float] = []
 
     def __call__(self) -> float:
         return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
 
 
 @dataclass
@@ -115,7 +121,7 @@ async def start_front(tmp_path: Path) -> AsyncIterator[StartFront]:
                 Accounts(settings.accounts),
                 front.spool,
                 account_state=account_state,
-                throttle=LoginThrottle(limit=3, window=300, clock=front.clock),
+                gate=LoginGate(clock=front.clock, sleep=front.clock.sleep),
             )
             for implicit in (False, True):
                 listener = await smtp_server.serve(
@@ -390,7 +396,7 @@ async def test_wrong_password_and_unknown_user_get_535_then_mail_gets_530(
 async def test_failed_logins_are_throttled_per_client_then_released(
     start_front: StartFront,
 ) -> None:
-    front = await start_front()  # the fixture's throttle: 3 failures per 300 s
+    front = await start_front()  # the fixture's gate: 10 failures per pair per 300 s
 
     async def login(password: str) -> str:
         raw = await Raw.connect(front.smtp)
@@ -401,10 +407,13 @@ async def test_failed_logins_are_throttled_per_client_then_released(
         finally:
             await raw.close()
 
-    for _ in range(3):
+    for _ in range(MAILBOX.pair_limit):
         assert (await login("wrong")).startswith("535 5.7.8")
-    reply = await login(PASSWORD)  # right, but too late
-    assert reply == "454 4.7.0 Too many failed logins; try again in 5 minute(s)"
+    reply = await login(PASSWORD)  # right, but too late from this address
+    assert reply == (
+        "454 4.7.0 Too many failed logins for this username from your address; "
+        "try again in 5 minute(s)"
+    )
     front.clock.now += 301
     assert (await login(PASSWORD)).startswith("235 2.7.0")
 

@@ -10,7 +10,6 @@ import pytest
 from gateway.admin import i18n
 from gateway.admin.auth import SessionStore
 from gateway.admin.server import local_path, origin_of
-from gateway.throttle import LoginThrottle
 
 TEMPLATES = Path(i18n.__file__).parent / "templates"
 
@@ -34,17 +33,6 @@ def test_sessions_expire_after_inactivity() -> None:
     clock.now += 601
     assert store.get(session.id) is None
     assert store.get("unknown") is None
-
-
-def test_throttle_window_slides() -> None:
-    clock = FakeClock()
-    throttle = LoginThrottle(limit=5, clock=clock)
-    for _ in range(5):
-        throttle.record_failure("127.0.0.1")
-    assert throttle.retry_after("127.0.0.1") == 300
-    assert throttle.retry_after("127.0.0.2") == 0
-    clock.now += 300
-    assert throttle.retry_after("127.0.0.1") == 0
 
 
 @pytest.mark.parametrize(

@@ -6,9 +6,10 @@ from typing import Any
 
 import pytest
 
-from gateway import accounts as accounts_module
+from gateway import login_gate
 from gateway.accounts import Accounts
 from gateway.config import AccountSettings, SendingSettings, UpstreamServer, UpstreamSettings
+from gateway.login_gate import WRONG, LoginGate, Refused
 from gateway.passwords import ScryptHash, verify_password
 from tests.helpers import PASSWORD, PASSWORD_HASH
 
@@ -32,9 +33,13 @@ def accounts() -> Accounts:
     return Accounts([CRM, SCANNER])
 
 
+async def _login(accounts: Accounts, username: str, password: str) -> AccountSettings | Refused:
+    return await accounts.login(LoginGate(), "192.0.2.1", username, password, "smtp")
+
+
 async def test_right_password_in_any_username_case_returns_the_account(accounts: Accounts) -> None:
-    assert await accounts.authenticate("crm", PASSWORD) is CRM
-    assert await accounts.authenticate("SCANNER", PASSWORD) is SCANNER
+    assert await _login(accounts, "crm", PASSWORD) is CRM
+    assert await _login(accounts, "SCANNER", PASSWORD) is SCANNER
     assert accounts.get("CrM") is CRM
 
 
@@ -42,10 +47,10 @@ async def test_right_password_in_any_username_case_returns_the_account(accounts:
     ("username", "password"),
     [("crm", "wrong"), ("crm", ""), ("crm", PASSWORD + " "), ("nobody", PASSWORD)],
 )
-async def test_wrong_password_or_unknown_user_returns_none(
+async def test_wrong_password_or_unknown_user_is_refused(
     accounts: Accounts, username: str, password: str
 ) -> None:
-    assert await accounts.authenticate(username, password) is None
+    assert await _login(accounts, username, password) == WRONG
 
 
 async def test_unknown_user_costs_a_check_as_strong_as_a_real_one(
@@ -57,8 +62,8 @@ async def test_unknown_user_costs_a_check_as_strong_as_a_real_one(
         checked.append(stored)
         return verify_password(password, stored)
 
-    monkeypatch.setattr(accounts_module, "verify_password", recording)
-    assert await accounts.authenticate("nobody", PASSWORD) is None
+    monkeypatch.setattr(login_gate, "verify_password", recording)
+    assert await _login(accounts, "nobody", PASSWORD) == WRONG
     [dummy] = checked
     real = accounts._hashes["crm"]
     assert (dummy.log2_n, dummy.r, dummy.p) == (real.log2_n, real.r, real.p)
@@ -141,4 +146,4 @@ async def test_a_read_only_account_still_logs_in() -> None:
         address="legacy@example.org",
         upstream=UpstreamSettings(imap=SERVER),
     )
-    assert await Accounts([legacy]).authenticate("legacy", PASSWORD) is legacy
+    assert await _login(Accounts([legacy]), "legacy", PASSWORD) is legacy

@@ -18,7 +18,6 @@ from gateway.smtp_in.policy import (
     normalize_line_endings,
     received_header,
 )
-from gateway.throttle import LoginThrottle
 from tests.helpers import PASSWORD_HASH
 
 # -- where AUTH may be offered -------------------------------------------------------------
@@ -241,42 +240,3 @@ def test_standardize_gives_enhanced_codes_but_leaves_greeting_and_ehlo(
     raw: str, expected: str
 ) -> None:
     assert replies.standardize(raw, 35 * 2**20) == expected
-
-
-# -- login throttling ----------------------------------------------------------------------
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_throttle_blocks_after_limit_and_slides_with_time() -> None:
-    clock = Clock()
-    throttle = LoginThrottle(limit=3, window=100, clock=clock)
-    for at in (0, 10, 20):
-        clock.now = at
-        assert throttle.retry_after("client:a") == 0
-        throttle.record_failure("client:a", "user:crm")
-    assert throttle.retry_after("client:a") == pytest.approx(80)
-    assert throttle.retry_after("user:crm") == pytest.approx(80)
-    assert throttle.retry_after("client:b", "user:other") == 0
-    assert throttle.retry_after("client:b", "user:crm") == pytest.approx(80)
-    clock.now = 100  # the first failure has left the window
-    assert throttle.retry_after("client:a", "user:crm") == 0
-    throttle.record_failure("client:a")
-    assert throttle.retry_after("client:a") == pytest.approx(10)
-
-
-def test_throttle_memory_is_bounded() -> None:
-    clock = Clock()
-    throttle = LoginThrottle(limit=1, window=100, clock=clock, max_keys=10)
-    for n in range(50):
-        clock.now = n
-        throttle.record_failure(f"user:{n}")
-    assert len(throttle._failures) == 10
-    assert throttle.retry_after("user:49") > 0  # the newest are kept
-    assert throttle.retry_after("user:0") == 0
