@@ -2,7 +2,8 @@
 # Install the system packages the integration tests need (real Dovecot, Postfix and mail clients,
 # and Chromium for the admin page's browser test, driven by PyPI's playwright from the test extra;
 # `playwright install`, which downloads its own browser builds, is not used; and nginx, the HTTPS
-# reverse proxy in front of the admin page in tests/integration/test_admin.py).
+# reverse proxy in front of the admin page in tests/integration/test_admin.py; systemd for
+# `systemd-analyze verify` of contrib/systemd/mail-gateway.service, which runs without systemd as PID 1).
 #
 # Idempotent and non-interactive: run as root on Debian 12. Repeated runs skip apt entirely when every
 # package is already present, so CI can call it unconditionally. The tests start their OWN private
@@ -16,6 +17,7 @@ PACKAGES=(
     libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl tmux
     chromium
     nginx-light
+    systemd
 )
 
 say() { printf 'install-test-deps: %s\n' "$*"; }

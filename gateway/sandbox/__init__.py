@@ -1,7 +1,7 @@
 """A faithful local Microsoft 365 and Google Workspace, for tests and ``gateway demo``.
 
 Real msal, google-auth and httpx clients talk to it over HTTPS exactly as they would to the
-clouds; see ``../shared/docs/provider-apis.md`` for the behaviour it reproduces.
+clouds; see ``docs/provider-apis.md`` for the behaviour it reproduces.
 """
 
 from ._directory import App, Directory, Grant, User

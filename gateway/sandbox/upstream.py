@@ -6,7 +6,7 @@ ports with every file (config, certificates, mail, queue, pid files, logs) under
 directory. Nothing here reads ``/etc/dovecot`` or ``/etc/postfix/main.cf``, binds a default port, or
 can send mail off the machine.
 
-Why the details look the way they do (see shared/docs/test-servers.md):
+Why the details look the way they do (see docs/test-servers.md):
 
 * The temp dir lives in ``/tmp`` with mode 755 because Dovecot's unprivileged ``mail``/``dovenull``
   users and Postfix's ``postfix`` user must be able to search every directory above their files, and

@@ -2,7 +2,7 @@
 
 Blocking library calls (requests underneath) run in threads: the sandbox serves from this loop.
 Every requests session ignores the environment's CA variables, which would otherwise override the
-sandbox CA (DESIGN.md, "TLS trust").
+sandbox CA (docs/DESIGN.md, "TLS trust").
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Sign-in lives under ``/{tenant}/...`` (discovery, authorize, token, devicecode) plus the
 ``/devicelogin`` page; Graph under ``/v1.0/``; attachment uploads under Outlook's
-``/api/v2.0/``. See ``../shared/docs/provider-apis.md`` sections A, B and F for the behaviour.
+``/api/v2.0/``. See ``docs/provider-apis.md`` sections A, B and F for the behaviour.
 """
 
 from __future__ import annotations
