@@ -128,6 +128,9 @@ class Gateway:
         if self.spool is not None:
             await self.spool.stop()
             self.spool = None
+        upstream = self.senders.get("upstream")
+        if isinstance(upstream, providers.UpstreamSender):
+            await upstream.close()  # QUIT the pooled upstream SMTP sessions
         if self.http is not None:
             await self.http.aclose()
             self.http = None

@@ -31,6 +31,7 @@ from ._settings import (
     TlsSettings,
     UpstreamServer,
     UpstreamSettings,
+    UpstreamSmtpServer,
 )
 from ._yaml import YamlSyntaxError, load_with_lines
 
@@ -56,6 +57,7 @@ __all__ = [
     "TlsSettings",
     "UpstreamServer",
     "UpstreamSettings",
+    "UpstreamSmtpServer",
     "config_notes",
     "load_settings",
 ]

@@ -251,8 +251,28 @@ class UpstreamServer:
 
 
 @dataclass(frozen=True)
+class UpstreamSmtpServer(UpstreamServer):
+    """The upstream SMTP server, and how many logged-in sessions the gateway keeps open to it.
+
+    Sessions carry many messages each, so a burst costs one TLS handshake and AUTH per session,
+    not per message. At most 4: the spool sends at most 4 messages at once per account.
+    """
+
+    max_sessions: int = field_info(
+        4,
+        fix="how many sessions may send this account's mail at once (1-4)",
+        check=in_range(1, 4),
+    )
+    idle_seconds: int = field_info(
+        60,
+        fix="seconds an unused session stays open before the gateway closes it (1-3600)",
+        check=in_range(1, 3600),
+    )
+
+
+@dataclass(frozen=True)
 class UpstreamSettings:
-    smtp: UpstreamServer | None = None
+    smtp: UpstreamSmtpServer | None = None
     imap: UpstreamServer | None = None
     pop3: UpstreamServer | None = None
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
+import subprocess
 import time
 import uuid
 from datetime import UTC, datetime
@@ -10,18 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import AccountSettings, SendingSettings, UpstreamServer, UpstreamSettings
+from gateway.config import AccountSettings, SendingSettings, UpstreamSettings, UpstreamSmtpServer
 from gateway.config._schema import Secret
 from gateway.outbound import system_ca_file
 from gateway.providers import UpstreamSender
-from gateway.sandbox.upstream import MailUser, Postfix
+from gateway.sandbox.upstream import POSTFIX_BIN, MailUser, Postfix
 from gateway.spool import Envelope, FileSpool
 from tests.helpers import PASSWORD_HASH
 
 
 def _account(postfix: Postfix, user: MailUser, security: str, password: str) -> AccountSettings:
     port = postfix.submission_port if security == "starttls" else postfix.smtps_port
-    server = UpstreamServer(
+    server = UpstreamSmtpServer(
         host="localhost",
         port=port,
         security=security,  # type: ignore[arg-type]
@@ -123,3 +126,124 @@ async def test_upstream_refusal_reaches_the_client_inline(
     assert result.reply.startswith("501 5.1.7 upstream localhost answered 501 5.1.7 Bad sender")
     assert spool.messages() == []
     assert spool.recent_deliveries()[0]["result"] == "refused"
+
+
+def _postfix_sessions(postfix: Postfix, since: int, sasl_user: str) -> list[int]:
+    """Messages per smtpd session that logged in as ``sasl_user``, from Postfix's own log after
+    byte offset ``since`` (each session: ``connect from`` … ``disconnect from``, one pid)."""
+    text = postfix.log_file.read_bytes()[since:].decode(errors="replace")
+    open_sessions: dict[str, int] = {}  # smtpd pid → messages of sasl_user so far
+    per_session: list[int] = []
+    for line in text.splitlines():
+        found = re.search(r"/smtpd\[(\d+)\]: (.*)", line)
+        if not found:
+            continue
+        pid, event = found.groups()
+        if event.startswith("connect from "):
+            open_sessions[pid] = 0
+        elif f"sasl_username={sasl_user}" in event and pid in open_sessions:
+            open_sessions[pid] += 1
+        elif event.startswith("disconnect from ") and open_sessions.get(pid):
+            per_session.append(open_sessions.pop(pid))
+    return per_session
+
+
+def _restart(postfix: Postfix) -> None:
+    """``postfix stop`` (the master takes its smtpd processes down with it), then start again."""
+    master = postfix.master_pid()
+    stop = [POSTFIX_BIN, "-c", str(postfix.config_dir), "stop"]
+    subprocess.run(stop, check=True, capture_output=True, timeout=30)
+    deadline = time.monotonic() + 15
+    while master is not None and Path(f"/proc/{master}").exists():
+        assert time.monotonic() < deadline, "the Postfix master did not stop"
+        time.sleep(0.05)
+    postfix.start()
+
+
+async def _submit_batch(spool: FileSpool, account: AccountSettings, token: str, indexes: range):
+    for index in indexes:
+        envelope = Envelope(
+            "legacy", account.address, (f"rcpt{index}@elsewhere.example",), False,
+            datetime.now(UTC), "127.0.0.1",
+        )  # fmt: skip
+        raw = f"From: {account.address}\r\nSubject: batch {token} #{index}\r\n\r\nbody\r\n"
+        await spool.submit(envelope, raw.encode())
+
+
+def _delivered_subjects(postfix: Postfix, token: str, expected: int) -> list[str]:
+    """Subjects of the catch-all's messages carrying ``token``, once ``expected`` have arrived
+    (and a moment later, so that a duplicate would have shown up too)."""
+    deadline = time.monotonic() + 60
+    while True:
+        uids = postfix.dovecot.search(postfix.catchall_user, "header", "Subject", token)
+        if len(uids) >= expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    time.sleep(1.0)
+    listing = postfix.dovecot.doveadm(
+        "fetch", "-u", postfix.catchall_user, "hdr.subject", "mailbox", "INBOX",
+        "header", "Subject", token,
+    )  # fmt: skip
+    return re.findall(r"batch \S+ #\d+", listing)
+
+
+async def test_200_messages_arrive_once_over_reused_sessions(
+    postfix: Postfix, upstream_user: MailUser, tmp_path: Path
+) -> None:
+    token = uuid.uuid4().hex
+    account = _account(postfix, upstream_user, "starttls", upstream_user.password)
+    sender = UpstreamSender(system_ca_file())
+    spool = FileSpool(tmp_path / "spool", [account], {"upstream": sender}, first_backoff=0.05)
+    log_start = postfix.log_file.stat().st_size
+    await spool.start()
+    try:
+        await _submit_batch(spool, account, token, range(200))
+        await _settled(spool, within=120)
+    finally:
+        await spool.stop()
+        await sender.close()  # QUIT: Postfix logs each session's disconnect
+    assert spool.messages() == []
+    subjects = await asyncio.to_thread(_delivered_subjects, postfix, token, 200)
+    assert sorted(subjects) == sorted(f"batch {token} #{i}" for i in range(200))
+    sessions: list[int] = []
+    for _ in range(50):  # postlogd writes asynchronously
+        sessions = _postfix_sessions(postfix, log_start, upstream_user.name)
+        if sum(sessions) >= 200:
+            break
+        await asyncio.sleep(0.1)
+    assert sum(sessions) == 200
+    assert 1 <= len(sessions) <= 4, sessions  # max_sessions (default 4), each carrying many
+
+
+async def test_postfix_restarted_mid_batch_loses_and_duplicates_nothing(
+    postfix: Postfix, upstream_user: MailUser, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Postfix restarts while the pool holds sessions to it, between two halves of a batch: the
+    next messages find their sessions gone before anything was sent, and go over new
+    sessions, each once, without a spool retry."""
+    caplog.set_level(logging.INFO, logger="gateway")
+    token = uuid.uuid4().hex
+    account = _account(postfix, upstream_user, "tls", upstream_user.password)
+    sender = UpstreamSender(system_ca_file())
+    spool = FileSpool(tmp_path / "spool", [account], {"upstream": sender}, first_backoff=0.05)
+    await spool.start()
+    try:
+        await _submit_batch(spool, account, token, range(100))
+        await _settled(spool, within=120)
+        pool = await sender.pool(account.username, account.upstream.smtp)  # type: ignore[union-attr]
+        opened_before = pool.opened
+        assert pool.open_sessions >= 1
+        await asyncio.to_thread(_restart, postfix)
+        await _submit_batch(spool, account, token, range(100, 200))
+        await _settled(spool, within=120)
+    finally:
+        await spool.stop()
+        await sender.close()
+    assert spool.messages() == []
+    assert pool.opened > opened_before  # the dropped sessions were replaced
+    deliveries = spool.recent_deliveries(limit=400)
+    assert [d["result"] for d in deliveries] == ["sent"] * 200
+    events = [r.getMessage() for r in caplog.records]
+    assert "upstream.session_dropped" in events and "spool.retry" not in events
+    subjects = await asyncio.to_thread(_delivered_subjects, postfix, token, 200)
+    assert sorted(subjects) == sorted(f"batch {token} #{i}" for i in range(200))
