@@ -15,14 +15,20 @@ Only the header block is rebuilt; the body stays a slice of the original bytes.
 
 from __future__ import annotations
 
+import base64
+import mmap
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from email.utils import formataddr, getaddresses
 
 from ..spool._types import Envelope
 
+# The spool hands API senders its file mapped read-only (``reads_mapped_files``): slicing and
+# regular expressions work on it as on bytes, and a piece is copied only when it is sent.
+Message = bytes | mmap.mmap
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
+_STREAM_PIECE = 3 * 64 * 1024  # a multiple of 3, so the pieces' base64 joins into the whole's
 _RECIPIENT_FIELDS = ("to", "cc", "bcc")
 _FOLD_AT = 78
 
@@ -32,7 +38,7 @@ class Prepared:
     """The message as the provider must get it: ``head`` + ``raw[body_offset:]``."""
 
     head: bytes  # the rebuilt header block, ending with the blank line
-    raw: bytes  # the original message
+    raw: Message  # the original message
     body_offset: int  # where the body (after the blank line) starts in ``raw``
     from_address: str | None  # the header From's address, lower-cased
     dropped: tuple[str, ...]  # header recipients left out because they were not in the envelope
@@ -44,9 +50,8 @@ class Prepared:
     def chunks(self, size: int) -> Iterator[bytes]:
         """The message in pieces of at most ``size`` bytes; only one piece is copied at a time."""
         yield from _pieces(self.head, size)
-        view = memoryview(self.raw)
         for start in range(self.body_offset, len(self.raw), size):
-            yield bytes(view[start : start + size])
+            yield self.raw[start : start + size]  # no view kept: a mapped file can close
 
     def range(self, start: int, end: int) -> bytes:
         """Bytes ``start`` to ``end`` (exclusive) of the message as sent."""
@@ -58,6 +63,40 @@ class Prepared:
     def joined(self) -> bytes:
         """The whole message as one bytes object (for the small-message paths)."""
         return self.head + self.raw[self.body_offset :]
+
+    def body(self, *, as_base64: bool = False) -> StreamedBody:
+        """The message as an HTTP request body read a piece at a time (raw, or base64)."""
+        return StreamedBody(self, as_base64)
+
+
+class StreamedBody:
+    """A request body streamed from the message, never joined; re-iterable, because
+    ``Api.call`` sends a request twice after a 401. Give ``len(body)`` as Content-Length."""
+
+    def __init__(self, prepared: Prepared, as_base64: bool) -> None:
+        self.prepared = prepared
+        self.as_base64 = as_base64
+
+    def __len__(self) -> int:
+        size = self.prepared.size
+        return 4 * -(-size // 3) if self.as_base64 else size
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._pieces()
+
+    async def _pieces(self) -> AsyncIterator[bytes]:
+        if not self.as_base64:
+            for piece in self.prepared.chunks(_STREAM_PIECE):
+                yield piece
+            return
+        carry = b""
+        for piece in self.prepared.chunks(_STREAM_PIECE):
+            data = carry + piece if carry else piece
+            cut = len(data) - len(data) % 3
+            yield base64.b64encode(data[:cut])
+            carry = data[cut:]
+        if carry:
+            yield base64.b64encode(carry)
 
 
 def _pieces(data: bytes, size: int) -> Iterator[bytes]:
@@ -80,7 +119,7 @@ class _Field:
         return re.sub(r"\r\n[ \t]", " ", text.partition(":")[2]).strip()
 
 
-def split_head(raw: bytes) -> tuple[bytes, int, bytes]:
+def split_head(raw: Message) -> tuple[bytes, int, bytes]:
     """(header block without the blank line, offset of the body, the message's line ending)."""
     blank = _BLANK_LINE.search(raw)
     newline = b"\r\n" if b"\r\n" in raw[:1000] else b"\n"
@@ -115,7 +154,7 @@ def _address_line(name: str, addresses: list[tuple[str, str]]) -> list[bytes]:
     return [line.encode("utf-8", "surrogateescape") for line in lines]
 
 
-def prepare(raw: bytes, envelope: Envelope) -> Prepared:
+def prepare(raw: Message, envelope: Envelope) -> Prepared:
     """Make the recipient headers match the envelope (see the module docstring)."""
     head, body_offset, newline = split_head(raw)
     wanted = {r.casefold(): r for r in envelope.rcpt_tos}

@@ -19,7 +19,7 @@ from ..spool._types import Envelope
 from ._base import DeliveryResult, TokenSource
 from ._errors import Permanent, ReauthRequired, Temporary
 from ._http import Api, error_code
-from ._mime import Prepared, prepare
+from ._mime import Message, Prepared, prepare
 
 MEDIA_LIMIT = 5 * 1024 * 1024  # uploadType=media is reported to stop around 5 MB
 PIECE = 8 * 1024 * 1024  # resumable chunks must be multiples of 256 KiB
@@ -27,6 +27,8 @@ SEND_AS_TTL = 600.0  # seconds a send-as list is trusted
 
 
 class GmailSender:
+    reads_mapped_files = True  # the spool may pass its file mapped (see ``_mime.Message``)
+
     def __init__(self, client: httpx.AsyncClient, tokens: TokenSource, gmail_url: str) -> None:
         self.client = client
         self.tokens = tokens
@@ -34,20 +36,21 @@ class GmailSender:
         self._send_as: dict[str, tuple[float, frozenset[str]]] = {}
 
     async def send(
-        self, account: AccountSettings, envelope: Envelope, message: bytes
+        self, account: AccountSettings, envelope: Envelope, message: Message
     ) -> DeliveryResult:
         prepared = prepare(message, envelope)
         api = Api(self.client, self.tokens, account.username)
         await self._check_from(api, account, prepared.from_address)
         url = f"{self.gmail_url}/upload/gmail/v1/users/me/messages/send"
         if prepared.size <= MEDIA_LIMIT:
+            body = prepared.body()  # read from the spool file as it is sent
             response = await api.call(
                 "POST",
                 url,
                 "Gmail send",
                 params={"uploadType": "media"},
-                content=prepared.joined(),
-                headers={"Content-Type": "message/rfc822"},
+                content=body,
+                headers={"Content-Type": "message/rfc822", "Content-Length": str(len(body))},
             )
         else:
             response = await self._resumable(api, url, prepared)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import math
+from dataclasses import replace
 from email import policy
 from email.parser import BytesParser
 from typing import Any
@@ -38,7 +39,7 @@ from ..spool._types import Envelope
 from ._base import DeliveryResult, TokenSource
 from ._errors import Permanent, ReauthRequired, Temporary
 from ._http import Api, classify, error_code, send
-from ._mime import Prepared, prepare
+from ._mime import Message, Prepared, prepare
 from ._parts import Attachment, attachments
 
 log = get_logger(__name__)
@@ -55,13 +56,15 @@ def _b64_size(size: int) -> int:
 
 
 class GraphSender:
+    reads_mapped_files = True  # the spool may pass its file mapped (see ``_mime.Message``)
+
     def __init__(self, client: httpx.AsyncClient, tokens: TokenSource, graph_url: str) -> None:
         self.client = client
         self.tokens = tokens
         self.graph_url = graph_url.rstrip("/")
 
     async def send(
-        self, account: AccountSettings, envelope: Envelope, message: bytes
+        self, account: AccountSettings, envelope: Envelope, message: Message
     ) -> DeliveryResult:
         prepared = prepare(message, envelope)
         if prepared.dropped:
@@ -71,12 +74,13 @@ class GraphSender:
         api = Api(self.client, self.tokens, account.username)
         keep_copy = account.sending.save_to_sent
         if keep_copy and _b64_size(prepared.size) <= REQUEST_CAP:
+            body = prepared.body(as_base64=True)  # base64 encoded piece by piece as it is sent
             await api.call(
                 "POST",
                 f"{self._mailbox(account)}/sendMail",
                 "Graph sendMail",
-                content=base64.b64encode(prepared.joined()),
-                headers={"Content-Type": "text/plain"},
+                content=body,
+                headers={"Content-Type": "text/plain", "Content-Length": str(len(body))},
             )
             return DeliveryResult(f"graph sendMail accepted ({prepared.size} bytes)")
         return await self._send_draft(api, prepared, self._mailbox(account), keep_copy)
@@ -108,6 +112,10 @@ class GraphSender:
     ) -> DeliveryResult:
         """Draft, attachments that did not fit, send; without ``keep_copy`` the draft is marked
         to be deleted after submission instead of being moved to Sent Items."""
+        if not isinstance(prepared.raw, bytes):
+            # The MIME scan (``_parts``) needs bytes: one copy, freed when the send ends.
+            raw = await asyncio.to_thread(bytes, prepared.raw)
+            prepared = replace(prepared, raw=raw)
         raw = prepared.raw
         # Scanning a 30 MB MIME tree and encoding the draft take ~100 ms: off the shared loop.
         lifted, draft = await asyncio.to_thread(_split_draft, prepared)

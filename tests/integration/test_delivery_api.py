@@ -188,6 +188,32 @@ async def test_small_and_10mb_messages_are_sent_once(world: World, account: str)
 
 
 @pytest.mark.parametrize("account", ["crm", "scanner"])
+async def test_a_30mb_message_streamed_from_the_spool_file_arrives_byte_exact(
+    world: World, account: str
+) -> None:
+    """The spool hands the API senders its file mapped (no copy of the message in memory);
+    the message still arrives exactly: Gmail stores the bytes we sent (the body unchanged),
+    Graph the draft plus the attachment uploaded in pieces."""
+    user = world.graph_user if account == "crm" else world.gmail_user
+    payload = os.urandom(22 * 1024 * 1024)  # about 30 MB once base64-encoded in the message
+    raw = message(user.address, attachment=payload, Message_ID="<big.30mb@example.org>")
+    assert len(raw) > 30_000_000
+    spool = world.spool()
+    await spool.start()
+    try:
+        await spool.submit(envelope(account, "alice@example.org"), raw)
+        await drained(spool, within=60.0)
+    finally:
+        await spool.stop()
+    (sent,) = world.sent(user)
+    assert attachment_of(sent.raw) == payload
+    assert [r["result"] for r in spool.recent_deliveries()] == ["sent"]
+    if account == "scanner":  # Gmail keeps the message as uploaded: the body byte for byte
+        body = raw[raw.index(b"\r\n\r\n") + 4 :]
+        assert sent.raw.endswith(body)
+
+
+@pytest.mark.parametrize("account", ["crm", "scanner"])
 async def test_bcc_stays_private_and_header_only_recipients_get_nothing(
     world: World, account: str
 ) -> None:
