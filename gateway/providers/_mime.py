@@ -26,7 +26,7 @@ from ..spool._types import Envelope
 
 # The spool hands API senders its file mapped read-only (``reads_mapped_files``): slicing and
 # regular expressions work on it as on bytes, and a piece is copied only when it is sent.
-Message = bytes | mmap.mmap
+Message = bytes | bytearray | mmap.mmap
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 _STREAM_PIECE = 3 * 64 * 1024  # a multiple of 3, so the pieces' base64 joins into the whole's
 _RECIPIENT_FIELDS = ("to", "cc", "bcc")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import math
+import mmap
 from dataclasses import replace
 from email import policy
 from email.parser import BytesParser
@@ -112,9 +113,9 @@ class GraphSender:
     ) -> DeliveryResult:
         """Draft, attachments that did not fit, send; without ``keep_copy`` the draft is marked
         to be deleted after submission instead of being moved to Sent Items."""
-        if not isinstance(prepared.raw, bytes):
+        if isinstance(prepared.raw, mmap.mmap):
             # The MIME scan (``_parts``) needs bytes: one copy, freed when the send ends.
-            raw = await asyncio.to_thread(bytes, prepared.raw)
+            raw = await asyncio.to_thread(_copy_out, prepared.raw)
             prepared = replace(prepared, raw=raw)
         raw = prepared.raw
         # Scanning a 30 MB MIME tree and encoding the draft take ~100 ms: off the shared loop.
@@ -219,6 +220,17 @@ async def _discard_draft(api: Api, message_url: str) -> None:
         await api.call("DELETE", message_url, "Graph delete unsent draft")
     except Exception as error:
         log.warning("graph.draft_left", reason=str(error))
+
+
+def _copy_out(mapped: mmap.mmap) -> bytearray:
+    """The mapped message copied to the heap, each piece's mapped pages dropped once copied,
+    so the message is in memory once, not twice (the file's pages stay in the page cache)."""
+    copy = bytearray(len(mapped))
+    for start in range(0, len(mapped), UPLOAD_PIECE):
+        end = min(start + UPLOAD_PIECE, len(mapped))
+        copy[start:end] = mapped[start:end]
+        mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
+    return copy
 
 
 def _split_draft(prepared: Prepared) -> tuple[list[Attachment], bytes]:
