@@ -208,3 +208,57 @@ def run(main: Any, arguments: Any) -> None:
         sys.exit(loop.run_until_complete(main(arguments)))
     finally:
         loop.close()
+
+
+def upstream_gateway_config(state_dir: Path, smtp_port: int, postfix: Any, user: Any) -> dict:
+    """One ``provider: upstream`` account that sends through ``postfix``'s submission port
+    (STARTTLS, AUTH as the Dovecot ``user``); only the plain SMTP listener."""
+    from gateway.passwords import hash_password
+
+    listeners: dict[str, Any] = {
+        f"{name}_port": None for name in ("smtps", "imap", "imaps", "pop3", "pop3s", "admin")
+    }
+    listeners["smtp_port"] = smtp_port
+    return {
+        "state_dir": str(state_dir),
+        "listeners": listeners,
+        "logging": {"level": "info", "format": "json"},
+        "accounts": [
+            {
+                "username": USERNAME,
+                "password_hash": hash_password(PASSWORD),
+                "provider": "upstream",
+                "address": SENDER,
+                "upstream": {
+                    "smtp": {
+                        "host": "localhost",
+                        "port": postfix.submission_port,
+                        "security": "starttls",
+                        "username": user.name,
+                        "password": user.password,
+                        "ca_file": str(postfix.ca_file),
+                    }
+                },
+            }
+        ],
+    }
+
+
+def postfix_sessions(log_file: Path, since: int) -> list[int]:
+    """Messages per smtpd session in Postfix's log after byte offset ``since`` (sessions that
+    carried at least one message; a session is ``connect from`` … ``disconnect from``)."""
+    import re
+
+    text = log_file.read_bytes()[since:].decode(errors="replace")
+    open_sessions: dict[str, int] = {}
+    counts: list[int] = []
+    for found in re.finditer(r"/smtpd\[(\d+)\]: (connect from|disconnect from|\w+: client=)", text):
+        pid, event = found.groups()
+        if event == "connect from":
+            open_sessions[pid] = 0
+        elif event == "disconnect from":
+            if open_sessions.get(pid):
+                counts.append(open_sessions.pop(pid))
+        elif pid in open_sessions:
+            open_sessions[pid] += 1
+    return counts

@@ -9,6 +9,14 @@ threads (smtplib) run here too; the gateway runs as a child ``python -m gateway 
 ``bench/_sink.py``. Each client opens one connection, EHLO + AUTH PLAIN once, then sends
 messages taken from a shared queue (MAIL/RCPT/DATA per message) until the queue is empty.
 Everything is on 127.0.0.1; the run is bounded by --messages and --timeout.
+
+    .venv/bin/python bench/smtp_throughput.py --upstream [--messages 2000] [--rounds 3]
+
+With --upstream (as root: a private Postfix and Dovecot, as in the integration tests), the same
+clients submit once straight to Postfix's submission port (STARTTLS + AUTH PLAIN) and once to a
+gateway whose ``upstream`` account sends through that Postfix, in interleaved rounds; each round
+times from the first submission until the last message is in Dovecot, and counts the Postfix
+sessions that carried them (from Postfix's log).
 """
 
 from __future__ import annotations
@@ -20,12 +28,15 @@ import os
 import queue
 import shutil
 import smtplib
+import ssl
+import statistics
 import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,13 +79,18 @@ def _client(
     lock: threading.Lock,
     timeout: float,
     barrier: threading.Barrier,
+    login: tuple[str, str] = (c.USERNAME, c.PASSWORD),
+    tls: ssl.SSLContext | None = None,
 ) -> None:
     smtp, ready = None, False
     try:
         begin = time.perf_counter()
         smtp = smtplib.SMTP(c.HOST, port, local_hostname="bench.local", timeout=timeout)
         smtp.ehlo()
-        smtp.login(c.USERNAME, c.PASSWORD)
+        if tls is not None:
+            smtp.starttls(context=tls)
+            smtp.ehlo()
+        smtp.login(*login)
         ready = True
         with lock:
             result.connect_auth.append(time.perf_counter() - begin)
@@ -113,7 +129,14 @@ def _client(
 
 
 async def run_clients(
-    name: str, port: int, messages: list[bytes], clients: int, timeout: float, server_pid: int
+    name: str,
+    port: int,
+    messages: list[bytes],
+    clients: int,
+    timeout: float,
+    server_pid: int,
+    login: tuple[str, str] = (c.USERNAME, c.PASSWORD),
+    tls: ssl.SSLContext | None = None,
 ) -> Round:
     """Submit every message with ``clients`` threads; the loop keeps serving meanwhile."""
     result = Round(name)
@@ -132,7 +155,7 @@ async def run_clients(
     with ThreadPoolExecutor(clients) as pool:
         futures = [
             loop.run_in_executor(
-                pool, _client, port, work, messages, result, lock, timeout, barrier
+                pool, _client, port, work, messages, result, lock, timeout, barrier, login, tls
             )
             for _ in range(clients)
         ]
@@ -202,6 +225,201 @@ async def gateway_round(
             await c.stop_child(process)
     end_to_end = None if delivered_at is None else delivered_at - result.started
     return result, end_to_end, len(sent), duplicates, log_path, tail
+
+
+# -- upstream: delivered into a real Dovecot through a real Postfix ----------------------------
+
+
+@dataclass
+class Delivered:
+    """One round of the upstream comparison: submission, then delivery into Dovecot."""
+
+    name: str
+    submitted: Round
+    seconds: float | None  # from the first submission until the last message is in Dovecot
+    arrived: int  # messages in Dovecot from this round (more than submitted = duplicates)
+    sessions: list[int]  # Postfix smtpd sessions that carried messages: messages each
+
+    @property
+    def rate(self) -> float | None:
+        accepted = len(self.submitted.latencies)
+        return accepted / self.seconds if self.seconds else None
+
+
+async def _wait_delivered(dovecot, user: str, expected: int, limit: float) -> float | None:
+    """perf_counter() when ``user``'s INBOX first holds ``expected`` messages, or None."""
+    deadline = time.perf_counter() + limit
+    while time.perf_counter() < deadline:
+        if await asyncio.to_thread(dovecot.message_count, user) >= expected:
+            return time.perf_counter()
+        await asyncio.sleep(0.02)
+    return None
+
+
+async def delivered_round(
+    name: str, port: int, messages: list[bytes], args: argparse.Namespace, postfix, pid, **login
+) -> Delivered:
+    """Submit ``messages`` to ``port`` and wait until all accepted ones are in Dovecot."""
+    dovecot, catchall = postfix.dovecot, postfix.catchall_user
+    before = await asyncio.to_thread(dovecot.message_count, catchall)
+    log_start = postfix.log_file.stat().st_size
+    result = await run_clients(name, port, messages, args.clients, args.timeout, pid, **login)
+    expected = before + len(result.latencies)
+    done = await _wait_delivered(dovecot, catchall, expected, args.timeout)
+    await asyncio.sleep(1.0)  # duplicates, if any, would show up meanwhile
+    arrived = await asyncio.to_thread(dovecot.message_count, catchall) - before
+    seconds = None if done is None else done - result.started
+    return Delivered(
+        name, result, seconds, arrived, c.postfix_sessions(postfix.log_file, log_start)
+    )
+
+
+async def upstream_main(args: argparse.Namespace) -> int:
+    """Postfix submission direct vs the gateway in front of the same Postfix, interleaved."""
+    from gateway.sandbox.upstream import Dovecot, Postfix
+
+    tmp = tempfile.mkdtemp(prefix="bench-upstream-")
+    work_dir = Path(tmp)
+    rounds: list[tuple[Delivered, Delivered, Delivered]] = []
+    with Dovecot() as dovecot, Postfix(dovecot) as postfix:
+        user = dovecot.new_user("bench")
+        tls = ssl.create_default_context(cafile=str(postfix.ca_file))
+        tls.check_hostname = False  # the certificate names localhost; the clients dial 127.0.0.1
+        for number in range(args.rounds):
+            tag = f"{int(time.time())}-{number}"
+            direct_messages = [build_message(i, args.size, f"d{tag}") for i in range(args.messages)]
+            direct = await delivered_round(
+                "Postfix direct",
+                postfix.submission_port,
+                direct_messages,
+                args,
+                postfix,
+                postfix.master_pid(),
+                login=(user.name, user.password),
+                tls=tls,
+            )
+            gateway = await _gateway_upstream_round(
+                args, work_dir / f"round{number}", postfix, user, f"g{tag}"
+            )
+            drain = await _drain_round(args, work_dir / f"drain{number}", postfix, user, f"s{tag}")
+            rounds.append((direct, gateway, drain))
+            print(f"round {number + 1}: " + " | ".join(_summary(r) for r in rounds[-1]))
+    if not args.keep:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _report_upstream(args, rounds)
+    return 0
+
+
+async def _gateway_upstream_round(
+    args: argparse.Namespace, work_dir: Path, postfix, user, tag: str
+) -> Delivered:
+    await asyncio.to_thread(work_dir.mkdir, parents=True)
+    port = c.free_port()
+    config = c.write_yaml(
+        work_dir / "gateway.yaml",
+        c.upstream_gateway_config(work_dir / "state", port, postfix, user),
+    )
+    messages = [build_message(i, args.size, tag) for i in range(args.messages)]
+    with open(work_dir / "gateway.log", "wb") as log_file:
+        process = await c.start_gateway(config, log_file)
+        try:
+            await c.wait_for_banner(port, process, 60)
+            log_start = postfix.log_file.stat().st_size
+            result = await delivered_round(
+                "gateway → Postfix", port, messages, args, postfix, process.pid
+            )
+        finally:
+            await c.stop_child(process)  # QUIT on the pooled sessions: Postfix logs them
+    await asyncio.sleep(0.5)
+    result.sessions = c.postfix_sessions(postfix.log_file, log_start)
+    return result
+
+
+async def _drain_round(
+    args: argparse.Namespace, work_dir: Path, postfix, user, tag: str
+) -> Delivered:
+    """The upstream leg alone: a spool holding every message starts, and its worker sends
+    them through the account's session pool (in this process: no SMTP intake involved)."""
+    from gateway.config import load_settings
+    from gateway.outbound import system_ca_file
+    from gateway.providers import UpstreamSender
+    from gateway.spool import Envelope, FileSpool
+
+    await asyncio.to_thread(work_dir.mkdir, parents=True)
+    config = c.write_yaml(
+        work_dir / "gateway.yaml",
+        c.upstream_gateway_config(work_dir / "state", c.free_port(), postfix, user),
+    )
+    settings = load_settings(config)
+    sender = UpstreamSender(system_ca_file())
+    spool = FileSpool.from_settings(settings, {"upstream": sender})
+    envelope = Envelope(c.USERNAME, c.SENDER, (c.RECIPIENT,), False, datetime.now(UTC), "127.0.0.1")
+    for index in range(args.messages):
+        await spool.submit(envelope, build_message(index, args.size, tag))
+    dovecot, catchall = postfix.dovecot, postfix.catchall_user
+    before = await asyncio.to_thread(dovecot.message_count, catchall)
+    log_start = postfix.log_file.stat().st_size
+    submitted = Round("spool drain")
+    submitted.started = time.perf_counter()
+    await spool.start()
+    try:
+        done = await _wait_delivered(dovecot, catchall, before + args.messages, args.timeout)
+    finally:
+        await spool.stop()
+        await sender.close()
+    submitted.finished = time.perf_counter()
+    submitted.latencies = [0.0] * args.messages  # all were queued before the clock started
+    await asyncio.sleep(1.0)
+    arrived = await asyncio.to_thread(dovecot.message_count, catchall) - before
+    seconds = None if done is None else done - submitted.started
+    return Delivered(
+        "gateway spool drain", submitted, seconds, arrived,
+        c.postfix_sessions(postfix.log_file, log_start),
+    )  # fmt: skip
+
+
+def _summary(r: Delivered) -> str:
+    rate = f"{r.rate:.1f} msg/s" if r.rate else "NOT all delivered"
+    return f"{r.name}: {rate}, {r.arrived} arrived, {len(r.sessions)} sessions"
+
+
+def _report_upstream(
+    args: argparse.Namespace, rounds: list[tuple[Delivered, Delivered, Delivered]]
+) -> None:
+    print(
+        f"\nUpstream delivery: {args.messages} messages of ~{args.size} bytes, {args.clients} "
+        f"clients (one connection + AUTH PLAIN each), {args.rounds} interleaved rounds; "
+        "delivered = first submission → last message in Dovecot"
+    )
+    header = f"{'':<20} {'delivered msg/s':>16} {'accepted msg/s':>15} {'p99 ms':>8}"
+    print(header + f" {'arrived':>8} {'Postfix sessions':>17} {'errors':>6}")
+    medians = {}
+    for index, name in enumerate(("Postfix direct", "gateway → Postfix", "gateway spool drain")):
+        runs = [pair[index] for pair in rounds]
+        for r in runs:
+            accepted = len(r.submitted.latencies) / r.submitted.wall if r.submitted.wall else 0
+            p99 = c.percentile([v * 1000 for v in r.submitted.latencies] or [0], 0.99)
+            rate = f"{r.rate:.1f}" if r.rate else "-"
+            print(
+                f"{name:<20} {rate:>16} {accepted:>15.1f} {p99:>8.1f} "
+                f"{r.arrived:>5}/{args.messages:<4} {len(r.sessions):>17} "
+                f"{len(r.submitted.errors):>6}"
+            )
+        rates = [r.rate for r in runs if r.rate]
+        medians[name] = statistics.median(rates) if len(rates) == len(runs) else None
+    direct = medians["Postfix direct"]
+    for name in ("gateway → Postfix", "gateway spool drain"):
+        if direct and medians[name]:
+            print(
+                f"median delivered: {name} {medians[name]:.1f} msg/s vs Postfix direct "
+                f"{direct:.1f} msg/s = {medians[name] / direct:.2f}x (goal >= 0.95x)"
+            )
+        else:
+            print(f"median delivered, {name}: a round did not deliver all within --timeout")
+    for trio in rounds:
+        for r in trio:
+            for error in r.submitted.errors[:3]:
+                print(f"  {r.name} error: {error}")
 
 
 def row(name: str, r: Round, n: int) -> str:
@@ -309,8 +527,16 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument(
         "--keep", action="store_true", help="keep the work directory (gateway log, spool)"
     )
+    parser.add_argument(
+        "--upstream",
+        action="store_true",
+        help="instead: delivered rate into Dovecot through Postfix, direct vs via the gateway "
+        "(needs root and the upstream test servers: scripts/install-test-deps.sh)",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="--upstream: interleaved rounds")
     return parser.parse_args()
 
 
 if __name__ == "__main__":
-    c.run(main, _arguments())
+    arguments = _arguments()
+    c.run(upstream_main if arguments.upstream else main, arguments)

@@ -247,3 +247,30 @@ async def test_idle_sessions_are_closed_with_quit(smtp, tmp_path: Path) -> None:
     await sender.close()
     await _until(lambda: smtp.open_now == 0)
     assert smtp.commands[1][-1] == "QUIT"
+
+
+def test_pool_settings_belong_to_upstream_smtp_only(tmp_path: Path) -> None:
+    import yaml
+
+    from gateway.config import ConfigError, load_settings
+
+    def load(smtp: dict, imap: dict) -> object:
+        account = {
+            "username": "legacy",
+            "password_hash": PASSWORD_HASH,
+            "provider": "upstream",
+            "address": "legacy@example.org",
+            "upstream": {"smtp": {"host": "smtp.example.org", **smtp}, "imap": imap},
+        }
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump({"state_dir": str(tmp_path), "accounts": [account]}))
+        return load_settings(path)
+
+    smtp = load({"max_sessions": 2, "idle_seconds": 30}, {"host": "imap.example.org"})
+    assert smtp.accounts[0].upstream.smtp.max_sessions == 2  # type: ignore[attr-defined]
+    assert load({}, {"host": "i.example.org"}).accounts[0].upstream.smtp.idle_seconds == 60  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError) as wrong:
+        load({"max_sessions": 5}, {"host": "imap.example.org", "max_sessions": 2})
+    text = str(wrong.value)
+    assert "upstream.smtp.max_sessions: 5 is outside 1-4" in text
+    assert "upstream.imap.max_sessions: unknown key" in text
