@@ -170,8 +170,10 @@ async def _command(reader, writer, tag: bytes, line: bytes, limit: float) -> lis
             return lines
 
 
-async def idle_connection(port: int, tls: ssl.SSLContext | None, password: str, limit: float):
-    reader, writer = await asyncio.open_connection(c.HOST, port)
+async def idle_connection(
+    port: int, tls: ssl.SSLContext | None, password: str, limit: float, source: str
+):
+    reader, writer = await asyncio.open_connection(c.HOST, port, local_addr=(source, 0))
     await asyncio.wait_for(reader.readline(), limit)
     if tls is not None:
         await _command(reader, writer, b"a1", b"STARTTLS", limit)
@@ -194,29 +196,52 @@ def nofile_limit(pid: int) -> str:
 
 
 async def idle_rss(
-    port: int, tls: ssl.SSLContext | None, pid: int, count: int, limit: float, requests, hold: float
+    port: int,
+    tls: ssl.SSLContext | None,
+    pid: int,
+    count: int,
+    limit: float,
+    requests,
+    hold: float,
+    probe: c.ProbeClient | None = None,
+    tracing: bool = False,
 ) -> dict:
     """VmRSS before and 2 s after ``count`` idle sessions opened; then they sit ``hold`` seconds
-    more, to count the provider requests of idle selected sessions (the view's poller)."""
+    more, to count the provider requests of idle selected sessions (the view's poller). With a
+    ``probe`` (bench/_gateway_memory.py), free heap pages are given back before each RSS
+    reading, and when ``tracing``, tracemalloc snapshots are taken at both readings and their
+    difference is returned in ``"traced"``."""
     await asyncio.sleep(1)
+    if probe is not None:
+        await probe.command("trim", limit)
+        if tracing:
+            await probe.command("snapshot", limit)
     before = c.proc_status(pid)["VmRSS"]
     fds_before = fd_count(pid)
     calls_before = requests()
     writers, errors = [], []
     gate = asyncio.Semaphore(64)
 
-    async def one() -> None:
+    async def one(source: str) -> None:
         async with gate:
             try:
-                writers.append(await idle_connection(port, tls, c.PASSWORD, limit))
+                writers.append(await idle_connection(port, tls, c.PASSWORD, limit, source))
             except (OSError, RuntimeError, TimeoutError, ConnectionError) as error:
                 errors.append(repr(error))
 
     start = time.perf_counter()
-    await asyncio.gather(*(one() for _ in range(count)))
+    # Each from its own 127.x.y.z (see crowd_sources): 64 at a time from 127.0.0.1 would meet
+    # listeners.max_unauthenticated_per_address (20), which is not what this measures.
+    await asyncio.gather(*(one(source) for source in crowd_sources("spread", count)))
     setup = time.perf_counter() - start
     await asyncio.sleep(2)
+    if probe is not None:
+        await probe.command("trim", limit)
     status = c.proc_status(pid)
+    traced = None
+    if tracing:
+        await probe.command("snapshot", limit)
+        traced = await probe.command("diff", limit)
     fds_after = fd_count(pid)
     calls_opened = requests()
     await asyncio.sleep(hold)
@@ -235,6 +260,7 @@ async def idle_rss(
         "errors": errors,
         "setup": setup,
         "fds": (fds_before, fds_after),
+        "traced": traced,
     }
 
 
@@ -581,6 +607,93 @@ def mailbox_requests(sandbox, address: str) -> int:
     return sandbox.throttle.stats().get(address.casefold(), {}).get("requests", 0)
 
 
+CROWD_FROM = {
+    "spread": "each client from its own 127.x.y.z address",
+    "one": "every client from 127.0.0.1, listeners.max_unauthenticated_per_address raised to "
+    "the number of clients",
+    "one-default": "every client from 127.0.0.1, listeners.max_unauthenticated_per_address at "
+    "its default (20)",
+}
+
+
+def crowd_sources(crowd_from: str, count: int) -> list[str]:
+    """The client source address of each simultaneous login: ``one``, ``one-default`` =
+    127.0.0.1 for all (what programs on the gateway's own machine use); ``spread`` =
+    127.1.0.1, 127.1.0.2, ... (Linux routes all of 127.0.0.0/8 to loopback, so a socket can be
+    bound to any of them)."""
+    if crowd_from != "spread":
+        return [c.HOST] * count
+    return [f"127.{1 + i // 65024}.{(i // 254) % 256}.{1 + i % 254}" for i in range(count)]
+
+
+async def crowd_login(port: int, source: str, limit: float) -> dict:
+    """One client of the crowd: connect from ``source``, LOGIN, EXAMINE INBOX, LOGOUT. Returns
+    ``{"outcome": ..., "login": seconds from connect to LOGIN OK, "done": seconds to EXAMINE
+    OK}``; the outcome is ``ok`` or where and how it failed, as the client saw it."""
+    start = time.perf_counter()
+    out: dict = {"outcome": "ok"}
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(c.HOST, port, local_addr=(source, 0)), limit
+        )
+    except (OSError, TimeoutError) as error:
+        return {"outcome": f"connect: {type(error).__name__} {error}"}
+    try:
+        greeting = await asyncio.wait_for(reader.readline(), limit)
+        if not greeting.startswith(b"* OK"):
+            return {"outcome": f"greeting: {_shown(greeting)}"}
+        steps = ((b"a1", f'LOGIN {c.USERNAME} "{c.PASSWORD}"'.encode(), "login"),
+                 (b"a2", b"EXAMINE INBOX", "done"))  # fmt: skip
+        for tag, line, mark in steps:
+            writer.write(tag + b" " + line + b"\r\n")
+            await writer.drain()
+            last = b""
+            while True:
+                got = await asyncio.wait_for(reader.readline(), limit)
+                if not got:
+                    out["outcome"] = f"{mark}: closed, last line {_shown(last)}"
+                    return out
+                last = got
+                if got.startswith(tag + b" "):
+                    break
+            if not got.startswith(tag + b" OK"):
+                out["outcome"] = f"{mark}: {_shown(got)}"
+                return out
+            out[mark] = time.perf_counter() - start
+        writer.write(b"a3 LOGOUT\r\n")
+        return out
+    except (OSError, TimeoutError) as error:
+        out["outcome"] = f"{type(error).__name__} {error}"
+        return out
+    finally:
+        writer.close()
+
+
+def _shown(line: bytes) -> str:
+    """A server line as printed: digits masked (retry times, tags), so like lines count as one."""
+    return re.sub(r"\d+", "N", line.decode("utf-8", "replace").strip())[:120]
+
+
+def crowd_report(crowd: list[dict]) -> list[str]:
+    """Outcomes counted by kind; LOGIN and EXAMINE completion times of the successful ones."""
+    lines = []
+    kinds: dict[str, int] = {}
+    for one in crowd:
+        kinds[one["outcome"]] = kinds.get(one["outcome"], 0) + 1
+    for outcome, count in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        lines.append(f"    {count:>5} {outcome}")
+    ok = [one for one in crowd if one["outcome"] == "ok"]
+    if ok:
+        logins = [one["login"] for one in ok]
+        dones = [one["done"] for one in ok]
+        lines.append(
+            f"    successful: LOGIN OK after p50 {c.percentile(logins, 0.5):.2f}s, p95 "
+            f"{c.percentile(logins, 0.95):.2f}s, max {max(logins):.2f}s; EXAMINE OK after p50 "
+            f"{c.percentile(dones, 0.5):.2f}s, max {max(dones):.2f}s (from connect)"
+        )
+    return lines
+
+
 async def cold(args: argparse.Namespace) -> int:
     """The issue's cold-mailbox figures against Graph with ``--latency`` per request: the
     --messages INBOX of ``crm`` warmed up after its first sync (duration, provider requests),
@@ -598,9 +711,10 @@ async def cold(args: argparse.Namespace) -> int:
         for i, raw in enumerate(messages):
             ops.seed_inbox(target, raw, received_at=T0 + timedelta(minutes=i))
     port = c.free_port()
-    config = c.write_yaml(
-        work_dir / "gateway.yaml", gateway_config(sandbox, app, work_dir / "state", port)
-    )
+    settings = gateway_config(sandbox, app, work_dir / "state", port)
+    if args.crowd_from == "one":  # see CROWD_FROM and bench/README.md
+        settings["listeners"]["max_unauthenticated_per_address"] = max(20, args.connections)
+    config = c.write_yaml(work_dir / "gateway.yaml", settings)
     log_path = work_dir / "gateway.log"
     report: list[str] = []
     with open(log_path, "ab") as log_file:
@@ -654,26 +768,29 @@ async def cold(args: argparse.Namespace) -> int:
         second = await asyncio.to_thread(listing, c.USERNAME)
         second_requests = mailbox_requests(sandbox, address) - before - first_requests
 
-        async def login_examine() -> None:
-            reader, writer = await asyncio.open_connection(c.HOST, port)
-            try:
-                await asyncio.wait_for(reader.readline(), args.timeout)
-                login = f'LOGIN {c.USERNAME} "{c.PASSWORD}"'.encode()
-                await _command(reader, writer, b"a1", login, args.timeout)
-                await _command(reader, writer, b"a2", b"EXAMINE INBOX", args.timeout)
-                await _command(reader, writer, b"a3", b"LOGOUT", args.timeout)
-            finally:
-                writer.close()
-
         await asyncio.sleep(c_fresh_wait := 11)  # past the freshness window of the first EXAMINE
         before = mailbox_requests(sandbox, address)
         start = time.perf_counter()
+        sources = crowd_sources(args.crowd_from, args.connections)
         crowd = await asyncio.gather(
-            *(login_examine() for _ in range(args.connections)), return_exceptions=True
+            *(crowd_login(port, source, args.timeout) for source in sources)
         )
         crowd_took = time.perf_counter() - start
         crowd_requests = mailbox_requests(sandbox, address) - before
-        errors = [repr(e) for e in crowd if isinstance(e, BaseException)]
+
+        # The same crowd against a gateway just restarted (same state and config): no login
+        # remembered yet (every password goes through scrypt) and no view open for the mailbox.
+        await c.stop_child(process)
+        with open(log_path, "ab") as log_file:
+            process = await c.start_gateway(config, log_file)
+        await c.wait_for_banner(port, process, 60, expect=b"* OK", goodbye=b"x LOGOUT\r\n")
+        before = mailbox_requests(sandbox, address)
+        start = time.perf_counter()
+        restarted = await asyncio.gather(
+            *(crowd_login(port, source, args.timeout) for source in sources)
+        )
+        restarted_took = time.perf_counter() - start
+        restarted_requests = mailbox_requests(sandbox, address) - before
         report += [
             f"cold mailboxes: {args.messages} messages of ~{args.size // 1024} KB, Graph latency "
             f"{args.latency * 1000:.0f} ms per request (sandbox), poll_seconds 30",
@@ -687,15 +804,111 @@ async def cold(args: argparse.Namespace) -> int:
             f"{first_requests} provider requests",
             f"  second listing: {second[0]:.2f}s, {second_requests} provider requests",
             f"  {args.connections} simultaneous LOGIN + EXAMINE ({c_fresh_wait}s after the last "
-            f"sync): {crowd_took:.1f}s, {crowd_requests} provider requests, {len(errors)} errors",
+            f"sync; {CROWD_FROM[args.crowd_from]}): all done in {crowd_took:.1f}s, "
+            f"{crowd_requests} provider requests",
+            *crowd_report(crowd),
+            f"  the same right after a restart of the gateway (no login remembered, no view "
+            f"open): all done in {restarted_took:.1f}s, {restarted_requests} provider requests",
+            *crowd_report(restarted),
         ]
-        for error in sorted(set(errors))[:3]:
-            report.append(f"  error: {error[:200]}")
     finally:
         await c.stop_child(process)
         await sandbox.stop()
         if not args.keep:
             shutil.rmtree(work_dir, ignore_errors=True)
+    print("\n".join(report))
+    return 0
+
+
+# -- idle sessions only (--idle-only): RSS per session, and where it goes (--trace-memory) ----
+
+
+async def idle_only(args: argparse.Namespace) -> int:
+    """Only the idle-session figure, in a minute instead of five: ``crm``'s --messages INBOX in
+    the sandbox (no Dovecot, no listings), the gateway's first sync and warm-up awaited (sizes
+    and headers learnt, as in the full run once its listings are done), then --connections
+    idle sessions (``--idle clear`` or ``starttls``: LOGIN + EXAMINE INBOX) and the gateway's
+    VmRSS per session. The gateway runs under bench/_gateway_memory.py, which gives free heap
+    pages back to the system before each reading (otherwise memory freed by the warm-up is
+    reused by the sessions and the figure comes out too low). With --trace-memory N it runs
+    under tracemalloc with N frames
+    (bench/_gateway_memory.py) and the largest differences between the snapshots taken at the
+    two RSS readings are printed: where the sessions' memory goes (the RSS then includes
+    tracemalloc's own cost and is not the figure)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < args.connections * 2 + 512:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(args.connections * 2 + 512, hard), hard))
+    run_id = f"{int(time.time())}"
+    work_dir = Path(tempfile.mkdtemp(prefix="bench-idle-"))
+    sandbox, app, user = await c.start_sandbox(work_dir / "sandbox")
+    ops = sandbox.ops(user)
+    for i in range(args.messages):
+        raw = build_message(i, args.size, run_id)
+        ops.seed_inbox(user, raw, received_at=T0 + timedelta(minutes=i))
+    port = c.free_port()
+    config = c.write_yaml(
+        work_dir / "gateway.yaml", gateway_config(sandbox, app, work_dir / "state", port)
+    )
+    log_path = work_dir / "gateway.log"
+    with open(log_path, "ab") as log_file:  # under bench/_gateway_memory.py (see idle_rss)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, str(c.BENCH / "_gateway_memory.py"), str(config),
+            str(args.trace_memory), env=c.child_env(), cwd=str(c.ROOT),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log_file,
+        )  # fmt: skip
+    probe = c.ProbeClient(process)
+    await probe.ready(120)
+    try:
+        await c.wait_for_banner(port, process, 60, expect=b"* OK", goodbye=b"x LOGOUT\r\n")
+
+        def first_sync() -> None:
+            client = connect(port, None, c.USERNAME, c.PASSWORD, args.timeout)
+            try:
+                client.select("INBOX", readonly=True)
+            finally:
+                client.logout()
+
+        await asyncio.to_thread(first_sync)
+        started = time.perf_counter()
+        while "mailbox.warm_up_done" not in log_path.read_text(errors="replace"):
+            if time.perf_counter() - started > args.timeout:
+                raise RuntimeError("the warm-up did not finish in time")
+            await asyncio.sleep(0.2)
+        tls = None
+        if args.idle == "starttls":
+            tls = ssl.create_default_context(cafile=str(work_dir / "state" / "tls" / "ca.crt"))
+        idle = await idle_rss(
+            port, tls, process.pid, args.connections, args.timeout, dict, args.hold, probe,
+            tracing=bool(args.trace_memory),
+        )  # fmt: skip
+    finally:
+        await c.stop_child(process)
+        await sandbox.stop()
+        if not args.keep:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    per = (idle["after"] - idle["before"]) / max(1, idle["ok"])
+    how = "STARTTLS + " if args.idle == "starttls" else "in clear, "
+    report = [
+        f"idle sessions ({how}LOGIN + EXAMINE INBOX of {args.messages} messages, sizes and "
+        f"headers learnt): {idle['ok']}/{args.connections} open in {idle['setup']:.1f}s, "
+        f"{len(idle['errors'])} errors; gateway VmRSS {idle['before'] / 1024:.1f} MiB -> "
+        f"{idle['after'] / 1024:.1f} MiB = {per:.1f} KiB per session"
+        + (" (under tracemalloc)" if args.trace_memory else "")
+    ]
+    for error in sorted(set(idle["errors"]))[:5]:
+        report.append(f"  idle error: {error[:200]}")
+    traced = idle["traced"]
+    if traced:
+        count = max(1, idle["ok"])
+        report.append(
+            f"tracemalloc: {traced['total'] / 1024:.0f} KiB more = "
+            f"{traced['total'] / count:.0f} B per session; by line (B per session, objects):"
+        )
+        for where, size, objects in traced["lines"]:
+            report.append(f"  {size / count:>8.0f} {objects:>8} {where}")
+        report.append("by call stack (innermost first):")
+        for stack, size, objects in traced["stacks"][:12]:
+            report.append(f"  {size / count:>8.0f} {objects:>8} " + " <- ".join(stack))
     print("\n".join(report))
     return 0
 
@@ -724,6 +937,22 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument(
         "--latency", type=float, default=0.05, help="seconds per Graph request with --cold"
     )
+    parser.add_argument(
+        "--idle-only", action="store_true", help="only the idle sessions (see idle_only())"
+    )
+    parser.add_argument(
+        "--trace-memory",
+        type=int,
+        default=0,
+        metavar="FRAMES",
+        help="--idle-only: run the gateway under tracemalloc with FRAMES frames per allocation",
+    )
+    parser.add_argument(
+        "--crowd-from",
+        choices=tuple(CROWD_FROM),
+        default="spread",
+        help="--cold: source addresses of the simultaneous logins (see CROWD_FROM)",
+    )
     arguments = parser.parse_args()
     if arguments.messages < 1:
         parser.error("--messages must be at least 1")
@@ -736,7 +965,13 @@ if __name__ == "__main__":
 
     loop = new_loop_with_reactor()
     try:
-        chosen = cold(arguments) if arguments.cold else main(arguments)
+        chosen = (
+            cold(arguments)
+            if arguments.cold
+            else idle_only(arguments)
+            if arguments.idle_only
+            else main(arguments)
+        )
         sys.exit(loop.run_until_complete(asyncio.wait_for(chosen, 1800)))
     finally:
         loop.close()

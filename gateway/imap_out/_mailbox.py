@@ -198,7 +198,10 @@ class InboxMailbox:
     def __init__(self, view: MailboxView, writeable: bool) -> None:
         self.view = view
         self.writeable = writeable
-        self.messages: list[MessageInfo] = list(view.messages())
+        # The view's own tuple, not a copy: 1,000 idle sessions on a 5,000-message INBOX would
+        # otherwise hold 40 MB of lists. Replaced (never changed in place) as changes are
+        # reported; see _shared.
+        self.messages: tuple[MessageInfo, ...] = view.messages()
         self.listeners: list[Any] = []  # sessions; told by ``mailbox_changed()`` of changes
         self._pending = _Pending()
         view.watch(self._told)
@@ -297,26 +300,43 @@ class InboxMailbox:
         """The untagged responses for every pending change, applied to this session's list:
         EXPUNGE (each number valid after the previous ones), then EXISTS, then FETCH FLAGS."""
         pending, self._pending = self._pending, _Pending()
+        if not pending:
+            return []
         lines = [b"%d EXPUNGE" % seq for seq in self._drop(pending.removed)]
         if pending.added:
             known = self.messages[-1].uid if self.messages else 0
             fresh = [info for info in self.view.messages() if info.uid > known]
             if fresh:
-                self.messages.extend(fresh)
+                self.messages = self._shared([*self.messages, *fresh])
                 lines.append(b"%d EXISTS" % len(self.messages))
         for seq, info in enumerate(self.messages, 1):
             if info.uid in pending.flags:
                 names = " ".join(in_imap_order(self.flags_of(info))).encode()
                 lines.append(b"%d FETCH (FLAGS (%b) UID %d)" % (seq, names, info.uid))
+        self.messages = self._shared(self.messages)  # a newer listing of the same messages
         return lines
 
     def _drop(self, uids: set[int]) -> list[int]:
         """Remove these UIDs from the session's list; their sequence numbers as EXPUNGE must
         report them: each counted after the previous removals (so highest first is simplest)."""
+        if not uids:
+            return []
         gone = [seq for seq, info in enumerate(self.messages, 1) if info.uid in uids]
-        for seq in reversed(gone):
-            del self.messages[seq - 1]
+        if gone:
+            self.messages = self._shared([i for i in self.messages if i.uid not in uids])
         return list(reversed(gone))
+
+    def _shared(self, mine: Iterable[MessageInfo]) -> tuple[MessageInfo, ...]:
+        """This session's list as a tuple: the view's own when it holds the same UIDs in the
+        same order (the usual case once every change is reported), so sessions share one
+        listing instead of each keeping a copy."""
+        mine = tuple(mine)
+        current = self.view.messages()
+        if len(current) == len(mine) and all(
+            a.uid == b.uid for a, b in zip(current, mine, strict=True)
+        ):
+            return current
+        return mine
 
     # -- FETCH / STORE / SEARCH / EXPUNGE ----------------------------------------------------
 
