@@ -18,9 +18,16 @@ class Accounts:
     """The configured accounts, looked up by username without regard to case."""
 
     def __init__(self, accounts: Iterable[AccountSettings]) -> None:
+        self._aliases: dict[str, frozenset[str]] = {}
+        self.replace(accounts)
+
+    def replace(self, accounts: Iterable[AccountSettings]) -> None:
+        """Take the accounts of a reloaded config: the next login checks the new hashes (the
+        login gate's cache of verified passwords is keyed to the hash, so an old password
+        stops working at once). Learnt send-as aliases of kept accounts stay."""
         self._accounts = {account.username.casefold(): account for account in accounts}
         self._hashes = {name: parse_hash(a.password_hash) for name, a in self._accounts.items()}
-        self._aliases: dict[str, frozenset[str]] = {}
+        self._aliases = {k: v for k, v in self._aliases.items() if k in self._accounts}
         self._dummy = _dummy_hash(self._hashes.values())
 
     def get(self, username: str) -> AccountSettings | None:

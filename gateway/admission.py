@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import metrics
 from .logs import get_logger
 
 log = get_logger(__name__)
@@ -163,6 +164,7 @@ class ConnectionLimits:
             admission = Admission(self, kind, address)
             schedule = self._schedule or asyncio.get_running_loop().call_later
             admission.start_deadline(schedule, caps.preauth_timeout)
+            metrics.connection_opened(kind)
             return admission
         self.incidents.note(
             "connections.refused",
@@ -182,6 +184,7 @@ class ConnectionLimits:
         self.authenticated += 1
 
     def _released(self, admission: Admission) -> None:
+        metrics.connection_closed(admission.kind)
         if admission.is_authenticated:
             self.authenticated -= 1
         else:

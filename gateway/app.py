@@ -14,10 +14,10 @@ from typing import Any
 
 import httpx
 
-from . import __version__, outbound, providers, tls
+from . import __version__, metrics, outbound, providers, reload, tls
 from .accounts import Accounts
 from .admin import server as admin_server
-from .config import AccountSettings, Settings
+from .config import AccountSettings, ConfigError, Settings, load_settings
 from .imap_out import server as imap_server
 from .login_gate import LoginGate, Refused
 from .logs import get_logger
@@ -56,6 +56,8 @@ class Gateway:
         self._learning: asyncio.Task[None] | None = None
         self.views: dict[str, MailboxView] = {}
         self.listeners: dict[str, RunningListener] = {}
+        self._pid_file: Path | None = None  # written once serving, removed at stop
+        self._reloading = asyncio.Lock()  # one reload at a time
 
     @property
     def ports(self) -> dict[str, int]:
@@ -80,6 +82,10 @@ class Gateway:
             self.broker.notifier = WebhookNotifier(
                 settings.admin.notify_webhook, self._trust, self.broker.admin_url()
             )
+        assert self.spool is not None
+        metrics.watch_queue(self.spool.messages)
+        self._pid_file = reload.pid_file(state_dir)
+        await asyncio.to_thread(_write_pid_file, self._pid_file)
         await self.store.record_event("gateway.started", detail=f"version {__version__}")
         log.info(
             "gateway.started",
@@ -119,6 +125,9 @@ class Gateway:
         """
         for name in reversed(list(self.listeners)):
             await self.listeners.pop(name).close()
+        if self._pid_file is not None:
+            self._pid_file.unlink(missing_ok=True)
+            self._pid_file = None
         if self._learning is not None:
             self._learning.cancel()
             self._learning = None
@@ -126,6 +135,7 @@ class Gateway:
             await view.close()  # sizes learnt are saved, queued provider changes finish
         self.views.clear()
         if self.spool is not None:
+            metrics.watch_queue(None)
             await self.spool.stop()
             self.spool = None
         upstream = self.senders.get("upstream")
@@ -281,12 +291,101 @@ class Gateway:
         assert self.broker is not None, "start() opens the store and builds the broker first"
         return self.broker
 
+    # -- reload (SIGHUP) -----------------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """Re-read the config file; apply it if it validates, else keep the running one.
+
+        Every problem is logged as check-config reports it (file, line, key, fix). What can
+        change while running and what needs a restart: :mod:`gateway.reload`.
+        """
+        source = self.settings.source
+        if source is None or self._pid_file is None:
+            log.warning("gateway.reload_ignored", reason="not serving (starting or stopping)")
+            return False
+        async with self._reloading:
+            return await self._reload_from(source)
+
+    async def _reload_from(self, source: Path) -> bool:
+        try:
+            new = await asyncio.to_thread(load_settings, source)
+        except ConfigError as error:
+            for problem in error.problems:
+                log.error(
+                    "gateway.reload_problem",
+                    file=str(error.file),
+                    line=problem.line,
+                    key=problem.key,
+                    problem=problem.message,
+                    fix=problem.fix,
+                )
+            log.error(
+                "gateway.reload_refused",
+                config=str(source),
+                problems=len(error.problems),
+                detail="the running config stays in force; fix the file and reload again",
+            )
+            metrics.reloaded("refused")
+            return False
+        await self.apply(new)
+        metrics.reloaded("applied")
+        return True
+
+    async def apply(self, new: Settings) -> None:
+        """Switch to ``new`` (validated) without closing a listener or a connection."""
+        old = self.settings
+        for key in reload.needing_restart(old, new):
+            log.warning("gateway.reload_needs_restart", key=key, detail="restart to apply it")
+        released = reload.changed_accounts(old, new)
+        kept = reload.keep_restart_only(old, new)
+        self.settings = kept
+        self.accounts.replace(kept.accounts)
+        broker, spool = self._broker(), self.spool
+        broker.reconfigure(kept)
+        assert spool is not None and self.smtp_front is not None and self.http is not None
+        self.smtp_front.smtp = kept.smtp
+        spool.accounts = {a.username: a for a in kept.accounts}
+        spool.deliver_inline = kept.smtp.deliver_inline
+        spool.retry_window = kept.spool.retry_hours * 3600.0
+        spool.max_backoff = kept.spool.max_backoff_minutes * 60.0
+        spool.first_backoff = float(kept.spool.first_backoff_seconds)
+        fresh = providers.senders(kept, self.http, broker, self._trust or Path())
+        self.senders.update(microsoft=fresh["microsoft"], google=fresh["google"])
+        await self._reopen_mailboxes(old, kept)
+        for username in sorted(released):
+            count = await spool.release(username)
+            if count:
+                log.info("gateway.reload_released", account=username, messages=count)
+        log.info(
+            "gateway.reloaded",
+            config=str(kept.source),
+            accounts=len(kept.accounts),
+            changed_accounts=",".join(sorted(released)) or "-",
+        )
+
+    async def _reopen_mailboxes(self, old: Settings, new: Settings) -> None:
+        """Close the INBOX view of an account whose mailbox settings changed (or which is
+        gone): the next login opens one with the new settings. Its sessions open at the
+        reload were reading the old mailbox and must log in again."""
+        before = {a.username: a for a in old.accounts}
+        after = {a.username: a for a in new.accounts}
+        for username in list(self.views):
+            if reload.mailbox_changed(before.get(username), after.get(username)):
+                view = self.views.pop(username)
+                await view.close()
+                log.info("gateway.reload_mailbox_reopened", account=username)
+
     async def run_until(self, stop: asyncio.Event) -> None:
         await self.start()
         try:
             await stop.wait()
         finally:
             await self.stop()
+
+
+def _write_pid_file(path: Path) -> None:
+    """For ``gateway reload``: which process reads this state directory."""
+    path.write_text(f"{os.getpid()}\n", encoding="ascii")
 
 
 def _listen_failure(name: str, host: str, port: int, error: Exception) -> str:

@@ -1,4 +1,4 @@
-"""The ``gateway`` command: run, check-config, health, connect, queue, accounts, demo,
+"""The ``gateway`` command: run, reload, check-config, health, connect, queue, accounts, demo,
 hash-password.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad usage or a config that does not validate.
@@ -43,12 +43,24 @@ def _parser() -> argparse.ArgumentParser:
     run = _command(
         commands,
         "run",
-        "Start every configured listener and serve until SIGTERM or SIGINT.",
+        "Start every configured listener and serve until SIGTERM or SIGINT; SIGHUP reloads "
+        "the config.",
         "The config must pass check-config, every {env: ...} secret must be set, and no "
         "password hash may be the example's.",
     )
     _add_config_option(run)
     run.set_defaults(handler=_run)
+
+    reloader = _command(
+        commands,
+        "reload",
+        "Tell the running gateway to re-read its config (the same as sending it SIGHUP).",
+        "Finds the process by the pid file in state_dir; the gateway validates the file and "
+        "applies it, or keeps running with the old config and logs every problem "
+        "(gateway.reloaded / gateway.reload_refused). Needs no secrets.",
+    )
+    _add_config_option(reloader)
+    reloader.set_defaults(handler=_reload)
 
     check = _command(
         commands,
@@ -354,6 +366,40 @@ def _accounts(args: argparse.Namespace) -> int:
     return _with_broker(args, job, serving=False)
 
 
+def _reload(args: argparse.Namespace) -> int:
+    settings = _load(args, serving=False)
+    if settings is None:
+        return EXIT_CONFIG
+    from .reload import pid_file
+
+    path = pid_file(settings.state_dir)
+    try:
+        pid = int(path.read_text(encoding="ascii").strip())
+        if "gateway" not in _command_line(pid):
+            raise ProcessLookupError
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError):  # no file, a stale pid, or not ours to signal
+        print(
+            f"gateway reload: no running gateway found through {path} (is it running with "
+            f"state_dir {settings.state_dir}, and as this user?)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    print(
+        f"gateway reload: sent SIGHUP to process {pid}; its log says gateway.reloaded, or "
+        "gateway.reload_refused with each problem"
+    )
+    return EXIT_OK
+
+
+def _command_line(pid: int) -> str:
+    """The process's command line (Linux), or "" when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except FileNotFoundError:
+        return ""
+
+
 def _hash_password(args: argparse.Namespace) -> int:
     from .passwords import hash_password
 
@@ -380,10 +426,20 @@ def _run(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_CONFIG
     from .app import Gateway
-    from .logs import configure_logging
+    from .logs import configure_logging, get_logger
 
     configure_logging(settings.logging.level, settings.logging.format)
-    return _serve_until_signal(loop, lambda stop: Gateway(settings).run_until(stop))
+    gateway = Gateway(settings)
+    reloads: set[asyncio.Task[bool]] = set()  # held until done (the loop keeps weak refs)
+
+    def reload_on_hangup() -> None:
+        get_logger("gateway.cli").info("gateway.reloading", signal="SIGHUP")
+        task = loop.create_task(gateway.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload_on_hangup)
+    return _serve_until_signal(loop, gateway.run_until)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -36,6 +36,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 
+from . import metrics
 from .logs import get_logger
 from .passwords import ScryptHash, VerifiedLogins, verify_password
 
@@ -226,6 +227,7 @@ class LoginGate:
         refusal = self._over_budget(pair)
         if refusal is not None:
             self._report_throttled(pair, protocol)
+            metrics.login(protocol, "throttled")
             return refusal
         self._throttled.discard(pair)
         delay = self._tarpit(user, client)
@@ -239,6 +241,7 @@ class LoginGate:
         if accepted is not None:
             self._failures.forget(pair)
             self._failures.forget(user, client)
+            metrics.login(protocol, "ok")
             return accepted
         self.record_failure(client, user, protocol, "wrong username or password")
         return WRONG
@@ -247,6 +250,7 @@ class LoginGate:
         """Count a failed login against the pair and the username, and log it."""
         failures = self._failures.add(PairKey(client, user), client)
         self._failures.add(user, client)
+        metrics.login(protocol, "failed")
         log.warning(
             "login.failed",
             protocol=protocol,

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import jinja2
 from aiohttp import web
 
-from .. import __version__
+from .. import __version__, metrics
 from ..config import Settings
 from ..login_gate import ADMIN, Accepted, LoginGate, Refused, UserKey
 from ..logs import get_logger
@@ -89,7 +89,7 @@ def local_path(target: str | None) -> str:
     return target if target and _LOCAL_PATH.fullmatch(target) else "/"
 
 
-PUBLIC_PATHS = frozenset({"/login", "/healthz", "/lang", "/oauth/callback"})
+PUBLIC_PATHS = frozenset({"/login", "/healthz", "/metrics", "/lang", "/oauth/callback"})
 # The OAuth state parameter is the CSRF token of the sign-in response (RFC 6749 §10.12), and
 # Microsoft's form_post arrives cross-site by design.
 CSRF_EXEMPT = frozenset({"/oauth/callback"})
@@ -499,6 +499,7 @@ def build_app(state: AdminState) -> web.Application:
     app.router.add_post("/queue/{id}/delete", delete_message)
     app.router.add_get("/lang", switch_language)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics.page)  # loopback peers only, without a session
     return app
 
 

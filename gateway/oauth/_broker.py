@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from .. import outbound
+from .. import metrics, outbound
 from ..config import AccountSettings, Settings
 from ..logs import get_logger, register_secret
 from ..store import AccountAuth, Store
@@ -89,6 +89,22 @@ class TokenBroker:
             f"http://localhost:{settings.listeners.admin_port}"
         )
 
+    def reconfigure(self, settings: Settings) -> None:
+        """Take a reloaded config: accounts and provider settings. Access tokens of accounts
+        whose settings changed, or of every account when the provider's settings changed, are
+        forgotten, so the next request gets one under the new settings."""
+        old = self.settings
+        for account in settings.accounts:
+            provider_changed = getattr(old, account.provider, None) != getattr(
+                settings, account.provider, None
+            )
+            if provider_changed or self._accounts.get(account.username) != account:
+                self.invalidate(account.username)
+        self.settings = settings
+        self.microsoft.settings = settings.microsoft
+        self.google.settings = settings.google
+        self._accounts = {a.username: a for a in settings.accounts}
+
     # -- access tokens -------------------------------------------------------------------------
 
     async def access_token(self, username: str) -> str:
@@ -131,7 +147,8 @@ class TokenBroker:
         return self._locks.setdefault(username, asyncio.Lock())
 
     async def _renew(self, username: str, force: bool, claims: str | None) -> str:
-        token = await self._refresh(self.account(username), force, claims)
+        account = self.account(username)
+        token = await metrics.token_refresh(account.provider, self._refresh(account, force, claims))
         self._tokens[username] = token
         register_secret(token.value)
         return token.value
@@ -189,6 +206,7 @@ class TokenBroker:
         await self.store.put_account_auth(marked)
         await self.store.record_event("oauth.needs_reconsent", account.username, why)
         log.warning("oauth.needs_reconsent", account=account.username, reason=why)
+        metrics.reconsent_needed(account.provider)
         self.invalidate(account.username)
         if self.notifier is not None and not auth.admin_notified:
             await self.notifier(account.username, self._reauth_message(account, why))

@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from .. import metrics
 from ..oauth import AuthUnavailable
 from ._base import TokenSource
 from ._errors import Permanent, ReauthRequired, Temporary
@@ -175,7 +176,8 @@ class Api:
         self, method: str, url: str, what: str, token: str, **kwargs: Any
     ) -> httpx.Response:
         headers = {**kwargs.pop("headers", {}), "Authorization": f"Bearer {token}"}
-        return await send(self.client, method, url, what, headers=headers, **kwargs)
+        request = send(self.client, method, url, what, headers=headers, **kwargs)
+        return await metrics.provider_request(what, request)
 
 
 async def send(

@@ -45,7 +45,7 @@ def wrong_password(protocol: str, server: UpstreamServer, detail: str) -> Perman
     return Permanent(
         f"upstream {protocol.upper()} server {server.host} refused the login of "
         f"{server.username} ({detail}): the upstream.{protocol} password (or username) in the "
-        "config is wrong; fix it and reload"
+        "config is wrong; fix it, then `gateway reload` (SIGHUP) applies it"
     )
 
 

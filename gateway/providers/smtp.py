@@ -120,7 +120,7 @@ class UpstreamSender:
             _, text = _reply(error.smtp_code, error.smtp_error)
             raise ReauthRequired(
                 f"upstream {host} refused the stored credentials ({error.smtp_code} {text}); "
-                "fix upstream.smtp username/password"
+                "fix upstream.smtp username/password in the config, then `gateway reload`"
             ) from error
         except smtplib.SMTPResponseException as error:
             raise _failure(error.smtp_code, error.smtp_error, host) from error

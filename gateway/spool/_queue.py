@@ -15,6 +15,7 @@ from typing import TextIO
 
 from ._files import SpoolFiles
 from ._spool import retry_files
+from ._types import held_hint
 
 
 def _when(epoch: float) -> str:
@@ -57,6 +58,8 @@ def queue_main(
                 print(f"    paused by the provider until {_when(paused)}", file=out)
             if record.reason:
                 print(f"    reason: {record.reason}", file=out)
+            if record.state == "held":
+                print(f"    {held_hint(env.account)}", file=out)
         return 0
     if action == "retry":
         changed = retry_files(files, queue_id)

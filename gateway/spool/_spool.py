@@ -39,13 +39,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from .. import metrics
 from ..config import AccountSettings, Settings
 from ..logs import get_logger
 from ..providers._errors import Permanent, ReauthRequired, Temporary
 from ._commit import GroupCommitter
 from ._files import Record, SpoolFiles
 from ._incoming import IncomingMessage
-from ._types import Envelope, SpoolError, SubmitResult
+from ._types import Envelope, SpoolError, SubmitResult, held_hint
 
 if TYPE_CHECKING:
     from ..providers import Sender
@@ -310,7 +311,8 @@ class FileSpool:
                 return "paused"  # throttled while this one waited for a slot: no request
             try:
                 async with self._message(record, sender) as message:
-                    return await self._try(record, message, inline, account, sender)
+                    outcome = await self._try(record, message, inline, account, sender)
+                    return metrics.send_outcome(account.provider, outcome)
             except FileNotFoundError:
                 return self._gone(record)
             finally:
@@ -463,7 +465,8 @@ class FileSpool:
         record.state, record.reason = "held", reason
         record.next_attempt = time.time() + self.held_retry
         await self._save(record)
-        log.warning("spool.held", queue_id=record.id, account=record.envelope.account)
+        account = record.envelope.account
+        log.warning("spool.held", queue_id=record.id, account=account, then=held_hint(account))
         return "held"
 
     async def _dead(self, record: Record, reason: str) -> None:

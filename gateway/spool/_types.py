@@ -38,6 +38,14 @@ class SubmitResult:
     queue_id: str | None
 
 
+def held_hint(account: str) -> str:
+    """What sends held mail: said wherever held mail is shown (log, ``gateway queue list``)."""
+    return (
+        "sent at once when the mailbox is reconnected, or when a config reload changes the "
+        f"account (a fixed upstream password); `gateway queue release {account}` tries it now"
+    )
+
+
 class SpoolError(Exception):
     """The spool cannot take the message now (disk full, store unavailable): answer 451/452."""
 
