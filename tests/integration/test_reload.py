@@ -6,19 +6,22 @@ opened after the reload while an open session keeps working; a broken file chang
 
 from __future__ import annotations
 
+import asyncio
 import imaplib
 import signal
+import smtplib
 import ssl
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
 from gateway.passwords import hash_password
-from gateway.sandbox.upstream import Dovecot, MailUser
-from tests.helpers import PASSWORD
+from gateway.sandbox.upstream import Dovecot, MailUser, Postfix
+from tests.helpers import PASSWORD, PASSWORD_HASH, base_config, running_gateway
 from tests.integration.test_cli import GatewayProcess, gateway_cli
 
 NEW_PASSWORD = "a-new-password-after-reload"
@@ -166,3 +169,58 @@ def test_reload_names_the_settings_that_need_a_restart(running: GatewayProcess) 
     running.proc.send_signal(signal.SIGHUP)
     log = _wait_for_log(running, "event=gateway.reloaded")
     assert "event=gateway.reload_needs_restart key=hostname" in log
+
+
+async def test_reload_sends_mail_held_for_a_wrong_upstream_password_at_once(
+    postfix: Postfix, upstream_user: MailUser, tmp_path: Path
+) -> None:
+    """The 'fix it and reload' of the held message is true: after the reload the held mail
+    goes out at once, not at its next scheduled attempt (15 minutes later)."""
+    token = uuid.uuid4().hex
+    config = base_config(tmp_path / "state")
+    smtp_server = {
+        "host": "localhost",
+        "port": postfix.submission_port,
+        "security": "starttls",
+        "username": upstream_user.name,
+        "password": "not-the-password",
+        "ca_file": str(postfix.ca_file),
+    }
+    address = f"{upstream_user.name}@upstream.test"
+    config["accounts"].append(
+        {
+            "username": "legacy",
+            "password_hash": PASSWORD_HASH,
+            "provider": "upstream",
+            "address": address,
+            "upstream": {"smtp": smtp_server},
+        }
+    )
+    path = tmp_path / "gateway.yaml"
+    async with running_gateway(config, path) as gateway:
+
+        def submit() -> None:
+            with smtplib.SMTP("127.0.0.1", gateway.ports["smtp"], timeout=30) as client:
+                client.login("legacy", PASSWORD)
+                message = f"From: {address}\r\nSubject: held {token}\r\n\r\nbody\r\n"
+                client.sendmail(address, ["someone@elsewhere.example"], message.encode())
+
+        await asyncio.to_thread(submit)
+        await _until(lambda: [m.state for m in gateway.spool.messages()] == ["held"])
+        (held,) = gateway.spool.messages()
+        assert "then `gateway reload`" in held.reason
+        smtp_server["password"] = upstream_user.password
+        await asyncio.to_thread(path.write_text, yaml.safe_dump(config))
+        assert await gateway.reload()
+        await _until(lambda: gateway.spool.messages() == [])
+        (logged,) = gateway.spool.recent_deliveries()
+        assert logged["result"] == "sent"
+    uids = await asyncio.to_thread(postfix.wait_for_delivery, "header", "Subject", f"held {token}")
+    assert len(uids) == 1
+
+
+async def _until(check: Callable[[], bool], within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, "not reached in time"
+        await asyncio.sleep(0.05)
