@@ -8,8 +8,10 @@ attacker anywhere could lock an account's own program out). So:
 * **A budget per (client address, username) pair.** ``realm.pair_limit`` failures inside
   ``window`` seconds, and that pair is refused at once, without a password check, with the
   protocol's temporary refusal, until its oldest failure leaves the window. Attempts still being
-  checked count against the budget (the gate is claimed *before* the slow hash), so concurrent
-  guesses cannot overrun it. A right password clears the pair's failures.
+  checked are judged one at a time per pair (the gate is claimed *before* the slow hash), so
+  concurrent guesses cannot overrun it, and a program's burst of simultaneous logins with its
+  right password costs one check: the rest find it remembered. A right password clears the
+  pair's failures.
 * **A tarpit per username**, from every address, modelled on Dovecot's auth penalty
   (src/auth/auth-penalty.c: a delay that doubles per failure, capped at 15 s, forgotten as
   failures age). A username under attack from many addresses gets slow, never locked: its own
@@ -215,6 +217,7 @@ class LoginGate:
         self._slots = asyncio.Semaphore(concurrent_checks)
         self._failures = FailureLog(window, clock, max_keys)
         self._in_flight: dict[Hashable, int] = {}
+        self._settling: dict[PairKey, asyncio.Event] = {}  # pairs with attempts waiting
         self._throttled: set[PairKey] = set()  # pairs whose incident was logged
         self._tarpitted: set[UserKey] = set()  # usernames whose incident was logged
 
@@ -222,13 +225,25 @@ class LoginGate:
         self, client: str, user: UserKey, password: str, stored: ScryptHash, *, protocol: str
     ) -> Accepted | Refused:
         """Is ``password`` right for ``stored`` (the user's hash, or a dummy for an unknown
-        user)? Refused without a check while the (client, user) pair is over its budget."""
+        user)? Refused without a check while the (client, user) pair is over its budget.
+
+        One check at a time per pair: a second attempt of the pair waits for the first to
+        settle, then is judged again. Guesses sent at once are so counted one by one, and a
+        program that opens sixteen connections at once with its right password pays one scrypt
+        check: the others find it remembered.
+        """
         pair = PairKey(client, user)
-        refusal = self._over_budget(pair)
-        if refusal is not None:
-            self._report_throttled(pair, protocol)
-            metrics.login(protocol, "throttled")
-            return refusal
+        while True:
+            refusal = self._over_budget(pair)
+            if refusal is not None:
+                self._report_throttled(pair, protocol)
+                return refusal
+            if self.verified.matches(user, password, stored):
+                self._succeeded(pair, client)
+                return Accepted(from_cache=True)
+            if pair not in self._in_flight:
+                break
+            await self._settled(pair)
         self._throttled.discard(pair)
         delay = self._tarpit(user, client)
         self._claim(pair)
@@ -239,12 +254,14 @@ class LoginGate:
         finally:
             self._release(pair)
         if accepted is not None:
-            self._failures.forget(pair)
-            self._failures.forget(user, client)
-            metrics.login(protocol, "ok")
+            self._succeeded(pair, client)
             return accepted
         self.record_failure(client, user, protocol, "wrong username or password")
         return WRONG
+
+    def _succeeded(self, pair: PairKey, client: str) -> None:
+        self._failures.forget(pair)
+        self._failures.forget(pair.user, client)
 
     def record_failure(self, client: str, user: UserKey, protocol: str, reason: str) -> None:
         """Count a failed login against the pair and the username, and log it."""
@@ -265,12 +282,10 @@ class LoginGate:
     def _over_budget(self, pair: PairKey) -> Refused | None:
         limit = pair.user.realm.pair_limit
         failures = len(self._failures.recent(pair))
-        used = failures + self._in_flight.get(pair, 0)
-        if used < limit:
+        if failures < limit:
             return None
-        # The pair is free again once enough recorded failures have left the window; failures
-        # still being checked would leave last, a whole window from now.
-        must_expire = used - limit  # index of the failure whose expiry frees one attempt
+        # Free again once enough failures have left the window.
+        must_expire = failures - limit  # index of the failure whose expiry frees one attempt
         return Refused(retry_after=max(1.0, self._failures.expires_in(pair, must_expire)))
 
     def _report_throttled(self, pair: PairKey, protocol: str) -> None:
@@ -293,7 +308,7 @@ class LoginGate:
 
     def _tarpit(self, user: UserKey, client: str) -> float:
         """The delay for this attempt: failures of the username from every address, plus the
-        attempts for it already under way (so concurrent guesses are slowed too)."""
+        attempts for it already under way from other addresses (one at most per address)."""
         count = len(self._failures.recent(user)) + self._in_flight.get(user, 0)
         delay = tarpit_delay(count)
         if not delay:
@@ -324,6 +339,13 @@ class LoginGate:
                 self._in_flight[key] = left
             else:
                 del self._in_flight[key]
+        settled = self._settling.pop(pair, None)
+        if settled is not None:
+            settled.set()  # every attempt of the pair waiting for this one is judged again
+
+    async def _settled(self, pair: PairKey) -> None:
+        """Wait until the pair's check in flight has ended (success, failure or hang-up)."""
+        await self._settling.setdefault(pair, asyncio.Event()).wait()
 
     async def _verify(self, user: UserKey, password: str, stored: ScryptHash) -> Accepted | None:
         if self.verified.matches(user, password, stored):

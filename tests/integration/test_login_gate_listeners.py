@@ -224,7 +224,10 @@ async def test_30_concurrent_wrong_admin_passwords_reach_no_more_checks_than_the
     gateway: Gateway, tarpit: list[float]
 ) -> None:
     base = f"http://{HOST}:{gateway.ports['admin']}"
-    async with httpx.AsyncClient(base_url=base, timeout=60) as browser:
+    # Ten connections at a time: more than that from one address would meet the cap on
+    # connections that have not logged in (listeners.max_unauthenticated_per_address).
+    limits = httpx.Limits(max_connections=10)
+    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as browser:
         page = await browser.get("/login")
         token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
         answers = await asyncio.gather(

@@ -98,11 +98,11 @@ async def test_a_username_under_attack_is_slowed_never_locked_and_recovers(
     # Failures age out of the window one by one, and the delay shrinks with them.
     time.now = 1026 + 300  # the failures of 1000..1029: those of 1027, 1028, 1029 are recent
     time.slept.clear()
+    assert await _try(gate, "198.51.100.200", CRM, "another guess") == WRONG
+    assert time.slept == [1]
+    # A right password already remembered is answered at once: no check, no delay.
     assert await _try(gate, LOCAL, CRM, PASSWORD) == Accepted(from_cache=True)
     assert time.slept == [1]
-    time.now += 3
-    assert await _try(gate, LOCAL, CRM, PASSWORD) == Accepted(from_cache=True)
-    assert time.slept == [1]  # no new delay
 
 
 async def test_success_forgets_only_the_failures_from_its_own_address(
@@ -202,3 +202,26 @@ def test_failure_memory_is_bounded(time: FakeTime) -> None:
     assert len(gate._failures) == 10
     assert PairKey(LOCAL, UserKey.of(MAILBOX, "user49")) in gate._failures  # newest kept
     assert UserKey.of(MAILBOX, "user0") not in gate._failures
+
+
+async def test_a_burst_of_right_logins_costs_one_check_and_no_delay(
+    gate: LoginGate, time: FakeTime
+) -> None:
+    """A program opening sixteen connections at once with its right password: nothing is
+    refused or slowed (attempts in flight are not failures), and one scrypt check serves all."""
+    results = await asyncio.gather(*(_try(gate, LOCAL, CRM, PASSWORD) for _ in range(16)))
+    assert all(isinstance(r, Accepted) for r in results)
+    assert gate.checks_started == 1 and time.slept == []
+
+
+async def test_guesses_waiting_behind_a_check_are_refused_once_the_budget_is_spent(
+    gate: LoginGate,
+) -> None:
+    """Attempts of a pair wait for the one in flight; when the budget is spent while they
+    wait, they are refused without a check, and the retry time is that of the oldest failure."""
+    results = await asyncio.gather(*(_try(gate, LOCAL, CRM, f"guess {n}") for n in range(12)))
+    throttled = [r for r in results if isinstance(r, Refused) and r.throttled]
+    assert gate.checks_started == MAILBOX.pair_limit and len(throttled) == 2
+    assert all(r.retry_after <= 300 for r in throttled)
+    # The right password from another address is neither refused nor checked twice.
+    assert await _try(gate, "127.0.0.2", CRM, PASSWORD) == Accepted()
