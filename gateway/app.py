@@ -25,7 +25,7 @@ from .mailbox import BodyCache, MailboxView, ReadingPolicy
 from .notify import WebhookNotifier
 from .oauth import OAuthError, TokenBroker
 from .pop3_out import server as pop3_server
-from .runtime import RunningListener
+from .runtime import RunningListener, limits_from
 from .smtp_in import server as smtp_server
 from .spool import FileSpool
 from .store import SecretBox, Store, load_or_create_key
@@ -167,10 +167,12 @@ class Gateway:
             pair = tls.ensure_certificate(settings.state_dir, settings.hostname)
         contexts = tls.server_tls(pair)
         hostname = settings.hostname
+        # One set of caps for every listener: file descriptors are the process's.
+        limits = limits_from(settings.listeners)
 
         def smtp(implicit: bool) -> Any:
             return lambda name, host, port: smtp_server.serve(
-                name, host, port, hostname, contexts.stdlib, implicit, self.smtp_front
+                name, host, port, hostname, contexts.stdlib, implicit, self.smtp_front, limits
             )
 
         cleartext = settings.reading.plaintext_auth
@@ -186,6 +188,7 @@ class Gateway:
                 partial(self.login, protocol=name.rstrip("s")),
                 self._mailbox_for,
                 cleartext,
+                limits=limits,
             )
 
         return {
@@ -204,6 +207,7 @@ class Gateway:
                 self.spool,
                 lambda: self.ports,
                 gate=self.login_gate,
+                limits=limits,
             ),
         }
 

@@ -18,13 +18,14 @@ import jinja2
 from aiohttp import web
 
 from .. import __version__, metrics
+from ..admission import ConnectionLimits
 from ..config import Settings
 from ..login_gate import ADMIN, Accepted, LoginGate, Refused, UserKey
 from ..logs import get_logger
 from ..oauth import AuthUnavailable, OAuthError, TokenBroker
 from ..oauth._scopes import short
 from ..passwords import parse_hash
-from ..runtime import RunningListener
+from ..runtime import RunningListener, default_limits, listen_asyncio
 from ..spool import FileSpool
 from . import i18n
 from .auth import CSRF_FIELD, SESSION_COOKIE, AdminSession, SessionStore
@@ -512,13 +513,32 @@ async def serve(
     spool: FileSpool,
     listeners: ListenerView,
     gate: LoginGate | None = None,
+    limits: ConnectionLimits | None = None,
 ) -> RunningListener:
+    """Start the admin listener; ``limits`` are the process's connection caps (a connection
+    here never logs in at the socket level, so each is closed, after the request in hand, at
+    its pre-login deadline; browsers reconnect)."""
     lifetime = settings.admin.session_minutes * 60
     state = AdminState(settings, broker, spool, listeners, SessionStore(lifetime))
     if gate is not None:
         state.gate = gate
     runner = web.AppRunner(build_app(state), access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    return RunningListener(name, runner.addresses[0], runner.cleanup)
+    return await listen_asyncio(
+        name,
+        "admin",
+        host,
+        port,
+        limits or default_limits(),
+        _REFUSALS,
+        runner.server,
+        runner.cleanup,
+    )
+
+
+# A browser that opened too many connections gets a plain 503 instead of a reset.
+_REFUSALS = dict.fromkeys(
+    ("address", "total"),
+    b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Length: 0\r\n"
+    b"Connection: close\r\n\r\n",
+)

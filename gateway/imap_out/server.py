@@ -22,6 +22,7 @@ from twisted.internet import defer
 from twisted.internet.protocol import Factory
 from twisted.mail import imap4
 
+from ..admission import Admission, ConnectionLimits
 from ..cleartext import plaintext_auth_allowed
 from ..login_gate import Refused
 from ..logs import get_logger
@@ -43,13 +44,37 @@ _WRONG = b"[AUTHENTICATIONFAILED] Wrong username or password"
 class _GatewayIMAP4Server(CompatIMAP4Server):
     IDENT = b"mail gateway IMAP4rev1 ready"
 
+    admission: Admission  # set by the listener (gateway.runtime.listen_twisted)
+    _state = "unauth"
+
     def connectionMade(self) -> None:
         self.factory.connections.add(self, self.transport.loseConnection)
+        self.admission.on_expire = self._preauth_expired
         super().connectionMade()
 
     def connectionLost(self, reason: Any) -> None:
         self.factory.connections.discard(self)
+        self.admission.release()
         super().connectionLost(reason)
+
+    @property
+    def state(self) -> str:
+        """Twisted's session state; entering ``auth`` (a login) moves the connection out of the
+        unauthenticated pool, whichever path logged it in."""
+        return self._state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        self._state = value
+        if value in ("auth", "select"):
+            self.admission.authenticated()
+
+    def _preauth_expired(self) -> None:
+        seconds = self.admission.deadline_seconds
+        self.sendUntaggedResponse(
+            b"BYE Timeout: no login within %g seconds of connecting" % seconds
+        )
+        self.transport.loseConnection()
 
     def do_STARTTLS(self, tag: bytes) -> None:
         """BAD inside TLS, implicit or negotiated: STARTTLS belongs to a cleartext connection
@@ -332,9 +357,11 @@ async def serve(
     login: LoginCheck,
     mailbox_for: MailboxFor,
     plaintext_auth: str = "loopback",
+    limits: ConnectionLimits | None = None,
 ) -> RunningListener:
     """Start one IMAP listener; ``implicit_tls`` selects IMAPS, otherwise STARTTLS is offered.
-    ``plaintext_auth`` (never, loopback, always) says where LOGIN may come before STARTTLS."""
+    ``plaintext_auth`` (never, loopback, always) says where LOGIN may come before STARTTLS;
+    ``limits`` are the process's connection caps."""
 
     def log_failure(failure: Any) -> None:
         log.error("imap.error", error=str(getattr(failure, "value", failure)))
@@ -347,4 +374,20 @@ async def serve(
         log_failure,
         plaintext_auth,
     )
-    return await listen_twisted(name, factory, host, port, tls_context if implicit_tls else None)
+    return await listen_twisted(
+        name,
+        factory,
+        host,
+        port,
+        tls_context if implicit_tls else None,
+        limits,
+        "imap",
+        _REFUSALS,
+    )
+
+
+_REFUSALS = {
+    "address": b"* BYE Too many connections from your address that have not logged in, "
+    b"try later\r\n",
+    "total": b"* BYE Too many connections, try later\r\n",
+}

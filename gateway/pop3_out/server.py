@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from ..admission import Admission, ConnectionLimits
 from ..cleartext import plaintext_auth_allowed
 from ..imap_out.server import LoginCheck
 from ..login_gate import Refused
@@ -87,15 +88,39 @@ def _protocol_class() -> type:
         _skipping = False  # inside an over-long line, until its end
         _after_stls = False  # STLS was answered: ignore what was sent with it in cleartext
 
+        admission: Admission  # set by the listener (gateway.runtime.listen_twisted)
+        _mbox: Any = None
+
         def connectionMade(self) -> None:
             self.factory.connections.add(self, self.transport.loseConnection)
+            self.admission.on_expire = self._preauth_expired
             self.secure = self.factory.implicit_tls
             self.client = self.transport.getPeer().host
             super().connectionMade()
 
         def connectionLost(self, reason: Any) -> None:
             self.factory.connections.discard(self)
+            self.admission.release()
             super().connectionLost(reason)
+
+        @property
+        def mbox(self) -> Any:
+            """Twisted's "logged in" mark; setting it moves the connection out of the
+            unauthenticated pool, whichever path logged it in."""
+            return self._mbox
+
+        @mbox.setter
+        def mbox(self, value: Any) -> None:
+            self._mbox = value
+            if value is not None:
+                self.admission.authenticated()
+
+        def _preauth_expired(self) -> None:
+            seconds = self.admission.deadline_seconds
+            self.transport.write(
+                err(b"Timeout: no login within %g seconds of connecting" % seconds)
+            )
+            self.transport.loseConnection()
 
         # ---- dispatch: no exception may reach Twisted (it would drop the connection)
 
@@ -370,9 +395,11 @@ async def serve(
     login: LoginCheck,
     mailbox_for: MailboxFor | None = None,
     plaintext_auth: str = "loopback",
+    limits: ConnectionLimits | None = None,
 ) -> RunningListener:
     """Start one POP3 listener; ``implicit_tls`` selects POP3S, otherwise STLS is offered.
-    ``plaintext_auth`` (never, loopback, always) says where USER/PASS may come before STLS."""
+    ``plaintext_auth`` (never, loopback, always) says where USER/PASS may come before STLS;
+    ``limits`` are the process's connection caps."""
     from twisted.internet.protocol import Factory
 
     factory = Factory.forProtocol(_protocol_class())
@@ -383,4 +410,19 @@ async def serve(
     factory.implicit_tls = implicit_tls
     factory.tls = tls_context
     factory.plaintext_auth = plaintext_auth
-    return await listen_twisted(name, factory, host, port, tls_context if implicit_tls else None)
+    return await listen_twisted(
+        name,
+        factory,
+        host,
+        port,
+        tls_context if implicit_tls else None,
+        limits,
+        "pop3",
+        _REFUSALS,
+    )
+
+
+_REFUSALS = {
+    "address": err(b"[SYS/TEMP] Too many connections from your address that have not logged in"),
+    "total": err(b"[SYS/TEMP] Too many connections, try later"),
+}

@@ -1,7 +1,9 @@
-"""What the SMTP listeners share: accounts, spool, limits, the login gate, the connection count.
+"""What the SMTP listeners share: accounts, spool, limits, the login throttle, the session count.
 
 Both listeners (STARTTLS and implicit TLS) use one :class:`SmtpFront`, so a password guesser
-cannot double its budget by alternating ports, and ``max_connections`` counts both.
+cannot double its budget by alternating ports, and ``max_connections`` counts both. It counts
+logged-in sessions only: connections that have not logged in are capped per client address by
+:mod:`gateway.admission`, so idle sockets cannot shut everyone else out.
 """
 
 from __future__ import annotations
@@ -33,19 +35,20 @@ class SmtpFront:
         self.spool = spool
         self.account_state = account_state
         self.gate = gate or LoginGate()
-        self._connections = 0
+        self._sessions = 0
 
     @property
     def size_limit(self) -> int:
         """The largest message in bytes (advertised as SIZE; larger DATA gets 552 5.3.4)."""
         return self.smtp.max_message_mb * 2**20
 
-    def admit(self) -> bool:
-        """Count a new connection in, unless ``max_connections`` are already open."""
-        if self._connections >= self.smtp.max_connections:
-            return False
-        self._connections += 1
-        return True
+    def has_room(self) -> bool:
+        """Whether a new connection may start: fewer than ``max_connections`` logged-in sessions
+        (a connection that cannot log in into a free session would only wait)."""
+        return self._sessions < self.smtp.max_connections
 
-    def release(self) -> None:
-        self._connections -= 1
+    def session_started(self) -> None:
+        self._sessions += 1
+
+    def session_ended(self) -> None:
+        self._sessions -= 1

@@ -17,6 +17,7 @@ from typing import Any, AnyStr
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session, TLSSetupException, syntax
 
+from ..admission import Admission
 from ..cleartext import plaintext_auth_allowed
 from ..login_gate import MAILBOX, Refused, UserKey
 from ..logs import get_logger
@@ -33,7 +34,23 @@ _BAD_PLAIN = "501 5.5.2 Cannot split the PLAIN credentials"
 
 class _Session(Session):
     """aiosmtpd's Session logs a deprecation warning whenever it sets ``login_data``, which it
-    does on every successful AUTH; this one stores it silently."""
+    does on every successful AUTH; this one stores it silently. It also reports the moment
+    aiosmtpd marks it authenticated, which moves the connection out of the unauthenticated pool.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_login: Any) -> None:
+        self._on_login = on_login
+        super().__init__(loop)
+
+    @property
+    def authenticated(self) -> bool | None:
+        return self._authenticated
+
+    @authenticated.setter
+    def authenticated(self, value: bool | None) -> None:
+        self._authenticated = value
+        if value:
+            self._on_login()
 
     @property
     def login_data(self) -> Any:
@@ -48,12 +65,19 @@ class GatewaySMTP(SMTP):
     """aiosmtpd's SMTP with our AUTH, TLS awareness, limits and reply wording."""
 
     def __init__(
-        self, front: SmtpFront, registry: ConnectionRegistry, implicit_tls: bool, **kwargs: Any
+        self,
+        front: SmtpFront,
+        registry: ConnectionRegistry,
+        implicit_tls: bool,
+        admission: Admission,
+        **kwargs: Any,
     ) -> None:
         self._front = front
         self._registry = registry
         self._implicit_tls = implicit_tls
+        self._admission = admission
         self._refused = False
+        self._in_session = False  # counted in front's logged-in sessions
         # aiosmtpd keeps these limits in a class-level dict that every connection mutates.
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         super().__init__(**kwargs)
@@ -74,26 +98,44 @@ class GatewaySMTP(SMTP):
         )
 
     def _create_session(self) -> Session:
-        return _Session(self.loop)
+        return _Session(self.loop, self._logged_in)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         starting_tls = self._original_transport is not None  # the second call, after STARTTLS
         if not starting_tls:
-            if not self._front.admit():
+            if not self._front.has_room():
                 self._refused = True
-                log.warning("smtp.too_many_connections", peer=transport.get_extra_info("peername"))
+                self._admission.release()
+                log.warning("smtp.too_many_sessions", peer=transport.get_extra_info("peername"))
                 transport.write(f"{replies.TOO_MANY_CONNECTIONS}\r\n".encode())  # type: ignore[attr-defined]
                 transport.close()
                 return
             self._registry.add(self, transport.close)
+            self._admission.on_expire = self._preauth_expired
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
             return
         self._registry.discard(self)
-        self._front.release()
+        self._admission.release()
+        if self._in_session:
+            self._front.session_ended()
         super().connection_lost(error)
+
+    def _logged_in(self) -> None:
+        if not self._in_session:
+            self._in_session = True
+            self._front.session_started()
+            self._admission.authenticated()
+
+    def _preauth_expired(self) -> None:
+        """The total pre-login deadline passed: say so (RFC 5321 4.5.3.2 allows 421) and close."""
+        if self.transport is None:
+            return
+        seconds = self._admission.deadline_seconds
+        self.transport.write(f"{replies.preauth_timeout(seconds)}\r\n".encode())  # type: ignore[attr-defined]
+        self.transport.close()
 
     async def push(self, status: AnyStr) -> None:
         """Every reply leaves with an enhanced status code (challenges are bytes: untouched)."""

@@ -16,6 +16,9 @@ AUTH_REQUIRED = "530 5.7.0 Authentication required: log in with AUTH before MAIL
 AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
 ENCRYPTION_REQUIRED = "538 5.7.11 Encryption required: use STARTTLS (or the SMTPS port) before AUTH"
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try later"
+TOO_MANY_FROM_ADDRESS = (
+    "421 4.7.0 Too many connections from your address that have not logged in, try later"
+)
 TLS_ALREADY_ACTIVE = "503 5.5.1 TLS is already active on this connection"
 INTERNAL_ERROR = "451 4.3.0 Internal error, please retry"
 SPOOL_UNAVAILABLE = "451 4.3.0 The gateway cannot queue the message right now, please retry later"
@@ -27,6 +30,11 @@ EXPN_NOTHING = "502 5.5.1 EXPN is not available"
 SENDER_OK = "250 2.1.0 Sender OK"
 RECIPIENT_OK = "250 2.1.5 Recipient OK"
 UTF8_NEEDS_SMTPUTF8 = "553 5.6.7 A non-ASCII address needs the SMTPUTF8 parameter on MAIL FROM"
+
+
+def preauth_timeout(seconds: float) -> str:
+    """The goodbye to a client that did not log in within ``listeners.preauth_timeout_seconds``."""
+    return f"421 4.4.2 Timeout: no login within {seconds:g} seconds of connecting, closing"
 
 
 def too_many_recipients(limit: int) -> str:

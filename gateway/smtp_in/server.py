@@ -7,9 +7,18 @@ throttle, connection count). Build the front once and call :func:`serve` per por
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 
-from ..runtime import ConnectionRegistry, RunningListener
+from ..admission import Admission, ConnectionLimits
+from ..runtime import (
+    ConnectionRegistry,
+    RunningListener,
+    default_limits,
+    listen,
+    release_if_failed,
+)
+from . import replies
 from .front import AccountState, SmtpFront
 from .handler import SubmissionHandler
 from .protocol import GatewaySMTP
@@ -25,17 +34,21 @@ async def serve(
     tls: ssl.SSLContext,
     implicit_tls: bool,
     front: SmtpFront,
+    limits: ConnectionLimits | None = None,
 ) -> RunningListener:
-    """Start one SMTP listener. ``implicit_tls`` selects SMTPS; otherwise STARTTLS is offered."""
+    """Start one SMTP listener. ``implicit_tls`` selects SMTPS; otherwise STARTTLS is offered.
+    ``limits`` are the process's connection caps (one set for every listener)."""
     registry = ConnectionRegistry()
     handler = SubmissionHandler(front, hostname)
     loop = asyncio.get_running_loop()
+    limits = limits or default_limits()
 
-    def build() -> GatewaySMTP:
+    def build(admission: Admission) -> GatewaySMTP:
         return GatewaySMTP(
             front,
             registry,
             implicit_tls,
+            admission,
             handler=handler,
             hostname=hostname,  # without it aiosmtpd resolves the FQDN per connection, blocking
             ident="mail gateway ESMTP",
@@ -48,11 +61,25 @@ async def serve(
             loop=loop,
         )
 
-    server = await loop.create_server(build, host, port, ssl=tls if implicit_tls else None)
+    def hand_over(conn: socket.socket, admission: Admission) -> None:
+        connecting = loop.create_task(
+            loop.connect_accepted_socket(
+                lambda: build(admission),
+                conn,
+                ssl=tls if implicit_tls else None,
+                ssl_handshake_timeout=limits.caps.preauth_timeout if implicit_tls else None,
+            )
+        )
+        connecting.add_done_callback(lambda task: release_if_failed(task, admission))
 
-    async def close() -> None:
-        server.close()
+    async def close_connections() -> None:
         registry.close_all()
-        await server.wait_closed()
 
-    return RunningListener(name, server.sockets[0].getsockname(), close)
+    refusals = {} if implicit_tls else _REFUSALS
+    return await listen(name, "smtp", host, port, limits, refusals, hand_over, close_connections)
+
+
+_REFUSALS = {
+    "address": f"{replies.TOO_MANY_FROM_ADDRESS}\r\n".encode(),
+    "total": f"{replies.TOO_MANY_CONNECTIONS}\r\n".encode(),
+}

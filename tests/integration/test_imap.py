@@ -198,8 +198,9 @@ async def test_store_seen_search_noop_and_expunge(world: World) -> None:
             out["body"] = client.search(None, "BODY", '"hello from s1"')[1]
             client.literal = "\u65e5\u672c".encode()  # in X-Raw, as raw 8-bit UTF-8
             out["text"] = client.search("UTF-8", "TEXT")[1]
+            out["larger"] = client.search(None, "LARGER", "1")[1]
             with pytest.raises(imaplib.IMAP4.error, match="not supported"):
-                client.search(None, "LARGER", "100")  # BAD, and the session goes on
+                client.search(None, "XBOGUS", "100")  # BAD, and the session goes on
             out["uids"] = uids
         except BaseException:
             client.logout()
@@ -232,6 +233,7 @@ async def test_store_seen_search_noop_and_expunge(world: World) -> None:
     assert out["since"] == [b"1 2 3"] and out["before"] == [b""]
     assert out["subject"] == [b"2"] and out["header"] == [b"1 2"]
     assert out["body"] == [b"2"] and out["text"] == [b"1 2 3"]
+    assert out["larger"] == [b"1 2 3"]
     assert out["noop"][0] == "OK" and out["exists"] and out["exists"][-1] == b"4"
     assert out["expunge"] == ("OK", [b"1"])
     assert out["count_after"] == [b"1 2 3"]

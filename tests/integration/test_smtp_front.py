@@ -639,9 +639,15 @@ async def test_recipient_size_and_line_limits(start_front: StartFront) -> None:
     assert front.spool.submitted == []
 
 
-async def test_connection_limit_answers_421_and_frees_the_slot(start_front: StartFront) -> None:
+async def test_session_limit_answers_421_and_frees_the_slot(start_front: StartFront) -> None:
+    """max_connections counts logged-in sessions: idle unauthenticated sockets do not."""
     front = await start_front(smtp={"max_connections": 2})
+    idle = [await Raw.connect(front.smtp) for _ in range(3)]
     first, second = await Raw.connect(front.smtp), await Raw.connect(front.smtp)
+    await first.login()
+    await second.login()
+    for raw in idle:
+        await raw.close()
     reader, writer = await asyncio.open_connection(HOST, front.smtp)
     assert await reader.read() == b"421 4.7.0 Too many connections, try later\r\n"  # then EOF
     writer.close()
