@@ -28,7 +28,7 @@ from .pop3_out import server as pop3_server
 from .runtime import RunningListener, limits_from
 from .smtp_in import server as smtp_server
 from .spool import FileSpool
-from .store import SecretBox, Store, load_or_create_key
+from .store import SecretBox, Stores, load_or_create_key, open_sqlite
 
 log = get_logger(__name__)
 
@@ -42,7 +42,7 @@ class Gateway:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store: Store | None = None
+        self.stores: Stores | None = None
         self.broker: TokenBroker | None = None
         self.accounts = Accounts(settings.accounts)
         # One gate for every protocol and the admin page: guesses count together, and at most
@@ -69,7 +69,7 @@ class Gateway:
         state_dir = settings.state_dir
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         key = await asyncio.to_thread(load_or_create_key, state_dir)
-        self.store = await Store.open(state_dir, SecretBox(key))
+        self.stores = await open_sqlite(state_dir, SecretBox(key))
         try:
             await self._start_core()
             await self._start_listeners()
@@ -86,7 +86,7 @@ class Gateway:
         metrics.watch_queue(self.spool.messages)
         self._pid_file = reload.pid_file(state_dir)
         await asyncio.to_thread(_write_pid_file, self._pid_file)
-        await self.store.record_event("gateway.started", detail=f"version {__version__}")
+        await self.stores.events.record_event("gateway.started", detail=f"version {__version__}")
         log.info(
             "gateway.started",
             version=__version__,
@@ -99,8 +99,8 @@ class Gateway:
     async def _start_core(self) -> None:
         """Broker, provider senders and the spool: everything the listeners hand work to."""
         settings = self.settings
-        assert self.store is not None
-        self.broker = TokenBroker(settings, self.store)
+        assert self.stores is not None
+        self.broker = TokenBroker(settings, self.stores.auth, self.stores.events)
         self._trust = outbound.trust_file(settings.state_dir, settings.ca_bundle)
         self.http = outbound.async_client(self._trust)
         self.senders = providers.senders(settings, self.http, self.broker, self._trust)
@@ -144,10 +144,10 @@ class Gateway:
         if self.http is not None:
             await self.http.aclose()
             self.http = None
-        if self.store is not None:
-            await self.store.record_event("gateway.stopped")
-            await self.store.close()
-            self.store = None
+        if self.stores is not None:
+            await self.stores.events.record_event("gateway.stopped")
+            await self.stores.close()
+            self.stores = None
             log.info("gateway.stopped")
 
     async def _start_listeners(self) -> None:
@@ -260,10 +260,10 @@ class Gateway:
             source = self._mailbox_source(account)
             if account is None or source is None:
                 return "This account has no INBOX to read (its upstream has no imap or pop3 server)"
-            assert self.store is not None
+            assert self.stores is not None
             reading = self.settings.reading
             view = await MailboxView.open(
-                self.store,
+                self.stores.mailboxes,
                 username,
                 source,
                 BodyCache(reading.cache_mb * 1024 * 1024),

@@ -272,16 +272,16 @@ def _with_broker(
         return EXIT_CONFIG
     from .config import SecretUnavailable
     from .oauth import OAuthError, TokenBroker
-    from .store import SecretBox, Store, StoreError, load_or_create_key
+    from .store import SecretBox, StoreError, load_or_create_key, open_sqlite
 
     async def main() -> int:
-        store = await Store.open(
+        stores = await open_sqlite(
             settings.state_dir, SecretBox(load_or_create_key(settings.state_dir))
         )
         try:
-            return await job(TokenBroker(settings, store))
+            return await job(TokenBroker(settings, stores.auth, stores.events))
         finally:
-            await store.close()
+            await stores.close()
 
     try:
         return asyncio.run(main())

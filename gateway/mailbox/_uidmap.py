@@ -17,8 +17,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from ..providers._inbox import RemoteMessage
-from ..store import Store
-from ..store._sqlite import MailboxState, MailboxUid
+from ..store import MailboxState, MailboxStore, MailboxUid
 
 Entry = MailboxUid
 
@@ -46,7 +45,7 @@ def new_uidvalidity(previous: int | None = None) -> int:
 class UidMap:
     """The in-memory copy of one account's map; every change is written before it is seen."""
 
-    def __init__(self, store: Store, account: str) -> None:
+    def __init__(self, store: MailboxStore, account: str) -> None:
         self.store = store
         self.account = account
         self.state = MailboxState(new_uidvalidity(), 1, None)
@@ -56,7 +55,7 @@ class UidMap:
         self._writing = asyncio.Lock()  # one change at a time: sync results and local edits
 
     @classmethod
-    async def load(cls, store: Store, account: str) -> UidMap:
+    async def load(cls, store: MailboxStore, account: str) -> UidMap:
         uids = cls(store, account)
         state, entries = await store.load_mailbox(account)
         if state is not None:

@@ -43,7 +43,7 @@ from ..providers._inbox import (
     NotSupported,
     WarmUpQuota,
 )
-from ..store import Store
+from ..store import MailboxStore
 from ._uidmap import Applied, Entry, UidMap
 from ._warmup import WarmUp
 
@@ -191,7 +191,7 @@ class MailboxView:
     @classmethod
     async def open(
         cls,
-        store: Store,
+        store: MailboxStore,
         account: str,
         source: MailboxSource,
         cache: BodyCache | None = None,

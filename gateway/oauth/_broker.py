@@ -21,7 +21,7 @@ from typing import Any
 from .. import metrics, outbound
 from ..config import AccountSettings, Settings
 from ..logs import get_logger, register_secret
-from ..store import AccountAuth, Store
+from ..store import AccountAuth, AuthStore, EventLog
 from . import _scopes
 from ._errors import ConsentError, ReauthRequired
 from ._google import GoogleAuth, GoogleClient, PendingGoogleConsent
@@ -67,11 +67,13 @@ class TokenBroker:
     def __init__(
         self,
         settings: Settings,
-        store: Store,
+        auth: AuthStore,
+        events: EventLog,
         notifier: Notifier | None = None,
     ) -> None:
         self.settings = settings
-        self.store = store
+        self.auth = auth
+        self.events = events
         self.notifier = notifier
         trust = outbound.trust_file(settings.state_dir, settings.ca_bundle)
         session = lambda: outbound.requests_session(trust)  # noqa: E731 - a factory per call
@@ -168,7 +170,7 @@ class TokenBroker:
             return await asyncio.to_thread(
                 self.google.service_account, info, account.address, scopes
             )
-        auth = await self.store.get_account_auth(account.username)
+        auth = await self.auth.get_account_auth(account.username)
         if auth is None or auth.token is None:
             raise ReauthRequired(self._reauth_message(account, "it has not been connected yet"))
         if auth.state == "needs_reconsent":
@@ -179,7 +181,7 @@ class TokenBroker:
             await self._mark_reconsent(account, auth, str(error))
             raise ReauthRequired(self._reauth_message(account, str(error))) from error
         if token.new_token is not None:  # rotated refresh token: keep the newest
-            await self.store.put_account_auth(replace(auth, token=token.new_token))
+            await self.auth.put_account_auth(replace(auth, token=token.new_token))
         return token
 
     async def _refresh_user(
@@ -203,8 +205,8 @@ class TokenBroker:
             last_error=why,
             admin_notified=True,
         )
-        await self.store.put_account_auth(marked)
-        await self.store.record_event("oauth.needs_reconsent", account.username, why)
+        await self.auth.put_account_auth(marked)
+        await self.events.record_event("oauth.needs_reconsent", account.username, why)
         log.warning("oauth.needs_reconsent", account=account.username, reason=why)
         metrics.reconsent_needed(account.provider)
         self.invalidate(account.username)
@@ -266,7 +268,7 @@ class TokenBroker:
         link = None
         if link_token is not None:
             link = _link_hash(link_token)
-            if await self.store.peek_consent_link(link, datetime.now(UTC)) != username:
+            if await self.auth.peek_consent_link(link, datetime.now(UTC)) != username:
                 raise ConsentError("this consent link was already used or has expired")
         scopes = [need.scope for need in self.needed(account)]
         self._expire_pending()
@@ -307,9 +309,9 @@ class TokenBroker:
             )
         _check_owner(account, connected)
         if pending.link is not None:  # one connection per link: spent now, not at the click
-            if await self.store.use_consent_link(pending.link, datetime.now(UTC)) is None:
+            if await self.auth.use_consent_link(pending.link, datetime.now(UTC)) is None:
                 raise ConsentError("this consent link was already used or has expired")
-            await self.store.record_event("oauth.consent_link_used", account.username)
+            await self.events.record_event("oauth.consent_link_used", account.username)
         await self.save_connection(account, connected)
         return await self.status(account.username)
 
@@ -345,8 +347,8 @@ class TokenBroker:
             scopes=connected.scopes,
             token=connected.token,
         )
-        await self.store.put_account_auth(auth)
-        await self.store.record_event("oauth.connected", account.username, connected.principal)
+        await self.auth.put_account_auth(auth)
+        await self.events.record_event("oauth.connected", account.username, connected.principal)
         self._tokens.pop(account.username, None)
         log.info("oauth.connected", account=account.username, principal=connected.principal)
         if self.on_connected is not None:
@@ -364,19 +366,19 @@ class TokenBroker:
             raise ConsentError(f"account {username!r} uses a password server; nothing to connect")
         token = secrets.token_urlsafe(32)
         expires = datetime.now(UTC) + CONSENT_LINK_LIFETIME
-        await self.store.add_consent_link(_link_hash(token), username, expires)
-        await self.store.record_event("oauth.consent_link_created", username)
+        await self.auth.add_consent_link(_link_hash(token), username, expires)
+        await self.events.record_event("oauth.consent_link_created", username)
         return f"{self.admin_url()}/consent/{token}", expires
 
     async def consent_link_account(self, token: str) -> AccountSettings | None:
         """The account a live link is for, without spending it (None if used or expired)."""
-        username = await self.store.peek_consent_link(_link_hash(token), datetime.now(UTC))
+        username = await self.auth.peek_consent_link(_link_hash(token), datetime.now(UTC))
         return self._accounts.get(username or "")
 
     async def disconnect(self, username: str) -> None:
         self.account(username)
-        await self.store.delete_account_auth(username)
-        await self.store.record_event("oauth.disconnected", username)
+        await self.auth.delete_account_auth(username)
+        await self.events.record_event("oauth.disconnected", username)
         self._tokens.pop(username, None)
 
     def _expire_pending(self) -> None:
@@ -390,8 +392,8 @@ class TokenBroker:
         configured = self.settings.google
         if configured.client_id and configured.client_secret:
             return GoogleClient(configured.client_id, configured.client_secret.value)
-        client_id = await self.store.get_setting(GOOGLE_CLIENT_ID_SETTING)
-        secret = await self.store.get_secret(GOOGLE_CLIENT_CREDENTIAL)
+        client_id = await self.auth.get_setting(GOOGLE_CLIENT_ID_SETTING)
+        secret = await self.auth.get_secret(GOOGLE_CLIENT_CREDENTIAL)
         if not client_id or not secret:
             raise ReauthRequired(
                 "no Google OAuth client is set up: enter its client ID and secret on the admin "
@@ -401,16 +403,16 @@ class TokenBroker:
         return GoogleClient(client_id, secret.decode("utf-8"))
 
     async def set_google_client(self, client_id: str, client_secret: str) -> None:
-        await self.store.set_setting(GOOGLE_CLIENT_ID_SETTING, client_id)
-        await self.store.put_secret(GOOGLE_CLIENT_CREDENTIAL, client_secret.encode("utf-8"))
-        await self.store.record_event("oauth.google_client_saved", detail=client_id)
+        await self.auth.set_setting(GOOGLE_CLIENT_ID_SETTING, client_id)
+        await self.auth.put_secret(GOOGLE_CLIENT_CREDENTIAL, client_secret.encode("utf-8"))
+        await self.events.record_event("oauth.google_client_saved", detail=client_id)
 
     async def google_client_origin(self) -> tuple[str, str] | None:
         """(``config`` or ``admin page``, client ID) of the Google client, or None if unset."""
         configured = self.settings.google
         if configured.client_id and configured.client_secret:
             return "config", configured.client_id
-        client_id = await self.store.get_setting(GOOGLE_CLIENT_ID_SETTING)
+        client_id = await self.auth.get_setting(GOOGLE_CLIENT_ID_SETTING)
         return ("admin page", client_id) if client_id else None
 
     # -- status ---------------------------------------------------------------------------------
@@ -429,7 +431,7 @@ class TokenBroker:
         ):
             expires = self._token_expiry(username)
             return AccountStatus(account, "app_only", needed=needed, token_expires=expires)
-        auth = await self.store.get_account_auth(username)
+        auth = await self.auth.get_account_auth(username)
         if auth is None:
             return AccountStatus(account, "not_connected", needed=needed, missing=needed)
         return AccountStatus(

@@ -3,7 +3,7 @@
 Rules for adding one: append ``Migration(len(MIGRATIONS) + 1, ...)``; never edit or reorder a
 released migration (databases in the field have already run it). Statements use only portable
 SQL (TEXT/INTEGER/BLOB, no SQLite-only functions) so a PostgreSQL backend can reuse them with at
-most a type mapping. Timestamps are ISO-8601 UTC text; see ``gateway.store._sqlite``.
+most a type mapping. Timestamps are ISO-8601 UTC text; see ``gateway.store._db``.
 """
 
 from __future__ import annotations

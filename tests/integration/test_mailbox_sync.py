@@ -43,15 +43,15 @@ class World:
             )
         else:
             self.source = GmailSource(client, tokens, sandbox.url, "desk")
-        self.store: Store | None = None
+        self.store: Stores | None = None
         self.seeded = 0
 
     async def view(self) -> MailboxView:
         """Open (again) the store and the account's view, as a restarted gateway would."""
         if self.store is not None:
             await self.store.close()
-        self.store = await Store.open(self.state, SecretBox(KEY))
-        return await MailboxView.open(self.store, "desk", self.source)
+        self.store = await open_sqlite(self.state, SecretBox(KEY))
+        return await MailboxView.open(self.store.mailboxes, "desk", self.source)
 
     def seed(self, subject: str) -> tuple[str, bytes]:
         raw = (

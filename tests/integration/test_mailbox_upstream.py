@@ -445,9 +445,9 @@ async def test_view_round_trip(
 ) -> None:
     deliver(dovecot, upstream_user, *MESSAGES[:2])
     source = PROTOCOLS[protocol](dovecot, upstream_user)
-    store = await Store.open(tmp_path / "state", SecretBox(KEY))
+    store = await open_sqlite(tmp_path / "state", SecretBox(KEY))
     try:
-        view = await MailboxView.open(store, "desk", source)
+        view = await MailboxView.open(store.mailboxes, "desk", source)
         applied = await view.sync()
         assert applied.added == [1, 2]
         assert await view.fetch(1) == MESSAGES[0]

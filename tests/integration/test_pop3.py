@@ -54,7 +54,7 @@ class Pop3World:
         else:
             self.source = GmailSource(client, tokens, sandbox.url, "desk")
         self.state = state
-        self.store: Store | None = None
+        self.store: Stores | None = None
         self.view: MailboxView | None = None
         self.unavailable: str | None = None
         self.seeded = 0
@@ -69,8 +69,8 @@ class Pop3World:
         """Reopen the store and the view, as a restarted gateway would."""
         if self.store is not None:
             await self.store.close()
-        self.store = await Store.open(self.state / "store", SecretBox(KEY))
-        self.view = await MailboxView.open(self.store, "desk", self.source)
+        self.store = await open_sqlite(self.state / "store", SecretBox(KEY))
+        self.view = await MailboxView.open(self.store.mailboxes, "desk", self.source)
 
     async def login(self, username: str, password: str, client: str) -> str | Refused:
         return "desk" if (username, password) == ("desk", PASSWORD) else WRONG

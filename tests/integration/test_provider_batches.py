@@ -164,9 +164,9 @@ async def test_gmail_batch_rules(gmail: World) -> None:
 
 async def test_a_view_warms_up_through_batches(world: World, tmp_path: Path) -> None:
     ids = world.seed(45)
-    store = await Store.open(tmp_path / "state", SecretBox(KEY))
+    store = await open_sqlite(tmp_path / "state", SecretBox(KEY))
     try:
-        view = await MailboxView.open(store, "desk", world.source)
+        view = await MailboxView.open(store.mailboxes, "desk", world.source)
         await view.sync()
         assert view.warm_up is not None
         await view.warm_up.finished.wait()

@@ -15,7 +15,7 @@ import pytest
 
 from gateway.imap_out._mailbox import InboxMailbox
 from gateway.mailbox import MailboxView, ReadingPolicy
-from gateway.store import SecretBox, Store
+from gateway.store import SecretBox, open_sqlite
 from tests.unit.test_mailbox_view import MemorySource
 
 KEY = bytes(range(32))
@@ -23,19 +23,19 @@ KEY = bytes(range(32))
 
 @pytest.fixture
 async def view(tmp_path: Path) -> AsyncIterator[tuple[MailboxView, MemorySource]]:
-    store = await Store.open(tmp_path, SecretBox(KEY))
+    stores = await open_sqlite(tmp_path, SecretBox(KEY))
     source = MemorySource()
     for pid in "abcd":
         source.deliver(pid)
     opened = await MailboxView.open(
-        store, "acct", source, policy=ReadingPolicy(), poll_seconds=3600
+        stores.mailboxes, "acct", source, policy=ReadingPolicy(), poll_seconds=3600
     )
     await opened.sync()
     try:
         yield opened, source
     finally:
         await opened.close()
-        await store.close()
+        await stores.close()
 
 
 def uids(session: InboxMailbox) -> list[int]:

@@ -19,7 +19,7 @@ from gateway.mailbox import MailboxView
 from gateway.mailbox._warmup import RequestWindow
 from gateway.providers import Changes, RemoteMessage, Snapshot
 from gateway.providers._inbox import Batch, WarmUpQuota
-from gateway.store import SecretBox, Store
+from gateway.store import MailboxStore, SecretBox, open_sqlite
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 KEY = bytes(range(32))
@@ -101,21 +101,21 @@ class BatchingSource:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(tmp_path, SecretBox(KEY))
+async def store(tmp_path: Path) -> AsyncIterator[MailboxStore]:
+    opened = await open_sqlite(tmp_path, SecretBox(KEY))
     try:
-        yield opened
+        yield opened.mailboxes
     finally:
         await opened.close()
 
 
-async def open_view(store: Store, source: BatchingSource, clock: Clock) -> MailboxView:
+async def open_view(store: MailboxStore, source: BatchingSource, clock: Clock) -> MailboxView:
     return await MailboxView.open(
         store, "acct", source, poll_seconds=30, clock=clock, sleep=clock.sleep
     )
 
 
-async def test_logins_within_the_freshness_window_share_one_sync(store: Store) -> None:
+async def test_logins_within_the_freshness_window_share_one_sync(store: MailboxStore) -> None:
     clock = Clock()
     source = BatchingSource(clock)
     source.deliver(3)
@@ -142,7 +142,7 @@ async def test_logins_within_the_freshness_window_share_one_sync(store: Store) -
     await view.close()
 
 
-async def test_noop_and_check_never_ask_the_provider(store: Store) -> None:
+async def test_noop_and_check_never_ask_the_provider(store: MailboxStore) -> None:
     clock = Clock()
     source = BatchingSource(clock)
     source.deliver(2)
@@ -160,7 +160,7 @@ async def test_noop_and_check_never_ask_the_provider(store: Store) -> None:
         await view.close()
 
 
-async def test_poller_reports_to_a_noop_what_it_found(store: Store) -> None:
+async def test_poller_reports_to_a_noop_what_it_found(store: MailboxStore) -> None:
     clock = Clock()
     source = BatchingSource(clock)
     source.deliver(1)
@@ -193,7 +193,7 @@ async def test_request_window_keeps_to_its_limit() -> None:
     assert clock.now - sent[0][0] >= 120  # 24 requests at 10 a minute: two waits
 
 
-async def test_warm_up_learns_every_size_in_batches_within_its_quota(store: Store) -> None:
+async def test_warm_up_learns_every_size_in_batches_within_its_quota(store: MailboxStore) -> None:
     clock = Clock()
     source = BatchingSource(clock)
     source.deliver(25)
@@ -218,7 +218,7 @@ async def test_warm_up_learns_every_size_in_batches_within_its_quota(store: Stor
     await again.close()
 
 
-async def test_warm_up_waits_for_clients_and_for_retry_after(store: Store) -> None:
+async def test_warm_up_waits_for_clients_and_for_retry_after(store: MailboxStore) -> None:
     clock = Clock()
     source = BatchingSource(clock)
     source.deliver(8)
@@ -245,7 +245,7 @@ async def test_warm_up_waits_for_clients_and_for_retry_after(store: Store) -> No
     await view.close()
 
 
-async def test_warm_up_stops_with_the_view(store: Store) -> None:
+async def test_warm_up_stops_with_the_view(store: MailboxStore) -> None:
     clock = Clock()
     source = BatchingSource(clock)
     source.deliver(30)

@@ -20,7 +20,7 @@ import pytest
 
 from gateway.mailbox import Applied, MailboxView, ReadingPolicy
 from gateway.providers import SEEN, Changes, NotSupported, RemoteMessage, Snapshot
-from gateway.store import SecretBox, Store
+from gateway.store import MailboxStore, SecretBox, open_sqlite
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 KEY = bytes(range(32))
@@ -77,23 +77,23 @@ class MemorySource:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(tmp_path, SecretBox(KEY))
+async def store(tmp_path: Path) -> AsyncIterator[MailboxStore]:
+    opened = await open_sqlite(tmp_path, SecretBox(KEY))
     try:
-        yield opened
+        yield opened.mailboxes
     finally:
         await opened.close()
 
 
 async def open_view(
-    store: Store, source: MemorySource, policy: ReadingPolicy | None = None
+    store: MailboxStore, source: MemorySource, policy: ReadingPolicy | None = None
 ) -> MailboxView:
     return await MailboxView.open(
         store, "acct", source, policy=policy or ReadingPolicy(), poll_seconds=3600
     )
 
 
-async def test_local_flags_and_deletions_survive_reopening(store: Store) -> None:
+async def test_local_flags_and_deletions_survive_reopening(store: MailboxStore) -> None:
     source = MemorySource()
     for pid in "abc":
         source.deliver(pid)
@@ -120,7 +120,7 @@ async def test_local_flags_and_deletions_survive_reopening(store: Store) -> None
     assert not [c for c in source.calls if c[0] in ("flags", "remove")]
 
 
-async def test_provider_read_state_wins_over_local_seen_only(store: Store) -> None:
+async def test_provider_read_state_wins_over_local_seen_only(store: MailboxStore) -> None:
     source = MemorySource()
     source.deliver("a")
     view = await open_view(store, source)
@@ -136,7 +136,7 @@ async def test_provider_read_state_wins_over_local_seen_only(store: Store) -> No
 
 
 async def test_every_provider_flag_is_carried_and_wins_only_where_it_changed(
-    store: Store,
+    store: MailboxStore,
 ) -> None:
     source = MemorySource()
     source.deliver("a", flags=["\\Flagged", "$Forwarded"])  # as an upstream IMAP server has it
@@ -160,7 +160,7 @@ async def test_every_provider_flag_is_carried_and_wins_only_where_it_changed(
     assert view.flags(1) == {SEEN, "\\Answered"}
 
 
-async def test_present_removes_what_the_provider_no_longer_lists(store: Store) -> None:
+async def test_present_removes_what_the_provider_no_longer_lists(store: MailboxStore) -> None:
     source = MemorySource()
     for pid in "ab":
         source.deliver(pid)
@@ -172,7 +172,7 @@ async def test_present_removes_what_the_provider_no_longer_lists(store: Store) -
     assert applied.removed == [1] and applied.added == [3]
 
 
-async def test_watchers_hear_every_change_and_who_made_it(store: Store) -> None:
+async def test_watchers_hear_every_change_and_who_made_it(store: MailboxStore) -> None:
     source = MemorySource()
     source.deliver("a")
     view = await open_view(store, source)
@@ -190,7 +190,7 @@ async def test_watchers_hear_every_change_and_who_made_it(store: Store) -> None:
     await view.close()
 
 
-async def test_opt_in_policy_mirrors_and_survives_unsupported(store: Store) -> None:
+async def test_opt_in_policy_mirrors_and_survives_unsupported(store: MailboxStore) -> None:
     source = MemorySource()
     for pid in "ab":
         source.deliver(pid)
@@ -209,7 +209,7 @@ async def test_opt_in_policy_mirrors_and_survives_unsupported(store: Store) -> N
     assert archiving.messages() == ()
 
 
-async def test_sizes_are_learnt_once_and_kept(store: Store) -> None:
+async def test_sizes_are_learnt_once_and_kept(store: MailboxStore) -> None:
     source = MemorySource()
     source.deliver("a", body=b"Subject: lf\n\nbare LF lines\n")
     view = await open_view(store, source)
@@ -222,7 +222,7 @@ async def test_sizes_are_learnt_once_and_kept(store: Store) -> None:
     assert [c for c in source.calls if c[0] == "fetch"] == fetches  # no second download
 
 
-async def test_concurrent_syncs_share_provider_rounds(store: Store) -> None:
+async def test_concurrent_syncs_share_provider_rounds(store: MailboxStore) -> None:
     source = MemorySource()
     source.deliver("a")
     view = await open_view(store, source)
@@ -236,7 +236,7 @@ async def test_concurrent_syncs_share_provider_rounds(store: Store) -> None:
     assert len(rounds) <= 2, len(rounds)  # the one running, and one for those who came after
 
 
-async def test_polling_runs_only_while_watched(store: Store) -> None:
+async def test_polling_runs_only_while_watched(store: MailboxStore) -> None:
     source = MemorySource()
     view = await MailboxView.open(store, "acct", source, poll_seconds=0.01)
     watcher = lambda applied, origin: None  # noqa: E731
@@ -248,13 +248,16 @@ async def test_polling_runs_only_while_watched(store: Store) -> None:
         await asyncio.sleep(0.01)
     polled = len(source.calls)
     assert polled >= 2
-    assert sum(1 for t in asyncio.all_tasks() if t.get_name() == "poll acct") == 1
+    (poller,) = [t for t in asyncio.all_tasks() if t.get_name() == "poll acct"]
     await view.close()
-    await asyncio.sleep(0.05)
+    await asyncio.wait([poller], timeout=5)  # the poller has ended: no call can follow
+    assert poller.done()
     assert len(source.calls) == polled
 
 
-async def test_headers_come_from_cache_store_or_one_download(store: Store, tmp_path: Path) -> None:
+async def test_headers_come_from_cache_store_or_one_download(
+    store: MailboxStore, tmp_path: Path
+) -> None:
     source = MemorySource()
     source.deliver("a", body=b"Subject: a\r\n\r\nbody a\r\n")
     source.deliver("b", body=b"Subject: b\n\nbody b\n")
@@ -276,7 +279,7 @@ async def test_headers_come_from_cache_store_or_one_download(store: Store, tmp_p
 
 
 async def test_provider_changes_cut_off_by_a_stop_are_caught_up_at_the_next_start(
-    store: Store,
+    store: MailboxStore,
 ) -> None:
     source = MemorySource()
     for pid in "abc":

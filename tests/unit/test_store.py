@@ -1,8 +1,9 @@
-"""The SQLite state store: durability across reopen, migrations, secrets, concurrency."""
+"""The SQLite state stores: durability across reopen, migrations, secrets, concurrency."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import sqlite3
 import threading
 from collections.abc import AsyncIterator
@@ -11,11 +12,30 @@ from pathlib import Path
 
 import pytest
 
-from gateway.store import AccountAuth, SecretBox, Store, StoreError, _sqlite
+from gateway.store import (
+    AccountAuth,
+    AuthStore,
+    EventLog,
+    MailboxState,
+    MailboxStore,
+    MailboxUid,
+    SecretBox,
+    StoreError,
+    Stores,
+    _db,
+    open_sqlite,
+)
+from gateway.store._auth import SqliteAuthStore
+from gateway.store._db import Database
+from gateway.store._events import SqliteEventLog
+from gateway.store._mailboxes import SqliteMailboxStore
 from gateway.store._migrations import MIGRATIONS, Migration, check_sequence, migrate
 
 KEY = bytes(range(32))
 SECRET = b"refresh-token-that-must-never-hit-the-disk-in-clear"
+# A database written by the single-class store of commit e680db9 (before the split by
+# purpose), dumped as SQL; made with the same KEY. See test_opens_a_database_of_the_old_store.
+OLD_DATABASE = Path(__file__).parent / "data" / "gateway_db_schema6.sql"
 
 
 @pytest.fixture
@@ -24,8 +44,15 @@ def box() -> SecretBox:
 
 
 @pytest.fixture
-async def store(tmp_path: Path, box: SecretBox) -> AsyncIterator[Store]:
-    opened = await Store.open(tmp_path, box)
+async def stores(tmp_path: Path, box: SecretBox) -> AsyncIterator[Stores]:
+    opened = await open_sqlite(tmp_path, box)
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[Database]:
+    opened = await Database.open(tmp_path)
     yield opened
     await opened.close()
 
@@ -42,43 +69,58 @@ def _database_files(tmp_path: Path) -> dict[str, bytes]:
 
 async def test_open_creates_private_state_dir(tmp_path: Path, box: SecretBox) -> None:
     state_dir = tmp_path / "new" / "state"
-    store = await Store.open(state_dir, box)
-    await store.close()
+    stores = await open_sqlite(state_dir, box)
+    await stores.close()
     assert (state_dir / "gateway.db").is_file()
     assert state_dir.stat().st_mode & 0o777 == 0o700
 
 
-async def test_pragmas(store: Store, tmp_path: Path) -> None:
-    assert store.schema_version == len(MIGRATIONS) == 6
+def test_sqlite_stores_implement_their_interfaces() -> None:
+    """Each SQLite store offers every method of its Protocol, with the same parameters."""
+    for protocol, implementation in (
+        (AuthStore, SqliteAuthStore),
+        (EventLog, SqliteEventLog),
+        (MailboxStore, SqliteMailboxStore),
+    ):
+        wanted = {n for n in vars(protocol) if not n.startswith("_")}
+        offered = {n for n in vars(implementation) if not n.startswith("_")}
+        assert wanted == offered, implementation
+        for name in wanted:
+            expected = inspect.signature(getattr(protocol, name))
+            assert inspect.signature(getattr(implementation, name)) == expected, name
+
+
+async def test_pragmas(db: Database, tmp_path: Path) -> None:
+    assert db.schema_version == len(MIGRATIONS) == 6
     conn = _raw(tmp_path)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     finally:
         conn.close()
-    pragmas = await store._run(
+    pragmas = await db.run(
         lambda c: [c.execute(f"PRAGMA {p}").fetchone()[0] for p in ("synchronous", "foreign_keys")]
     )
     assert pragmas == [2, 1]  # FULL, ON (per-connection settings, so read on the store's own)
 
 
 async def test_reopen_keeps_data(tmp_path: Path, box: SecretBox) -> None:
-    store = await Store.open(tmp_path, box)
-    await store.set_setting("mode", "demo")
-    await store.set_setting("mode", "run")
-    await store.put_secret("graph/alice", SECRET)
-    await store.record_event("runtime.start")
-    await store.record_event("consent", account="alice@example.com", detail="Mail.Send")
-    await store.close()
-    await store.close()  # idempotent
+    stores = await open_sqlite(tmp_path, box)
+    await stores.auth.set_setting("mode", "demo")
+    await stores.auth.set_setting("mode", "run")
+    await stores.auth.put_secret("graph/alice", SECRET)
+    await stores.events.record_event("runtime.start")
+    await stores.events.record_event("consent", account="alice@example.com", detail="Mail.Send")
+    await stores.close()
+    await stores.close()  # idempotent
 
-    store = await Store.open(tmp_path, box)
+    stores = await open_sqlite(tmp_path, box)
     try:
-        assert await store.get_setting("mode") == "run"
-        assert await store.get_setting("missing") is None
-        assert await store.get_secret("graph/alice") == SECRET
-        events = await store.recent_events()
+        assert await stores.auth.get_setting("mode") == "run"
+        assert await stores.auth.get_setting("missing") is None
+        assert await stores.auth.get_secret("graph/alice") == SECRET
+        events = await stores.events.recent_events()
     finally:
-        await store.close()
+        await stores.close()
     assert [(e.kind, e.account, e.detail) for e in events] == [
         ("consent", "alice@example.com", "Mail.Send"),
         ("runtime.start", None, None),
@@ -88,26 +130,31 @@ async def test_reopen_keeps_data(tmp_path: Path, box: SecretBox) -> None:
     assert all(e.at.tzinfo is not None and now - timedelta(minutes=1) < e.at <= now for e in events)
 
 
-async def test_closed_store_refuses_calls(tmp_path: Path, box: SecretBox) -> None:
-    store = await Store.open(tmp_path, box)
-    await store.close()
+async def test_closed_stores_refuse_calls(tmp_path: Path, box: SecretBox) -> None:
+    stores = await open_sqlite(tmp_path, box)
+    await stores.close()
     with pytest.raises(StoreError, match="closed"):
-        await store.get_setting("mode")
+        await stores.auth.get_setting("mode")
+    with pytest.raises(StoreError, match="closed"):
+        await stores.events.record_event("late")
+    with pytest.raises(StoreError, match="closed"):
+        await stores.mailboxes.load_mailbox("desk")
 
 
-async def test_recent_events_limit(store: Store) -> None:
+async def test_recent_events_limit(stores: Stores) -> None:
+    events = stores.events
     for number in range(5):
-        await store.record_event("tick", detail=str(number))
-    events = await store.recent_events(limit=3)
-    assert [e.detail for e in events] == ["4", "3", "2"]
-    assert await store.recent_events(limit=0) == []
+        await events.record_event("tick", detail=str(number))
+    recent = await events.recent_events(limit=3)
+    assert [e.detail for e in recent] == ["4", "3", "2"]
+    assert await events.recent_events(limit=0) == []
     with pytest.raises(ValueError, match="negative"):
-        await store.recent_events(limit=-1)
+        await events.recent_events(limit=-1)
 
 
-async def test_timestamps_are_fixed_width_utc_text(store: Store, tmp_path: Path) -> None:
-    await store.record_event("tick")
-    await store.put_secret("s", b"x")
+async def test_timestamps_are_fixed_width_utc_text(stores: Stores, tmp_path: Path) -> None:
+    await stores.events.record_event("tick")
+    await stores.auth.put_secret("s", b"x")
     conn = _raw(tmp_path)
     try:
         stamps = [row[0] for row in conn.execute("SELECT at FROM events")]
@@ -120,27 +167,26 @@ async def test_timestamps_are_fixed_width_utc_text(store: Store, tmp_path: Path)
         assert stamp.endswith("Z")
 
 
-async def test_secrets_round_trip_and_delete(store: Store) -> None:
-    assert await store.get_secret("graph/alice") is None
-    await store.put_secret("graph/alice", SECRET)
-    await store.put_secret("graph/alice", b"rotated")
-    assert await store.get_secret("graph/alice") == b"rotated"
-    await store.delete_secret("graph/alice")
-    await store.delete_secret("graph/alice")  # deleting a missing secret is fine
-    assert await store.get_secret("graph/alice") is None
+async def test_secrets_round_trip_and_replace(stores: Stores) -> None:
+    auth = stores.auth
+    assert await auth.get_secret("graph/alice") is None
+    await auth.put_secret("graph/alice", SECRET)
+    await auth.put_secret("graph/alice", b"rotated")
+    assert await auth.get_secret("graph/alice") == b"rotated"
 
 
-async def test_plaintext_never_in_database_files(store: Store, tmp_path: Path) -> None:
-    await store.put_secret("graph/alice", SECRET)
+async def test_plaintext_never_in_database_files(stores: Stores, tmp_path: Path) -> None:
+    await stores.auth.put_secret("graph/alice", SECRET)
     contents = _database_files(tmp_path)
     assert "gateway.db-wal" in contents  # the fresh write is still in the WAL, not checkpointed
     for name, content in contents.items():
         assert SECRET not in content, name
 
 
-async def test_ciphertext_moved_to_another_name_fails(store: Store, tmp_path: Path) -> None:
-    await store.put_secret("graph/alice", SECRET)
-    await store.put_secret("graph/bob", b"bob's token")
+async def test_ciphertext_moved_to_another_name_fails(stores: Stores, tmp_path: Path) -> None:
+    auth = stores.auth
+    await auth.put_secret("graph/alice", SECRET)
+    await auth.put_secret("graph/bob", b"bob's token")
     conn = _raw(tmp_path)
     try:
         conn.execute(
@@ -150,20 +196,20 @@ async def test_ciphertext_moved_to_another_name_fails(store: Store, tmp_path: Pa
     finally:
         conn.close()
     with pytest.raises(StoreError, match="'graph/bob'"):
-        await store.get_secret("graph/bob")
-    assert await store.get_secret("graph/alice") == SECRET
+        await auth.get_secret("graph/bob")
+    assert await auth.get_secret("graph/alice") == SECRET
 
 
 async def test_wrong_key_fails(tmp_path: Path, box: SecretBox) -> None:
-    store = await Store.open(tmp_path, box)
-    await store.put_secret("graph/alice", SECRET)
-    await store.close()
-    store = await Store.open(tmp_path, SecretBox(bytes(32)))
+    stores = await open_sqlite(tmp_path, box)
+    await stores.auth.put_secret("graph/alice", SECRET)
+    await stores.close()
+    stores = await open_sqlite(tmp_path, SecretBox(bytes(32)))
     try:
         with pytest.raises(StoreError, match="secret key does not match"):
-            await store.get_secret("graph/alice")
+            await stores.auth.get_secret("graph/alice")
     finally:
-        await store.close()
+        await stores.close()
 
 
 async def test_migrates_older_database(tmp_path: Path, box: SecretBox) -> None:
@@ -173,14 +219,84 @@ async def test_migrates_older_database(tmp_path: Path, box: SecretBox) -> None:
         conn.execute("INSERT INTO settings (key, value) VALUES ('mode', 'run')")
     finally:
         conn.close()
-    store = await Store.open(tmp_path, box)
+    db = await Database.open(tmp_path)
     try:
-        assert store.schema_version == len(MIGRATIONS)
-        assert await store.get_setting("mode") == "run"
-        await store.record_event("runtime.start")
-        assert [e.kind for e in await store.recent_events()] == ["runtime.start"]
+        assert db.schema_version == len(MIGRATIONS)
+        auth, events = SqliteAuthStore(db, box), SqliteEventLog(db)
+        assert await auth.get_setting("mode") == "run"
+        await events.record_event("runtime.start")
+        assert [e.kind for e in await events.recent_events()] == ["runtime.start"]
     finally:
-        await store.close()
+        await db.close()
+
+
+def _old_database(tmp_path: Path) -> Path:
+    """The old store's database restored from its dump into ``tmp_path/gateway.db``."""
+    tmp_path.mkdir(exist_ok=True)
+    conn = _raw(tmp_path)
+    try:
+        conn.executescript(OLD_DATABASE.read_text(encoding="utf-8"))
+    finally:
+        conn.close()
+    return tmp_path / "gateway.db"
+
+
+def _schema(path: Path) -> list[tuple[str, str, str]]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(
+            "SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY name"
+        ).fetchall()
+    finally:
+        conn.close()
+
+
+async def test_schema_is_the_old_stores(tmp_path: Path, box: SecretBox) -> None:
+    """A fresh database gets exactly the tables and indexes the single-class store made."""
+    old = _old_database(tmp_path / "old")
+    await (await open_sqlite(tmp_path / "new", box)).close()
+    assert _schema(tmp_path / "new" / "gateway.db") == _schema(old)
+
+
+async def test_opens_a_database_of_the_old_store(tmp_path: Path, box: SecretBox) -> None:
+    """Every purpose store reads what the pre-split store wrote, and can write beside it."""
+    _old_database(tmp_path)
+    stores = await open_sqlite(tmp_path, box)
+    try:
+        auth, events, mailboxes = stores.auth, stores.events, stores.mailboxes
+        assert await auth.get_setting("google.client_id") == "client-123.apps.googleusercontent.com"
+        assert await auth.get_secret("google.client_secret") == b"s3cret-client"
+        crm = await auth.get_account_auth("crm")
+        assert crm is not None and crm.token == b"msal-cache-bytes"
+        assert (crm.state, crm.principal) == ("connected", "crm@contoso.example")
+        assert crm.scopes == ("Mail.Send", "offline_access")
+        desk = await auth.get_account_auth("desk")
+        assert desk is not None and desk.token is None and desk.admin_notified
+        assert desk.reconsent_since == datetime(2024, 5, 1, 9, 30, tzinfo=UTC)
+        assert desk.last_error == "invalid_grant"
+        now = datetime.now(UTC)
+        assert await auth.use_consent_link("hash-used", now) is None
+        assert await auth.use_consent_link("hash-live", now) == "desk"
+
+        assert [(e.id, e.kind, e.account) for e in await events.recent_events()] == [
+            (2, "oauth.connected", "crm"),
+            (1, "gateway.started", None),
+        ]
+        await events.record_event("gateway.started")
+        assert (await events.recent_events(1))[0].id == 3
+
+        state, entries = await mailboxes.load_mailbox("desk")
+        assert state == MailboxState(1714555800, 4, "cursor-7")
+        at = datetime(2024, 5, 1, 9, 30, tzinfo=UTC)
+        assert entries == [
+            MailboxUid(1, "m1", at, ("\\Seen",), 120),
+            MailboxUid(2, "m2", at, (), None, ("\\Flagged",)),
+            MailboxUid(3, "m3", at, (), 300, None, True),
+        ]
+        headers = await mailboxes.load_mailbox_headers("desk", ["m1", "m2"])
+        assert headers == {"m1": b"Subject: one\r\n\r\n"}
+    finally:
+        await stores.close()
 
 
 async def test_refuses_newer_database(tmp_path: Path, box: SecretBox) -> None:
@@ -191,7 +307,7 @@ async def test_refuses_newer_database(tmp_path: Path, box: SecretBox) -> None:
     finally:
         conn.close()
     with pytest.raises(StoreError) as caught:
-        await Store.open(tmp_path, box)
+        await open_sqlite(tmp_path, box)
     assert str(caught.value) == (
         f"{tmp_path / 'gateway.db'} has schema version 7 but this gateway only knows up to "
         f"{len(MIGRATIONS)}; upgrade the gateway or restore a backup"
@@ -244,7 +360,7 @@ def test_gaps_and_disorder_rejected(tmp_path: Path, versions: list[int]) -> None
 async def test_corrupt_database_named(tmp_path: Path, box: SecretBox) -> None:
     (tmp_path / "gateway.db").write_bytes(b"this is not an SQLite database" * 100)
     with pytest.raises(StoreError) as caught:
-        await Store.open(tmp_path, box)
+        await open_sqlite(tmp_path, box)
     message = str(caught.value)
     assert str(tmp_path / "gateway.db") in message
     assert "restore a backup" in message
@@ -253,13 +369,13 @@ async def test_corrupt_database_named(tmp_path: Path, box: SecretBox) -> None:
 async def test_locked_database_named(
     tmp_path: Path, box: SecretBox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await (await Store.open(tmp_path, box)).close()
-    monkeypatch.setattr(_sqlite, "BUSY_TIMEOUT_SECONDS", 0.05)
+    await (await open_sqlite(tmp_path, box)).close()
+    monkeypatch.setattr(_db, "BUSY_TIMEOUT_SECONDS", 0.05)
     conn = _raw(tmp_path)
     try:
         conn.execute("BEGIN IMMEDIATE")
         with pytest.raises(StoreError) as caught:
-            await Store.open(tmp_path, box)
+            await open_sqlite(tmp_path, box)
         conn.execute("ROLLBACK")
     finally:
         conn.close()
@@ -268,62 +384,83 @@ async def test_locked_database_named(
     assert "second gateway" in message
 
 
-async def test_concurrent_calls(store: Store) -> None:
+async def test_concurrent_calls(stores: Stores) -> None:
+    auth = stores.auth
+
     async def round_trip(number: int) -> str | None:
-        await store.set_setting(f"key{number}", f"value{number}")
-        return await store.get_setting(f"key{number}")
+        await auth.set_setting(f"key{number}", f"value{number}")
+        return await auth.get_setting(f"key{number}")
 
     results = await asyncio.gather(*(round_trip(n) for n in range(100)))
     assert results == [f"value{n}" for n in range(100)]
-    await asyncio.gather(*(store.set_setting("shared", str(n)) for n in range(100)))
-    assert await store.get_setting("shared") == "99"  # one worker thread: submission order
+    await asyncio.gather(*(auth.set_setting("shared", str(n)) for n in range(100)))
+    assert await auth.get_setting("shared") == "99"  # one worker thread: submission order
 
 
-async def test_sql_runs_on_one_dedicated_thread(store: Store) -> None:
+async def test_sql_runs_on_one_dedicated_thread(db: Database) -> None:
     names = await asyncio.gather(
-        *(store._run(lambda _conn: threading.current_thread().name) for _ in range(10))
+        *(db.run(lambda _conn: threading.current_thread().name) for _ in range(10))
     )
     assert len(set(names)) == 1
     assert names[0].startswith("gateway-store")
 
 
-async def test_account_auth_round_trip_encrypts_the_token(tmp_path: Path, box: SecretBox) -> None:
+async def test_stores_share_one_connection(db: Database, box: SecretBox) -> None:
+    """A write through one purpose store is visible at once through the others' connection."""
+    auth, events = SqliteAuthStore(db, box), SqliteEventLog(db)
+    await auth.set_setting("mode", "run")
+    await events.record_event("tick")
+    (count,) = await db.fetch_one("SELECT COUNT(*) FROM settings") or (0,)
+    assert count == 1
+    assert [e.kind for e in await events.recent_events()] == ["tick"]
+
+
+async def test_transact_applies_all_or_nothing(db: Database) -> None:
+    def half_then_fail(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO settings (key, value) VALUES ('a', '1')")
+        conn.execute("INSERT INTO settings (key, value) VALUES ('a', '2')")  # duplicate key
+
+    with pytest.raises(StoreError, match="UNIQUE"):
+        await db.transact(half_then_fail)
+    assert await db.fetch_all("SELECT key FROM settings") == []
+
+
+async def test_account_auth_round_trip_encrypts_the_token(stores: Stores, tmp_path: Path) -> None:
+    auth = stores.auth
     token = b"refresh-token-material-0123456789"
-    store = await Store.open(tmp_path, box)
-    try:
-        await store.put_account_auth(
-            AccountAuth(
-                "crm", "microsoft", "connected", "crm@contoso.example", ("Mail.Send",), token
-            )
-        )
-        stored = await store.get_account_auth("crm")
-        assert stored is not None and stored.token == token and stored.scopes == ("Mail.Send",)
-        assert "refresh-token" not in repr(stored)
-        since = datetime.now(UTC)
-        await store.put_account_auth(
-            AccountAuth(
-                "crm", "microsoft", "needs_reconsent", None, (), token, reconsent_since=since
-            )
-        )
-        changed = await store.get_account_auth("crm")
-        assert changed.state == "needs_reconsent" and changed.reconsent_since == since
-        assert [a.account for a in await store.list_account_auth()] == ["crm"]
-        await store.delete_account_auth("crm")
-        assert await store.get_account_auth("crm") is None
-    finally:
-        await store.close()
+    await auth.put_account_auth(
+        AccountAuth("crm", "microsoft", "connected", "crm@contoso.example", ("Mail.Send",), token)
+    )
+    stored = await auth.get_account_auth("crm")
+    assert stored is not None and stored.token == token and stored.scopes == ("Mail.Send",)
+    assert "refresh-token" not in repr(stored)
+    since = datetime.now(UTC)
+    await auth.put_account_auth(
+        AccountAuth("crm", "microsoft", "needs_reconsent", None, (), token, reconsent_since=since)
+    )
+    changed = await auth.get_account_auth("crm")
+    assert changed is not None
+    assert changed.state == "needs_reconsent" and changed.reconsent_since == since
+    await stores.close()
     assert all(token not in content for content in _database_files(tmp_path).values())
-
-
-async def test_consent_links_are_single_use_and_expire(tmp_path: Path, box: SecretBox) -> None:
-    store = await Store.open(tmp_path, box)
-    now = datetime.now(UTC)
+    stores = await open_sqlite(tmp_path, SecretBox(KEY))
     try:
-        await store.add_consent_link("hash-a", "crm", now + timedelta(hours=1))
-        await store.add_consent_link("hash-b", "crm", now - timedelta(seconds=1))
-        assert await store.use_consent_link("hash-a", now) == "crm"
-        assert await store.use_consent_link("hash-a", now) is None  # spent
-        assert await store.use_consent_link("hash-b", now) is None  # expired
-        assert await store.use_consent_link("unknown", now) is None
+        await stores.auth.delete_account_auth("crm")
+        assert await stores.auth.get_account_auth("crm") is None
     finally:
-        await store.close()
+        await stores.close()
+
+
+async def test_consent_links_are_single_use_and_expire(stores: Stores) -> None:
+    auth = stores.auth
+    now = datetime.now(UTC)
+    await auth.add_consent_link("hash-a", "crm", now + timedelta(hours=1))
+    await auth.add_consent_link("hash-b", "crm", now - timedelta(seconds=1))
+    assert await auth.peek_consent_link("hash-a", now) == "crm"
+    assert await auth.peek_consent_link("hash-a", now) == "crm"  # peeking does not spend it
+    assert await auth.use_consent_link("hash-a", now) == "crm"
+    assert await auth.use_consent_link("hash-a", now) is None  # spent
+    assert await auth.peek_consent_link("hash-a", now) is None
+    assert await auth.use_consent_link("hash-b", now) is None  # expired
+    assert await auth.peek_consent_link("hash-b", now) is None
+    assert await auth.use_consent_link("unknown", now) is None

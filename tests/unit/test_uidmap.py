@@ -10,7 +10,7 @@ import pytest
 
 from gateway.mailbox import UidMap
 from gateway.providers import SEEN, RemoteMessage
-from gateway.store import SecretBox, Store
+from gateway.store import MailboxStore, SecretBox, open_sqlite
 
 KEY = bytes(range(32))
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -21,10 +21,10 @@ def msg(pid: str, minutes: int = 0, seen: bool = False) -> RemoteMessage:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(tmp_path, SecretBox(KEY))
+async def store(tmp_path: Path) -> AsyncIterator[MailboxStore]:
+    opened = await open_sqlite(tmp_path, SecretBox(KEY))
     try:
-        yield opened
+        yield opened.mailboxes
     finally:
         await opened.close()
 
@@ -33,14 +33,14 @@ def uid_of(uids: UidMap) -> dict[str, int]:
     return {e.provider_id: e.uid for e in uids.entries()}
 
 
-async def test_first_sync_orders_by_arrival_not_by_listing(store: Store) -> None:
+async def test_first_sync_orders_by_arrival_not_by_listing(store: MailboxStore) -> None:
     uids = await UidMap.load(store, "a")
     applied = await uids.reconcile([msg("c", 3), msg("a", 1), msg("b", 2)], "c1")
     assert uid_of(uids) == {"a": 1, "b": 2, "c": 3}
     assert applied.added == [1, 2, 3] and uids.uidnext == 4 and uids.cursor == "c1"
 
 
-async def test_apply_is_idempotent_and_uids_are_never_reused(store: Store) -> None:
+async def test_apply_is_idempotent_and_uids_are_never_reused(store: MailboxStore) -> None:
     uids = await UidMap.load(store, "a")
     await uids.reconcile([msg("a"), msg("b", 1)], "c1")
     again = await uids.apply([msg("a"), msg("b", 1)], [], {}, "c2")
@@ -51,7 +51,7 @@ async def test_apply_is_idempotent_and_uids_are_never_reused(store: Store) -> No
     assert back.added == [3] and uid_of(uids) == {"a": 1, "b": 3}
 
 
-async def test_flags_change_only_when_different(store: Store) -> None:
+async def test_flags_change_only_when_different(store: MailboxStore) -> None:
     uids = await UidMap.load(store, "a")
     await uids.reconcile([msg("a"), msg("b", 1)], "c1")
     applied = await uids.apply(
@@ -61,32 +61,34 @@ async def test_flags_change_only_when_different(store: Store) -> None:
     assert uids.by_id["a"].flags == (SEEN,) and uids.by_id["b"].flags == ()
 
 
-async def test_removed_wins_over_added_in_one_batch(store: Store) -> None:
+async def test_removed_wins_over_added_in_one_batch(store: MailboxStore) -> None:
     uids = await UidMap.load(store, "a")
     applied = await uids.apply([msg("a")], ["a"], {}, "c1")
     assert applied.added == [] and uids.uidnext == 1
 
 
 async def test_state_survives_reopening_the_store(tmp_path: Path) -> None:
-    first = await Store.open(tmp_path, SecretBox(KEY))
-    uids = await UidMap.load(first, "a")
+    first = await open_sqlite(tmp_path, SecretBox(KEY))
+    uids = await UidMap.load(first.mailboxes, "a")
     await uids.reconcile([msg("a"), msg("b", 1, seen=True)], "c1")
     await uids.apply([], ["a"], {}, "c2")
     validity = uids.uidvalidity
     await first.close()
-    second = await Store.open(tmp_path, SecretBox(KEY))
+    second = await open_sqlite(tmp_path, SecretBox(KEY))
     try:
-        again = await UidMap.load(second, "a")
+        again = await UidMap.load(second.mailboxes, "a")
         assert (again.uidvalidity, again.uidnext, again.cursor) == (validity, 3, "c2")
         assert [(e.uid, e.provider_id, e.flags) for e in again.entries()] == [(2, "b", (SEEN,))]
         assert again.by_id["b"].internal_date == T0 + timedelta(minutes=1)
-        other = await UidMap.load(second, "other")
+        other = await UidMap.load(second.mailboxes, "other")
         assert not other.known and other.entries() == []
     finally:
         await second.close()
 
 
-async def test_reconcile_keeps_survivors_and_rebuild_changes_uidvalidity(store: Store) -> None:
+async def test_reconcile_keeps_survivors_and_rebuild_changes_uidvalidity(
+    store: MailboxStore,
+) -> None:
     uids = await UidMap.load(store, "a")
     await uids.reconcile([msg("a"), msg("b", 1), msg("c", 2)], "c1")
     validity = uids.uidvalidity
