@@ -102,6 +102,8 @@ class ReadOnlyMailbox:
         self.messages = [RawMessage(i, raw) for i, raw in enumerate(raws, 1)]
         self.listeners: list[Any] = []
         self.select_delay = 0.01  # a remote backend answers later: exposes pipelining bugs
+        self.select_gate: asyncio.Event | None = None  # when set: SELECT answers once it is set
+        self.selects: list[Any] = []  # the Deferred of every select, to wait for its callbacks
 
     def getFlags(self) -> list[str]:
         return ["\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft"]
@@ -161,10 +163,15 @@ class Account:
 
     def select(self, name: str, rw: bool = True) -> Any:
         async def pick() -> ReadOnlyMailbox | None:
-            await asyncio.sleep(self.mailbox.select_delay)  # async like the real view
+            if self.mailbox.select_gate is not None:
+                await self.mailbox.select_gate.wait()
+            else:
+                await asyncio.sleep(self.mailbox.select_delay)  # async like the real view
             return self.mailbox if name.upper() == "INBOX" else None
 
-        return as_deferred(pick())
+        deferred = as_deferred(pick())
+        self.mailbox.selects.append(deferred)
+        return deferred
 
 
 class _TestServer(CompatIMAP4Server):
@@ -534,8 +541,24 @@ async def test_unbounded_pipelining_is_cut_off(
     served: tuple[RunningListener, ReadOnlyMailbox],
 ) -> None:
     listener, mailbox = served
-    mailbox.select_delay = 0.5  # the flood arrives while EXAMINE is still in flight
-    transcript = await asyncio.to_thread(_flood, listener.port)
+    mailbox.select_gate = asyncio.Event()  # the flood arrives while EXAMINE is still in flight
+    transcript = await asyncio.to_thread(_flood, listener.port)  # read to EOF: cut off
     assert b"* BYE Too many pipelined commands" in transcript
-    await asyncio.sleep(0.7)  # EXAMINE completes after the disconnect: no listener may remain
+    mailbox.select_gate.set()  # EXAMINE completes after the disconnect: no listener may remain
+    (examine,) = mailbox.selects
+    await _settled(examine)
     assert mailbox.listeners == []
+
+
+async def _settled(deferred: Any) -> None:
+    """Wait until *deferred* has fired and every callback the server chained to it has run
+    (ours, added last, runs after them)."""
+    done = asyncio.get_running_loop().create_future()
+
+    def finish(result: Any) -> Any:
+        if not done.done():
+            done.set_result(None)
+        return result  # the server's outcome, failure included, goes on unchanged
+
+    deferred.addBoth(finish)
+    await asyncio.wait_for(done, 10)

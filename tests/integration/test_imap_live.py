@@ -167,7 +167,7 @@ async def test_one_poller_per_mailbox(live: Live) -> None:
     target = "graph" if live.account == "crm" else "gmail"
     requests = live.sandbox.faults.requests
     before = requests.get(target, 0)
-    await asyncio.sleep(POLL_SECONDS * 4.5)
+    await asyncio.sleep(POLL_SECONDS * 4.5)  # a measured window (pacing, not a wait for work)
     polls = requests.get(target, 0) - before
     for client in clients:
         await asyncio.to_thread(client.logout)

@@ -76,7 +76,9 @@ async def test_a_burst_into_a_throttled_mailbox_is_delivered_once_without_a_stor
                 assert time.monotonic() < deadline, f"{len(sandbox.ops(user).sent(user))} sent"
                 paused_seen = paused_seen or "crm" in gateway.spool.pauses()
                 await asyncio.sleep(0.05)
-            await asyncio.sleep(0.3)  # anything still in flight would show up now
+            while gateway.spool.messages():  # a record leaves only once its send is over:
+                assert time.monotonic() < deadline, "the spool did not empty"  # then nothing
+                await asyncio.sleep(0.05)  # is in flight, and a duplicate would show by now
             stats = (await control.get("/_sandbox/stats", headers=CONTROL)).json()
     sent = Counter(str(m.raw.split(b"Message-ID: ", 1)[1].split(b"\r\n", 1)[0], "ascii")
                    for m in sandbox.ops(user).sent(user))  # fmt: skip
