@@ -99,6 +99,32 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_option(connect)
     connect.set_defaults(handler=_connect)
 
+    _add_queue_command(commands)
+
+    accounts = _command(
+        commands,
+        "accounts",
+        "List the accounts and whether each mailbox is connected or needs re-consent.",
+        "Needs no secrets.",
+    )
+    _add_config_option(accounts)
+    accounts.set_defaults(handler=_accounts)
+
+    _add_demo_command(commands)
+
+    hasher = _command(
+        commands,
+        "hash-password",
+        "Hash a local password for accounts[].password_hash or admin.password_hash.",
+        "Reads a password (prompted twice without echo, or one line from standard input) and "
+        "prints a salted scrypt hash to paste into the config.",
+    )
+    hasher.set_defaults(handler=_hash_password)
+    return parser
+
+
+def _add_queue_command(commands: Any) -> None:
+    """``gateway queue`` and its actions."""
     queue = _command(
         commands,
         "queue",
@@ -113,15 +139,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_option(queue)
     queue.set_defaults(handler=_queue)
 
-    accounts = _command(
-        commands,
-        "accounts",
-        "List the accounts and whether each mailbox is connected or needs re-consent.",
-        "Needs no secrets.",
-    )
-    _add_config_option(accounts)
-    accounts.set_defaults(handler=_accounts)
 
+def _add_demo_command(commands: Any) -> None:
+    """``gateway demo`` and its options (the longest command; kept apart from _parser)."""
     demo = _command(
         commands,
         "demo",
@@ -157,16 +177,6 @@ def _parser() -> argparse.ArgumentParser:
         help="log level on standard error (default: warning, to keep the instructions readable)",
     )
     demo.set_defaults(handler=_demo)
-
-    hasher = _command(
-        commands,
-        "hash-password",
-        "Hash a local password for accounts[].password_hash or admin.password_hash.",
-        "Reads a password (prompted twice without echo, or one line from standard input) and "
-        "prints a salted scrypt hash to paste into the config.",
-    )
-    hasher.set_defaults(handler=_hash_password)
-    return parser
 
 
 def _command(commands: Any, name: str, summary: str, details: str = "") -> argparse.ArgumentParser:

@@ -31,6 +31,7 @@ from zope.interface import implementer
 from ..mailbox import MailboxView, MessageInfo
 from ..runtime import as_deferred
 from . import _render
+from ._contract import GatewayMailbox, MailboxListener, PreparedMessage
 from ._search import (
     Candidate,
     compile_query,
@@ -133,7 +134,7 @@ def _wildcard(pattern: str) -> re.Pattern[str]:
 
 
 @implementer(imap4.IMessage, imap4.IMessageFile)
-class GatewayMessage:
+class GatewayMessage(PreparedMessage):
     """One message of a FETCH; the body is present only if the FETCH needed it."""
 
     def __init__(
@@ -192,7 +193,7 @@ class _Pending:
 
 
 @implementer(imap4.IMailbox, imap4.ISearchableMailbox, imap4.ICloseableMailbox)
-class InboxMailbox:
+class InboxMailbox(GatewayMailbox):
     """The INBOX of one SELECT: this session's ordered message list over the shared view."""
 
     def __init__(self, view: MailboxView, writeable: bool) -> None:
@@ -202,7 +203,7 @@ class InboxMailbox:
         # otherwise hold 40 MB of lists. Replaced (never changed in place) as changes are
         # reported; see _shared.
         self.messages: tuple[MessageInfo, ...] = view.messages()
-        self.listeners: list[Any] = []  # sessions; told by ``mailbox_changed()`` of changes
+        self.listeners: list[MailboxListener] = []  # sessions, told of changes
         self._pending = _Pending()
         view.watch(self._told)
 
@@ -270,10 +271,10 @@ class InboxMailbox:
         }
         return {n.upper(): values[n.upper()]() for n in names if n.upper() in values}
 
-    def addListener(self, listener: Any) -> None:
+    def addListener(self, listener: MailboxListener) -> None:
         self.listeners.append(listener)
 
-    def removeListener(self, listener: Any) -> None:
+    def removeListener(self, listener: MailboxListener) -> None:
         if listener in self.listeners:
             self.listeners.remove(listener)
 
@@ -287,9 +288,7 @@ class InboxMailbox:
             pending.flags.update(applied.flags_changed)
         if pending:
             for listener in list(self.listeners):
-                notify = getattr(listener, "mailbox_changed", None)
-                if notify is not None:
-                    notify()
+                listener.mailbox_changed()
 
     async def refresh(self) -> None:
         """NOOP/CHECK: nothing to ask the provider; the view's poller asks it every

@@ -21,6 +21,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.protocol import Factory
 from twisted.mail import imap4
+from twisted.python.failure import Failure
 
 from ..admission import Admission, ConnectionLimits
 from ..cleartext import plaintext_auth_allowed
@@ -29,6 +30,7 @@ from ..logs import get_logger
 from ..mailbox import MailboxView
 from ..runtime import ConnectionRegistry, RunningListener, as_deferred, listen_twisted
 from ._compat import CompatIMAP4Server
+from ._contract import GatewayMailbox
 from ._mailbox import InboxAccount
 
 # (username, password, client address) -> the account name, or why the login gate refused it.
@@ -46,6 +48,7 @@ class _GatewayIMAP4Server(CompatIMAP4Server):
 
     admission: Admission  # set by the listener (gateway.runtime.listen_twisted)
     _state = "unauth"
+    _sasl: tuple[Any, bytes] | None = None  # the SASL exchange waiting for the client's line
 
     def connectionMade(self) -> None:
         self.factory.connections.add(self, self.transport.loseConnection)
@@ -128,7 +131,7 @@ class _GatewayIMAP4Server(CompatIMAP4Server):
             return
         chal = credentials()
         if initial is None:
-            self._setupChallenge(chal, tag)
+            self._ask_sasl(chal, tag)
             return
         chal.getChallenge()  # the (empty) challenge that the initial response answers
         self._auth_chunk(b"" if initial == b"=" else initial, chal, tag)
@@ -138,19 +141,28 @@ class _GatewayIMAP4Server(CompatIMAP4Server):
 
     unauth_AUTHENTICATE = (do_AUTHENTICATE, imap4.IMAP4Server.arg_atom, opt_initial_response)
 
-    def _setupChallenge(self, chal: Any, tag: bytes) -> None:
-        """Stock's challenge loop, ending in :meth:`_sign_in` so replies carry response codes."""
+    def _ask_sasl(self, chal: Any, tag: bytes) -> None:
+        """A challenge; the client's next line goes to :meth:`parse_sasl` (stock's loop used
+        its private ``_pendingLiteral``), ending in :meth:`_sign_in` so replies carry response
+        codes."""
         try:
             challenge = chal.getChallenge()
         except Exception:
             self.factory.log_failure("AUTHENTICATE challenge failed")
             self.sendNegativeResponse(tag, b"[SERVERBUG] Authentication failed")
             return
-        self.parseState = "pending"
-        self._pendingLiteral = defer.Deferred()
+        self.parseState = "sasl"  # Twisted's lineReceived calls parse_<parseState>
+        self._sasl = (chal, tag)
         self.sendContinuationRequest(b64encode(challenge))
-        self._pendingLiteral.addCallback(self._auth_chunk, chal, tag)
-        self._pendingLiteral.addErrback(lambda failure: self._login_failed(failure, tag))
+
+    def parse_sasl(self, line: bytes) -> None:
+        """The client's answer to a SASL challenge."""
+        self.parseState = "command"
+        (chal, tag), self._sasl = self._sasl, None
+        try:
+            self._auth_chunk(line, chal, tag)
+        except Exception:
+            self._login_failed(Failure(), tag)
 
     def _auth_chunk(self, line: bytes, chal: Any, tag: bytes) -> None:
         if line.strip() == b"*":
@@ -165,7 +177,7 @@ class _GatewayIMAP4Server(CompatIMAP4Server):
             self.sendBadResponse(tag, b"AUTHENTICATE response is malformed")
             return
         if chal.moreChallenges():
-            self._setupChallenge(chal, tag)
+            self._ask_sasl(chal, tag)
             return
         if getattr(chal, "authzid", b"") not in (b"", chal.username):
             self.sendNegativeResponse(tag, b"[AUTHORIZATIONFAILED] Cannot act as another user")
@@ -241,11 +253,10 @@ class _GatewayIMAP4Server(CompatIMAP4Server):
 
     def do_NOOP(self, tag: bytes) -> None:
         """Sync with the provider now, then report every pending change."""
-        refresh = getattr(self.mbox, "refresh", None) if self.state == "select" else None
-        if refresh is None:
+        if self.state != "select" or not isinstance(self.mbox, GatewayMailbox):
             self.sendPositiveResponse(tag, b"NOOP completed")
             return
-        deferred = as_deferred(refresh())
+        deferred = as_deferred(self.mbox.refresh())
         deferred.addCallback(self._refreshed, tag, b"NOOP")
         deferred.addErrback(self._refresh_failed, tag, b"NOOP")
 
@@ -271,9 +282,8 @@ class _GatewayIMAP4Server(CompatIMAP4Server):
         self.sendPositiveResponse(tag, command + b" completed (mailbox not refreshed)")
 
     def _report_changes(self) -> None:
-        drain = getattr(self.mbox, "drain", None)
-        if drain is not None and not self._lost:
-            for line in drain():
+        if isinstance(self.mbox, GatewayMailbox) and not self._lost:
+            for line in self.mbox.drain():
                 self.sendUntaggedResponse(line)
 
     def mailbox_changed(self) -> None:

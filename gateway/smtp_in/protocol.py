@@ -15,7 +15,15 @@ import re
 from base64 import b64decode
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session, TLSSetupException, syntax
+from aiosmtpd.smtp import (
+    MISSING,
+    SMTP,
+    AuthResult,
+    Envelope,
+    Session,
+    TLSSetupException,
+    syntax,
+)
 
 from ..admission import Admission
 from ..cleartext import plaintext_auth_allowed
@@ -36,29 +44,32 @@ class _Session(Session):
     """aiosmtpd's Session logs a deprecation warning whenever it sets ``login_data``, which it
     does on every successful AUTH; this one stores it silently. It also reports the moment
     aiosmtpd marks it authenticated, which moves the connection out of the unauthenticated pool.
+    Both are kept in attributes of ours, not in the parent's private ones.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, on_login: Any) -> None:
         self._on_login = on_login
+        self._gateway_authenticated: bool | None = None
+        self._gateway_login_data: Any = None
         super().__init__(loop)
 
     @property
     def authenticated(self) -> bool | None:
-        return self._authenticated
+        return self._gateway_authenticated
 
     @authenticated.setter
     def authenticated(self, value: bool | None) -> None:
-        self._authenticated = value
+        self._gateway_authenticated = value
         if value:
             self._on_login()
 
     @property
     def login_data(self) -> Any:
-        return self._login_data
+        return self._gateway_login_data
 
     @login_data.setter
     def login_data(self, value: Any) -> None:
-        self._login_data = value
+        self._gateway_login_data = value
 
 
 class GatewaySMTP(SMTP):
@@ -78,15 +89,18 @@ class GatewaySMTP(SMTP):
         self._admission = admission
         self._refused = False
         self._in_session = False  # counted in front's logged-in sessions
-        # aiosmtpd keeps these limits in a class-level dict that every connection mutates.
+        self._connected = False  # connection_made ran once; a second call is after STARTTLS
+        # aiosmtpd keeps these limits in a class-level dict that every connection mutates
+        # (pinned by tests/unit/test_library_hooks.py: drop this when it is per instance).
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         super().__init__(**kwargs)
 
     # -- connection state ------------------------------------------------------------------
 
     def tls_active(self) -> bool:
-        """aiosmtpd only knows the TLS it started (STARTTLS), not the listener's implicit TLS."""
-        return self._implicit_tls or self._tls_protocol is not None
+        """aiosmtpd only knows the TLS it started (STARTTLS: the session's ``ssl``, set when
+        the handshake is done), not the listener's implicit TLS."""
+        return self._implicit_tls or (self.session is not None and self.session.ssl is not None)
 
     def peer_host(self) -> str:
         assert self.session is not None and self.session.peer is not None
@@ -98,10 +112,11 @@ class GatewaySMTP(SMTP):
         )
 
     def _create_session(self) -> Session:
+        """aiosmtpd's (private, pinned) factory of the session of each connection_made."""
         return _Session(self.loop, self._logged_in)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        starting_tls = self._original_transport is not None  # the second call, after STARTTLS
+        starting_tls, self._connected = self._connected, True  # a second call: after STARTTLS
         if not starting_tls:
             if not self._front.has_room():
                 self._refused = True
@@ -149,7 +164,7 @@ class GatewaySMTP(SMTP):
             log.info("smtp.tls_failed", client=self.peer_host(), error=repr(error.__cause__))
         else:
             log.exception("smtp.internal_error", client=self.peer_host())
-        self._set_rset_state()
+        self.envelope = Envelope()  # as RSET: the transaction is gone, the login stays
         return replies.INTERNAL_ERROR
 
     # -- commands --------------------------------------------------------------------------
@@ -195,8 +210,9 @@ class GatewaySMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         handler = self.event_handler
+        # aiosmtpd's stream reader (private, pinned): the data is read from it as it comes.
         reply = await handler.receive_data(self, self.session, self.envelope, self._reader)
-        self._set_post_data_state()
+        self.envelope = Envelope()  # the next transaction starts afresh, as after aiosmtpd's DATA
         await self.push(reply)
 
     @syntax("VRFY <address>")
