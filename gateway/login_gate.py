@@ -237,9 +237,10 @@ class LoginGate:
             refusal = self._over_budget(pair)
             if refusal is not None:
                 self._report_throttled(pair, protocol)
+                metrics.login(protocol, "throttled")
                 return refusal
             if self.verified.matches(user, password, stored):
-                self._succeeded(pair, client)
+                self._succeeded(pair, client, protocol)
                 return Accepted(from_cache=True)
             if pair not in self._in_flight:
                 break
@@ -254,14 +255,15 @@ class LoginGate:
         finally:
             self._release(pair)
         if accepted is not None:
-            self._succeeded(pair, client)
+            self._succeeded(pair, client, protocol)
             return accepted
         self.record_failure(client, user, protocol, "wrong username or password")
         return WRONG
 
-    def _succeeded(self, pair: PairKey, client: str) -> None:
+    def _succeeded(self, pair: PairKey, client: str, protocol: str) -> None:
         self._failures.forget(pair)
         self._failures.forget(pair.user, client)
+        metrics.login(protocol, "ok")
 
     def record_failure(self, client: str, user: UserKey, protocol: str, reason: str) -> None:
         """Count a failed login against the pair and the username, and log it."""
