@@ -6,9 +6,11 @@ Not a test helper: nothing here asserts; it builds the pieces and measures.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import os
 import socket
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -210,9 +212,12 @@ def run(main: Any, arguments: Any) -> None:
         loop.close()
 
 
-def upstream_gateway_config(state_dir: Path, smtp_port: int, postfix: Any, user: Any) -> dict:
+def upstream_gateway_config(
+    state_dir: Path, smtp_port: int, postfix: Any, user: Any, sessions: int
+) -> dict:
     """One ``provider: upstream`` account that sends through ``postfix``'s submission port
-    (STARTTLS, AUTH as the Dovecot ``user``); only the plain SMTP listener."""
+    (STARTTLS, AUTH as the Dovecot ``user``, ``sessions`` pooled sessions); only the plain SMTP
+    listener."""
     from gateway.passwords import hash_password
 
     listeners: dict[str, Any] = {
@@ -237,6 +242,7 @@ def upstream_gateway_config(state_dir: Path, smtp_port: int, postfix: Any, user:
                         "username": user.name,
                         "password": user.password,
                         "ca_file": str(postfix.ca_file),
+                        "max_sessions": sessions,
                     }
                 },
             }
@@ -262,3 +268,36 @@ def postfix_sessions(log_file: Path, since: int) -> list[int]:
         elif pid in open_sessions:
             open_sessions[pid] += 1
     return counts
+
+
+def queue_waits(log_text: str) -> list[tuple[str, float]]:
+    """(queue id, seconds from commit to the delivering attempt's start) of every ``spool.sent``
+    line in a gateway's JSON log, in submission order (queue ids sort by arrival time)."""
+    waits = []
+    for line in log_text.splitlines():
+        if '"spool.sent"' in line:
+            entry = json.loads(line)
+            waits.append((entry["queue_id"], float(entry["queue_wait"])))
+    return sorted(waits)
+
+
+def queue_wait_summary(waits: list[tuple[str, float]], rescan_interval: float = 30.0) -> str:
+    """The longest queue wait, and how far a message was overtaken: the most messages
+    submitted after it whose delivery began before its own. A message the worker lost track of
+    waits for the rescan (``rescan_interval``) and is overtaken by everything meanwhile."""
+    if not waits:
+        return "queue wait: no spool.sent lines"
+    # A queue id begins with its DATA's start in ms; the commit follows within milliseconds.
+    starts = [int(queue_id[:12], 16) / 1000 + wait for queue_id, wait in waits]
+    overtaken = 0
+    later_starts: list[float] = []  # walking from the newest: starts of those submitted later
+    for start in reversed(starts):
+        overtaken = max(overtaken, bisect.bisect_left(later_starts, start))
+        bisect.insort(later_starts, start)
+    longest = max(wait for _, wait in waits)
+    return (
+        f"queue wait (commit → delivery start) over {len(waits)} messages: max {longest:.2f} s, "
+        f"median {statistics.median(w for _, w in waits):.2f} s; most later messages started "
+        f"before one: {overtaken} (a message left for the {rescan_interval:.0f} s rescan would "
+        "be overtaken by everything sent meanwhile)"
+    )

@@ -239,6 +239,7 @@ class Delivered:
     seconds: float | None  # from the first submission until the last message is in Dovecot
     arrived: int  # messages in Dovecot from this round (more than submitted = duplicates)
     sessions: list[int]  # Postfix smtpd sessions that carried messages: messages each
+    waits: list[tuple[str, float]] = field(default_factory=list)  # gateway: c.queue_waits
 
     @property
     def rate(self) -> float | None:
@@ -317,7 +318,7 @@ async def _gateway_upstream_round(
     port = c.free_port()
     config = c.write_yaml(
         work_dir / "gateway.yaml",
-        c.upstream_gateway_config(work_dir / "state", port, postfix, user),
+        c.upstream_gateway_config(work_dir / "state", port, postfix, user, args.sessions),
     )
     messages = [build_message(i, args.size, tag) for i in range(args.messages)]
     with open(work_dir / "gateway.log", "wb") as log_file:
@@ -332,6 +333,8 @@ async def _gateway_upstream_round(
             await c.stop_child(process)  # QUIT on the pooled sessions: Postfix logs them
     await asyncio.sleep(0.5)
     result.sessions = c.postfix_sessions(postfix.log_file, log_start)
+    log_text = (work_dir / "gateway.log").read_text(errors="replace")
+    result.waits = c.queue_waits(log_text)
     return result
 
 
@@ -348,7 +351,7 @@ async def _drain_round(
     await asyncio.to_thread(work_dir.mkdir, parents=True)
     config = c.write_yaml(
         work_dir / "gateway.yaml",
-        c.upstream_gateway_config(work_dir / "state", c.free_port(), postfix, user),
+        c.upstream_gateway_config(work_dir / "state", c.free_port(), postfix, user, args.sessions),
     )
     settings = load_settings(config)
     sender = UpstreamSender(system_ca_file())
@@ -416,6 +419,8 @@ def _report_upstream(
             )
         else:
             print(f"median delivered, {name}: a round did not deliver all within --timeout")
+    for number, trio in enumerate(rounds, 1):
+        print(f"gateway → Postfix round {number}: {c.queue_wait_summary(trio[1].waits)}")
     for trio in rounds:
         for r in trio:
             for error in r.submitted.errors[:3]:
@@ -496,6 +501,7 @@ async def main(args: argparse.Namespace) -> int:
         f"{tail[1]:.2f} s, benchmark process (sandbox) {tail[2]:.2f} s"
     )
     print(f"duplicates in Sent: {duplicates}")
+    print(c.queue_wait_summary(c.queue_waits(log_text)))
     if args.keep:
         print(f"work directory kept: {tmp}")
     for label, r in (("sink", sink), ("gateway", gateway)):
@@ -534,6 +540,12 @@ def _arguments() -> argparse.Namespace:
         "(needs root and the upstream test servers: scripts/install-test-deps.sh)",
     )
     parser.add_argument("--rounds", type=int, default=3, help="--upstream: interleaved rounds")
+    parser.add_argument(
+        "--sessions",
+        type=int,
+        default=16,
+        help="--upstream: the gateway account's upstream.smtp.max_sessions (as many as clients)",
+    )
     return parser.parse_args()
 
 

@@ -255,13 +255,16 @@ class UpstreamSmtpServer(UpstreamServer):
     """The upstream SMTP server, and how many logged-in sessions the gateway keeps open to it.
 
     Sessions carry many messages each, so a burst costs one TLS handshake and AUTH per session,
-    not per message. At most 4: the spool sends at most 4 messages at once per account.
+    not per message. The spool sends this many of the account's messages at once (one per
+    session). At most 16: each session is a worker thread and one connection to the server, and
+    past the server's own concurrency (Postfix's default smtpd process limit is 100, shared by
+    every client) more sessions only queue there.
     """
 
     max_sessions: int = field_info(
         4,
-        fix="how many sessions may send this account's mail at once (1-4)",
-        check=in_range(1, 4),
+        fix="how many sessions may send this account's mail at once (1-16)",
+        check=in_range(1, 16),
     )
     idle_seconds: int = field_info(
         60,

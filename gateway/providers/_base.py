@@ -17,6 +17,9 @@ class DeliveryResult:
 
 
 class Sender(Protocol):
+    def concurrency(self, account: AccountSettings) -> int:
+        """How many of ``account``'s messages the spool may hand to ``send`` at once."""
+
     async def send(
         self, account: AccountSettings, envelope: Envelope, message: bytes
     ) -> DeliveryResult:

@@ -29,6 +29,12 @@ SEND_AS_TTL = 600.0  # seconds a send-as list is trusted
 class GmailSender:
     reads_mapped_files = True  # the spool may pass its file mapped (see ``_mime.Message``)
 
+    def concurrency(self, account: AccountSettings) -> int:
+        """Google documents no per-user concurrency number, only a per-user rate ("Usage
+        limits", developers.google.com/gmail/api/reference/quota: 15,000 quota units per user
+        per minute, messages.send 100 units = 2.5 sends/s), which 4 at once already reaches."""
+        return 4
+
     def __init__(self, client: httpx.AsyncClient, tokens: TokenSource, gmail_url: str) -> None:
         self.client = client
         self.tokens = tokens

@@ -59,6 +59,12 @@ def _b64_size(size: int) -> int:
 class GraphSender:
     reads_mapped_files = True  # the spool may pass its file mapped (see ``_mime.Message``)
 
+    def concurrency(self, account: AccountSettings) -> int:
+        """4 concurrent requests per app per mailbox ("Microsoft Graph service-specific
+        throttling limits", https://learn.microsoft.com/graph/throttling-limits#outlook-service-limits);
+        more are answered 429."""
+        return 4
+
     def __init__(self, client: httpx.AsyncClient, tokens: TokenSource, graph_url: str) -> None:
         self.client = client
         self.tokens = tokens

@@ -58,6 +58,11 @@ class UpstreamSender:
         self.timeout = timeout
         self._pools: dict[str, tuple[UpstreamSmtpServer, SessionPool]] = {}
 
+    def concurrency(self, account: AccountSettings) -> int:
+        """One message per pooled session: the spool sends ``max_sessions`` at once."""
+        server = account.upstream.smtp if account.upstream else None
+        return server.max_sessions if server is not None else 1
+
     async def send(
         self, account: AccountSettings, envelope: Envelope, message: bytes
     ) -> DeliveryResult:

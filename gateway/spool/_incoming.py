@@ -90,20 +90,28 @@ class IncomingMessage:
                 view = view[os.write(self._fd, view) :]
 
     def complete(self) -> None:
-        """Write what is left and fsync (blocking: the committer's thread calls it)."""
+        """Write what is left and fsync (blocking)."""
+        fd = self.write_rest()
+        try:
+            os.fsync(fd)
+        finally:
+            self.close_file()
+
+    def write_rest(self) -> int:
+        """Write what is left (blocking); the file's descriptor, for the committer to fsync
+        along with the rest of its batch before :meth:`close_file`."""
         pieces, self._pending, self._pending_size = self._pending, [], 0
         self._write_out(pieces)
         assert self._fd is not None
-        try:
-            os.fsync(self._fd)
-        finally:
+        return self._fd
+
+    def close_file(self) -> None:
+        if self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
     def discard(self) -> None:
         """Drop the temporary file (a refused or failed message)."""
         self._pending, self._gathered = [], bytearray()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self.close_file()
         self.path.unlink(missing_ok=True)

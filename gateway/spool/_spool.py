@@ -4,8 +4,9 @@
 worker, an asyncio task on the gateway's loop, delivers what is due through the account's
 :class:`~gateway.providers.Sender`:
 
-* at most ``per_mailbox`` requests at once per account (Graph allows 4 per mailbox), and at most
-  ``pace_per_minute`` sends per account when configured;
+* at most ``sender.concurrency(account)`` messages at once per account (Graph and Gmail 4, an
+  upstream account its ``max_sessions``), and at most ``pace_per_minute`` sends per account
+  when configured;
 * Temporary → retried after the provider's Retry-After, or else a capped exponential backoff with
   jitter, until ``retry_window`` has passed, then dead;
 * a throttle (429/503, Google's quota 403: ``Temporary.throttled``) pauses *the account*: none
@@ -43,9 +44,10 @@ from .. import metrics
 from ..config import AccountSettings, Settings
 from ..logs import get_logger
 from ..providers._errors import Permanent, ReauthRequired, Temporary
-from ._commit import GroupCommitter
+from ._commit import Batched, GroupCommitter
 from ._files import Record, SpoolFiles
 from ._incoming import IncomingMessage
+from ._memory import LARGE, give_back
 from ._types import Envelope, SpoolError, SubmitResult, held_hint
 
 if TYPE_CHECKING:
@@ -79,7 +81,6 @@ class FileSpool:
         first_backoff: float = 30.0,
         held_retry: float = 900.0,
         rescan_interval: float = 30.0,
-        per_mailbox: int = 4,
         max_in_flight: int = 64,
         jitter: Callable[[], float] = random.random,
     ) -> None:
@@ -93,16 +94,19 @@ class FileSpool:
         self.first_backoff = first_backoff
         self.held_retry = held_retry
         self.rescan_interval = rescan_interval
-        self.per_mailbox = per_mailbox
         self.max_in_flight = max_in_flight
         self.jitter = jitter
         self._records: dict[str, Record] = {}
         self._generation = 0  # counts directory listings begun by _rescan
         self._touched: dict[str, int] = {}  # id → generation when the worker last changed it
         self._committer = GroupCommitter(self.files)
+        self._saver: Batched[Record, bool] = Batched(self.files.save_batch, "spool-saver")
+        self._forgetter: Batched[tuple[Record, str, str], None] = Batched(
+            self.files.forget_batch, "spool-forgetter"
+        )
         self._busy: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._slots: dict[str, tuple[int, asyncio.Semaphore]] = {}  # account → (size, slots)
         self._next_slot: dict[str, float] = {}
         self._releases: dict[str, int] = {}  # per account: how often it was released
         self._paused: dict[str, float] = {}  # account → epoch until which the provider said wait
@@ -151,6 +155,8 @@ class FileSpool:
         except OSError as error:
             raise SpoolError(f"cannot store the message: {error.strerror or error}") from error
         queued = SubmitResult(f"250 2.0.0 Ok: queued as {record.id}", record.id)
+        if record.size >= LARGE:  # what receiving it took, trimmed without delaying the 250
+            self._keep(asyncio.create_task(give_back(record.size), name="spool-trim"))
         if not self.deliver_inline or self._must_wait(envelope.account):
             self._track(record)  # a paused account's mail waits in the queue like the rest
             return queued
@@ -214,9 +220,7 @@ class FileSpool:
                 if self._must_wait(record.envelope.account):
                     continue  # its account's probe is out; the probe's end wakes us
                 self._start(record)
-                task = asyncio.create_task(self._deliver(record), name=f"spool-{record.id}")
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._keep(asyncio.create_task(self._deliver(record), name=f"spool-{record.id}"))
             pending = [
                 self._due(r)  # a paused account's records are due when the pause ends
                 for r in waiting
@@ -231,6 +235,11 @@ class FileSpool:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(pause, 0.0)):
                     await self._wake.wait()
+
+    def _keep(self, task: asyncio.Task[Any]) -> None:
+        """Hold a background task until it ends (``stop`` waits for them)."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _deliver(self, record: Record) -> None:
         try:
@@ -306,7 +315,7 @@ class FileSpool:
             await self._dead(record, f"account {record.envelope.account!r} is not configured")
             return "dead"
         await self._pace(account)
-        async with self._slot(account.username):
+        async with self._slot(account.username, sender.concurrency(account)):
             if self._paused.get(account.username, 0.0) > time.time():
                 return "paused"  # throttled while this one waited for a slot: no request
             try:
@@ -318,6 +327,7 @@ class FileSpool:
             finally:
                 if self._paused.get(account.username, 0.0) <= time.time():
                     self._probing.discard(account.username)  # answered without a throttle
+                await give_back(record.size)  # what sending a large message took
 
     async def _try(
         self,
@@ -328,16 +338,19 @@ class FileSpool:
         sender: Sender,
     ) -> Outcome | Refusal:
         releases = self._releases.get(account.username, 0)
+        began = time.time()
         # The previous attempt's outcome is unknown: look in sent mail before sending.
         looking_up = record.attempt_started
         try:
             record.attempt_started = True
             record.attempts += 1
-            if not await asyncio.to_thread(self.files.save, record):
+            if not await self._saver.run(record):
                 return self._gone(record)
             if looking_up:
                 if await sender.already_sent(account, record.message_id):
-                    await self._sent(record, "found in sent mail after an interrupted attempt")
+                    await self._sent(
+                        record, "found in sent mail after an interrupted attempt", began
+                    )
                     return "sent"
                 looking_up = False
             result = await sender.send(account, record.envelope, message)
@@ -367,7 +380,7 @@ class FileSpool:
             log.exception("spool.attempt_failed", queue_id=record.id)
             return await self._retry(record, f"internal error: {error!r}", None)
         self._throttles.pop(account.username, None)
-        await self._sent(record, result.detail)
+        await self._sent(record, result.detail, began)
         await self.release(account.username)  # a send worked: the account's held mail may go
         return "sent"
 
@@ -386,11 +399,13 @@ class FileSpool:
             with contextlib.suppress(BufferError):  # a view still alive: unmapped when freed
                 mapped.close()
 
-    def _slot(self, username: str) -> asyncio.Semaphore:
-        slot = self._slots.get(username)
-        if slot is None:
-            slot = self._slots[username] = asyncio.Semaphore(self.per_mailbox)
-        return slot
+    def _slot(self, username: str, size: int) -> asyncio.Semaphore:
+        """The account's ``size`` delivery slots; new ones when its size changed (a reload:
+        sends already holding an old slot finish on it)."""
+        known = self._slots.get(username)
+        if known is None or known[0] != size:
+            known = self._slots[username] = (size, asyncio.Semaphore(size))
+        return known[1]
 
     async def _pace(self, account: AccountSettings) -> None:
         """Space sends ``60 / pace_per_minute`` seconds apart per account, when configured."""
@@ -475,19 +490,21 @@ class FileSpool:
         await asyncio.to_thread(self.files.log_delivery, record, "dead", reason)
         log.warning("spool.dead", queue_id=record.id, reason=reason)
 
-    async def _sent(self, record: Record, detail: str) -> None:
+    async def _sent(self, record: Record, detail: str, began: float) -> None:
+        """Logged with ``queue_wait``: seconds from the commit until the delivering attempt
+        began (backoffs included), which shows whether a message sat waiting for a rescan."""
         await self._forget(record, "sent", detail)
-        log.info("spool.sent", queue_id=record.id, detail=detail)
+        wait = round(began - record.created, 3)
+        log.info("spool.sent", queue_id=record.id, detail=detail, queue_wait=wait)
 
     async def _forget(self, record: Record, result: str, detail: str) -> None:
         """Remove the files, then log the outcome (a crash between repeats no delivery)."""
         self._records.pop(record.id, None)
         self._touch(record.id)
-        await asyncio.to_thread(self.files.remove, record.id)
-        await asyncio.to_thread(self.files.log_delivery, record, result, detail)
+        await self._forgetter.run((record, result, detail))
 
     async def _save(self, record: Record) -> None:
-        if await asyncio.to_thread(self.files.save, record):
+        if await self._saver.run(record):
             self._records[record.id] = record
             self._touch(record.id)
         else:

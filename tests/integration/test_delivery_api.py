@@ -308,6 +308,9 @@ class CrashAfterAccept:
         self.inner = inner
         self.accepted = asyncio.Event()
 
+    def concurrency(self, account: AccountSettings) -> int:
+        return self.inner.concurrency(account)
+
     async def send(self, account: AccountSettings, env: Envelope, raw: bytes) -> DeliveryResult:
         await self.inner.send(account, env, raw)
         self.accepted.set()

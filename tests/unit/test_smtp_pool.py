@@ -121,6 +121,11 @@ async def smtp() -> AsyncIterator[ScriptedSmtp]:
     server.close()
 
 
+def test_the_spool_sends_as_many_messages_at_once_as_the_pool_has_sessions() -> None:
+    sender = UpstreamSender(system_ca_file())
+    assert sender.concurrency(_account(25, max_sessions=12)) == 12
+
+
 def _account(port: int, max_sessions: int = 4) -> AccountSettings:
     server = UpstreamSmtpServer(
         host="127.0.0.1", port=port, security="none", max_sessions=max_sessions
@@ -270,7 +275,7 @@ def test_pool_settings_belong_to_upstream_smtp_only(tmp_path: Path) -> None:
     assert smtp.accounts[0].upstream.smtp.max_sessions == 2  # type: ignore[attr-defined]
     assert load({}, {"host": "i.example.org"}).accounts[0].upstream.smtp.idle_seconds == 60  # type: ignore[attr-defined]
     with pytest.raises(ConfigError) as wrong:
-        load({"max_sessions": 5}, {"host": "imap.example.org", "max_sessions": 2})
+        load({"max_sessions": 17}, {"host": "imap.example.org", "max_sessions": 2})
     text = str(wrong.value)
-    assert "upstream.smtp.max_sessions: 5 is outside 1-4" in text
+    assert "upstream.smtp.max_sessions: 17 is outside 1-16" in text
     assert "upstream.imap.max_sessions: unknown key" in text

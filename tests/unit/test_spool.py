@@ -7,6 +7,7 @@ import asyncio
 import io
 import itertools
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -34,8 +35,10 @@ class Scripted:
         sent_ids: set[str] | None = None,
         lookups: tuple[Exception, ...] = (),
         latency: float = 0.0,
+        concurrency: int = 4,
     ) -> None:
         self.outcomes = list(outcomes)
+        self.slots = concurrency
         self.calls: list[tuple[float, bytes]] = []
         self.sent_ids = sent_ids or set()
         self.lookup_outcomes = list(lookups)
@@ -44,6 +47,9 @@ class Scripted:
         self.in_flight: dict[str, int] = {}
         self.alone: list[bool] = []  # per send: whether no other send of its account overlapped
         self.epochs: list[tuple[str, float]] = []  # (account, time.time()) of each send
+
+    def concurrency(self, account: AccountSettings) -> int:
+        return self.slots
 
     async def send(
         self, account: AccountSettings, envelope: Envelope, raw: bytes
@@ -304,8 +310,8 @@ def throttled(retry_after: float | None) -> Temporary:
 async def test_a_throttle_pauses_every_message_of_the_mailbox_and_no_other(
     tmp_path: Path,
 ) -> None:
-    sender = Scripted(throttled(0.3))
-    spool = two_accounts(tmp_path, sender, per_mailbox=1, jitter=lambda: 0.5)
+    sender = Scripted(throttled(0.3), concurrency=1)
+    spool = two_accounts(tmp_path, sender, jitter=lambda: 0.5)
     for _ in range(3):
         await spool.submit(envelope(), RAW)
     await spool.start()
@@ -540,3 +546,100 @@ async def test_a_rescan_does_not_bring_back_a_message_sent_during_its_listing(
     listing.opened.set()
     await rescan
     assert spool.messages() == []
+
+
+class Holding(Scripted):
+    """Holds every send until released; records the most of one account's sends at once."""
+
+    def __init__(self, concurrency: int) -> None:
+        super().__init__(concurrency=concurrency)
+        self.release = asyncio.Event()
+        self.most_at_once = 0
+
+    async def send(self, account, envelope, raw):  # type: ignore[no-untyped-def]
+        self.in_flight[account.username] = self.in_flight.get(account.username, 0) + 1
+        self.most_at_once = max(self.most_at_once, self.in_flight[account.username])
+        try:
+            await self.release.wait()
+        finally:
+            self.in_flight[account.username] -= 1
+        return await super().send(account, envelope, raw)
+
+
+async def test_an_account_sends_as_many_at_once_as_its_sender_allows(tmp_path: Path) -> None:
+    """Issue 13: the spool's per-account limit was fixed at 4 whatever the upstream pool held;
+    it follows ``sender.concurrency(account)``, also when that changes (a reload)."""
+    sender = Holding(concurrency=9)
+    spool = make(tmp_path, sender, rescan_interval=3600.0)
+    for _ in range(12):
+        await spool.submit(envelope(), RAW)
+    await spool.start()
+    try:
+        await until(lambda: sender.in_flight.get("crm") == 9)
+        await asyncio.sleep(0.05)  # room for a tenth, were the limit not kept
+        assert sender.most_at_once == 9
+        sender.release.set()
+        await until(lambda: spool.messages() == [])
+        sender.slots, sender.most_at_once = 2, 0  # the account's capacity shrinks (a reload)
+        sender.release = asyncio.Event()
+        for _ in range(5):
+            await spool.submit(envelope(), RAW)
+        await until(lambda: sender.in_flight.get("crm") == 2)
+        await asyncio.sleep(0.05)  # room for a third, were the old limit kept
+        assert sender.most_at_once == 2
+        sender.release.set()
+        await until(lambda: spool.messages() == [])
+    finally:
+        sender.release.set()
+        await spool.stop()
+    assert len(sender.calls) == 17
+
+
+async def test_a_large_message_gives_its_heap_back_after_intake_and_after_sending(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13: RSS kept growing over successive 30 MB messages; glibc's malloc_trim is called
+    (in a worker thread) after a large message is committed and after it is sent."""
+    from gateway.spool import _memory
+
+    assert _memory.available()  # glibc on the machines this runs on
+    trims: list[int] = []
+    monkeypatch.setattr(_memory, "_trim", lambda pad: trims.append(pad) or 1)
+    sender = Scripted()
+    spool = make(tmp_path, sender)
+    await spool.start()
+    try:
+        await spool.submit(envelope(), RAW)
+        await until(lambda: len(sender.calls) == 1 and spool.messages() == [])
+        assert trims == []  # a small message: no trim
+        large = RAW + b"x" * _memory.LARGE
+        await spool.submit(envelope(), large)
+        await until(lambda: len(sender.calls) == 2 and spool.messages() == [])
+        await until(lambda: len(trims) == 2)
+    finally:
+        await spool.stop()
+    assert trims == [0, 0]
+
+
+async def test_a_batch_fsyncs_its_files_side_by_side(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13: one thread fsyncing each message and state file in turn paid one journal
+    commit per file; a batch's fsyncs now wait together (the file system joins them)."""
+    spool = make(tmp_path, Scripted())
+    together = threading.Barrier(4, timeout=5)  # breaks unless 4 fsyncs are in flight at once
+    real_fsync = os.fsync
+    files = iter(range(8))  # the batch's 8 files; the directory's fsync comes after them
+
+    def fsync(fd: int) -> None:
+        if next(files, None) is not None:
+            together.wait()
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    batches: list[int] = []
+    spool._committer._batched.on_batch = batches.append
+    results = await asyncio.gather(*(spool.submit(envelope(), RAW) for _ in range(4)))
+    assert batches == [4]  # 8 files (message and state each), fsynced 4 at a time at least
+    assert all(r.reply.startswith("250 ") for r in results)
+    assert not together.broken
