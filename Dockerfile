@@ -39,6 +39,8 @@ RUN groupadd --system --gid 10001 gateway \
     && install -d -m 0755 /etc/gateway
 
 WORKDIR /build
+# The product only: the provider sandbox (sandbox/, for `gateway demo` and the tests) is its own
+# distribution and is kept out of the build context by .dockerignore.
 COPY pyproject.toml README.md LICENSE ./
 COPY gateway ./gateway
 RUN pip install . && rm -rf /build

@@ -36,7 +36,7 @@ def free_port() -> int:
 
 async def start_sandbox(state_dir: Path) -> tuple[Any, Any, Any]:
     """A sandbox with one Microsoft mailbox and an app-only app (no consent needed)."""
-    from gateway.sandbox import Sandbox
+    from mailgw_sandbox import Sandbox
 
     sandbox = Sandbox(state_dir)
     await sandbox.start()

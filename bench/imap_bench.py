@@ -9,7 +9,7 @@ Layout: the sandbox (HTTPS Graph + sign-in) runs in this process on its event lo
 runs as a child ``python -m gateway run -c CFG`` with only its STARTTLS IMAP listener (app-only
 Microsoft accounts, so nobody has to consent) and the ``reading`` defaults written out
 (``plaintext_auth: loopback``, ``poll_seconds: 30``, ``cache_mb: 64``); Dovecot is
-``gateway.sandbox.upstream.Dovecot`` (its own processes). The same --messages messages
+``mailgw_sandbox.upstream.Dovecot`` (its own processes). The same --messages messages
 (~10 KB, every 5th multipart/mixed with a base64 attachment) are APPENDed to a Dovecot user and
 seeded into the sandbox INBOX of ``crm@contoso.example``, with the same arrival times. Measured,
 best of --rounds after one warm-up run of each command (the warm-up is timed too, as "cold"):
@@ -277,7 +277,7 @@ def count_graph_kinds(kinds: dict[str, int]) -> None:
     delta page, ``graph other``) as the sandbox in this process sees them: the sandbox's
     fault middleware asks ``_faults.target_of`` for every request, so that is wrapped here.
     The sandbox's own count per target (``graph``, ``microsoft-login``) stays as it was."""
-    from gateway.sandbox import _faults
+    from mailgw_sandbox import _faults
 
     original = _faults.target_of
 
@@ -318,7 +318,7 @@ def gateway_config(sandbox, app, state_dir: Path, imap_port: int) -> dict:
 
 
 async def main(args: argparse.Namespace) -> int:
-    from gateway.sandbox.upstream import Dovecot
+    from mailgw_sandbox.upstream import Dovecot
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = args.connections * 2 + 512

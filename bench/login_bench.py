@@ -7,7 +7,7 @@ private Dovecot, in the same run with the same imaplib client, each login on a n
 The gateway runs as a child ``python -m gateway run -c CFG`` with only its IMAP listener (LOGIN
 in clear text from loopback, the default), app-only Microsoft accounts on the sandbox (empty
 INBOXes) with production-strength scrypt hashes (2**15). Dovecot is
-``gateway.sandbox.upstream.Dovecot`` (passwd-file users, ``{PLAIN.b64}`` passwords, its default
+``mailgw_sandbox.upstream.Dovecot`` (passwd-file users, ``{PLAIN.b64}`` passwords, its default
 auth settings). Measured, per LOGIN, from sending the command to its tagged answer:
 
 - **first login**: the first LOGIN of each of --accounts accounts (the gateway's scrypt check,
@@ -92,7 +92,7 @@ def summary(name: str, values: list[float]) -> str:
 
 
 async def main(args: argparse.Namespace) -> int:
-    from gateway.sandbox.upstream import Dovecot
+    from mailgw_sandbox.upstream import Dovecot
 
     work_dir = Path(tempfile.mkdtemp(prefix="bench-login-"))
     sandbox, app, _ = await c.start_sandbox(work_dir / "sandbox")

@@ -277,7 +277,7 @@ async def delivered_round(
 
 async def upstream_main(args: argparse.Namespace) -> int:
     """Postfix submission direct vs the gateway in front of the same Postfix, interleaved."""
-    from gateway.sandbox.upstream import Dovecot, Postfix
+    from mailgw_sandbox.upstream import Dovecot, Postfix
 
     tmp = tempfile.mkdtemp(prefix="bench-upstream-")
     work_dir = Path(tmp)

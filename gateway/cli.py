@@ -20,6 +20,14 @@ from . import __version__
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
+SANDBOX_PACKAGE = "mailgw_sandbox"
+"""The demo's local clouds: a separate distribution (sandbox/ in the repository), so the product
+never carries it; only ``gateway demo`` imports it."""
+DEMO_NEEDS_SANDBOX = (
+    "gateway: the demo needs the provider sandbox, which is installed separately: from the "
+    "repository's root, run `pip install ./sandbox` (or `pip install . ./sandbox`)"
+)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
@@ -455,8 +463,14 @@ def _run(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .runtime import new_loop_with_reactor
 
+    try:
+        from .demo import run_demo
+    except ModuleNotFoundError as error:
+        if error.name != SANDBOX_PACKAGE:
+            raise
+        print(DEMO_NEEDS_SANDBOX, file=sys.stderr)
+        return EXIT_FAILURE
     loop = new_loop_with_reactor()
-    from .demo import run_demo
     from .logs import configure_logging
 
     configure_logging(args.log_level, "text")

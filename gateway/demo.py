@@ -24,12 +24,13 @@ from typing import Any
 
 import yaml
 
+from mailgw_sandbox import App, Sandbox
+from mailgw_sandbox.upstream import Dovecot, missing_binaries
+
 from .app import Gateway
 from .config import Settings, load_settings
 from .logs import get_logger
 from .passwords import hash_password
-from .sandbox import App, Sandbox
-from .sandbox.upstream import Dovecot, missing_binaries
 
 log = get_logger(__name__)
 

@@ -15,8 +15,9 @@ if [ ! -x .venv/bin/python ]; then
     say "creating .venv"
     python3 -m venv .venv
 fi
-say "installing the gateway and its test dependencies into .venv"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+say "installing the gateway, its test dependencies and the provider sandbox into .venv"
+# The sandbox (sandbox/, package mailgw_sandbox) is its own distribution: the product never carries it.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]' -e ./sandbox
 
 say "ruff check"
 .venv/bin/ruff check .

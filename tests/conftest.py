@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from gateway.runtime import new_loop_with_reactor
-from gateway.sandbox import Sandbox
+from mailgw_sandbox import Sandbox
 from tests.helpers import base_config
 
 TESTS = Path(__file__).parent

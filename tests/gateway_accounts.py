@@ -18,8 +18,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from gateway.sandbox import Sandbox, User
-from gateway.sandbox.upstream import Dovecot, MailUser
+from mailgw_sandbox import Sandbox, User
+from mailgw_sandbox.upstream import Dovecot, MailUser
 from tests.helpers import (
     CLOUD_ACCOUNTS,
     PASSWORD,

@@ -19,7 +19,7 @@ import httpx
 import yaml
 
 from gateway.passwords import hash_password
-from gateway.sandbox import App, Sandbox
+from mailgw_sandbox import App, Sandbox
 
 PASSWORD = "correct horse battery"
 # A cheap hash (2**10) keeps the suite fast; production hashes use 2**15.

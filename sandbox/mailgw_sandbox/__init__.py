@@ -2,6 +2,10 @@
 
 Real msal, google-auth and httpx clients talk to it over HTTPS exactly as they would to the
 clouds; see ``docs/provider-apis.md`` for the behaviour it reproduces.
+
+It is its own distribution (``sandbox/pyproject.toml``), so the gateway's wheel and image never
+carry it; only ``gateway demo`` and the tests import it
+(``tests/integration/test_runtime_imports.py`` checks that ``gateway run`` does not).
 """
 
 from ._directory import App, Directory, Grant, User

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .. import tls
-from ..logs import get_logger
+from gateway import tls
+from gateway.logs import get_logger
+
 from ._control import ControlApi
 from ._directory import App, Directory, Provider, User
 from ._faults import FaultPlan, middleware

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.sandbox.upstream import (
+from mailgw_sandbox.upstream import (
     INSTALL_HINT,
     REQUIRED_BINARIES,
     Dovecot,

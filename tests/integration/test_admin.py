@@ -16,7 +16,7 @@ import pytest
 
 from gateway import tls
 from gateway.app import Gateway
-from gateway.sandbox.upstream import INSTALL_HINT
+from mailgw_sandbox.upstream import INSTALL_HINT
 from tests.helpers import PASSWORD, base_config, free_port, running_gateway
 
 

@@ -28,7 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from gateway.app import Gateway
-from gateway.sandbox import Sandbox
+from mailgw_sandbox import Sandbox
 from tests.helpers import GOOGLE_ADDRESS, MS_ADDRESS, PASSWORD, running_gateway, sandbox_config
 
 CHROMIUM = Path("/usr/bin/chromium")

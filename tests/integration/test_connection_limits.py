@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from gateway.sandbox import Sandbox
+from mailgw_sandbox import Sandbox
 from tests.helpers import (
     PASSWORD,
     base_config,

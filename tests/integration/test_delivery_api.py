@@ -27,8 +27,8 @@ from gateway import outbound
 from gateway.config import AccountSettings
 from gateway.oauth import ReauthRequired
 from gateway.providers import DeliveryResult, GmailSender, GraphSender, Sender
-from gateway.sandbox import Fault, Sandbox, User
 from gateway.spool import Envelope, FileSpool
+from mailgw_sandbox import Fault, Sandbox, User
 from tests.helpers import PASSWORD_HASH
 
 GMAIL_SCOPES = {

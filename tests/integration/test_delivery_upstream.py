@@ -17,8 +17,8 @@ from gateway.config import AccountSettings, SendingSettings, UpstreamSettings, U
 from gateway.config._schema import Secret
 from gateway.outbound import system_ca_file
 from gateway.providers import UpstreamSender
-from gateway.sandbox.upstream import POSTFIX_BIN, MailUser, Postfix
 from gateway.spool import Envelope, FileSpool
+from mailgw_sandbox.upstream import POSTFIX_BIN, MailUser, Postfix
 from tests.helpers import PASSWORD_HASH
 
 

@@ -294,3 +294,20 @@ def test_demo_refuses_a_port_range_that_does_not_fit() -> None:
     )
     assert result.returncode == 2
     assert "--first-port: must be 1-65529" in result.stderr
+
+
+def test_demo_without_the_sandbox_says_how_to_install_it() -> None:
+    """The product installs without the sandbox (its own distribution); ``gateway demo`` then
+    names the one command that adds it, and no traceback. ``None`` in ``sys.modules`` makes the
+    sandbox unimportable in the child, as in an environment that never installed it."""
+    child = (
+        "import sys; sys.modules['mailgw_sandbox'] = None; "
+        "from gateway.cli import main; sys.exit(main(['demo']))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", child], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 1, result.stderr
+    assert "needs the provider sandbox" in result.stderr
+    assert "pip install ./sandbox" in result.stderr
+    assert "Traceback" not in result.stderr

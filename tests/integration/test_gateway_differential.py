@@ -33,8 +33,8 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from gateway.sandbox import MailboxOps, User
-from gateway.sandbox.upstream import Dovecot, MailUser
+from mailgw_sandbox import MailboxOps, User
+from mailgw_sandbox.upstream import Dovecot, MailUser
 from tests.gateway_accounts import Gateway, RawIMAP, two_account_gateway
 from tests.integration.test_imap_compat import FETCHES
 from tests.unit.test_imap_render import CORPUS

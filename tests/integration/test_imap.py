@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from gateway.sandbox import Sandbox, User
+from mailgw_sandbox import Sandbox, User
 from tests.helpers import (
     CLOUD_ACCOUNTS,
     PASSWORD,

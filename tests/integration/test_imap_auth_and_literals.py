@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from gateway.sandbox import Sandbox
-from gateway.sandbox.upstream import Dovecot
+from mailgw_sandbox import Sandbox
+from mailgw_sandbox.upstream import Dovecot
 from tests.gateway_accounts import HOST, Gateway, RawIMAP, login_raw, two_account_gateway
 from tests.helpers import PASSWORD
 from tests.integration.test_imap_live import live_gateway

@@ -22,7 +22,7 @@ from zope.interface import implementer
 from gateway.imap_out._compat import CompatIMAP4Server
 from gateway.mailbox import crlf_form
 from gateway.runtime import ConnectionRegistry, RunningListener, as_deferred, listen_twisted
-from gateway.sandbox.upstream import Dovecot, MailUser
+from mailgw_sandbox.upstream import Dovecot, MailUser
 from tests.unit.test_imap_render import CORPUS
 
 # Responses compared byte for byte with Dovecot; the tagged completion lines differ in wording.

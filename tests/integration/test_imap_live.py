@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from gateway.sandbox import Fault, Sandbox, User
+from mailgw_sandbox import Fault, Sandbox, User
 from tests.helpers import (
     CLOUD_ACCOUNTS,
     IDLE_WAIT,

@@ -10,7 +10,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from gateway.logs import configure_logging
-from gateway.sandbox import Sandbox
+from mailgw_sandbox import Sandbox
 from tests.helpers import AdminBrowser, running_gateway, sandbox_config
 
 

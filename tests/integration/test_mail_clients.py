@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.sandbox.upstream import Dovecot
+from mailgw_sandbox.upstream import Dovecot
 from tests.gateway_accounts import Gateway, two_account_gateway
 from tests.helpers import PASSWORD
 

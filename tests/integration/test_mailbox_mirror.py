@@ -26,7 +26,7 @@ from gateway.providers import (
     ReauthRequired,
     Temporary,
 )
-from gateway.sandbox import Fault, Sandbox
+from mailgw_sandbox import Fault, Sandbox
 from tests.helpers import READ_SCOPES, SandboxTokens
 
 TARGET = {"microsoft": "graph", "google": "gmail"}

@@ -17,8 +17,8 @@ import pytest
 from gateway import outbound
 from gateway.mailbox import MailboxUnavailable, MailboxView
 from gateway.providers import SEEN, CursorExpired, GmailSource, GraphSource, Temporary
-from gateway.sandbox import Fault, Sandbox
-from gateway.store import SecretBox, Store
+from gateway.store import SecretBox, Stores, open_sqlite
+from mailgw_sandbox import Fault, Sandbox
 from tests.helpers import SandboxTokens
 
 KEY = bytes(range(32))

@@ -32,8 +32,8 @@ from gateway.providers import (
     UpstreamPop3Source,
 )
 from gateway.providers.imap_inbox import _list_name, _parse_fetch
-from gateway.sandbox.upstream import Dovecot, MailUser, free_ports
-from gateway.store import SecretBox, Store
+from gateway.store import SecretBox, open_sqlite
+from mailgw_sandbox.upstream import Dovecot, MailUser, free_ports
 
 KEY = bytes(range(32))
 LONG = "x" * 5000  # over poplib's default 2048-byte line limit

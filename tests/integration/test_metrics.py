@@ -14,7 +14,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.sandbox import Sandbox
+from mailgw_sandbox import Sandbox
 from tests.helpers import (
     GOOGLE_ADDRESS,
     MS_ADDRESS,

@@ -19,8 +19,8 @@ import pytest
 from gateway.app import Gateway
 from gateway.logs import configure_logging
 from gateway.oauth import ReauthRequired
-from gateway.sandbox import Sandbox
-from gateway.sandbox._faults import Fault
+from mailgw_sandbox import Sandbox
+from mailgw_sandbox._faults import Fault
 from tests.helpers import (
     GOOGLE_ADDRESS,
     MS_ADDRESS,

@@ -22,7 +22,7 @@ from cryptography.x509.oid import NameOID
 
 from gateway.app import Gateway
 from gateway.oauth import ReauthRequired
-from gateway.sandbox import Sandbox
+from mailgw_sandbox import Sandbox
 from tests.helpers import (
     GOOGLE_ADDRESS,
     MS_ADDRESS,

@@ -25,8 +25,8 @@ from gateway.mailbox import MailboxView
 from gateway.pop3_out import server as pop3_server
 from gateway.providers import GmailSource, GraphSource
 from gateway.runtime import RunningListener
-from gateway.sandbox import Fault, Sandbox
-from gateway.store import SecretBox, Store
+from gateway.store import SecretBox, Stores, open_sqlite
+from mailgw_sandbox import Fault, Sandbox
 from tests.helpers import SandboxTokens
 
 HOST = "127.0.0.1"

@@ -18,8 +18,8 @@ import pytest
 from gateway import outbound
 from gateway.mailbox import MailboxView, crlf_form
 from gateway.providers import GmailSource, GraphSource
-from gateway.sandbox import Sandbox
-from gateway.store import SecretBox, Store
+from gateway.store import SecretBox, open_sqlite
+from mailgw_sandbox import Sandbox
 from tests.helpers import SandboxTokens
 
 KEY = bytes(range(32))

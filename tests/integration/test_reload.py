@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from gateway.passwords import hash_password
-from gateway.sandbox.upstream import Dovecot, MailUser, Postfix
+from mailgw_sandbox.upstream import Dovecot, MailUser, Postfix
 from tests.helpers import PASSWORD, PASSWORD_HASH, base_config, running_gateway
 from tests.integration.test_cli import GatewayProcess, gateway_cli
 

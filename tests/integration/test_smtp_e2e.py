@@ -32,8 +32,8 @@ import pytest
 import yaml
 
 from gateway.app import Gateway
-from gateway.sandbox import Fault, Sandbox, SentMessage
 from gateway.spool._files import SpoolFiles
+from mailgw_sandbox import Fault, Sandbox, SentMessage
 from tests.helpers import (
     GOOGLE_ADDRESS,
     MS_ADDRESS,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from gateway.sandbox import Sandbox
+from mailgw_sandbox import Sandbox
 from tests.helpers import (
     MS_ADDRESS,
     PASSWORD,

@@ -24,7 +24,7 @@ import pytest
 from aiohttp import web
 
 from gateway.app import Gateway
-from gateway.sandbox import Fault, Sandbox
+from mailgw_sandbox import Fault, Sandbox
 from tests.helpers import (
     GOOGLE_ADDRESS,
     MS_ADDRESS,

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from gateway.sandbox.upstream import Dovecot, MailUser
+from mailgw_sandbox.upstream import Dovecot, MailUser
 from tests.helpers import PASSWORD, PASSWORD_HASH, base_config, idling, running_gateway
 
 HOST = "127.0.0.1"

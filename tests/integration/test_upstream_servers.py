@@ -14,7 +14,7 @@ import subprocess
 import time
 import uuid
 
-from gateway.sandbox.upstream import Dovecot, MailUser, Postfix
+from mailgw_sandbox.upstream import Dovecot, MailUser, Postfix
 
 
 def _message(subject: str, to: str = "someone@example.org") -> bytes:

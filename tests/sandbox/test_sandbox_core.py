@@ -7,7 +7,7 @@ import ssl
 import httpx
 import pytest
 
-from gateway.sandbox import Fault, Sandbox
+from mailgw_sandbox import Fault, Sandbox
 
 CONTROL = {"X-Sandbox-Control": "1"}
 

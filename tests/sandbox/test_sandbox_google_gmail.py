@@ -15,7 +15,7 @@ from email.utils import parsedate_to_datetime
 import httpx
 import pytest
 
-from gateway.sandbox import Sandbox, User
+from mailgw_sandbox import Sandbox, User
 
 AUTH = "https://www.googleapis.com/auth/"
 MAIL, SEND, READONLY, MODIFY = (

@@ -26,7 +26,7 @@ from google.oauth2.credentials import Credentials
 from google_auth_oauthlib.flow import Flow
 from oauthlib.oauth2.rfc6749.errors import InvalidGrantError
 
-from gateway.sandbox import App, Sandbox, User
+from mailgw_sandbox import App, Sandbox, User
 
 SEND = "https://www.googleapis.com/auth/gmail.send"
 READONLY = "https://www.googleapis.com/auth/gmail.readonly"

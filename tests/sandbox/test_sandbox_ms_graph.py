@@ -20,7 +20,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from gateway.sandbox import Sandbox, User
+from mailgw_sandbox import Sandbox, User
 
 ADDRESS = "adele@contoso.example"
 IMMUTABLE = {"Prefer": 'IdType="ImmutableId"'}

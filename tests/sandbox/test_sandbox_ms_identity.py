@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from gateway.sandbox import App, Sandbox, User
+from mailgw_sandbox import App, Sandbox, User
 
 ADDRESS = "adele@contoso.example"
 REDIRECT = "http://localhost:8400/callback"

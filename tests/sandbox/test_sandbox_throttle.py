@@ -7,7 +7,7 @@ import ssl
 
 import httpx
 
-from gateway.sandbox import Sandbox
+from mailgw_sandbox import Sandbox
 
 CONTROL = {"X-Sandbox-Control": "1"}
 
