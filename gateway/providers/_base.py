@@ -7,6 +7,7 @@ from typing import Protocol
 
 from ..config import AccountSettings
 from ..spool._types import Envelope
+from ._mime import Message
 
 
 @dataclass(frozen=True)
@@ -21,9 +22,13 @@ class Sender(Protocol):
         """How many of ``account``'s messages the spool may hand to ``send`` at once."""
 
     async def send(
-        self, account: AccountSettings, envelope: Envelope, message: bytes
+        self, account: AccountSettings, envelope: Envelope, message: Message
     ) -> DeliveryResult:
-        """Deliver ``message`` for ``envelope``; raise Temporary, Permanent or ReauthRequired."""
+        """Deliver ``message`` for ``envelope``; raise Temporary, Permanent or ReauthRequired.
+
+        The spool passes its file mapped (``mmap``) only to a sender whose class sets
+        ``reads_mapped_files``; the others get bytes.
+        """
 
     async def already_sent(self, account: AccountSettings, message_id: str) -> bool | None:
         """Whether the mailbox's sent mail holds ``message_id``; None when it cannot tell.

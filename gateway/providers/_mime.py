@@ -51,7 +51,8 @@ class Prepared:
         """The message in pieces of at most ``size`` bytes; only one piece is copied at a time."""
         yield from _pieces(self.head, size)
         for start in range(self.body_offset, len(self.raw), size):
-            yield self.raw[start : start + size]  # no view kept: a mapped file can close
+            # no view kept: a mapped file can close (bytes() of a bytes slice is the same object)
+            yield bytes(self.raw[start : start + size])
 
     def range(self, start: int, end: int) -> bytes:
         """Bytes ``start`` to ``end`` (exclusive) of the message as sent."""
@@ -124,8 +125,8 @@ def split_head(raw: Message) -> tuple[bytes, int, bytes]:
     blank = _BLANK_LINE.search(raw)
     newline = b"\r\n" if b"\r\n" in raw[:1000] else b"\n"
     if blank is None:
-        return raw, len(raw), newline
-    return raw[: blank.start()], blank.end(), newline
+        return bytes(raw), len(raw), newline
+    return bytes(raw[: blank.start()]), blank.end(), newline
 
 
 def _fields(head: bytes) -> list[_Field]:

@@ -42,7 +42,7 @@ class Attachment:
     siblings: int  # how many parts that multipart has
     boundary: bytes  # that multipart's boundary
 
-    def decoded(self, raw: bytes, piece: int) -> Iterator[bytes]:
+    def decoded(self, raw: bytes | bytearray, piece: int) -> Iterator[bytes]:
         """The attachment's bytes in pieces of exactly ``piece`` bytes (the last may be shorter)."""
         pending = b""
         for data in self._decode(raw):
@@ -53,7 +53,7 @@ class Attachment:
         if pending:
             yield pending
 
-    def _decode(self, raw: bytes) -> Iterator[bytes]:
+    def _decode(self, raw: bytes | bytearray) -> Iterator[bytes]:
         view = memoryview(raw)
         if self.encoding == "base64":
             carry = b""
@@ -72,7 +72,7 @@ class Attachment:
                 yield bytes(view[start : min(start + _WINDOW, self.body_end)])
 
 
-def attachments(raw: bytes, body_offset: int, head: EmailMessage) -> list[Attachment]:
+def attachments(raw: bytes | bytearray, body_offset: int, head: EmailMessage) -> list[Attachment]:
     """Every leaf attachment of a multipart message, at any depth; [] for a single part."""
     found: list[Attachment] = []
     counter = [0]
@@ -81,7 +81,7 @@ def attachments(raw: bytes, body_offset: int, head: EmailMessage) -> list[Attach
 
 
 def _walk(
-    raw: bytes,
+    raw: bytes | bytearray,
     start: int,
     end: int,
     head: EmailMessage,
@@ -131,7 +131,9 @@ def _walk(
         )
 
 
-def _children(raw: bytes, start: int, end: int, boundary: bytes) -> Iterator[tuple[int, int, int]]:
+def _children(
+    raw: bytes | bytearray, start: int, end: int, boundary: bytes
+) -> Iterator[tuple[int, int, int]]:
     """(cut start, content start, content end) of each body part between the delimiters.
 
     The line break before a delimiter belongs to the delimiter (RFC 2046 §5.1.1), so a part's
@@ -163,7 +165,7 @@ def _children(raw: bytes, start: int, end: int, boundary: bytes) -> Iterator[tup
         position = line_end + 1
 
 
-def _decoded_size(raw: bytes, start: int, end: int, encoding: str) -> int:
+def _decoded_size(raw: bytes | bytearray, start: int, end: int, encoding: str) -> int:
     if encoding == "base64":
         spaces = sum(raw.count(c, start, end) for c in (b" ", b"\t", b"\r", b"\n"))
         tail = raw[max(start, end - 8) : end].rstrip(_WHITESPACE)

@@ -119,13 +119,13 @@ class GraphSender:
     ) -> DeliveryResult:
         """Draft, attachments that did not fit, send; without ``keep_copy`` the draft is marked
         to be deleted after submission instead of being moved to Sent Items."""
-        if isinstance(prepared.raw, mmap.mmap):
-            # The MIME scan (``_parts``) needs bytes: one copy, freed when the send ends.
-            raw = await asyncio.to_thread(_copy_out, prepared.raw)
-            prepared = replace(prepared, raw=raw)
         raw = prepared.raw
+        if isinstance(raw, mmap.mmap):
+            # The MIME scan (``_parts``) needs bytes: one copy, freed when the send ends.
+            raw = await asyncio.to_thread(_copy_out, raw)
+            prepared = replace(prepared, raw=raw)
         # Scanning a 30 MB MIME tree and encoding the draft take ~100 ms: off the shared loop.
-        lifted, draft = await asyncio.to_thread(_split_draft, prepared)
+        lifted, draft = await asyncio.to_thread(_split_draft, prepared, raw)
         base = f"{mailbox}/messages"
         created = await api.call(
             "POST",
@@ -162,7 +162,7 @@ class GraphSender:
         )
 
     async def _attach(
-        self, api: Api, message_url: str, raw: bytes, lifted: list[Attachment]
+        self, api: Api, message_url: str, raw: bytes | bytearray, lifted: list[Attachment]
     ) -> None:
         for attachment in lifted:
             if attachment.size >= UPLOAD_MIN:
@@ -181,7 +181,9 @@ class GraphSender:
                     },
                 )
 
-    async def _upload(self, api: Api, message_url: str, raw: bytes, item: Attachment) -> None:
+    async def _upload(
+        self, api: Api, message_url: str, raw: bytes | bytearray, item: Attachment
+    ) -> None:
         session = await api.call(
             "POST",
             f"{message_url}/attachments/createUploadSession",
@@ -239,11 +241,11 @@ def _copy_out(mapped: mmap.mmap) -> bytearray:
     return copy
 
 
-def _split_draft(prepared: Prepared) -> tuple[list[Attachment], bytes]:
-    """The attachments to upload separately, and the base64 draft of everything else."""
+def _split_draft(prepared: Prepared, raw: bytes | bytearray) -> tuple[list[Attachment], bytes]:
+    """The attachments to upload separately, and the base64 draft of everything else
+    (``raw`` is ``prepared.raw`` in memory: the MIME scan does not read a mapped file)."""
     if _b64_size(prepared.size) <= REQUEST_CAP:
         return [], base64.b64encode(prepared.joined())  # fits one request: nothing to lift
-    raw = prepared.raw
     head = _HEADERS.parsebytes(prepared.head, headersonly=True)
     lifted = _choose(attachments(raw, prepared.body_offset, head), prepared.size)
     draft = prepared.head + _without(raw, prepared.body_offset, lifted)
@@ -285,7 +287,7 @@ def _choose(found: list[Attachment], size: int) -> list[Attachment]:
     return sorted(lifted, key=lambda a: a.cut_start)
 
 
-def _without(raw: bytes, start: int, lifted: list[Attachment]) -> bytes:
+def _without(raw: bytes | bytearray, start: int, lifted: list[Attachment]) -> bytes:
     """The body with the lifted parts cut out; a multipart left empty gets an empty text part."""
     newline = b"\r\n" if b"\r\n" in raw[:1000] else b"\n"
     emptied = {

@@ -161,7 +161,9 @@ class UpstreamPop3Source(ThreadedClient):
         number = self._numbers(pop).get(provider_id)
         if number is None:
             raise KeyError(provider_id)
-        octets = int(pop.list(number).split()[2])
+        # typeshed types list() as the multi-line answer only; with a message number poplib
+        # returns the one-line answer (bytes), as its uidl() overload already says.
+        octets = int(pop.list(number).split()[2])  # type: ignore[attr-defined]
         if _has_top(pop):
             raw = _whole(pop.top(number, _TOP_ALL)[1], octets)
             if raw is not None:

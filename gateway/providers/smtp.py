@@ -27,6 +27,7 @@ from ..outbound import upstream_context
 from ..spool._types import Envelope
 from ._base import DeliveryResult
 from ._errors import Permanent, ReauthRequired, Temporary
+from ._mime import Message
 from ._smtp_pool import Session, SessionDropped, SessionPool
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s")
@@ -64,8 +65,11 @@ class UpstreamSender:
         return server.max_sessions if server is not None else 1
 
     async def send(
-        self, account: AccountSettings, envelope: Envelope, message: bytes
+        self, account: AccountSettings, envelope: Envelope, message: Message
     ) -> DeliveryResult:
+        # No ``reads_mapped_files`` here: the spool hands this sender bytes, which bytes()
+        # returns as they are (smtplib's transaction needs bytes, not a mapped file).
+        message = bytes(message)
         server = account.upstream.smtp if account.upstream else None
         if server is None:
             raise Permanent(f"account {account.username} has no upstream.smtp server configured")

@@ -154,11 +154,11 @@ class SpoolFiles:
             record, incoming = batch[index]
             os.close(state_fd)
             incoming.close_file()
-            error = errors[2 * number] or errors[2 * number + 1]
-            if error is not None:
+            failed = errors[2 * number] or errors[2 * number + 1]
+            if failed is not None:
                 incoming.discard()
                 state_tmp.unlink(missing_ok=True)
-                results[index] = error
+                results[index] = failed
                 continue
             ready.append((record, incoming.path, state_tmp))
         try:

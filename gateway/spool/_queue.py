@@ -70,13 +70,13 @@ def queue_main(
         print(f"{changed} held message(s) of {queue_id} released", file=out)
         return 0
     if action == "delete":
-        record = files.load(queue_id) if queue_id else None
-        if record is None:
+        doomed = files.load(queue_id) if queue_id else None
+        if doomed is None:
             print(f"no message {queue_id!r} in the queue", file=out)
             return 1
-        files.remove(record.id)
-        files.log_delivery(record, "deleted", "deleted with gateway queue delete")
-        print(f"deleted {record.id}", file=out)
+        files.remove(doomed.id)
+        files.log_delivery(doomed, "deleted", "deleted with gateway queue delete")
+        print(f"deleted {doomed.id}", file=out)
         return 0
     print(f"unknown queue action {action!r}: use list, retry, delete or release", file=out)
     return 2
