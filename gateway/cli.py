@@ -14,9 +14,13 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
+
+if TYPE_CHECKING:  # imported where used at run time: ``gateway --help`` stays quick
+    from .config import Settings
+    from .logs import EventLogger
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -218,7 +222,7 @@ def _config_path(args: argparse.Namespace) -> Path:
     return args.config or Path(os.environ.get("GATEWAY_CONFIG") or "config.yaml")
 
 
-def _load(args: argparse.Namespace, *, serving: bool = True):  # type: ignore[no-untyped-def]
+def _load(args: argparse.Namespace, *, serving: bool = True) -> Settings | None:
     """The settings, or None after printing every problem. ``serving=False`` for commands that
     need no secrets (see :func:`gateway.config.load_settings`)."""
     from .config import ConfigError, load_settings
@@ -502,6 +506,6 @@ def _serve_until_signal(
     return EXIT_OK
 
 
-def _request_stop(stop: asyncio.Event, signum: int, log) -> None:  # type: ignore[no-untyped-def]
+def _request_stop(stop: asyncio.Event, signum: int, log: EventLogger) -> None:
     log.info("gateway.stopping", signal=signal.Signals(signum).name)
     stop.set()

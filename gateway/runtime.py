@@ -13,6 +13,9 @@ import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from twisted.internet.interfaces import IProtocolFactory  # no reactor: safe before install()
+from zope.interface import implementer
+
 from .acceptor import Acceptor, HandOver, listening_socket, raise_open_file_limit
 from .admission import Admission, ConnectionLimits, size_caps
 from .logs import get_logger
@@ -172,7 +175,7 @@ class AdmittedProtocol(asyncio.Protocol):
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
-        return self._inner.eof_received()  # type: ignore[no-any-return]
+        return self._inner.eof_received()
 
     def pause_writing(self) -> None:
         self._inner.pause_writing()
@@ -216,6 +219,7 @@ def release_if_failed(task: asyncio.Task[Any], admission: Admission) -> None:
         admission.release()
 
 
+@implementer(IProtocolFactory)
 class _AdmittedFactory:
     """Builds one connection's protocol with its :class:`Admission` attached as ``admission``."""
 
@@ -254,13 +258,10 @@ async def listen_twisted(
     calls ``admission.authenticated()`` on login and ``admission.release()`` when it is lost.
     ``factory.connections`` must be a :class:`ConnectionRegistry` kept by its protocols.
     """
-    from twisted.internet.interfaces import IProtocolFactory
     from twisted.protocols.tls import TLSMemoryBIOFactory
-    from zope.interface import directlyProvides
 
     def hand_over(conn: socket.socket, admission: Admission) -> None:
         per_connection = _AdmittedFactory(factory, admission)
-        directlyProvides(per_connection, IProtocolFactory)
         wrapped: Any = per_connection
         if tls_context is not None:
             wrapped = TLSMemoryBIOFactory(tls_context, False, per_connection)

@@ -202,10 +202,15 @@ def _twisted_options(pair: CertificatePair) -> Any:
     from twisted.internet import ssl as twisted_ssl
 
     chain = x509.load_pem_x509_certificates(pair.cert.read_bytes())
+    # Twisted annotates these as pyOpenSSL's PKey/X509 but only hands them to pyOpenSSL's
+    # Context.use_privatekey/use_certificate/add_extra_chain_cert, which take the
+    # cryptography objects too (pyOpenSSL deprecates its own): the annotations lag.
     return twisted_ssl.CertificateOptions(
-        privateKey=serialization.load_pem_private_key(pair.key.read_bytes(), password=None),
-        certificate=chain[0],
-        extraCertChain=chain[1:],
+        privateKey=serialization.load_pem_private_key(  # type: ignore[arg-type]
+            pair.key.read_bytes(), password=None
+        ),
+        certificate=chain[0],  # type: ignore[arg-type]
+        extraCertChain=chain[1:],  # type: ignore[arg-type]
         raiseMinimumTo=twisted_ssl.TLSVersion.lookupByName(MINIMUM_VERSION.name),
         acceptableCiphers=twisted_ssl.AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
     )

@@ -286,7 +286,7 @@ MESSAGES: dict[str, dict[str, str]] = {
 def negotiate(accept_language: str | None, chosen: str | None) -> str:
     """The admin's explicit choice wins; otherwise the best Accept-Language match."""
     if chosen in LANGUAGES:
-        return chosen  # type: ignore[return-value]
+        return chosen
     ranked: list[tuple[float, str]] = []
     for part in (accept_language or "").split(","):
         tag, _, params = part.strip().partition(";")

@@ -125,7 +125,8 @@ class AdminState:
 
 STATE = web.AppKey("state", AdminState)
 ADMIN_USER = UserKey.of(ADMIN, "admin")  # the page has one password, so one username
-SESSION = web.RequestKey("session", AdminSession | None)  # type: ignore[arg-type]
+# A union is no class: aiohttp takes it as the type argument (its repr reads it from there).
+SESSION = web.RequestKey[AdminSession | None]("session")
 LANGUAGE = web.RequestKey("lang", str)
 
 
@@ -523,6 +524,9 @@ async def serve(
     if gate is not None:
         state.gate = gate
     runner = web.AppRunner(build_app(state), access_log=None, handle_signals=False)
+    server = runner.server
+    if server is None:  # aiohttp sets it in setup(): never None here
+        raise RuntimeError("aiohttp's AppRunner.setup() left no server")
     await runner.setup()
     return await listen_asyncio(
         name,
@@ -531,7 +535,7 @@ async def serve(
         port,
         limits or default_limits(),
         _REFUSALS,
-        runner.server,
+        server,
         runner.cleanup,
     )
 

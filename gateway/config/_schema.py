@@ -170,7 +170,7 @@ class Validator:
             return self._wrong(path, f"must be one of {choices}, got {_describe(raw)}", fix)
         if origin is tuple:
             return self._convert_list(args[0], raw, path, fix)
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):  # a hint is a class
             value = self.build(hint, raw, path)
             return value, value is not None
         converter = _SCALARS.get(hint)

@@ -69,7 +69,7 @@ class WarmUp:
         fetch_batch: Callable[[list[str]], Awaitable[Batch]],
         pending: Callable[[], list[str]],
         learn: Callable[[dict[str, bytes]], None],
-        clients_idle: Callable[[], Awaitable[None]],
+        clients_idle: Callable[[], Awaitable[object]],  # e.g. Event.wait (its True unused)
         clock: Clock,
         sleep: Sleep = asyncio.sleep,
         name: str = "warm-up",

@@ -69,7 +69,7 @@ class SubmissionHandler:
         address: str,
         options: list[str],
     ) -> str:
-        account: AccountSettings = session.auth_data
+        account = _account(session)
         accounts = self._front.accounts
         if not account.can_send:
             log.warning("smtp.read_only_account", account=account.username)
@@ -124,7 +124,7 @@ class SubmissionHandler:
         normalized (policy.normalize_line_endings) batch by batch, which gives the same bytes
         as normalizing it whole because every batch ends with CRLF.
         """
-        account: AccountSettings = session.auth_data
+        account = _account(session)
         now = datetime.now(UTC)
         trace = received_header(
             session.host_name,
@@ -193,3 +193,10 @@ def content_refusal(accounts: Accounts, account: AccountSettings, content: bytes
             allowed = accounts.allowed_senders(account)
             return replies.header_refused(sender.header, sender.address, allowed)
     return None
+
+
+def _account(session: Session) -> AccountSettings:
+    """The account that AUTH logged in (``GatewaySMTP`` returns it as the AuthResult's data)."""
+    # aiosmtpd infers Session.auth_data as None from its __init__, though its docstring says it
+    # holds whatever the authenticator returned.
+    return session.auth_data  # type: ignore[return-value]

@@ -155,7 +155,7 @@ class GatewaySMTP(SMTP):
     async def push(self, status: AnyStr) -> None:
         """Every reply leaves with an enhanced status code (challenges are bytes: untouched)."""
         if isinstance(status, str):
-            status = replies.standardize(status, self.data_size_limit)  # type: ignore[assignment]
+            status = replies.standardize(status, self.data_size_limit)
         await super().push(status)
 
     async def handle_exception(self, error: Exception) -> str:
@@ -259,7 +259,7 @@ class GatewaySMTP(SMTP):
 
     async def _challenge(self, text: str) -> bytes | None:
         answer = await self.challenge_auth(text)
-        return None if answer is MISSING else answer  # type: ignore[return-value]
+        return None if answer is MISSING else answer
 
     async def _verify(self, login: bytes, password: bytes) -> AuthResult:
         try:
