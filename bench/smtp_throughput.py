@@ -344,9 +344,10 @@ async def _drain_round(
     """The upstream leg alone: a spool holding every message starts, and its worker sends
     them through the account's session pool (in this process: no SMTP intake involved)."""
     from gateway.config import load_settings
+    from gateway.delivery import Envelope
     from gateway.outbound import system_ca_file
     from gateway.providers import UpstreamSender
-    from gateway.spool import Envelope, FileSpool
+    from gateway.spool import FileSpool
 
     await asyncio.to_thread(work_dir.mkdir, parents=True)
     config = c.write_yaml(

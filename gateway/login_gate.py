@@ -116,6 +116,10 @@ class Refused:
 
 WRONG = Refused()
 
+# What the IMAP and POP3 listeners call for a login: (username, password, client address) ->
+# the account name, or why the gate refused it (the composition root passes Accounts.login).
+LoginCheck = Callable[[str, str, str], Awaitable[str | Refused]]
+
 
 def tarpit_delay(failures: int) -> float:
     """Seconds a username with this many recent failures (and attempts in flight) waits before

@@ -12,14 +12,50 @@ logging. A reload that changes one of them applies the rest and logs each of the
 ``gateway.reload_needs_restart``.
 
 The pid file (:func:`pid_file`) lets ``gateway reload -c FILE`` find the process to signal.
+:func:`reload_config` re-reads the file and :func:`apply` switches the running parts of a
+gateway (:class:`RunningGateway`, built by ``gateway.app``) to it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import os
 from pathlib import Path
+from typing import Protocol
 
-from .config import AccountSettings, Settings
+import httpx
+
+from . import metrics, providers
+from .accounts import Accounts
+from .config import AccountSettings, ConfigError, Settings, load_settings
+from .logs import get_logger
+from .mailbox import MailboxViews
+from .oauth import TokenBroker
+from .smtp_in import server as smtp_server
+from .spool import FileSpool
+
+log = get_logger(__name__)
+
+
+class RunningGateway(Protocol):
+    """The parts of a running gateway that a reload changes (``gateway.app.Gateway``)."""
+
+    settings: Settings
+    accounts: Accounts
+    broker: TokenBroker | None
+    spool: FileSpool | None
+    smtp_front: smtp_server.SmtpFront | None
+    http: httpx.AsyncClient | None
+    trust: Path | None
+    senders: dict[str, providers.Sender]
+    views: MailboxViews | None
+
+    @property
+    def serving(self) -> bool:
+        """Started and not stopping: only then may its settings change."""
+        ...
+
 
 # Settings fixed when the gateway starts, as (section, field or None for the whole section).
 RESTART_ONLY: tuple[tuple[str, str | None], ...] = (
@@ -39,6 +75,92 @@ PID_FILE = "gateway.pid"
 def pid_file(state_dir: Path) -> Path:
     """Where ``gateway run`` writes its process ID (removed when it stops)."""
     return state_dir / PID_FILE
+
+
+def write_pid_file(state_dir: Path) -> Path:
+    """For ``gateway reload``: which process reads this state directory. Returns the file."""
+    path = pid_file(state_dir)
+    path.write_text(f"{os.getpid()}\n", encoding="ascii")
+    return path
+
+
+async def reload_config(gateway: RunningGateway) -> bool:
+    """Re-read the config file; apply it if it validates, else keep the running one.
+
+    Every problem is logged as check-config reports it (file, line, key, fix).
+    """
+    source = gateway.settings.source
+    if source is None or not gateway.serving:
+        log.warning("gateway.reload_ignored", reason="not serving (starting or stopping)")
+        return False
+    try:
+        new = await asyncio.to_thread(load_settings, source)
+    except ConfigError as error:
+        for problem in error.problems:
+            log.error(
+                "gateway.reload_problem",
+                file=str(error.file),
+                line=problem.line,
+                key=problem.key,
+                problem=problem.message,
+                fix=problem.fix,
+            )
+        log.error(
+            "gateway.reload_refused",
+            config=str(source),
+            problems=len(error.problems),
+            detail="the running config stays in force; fix the file and reload again",
+        )
+        metrics.reloaded("refused")
+        return False
+    await apply(gateway, new)
+    metrics.reloaded("applied")
+    return True
+
+
+async def apply(gateway: RunningGateway, new: Settings) -> None:
+    """Switch ``gateway`` to ``new`` (validated) without closing a listener or a connection."""
+    old = gateway.settings
+    for key in needing_restart(old, new):
+        log.warning("gateway.reload_needs_restart", key=key, detail="restart to apply it")
+    released = changed_accounts(old, new)
+    kept = keep_restart_only(old, new)
+    gateway.settings = kept
+    gateway.accounts.replace(kept.accounts)
+    broker, spool, front, http = gateway.broker, gateway.spool, gateway.smtp_front, gateway.http
+    assert broker is not None and spool is not None and front is not None and http is not None
+    broker.reconfigure(kept)
+    front.smtp = kept.smtp
+    spool.accounts = {a.username: a for a in kept.accounts}
+    spool.deliver_inline = kept.smtp.deliver_inline
+    spool.retry_window = kept.spool.retry_hours * 3600.0
+    spool.max_backoff = kept.spool.max_backoff_minutes * 60.0
+    spool.first_backoff = float(kept.spool.first_backoff_seconds)
+    fresh = providers.senders(kept, http, broker, gateway.trust or Path())
+    gateway.senders.update(microsoft=fresh["microsoft"], google=fresh["google"])
+    if gateway.views is not None:
+        await _reopen_mailboxes(gateway.views, old, kept)
+    for username in sorted(released):
+        count = await spool.release(username)
+        if count:
+            log.info("gateway.reload_released", account=username, messages=count)
+    log.info(
+        "gateway.reloaded",
+        config=str(kept.source),
+        accounts=len(kept.accounts),
+        changed_accounts=",".join(sorted(released)) or "-",
+    )
+
+
+async def _reopen_mailboxes(views: MailboxViews, old: Settings, new: Settings) -> None:
+    """Close the INBOX view of an account whose mailbox settings changed (or which is
+    gone): the next login opens one with the new settings. Its sessions open at the
+    reload were reading the old mailbox and must log in again."""
+    before = {a.username: a for a in old.accounts}
+    after = {a.username: a for a in new.accounts}
+    changed = [u for u in views if mailbox_changed(before.get(u), after.get(u))]
+    for username in await views.reopen(changed):
+        log.info("gateway.reload_mailbox_reopened", account=username)
 
 
 def needing_restart(old: Settings, new: Settings) -> list[str]:

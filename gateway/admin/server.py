@@ -22,8 +22,7 @@ from ..admission import ConnectionLimits
 from ..config import Settings
 from ..login_gate import ADMIN, Accepted, LoginGate, Refused, UserKey
 from ..logs import get_logger
-from ..oauth import AuthUnavailable, OAuthError, TokenBroker
-from ..oauth._scopes import short
+from ..oauth import AuthUnavailable, OAuthError, TokenBroker, short_scope
 from ..passwords import parse_hash
 from ..runtime import RunningListener, default_limits, listen_asyncio
 from ..spool import FileSpool
@@ -105,7 +104,7 @@ _templates = jinja2.Environment(
     autoescape=True,
     undefined=jinja2.StrictUndefined,
 )
-_templates.filters["scope_name"] = short
+_templates.filters["scope_name"] = short_scope
 
 
 @dataclass

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from ..admission import Admission, ConnectionLimits
 from ..cleartext import plaintext_auth_allowed
-from ..login_gate import Refused
+from ..login_gate import LoginCheck, Refused
 from ..logs import get_logger
 from ..mailbox import MailboxView
 from ..runtime import ConnectionRegistry, RunningListener, as_deferred, listen_twisted
@@ -33,8 +33,6 @@ from ._compat import CompatIMAP4Server
 from ._contract import GatewayMailbox
 from ._mailbox import InboxAccount
 
-# (username, password, client address) -> the account name, or why the login gate refused it.
-LoginCheck = Callable[[str, str, str], Awaitable[str | Refused]]
 MailboxFor = Callable[[str], Awaitable[MailboxView | str]]
 """``mailbox_for(account)``: the account's view, or a sentence saying why it is unavailable."""
 

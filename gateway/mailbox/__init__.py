@@ -2,9 +2,11 @@
 
 :class:`MailboxView` keeps one account's provider id → UID map in the store and syncs it from a
 ``MailboxSource`` (``gateway.providers``: Graph, Gmail, upstream IMAP and POP3); frontends
-never see HTTP or the upstream protocols.
+never see HTTP or the upstream protocols. :class:`MailboxViews` holds the open views, one per
+account, for the IMAP and POP3 listeners.
 """
 
+from ._registry import MailboxViews
 from ._uidmap import Applied, UidMap
 from ._view import (
     KNOWN_FLAGS,
@@ -24,6 +26,7 @@ __all__ = [
     "BodyCache",
     "MailboxUnavailable",
     "MailboxView",
+    "MailboxViews",
     "MessageInfo",
     "OnDelete",
     "ReadingPolicy",

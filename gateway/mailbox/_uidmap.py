@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from ..providers._inbox import RemoteMessage
+from ..providers import RemoteMessage
 from ..store import MailboxState, MailboxStore, MailboxUid
 
 Entry = MailboxUid

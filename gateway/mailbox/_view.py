@@ -32,10 +32,10 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 
 from ..config import OnDelete
+from ..delivery import DeliveryError
 from ..logs import get_logger
 from ..oauth import OAuthError
-from ..providers._errors import DeliveryError
-from ..providers._inbox import (
+from ..providers import (
     FLAGGED,
     SEEN,
     CursorExpired,

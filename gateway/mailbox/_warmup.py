@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 
 from ..logs import get_logger
-from ..providers._inbox import Batch, WarmUpQuota
+from ..providers import Batch, WarmUpQuota
 
 log = get_logger(__name__)
 

@@ -7,6 +7,7 @@ calls, and the consent methods from the admin page and the CLI.
 from ._broker import AccountStatus, TokenBroker
 from ._errors import AuthUnavailable, ConsentError, OAuthError, ReauthRequired
 from ._scopes import ScopeNeed
+from ._scopes import short as short_scope
 
 __all__ = [
     "AccountStatus",
@@ -16,4 +17,5 @@ __all__ = [
     "ReauthRequired",
     "ScopeNeed",
     "TokenBroker",
+    "short_scope",
 ]

@@ -23,7 +23,7 @@ from typing import Any
 from twisted.internet.protocol import Factory
 
 from ..admission import ConnectionLimits
-from ..imap_out.server import LoginCheck
+from ..login_gate import LoginCheck
 from ..mailbox import MailboxView
 from ..runtime import ConnectionRegistry, RunningListener, listen_twisted
 from ._protocol import GatewayPOP3

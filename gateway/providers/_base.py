@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 from ..config import AccountSettings
-from ..spool._types import Envelope
+from ..delivery import DeliveryResult, Envelope
 from ._mime import Message
-
-
-@dataclass(frozen=True)
-class DeliveryResult:
-    """What the provider said when it took the message (for the delivery log)."""
-
-    detail: str  # e.g. "graph sendMail 202", "gmail id 18c...", "upstream 250 2.0.0 Ok: ..."
 
 
 class Sender(Protocol):

@@ -25,9 +25,9 @@ from typing import Any
 import httpx
 
 from .. import metrics
+from ..delivery import Permanent, ReauthRequired, Temporary
 from ..oauth import AuthUnavailable
 from ._base import TokenSource
-from ._errors import Permanent, ReauthRequired, Temporary
 
 # Provider error codes that say "this token lacks a permission", not "this message is bad".
 _SCOPE_CODES = frozenset({"ErrorAccessDenied", "insufficientPermissions", "forbidden"})

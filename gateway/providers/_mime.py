@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from email.utils import formataddr, getaddresses
 
-from ..spool._types import Envelope
+from ..delivery import Envelope
 
 # The spool hands API senders its file mapped read-only (``reads_mapped_files``): slicing and
 # regular expressions work on it as on bytes, and a piece is copied only when it is sent.

@@ -28,8 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
+from ..delivery import DeliveryError
 from ..logs import get_logger
-from ._errors import DeliveryError
 
 log = get_logger(__name__)
 

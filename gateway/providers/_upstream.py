@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..config import UpstreamServer
+from ..delivery import Permanent
 from ..outbound import upstream_context
-from ._errors import Permanent
 
 T = TypeVar("T")
 

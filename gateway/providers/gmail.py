@@ -15,9 +15,8 @@ import time
 import httpx
 
 from ..config import AccountSettings
-from ..spool._types import Envelope
-from ._base import DeliveryResult, TokenSource
-from ._errors import Permanent, ReauthRequired, Temporary
+from ..delivery import DeliveryResult, Envelope, Permanent, ReauthRequired, Temporary
+from ._base import TokenSource
 from ._http import Api, error_code
 from ._mime import Message, Prepared, prepare
 

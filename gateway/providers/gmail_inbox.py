@@ -19,8 +19,8 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
+from ..delivery import Permanent
 from ._base import TokenSource
-from ._errors import Permanent
 from ._http import Api, check_write, retry_after
 from ._inbox import (
     FLAGGED,

@@ -35,10 +35,9 @@ from urllib.parse import quote
 import httpx
 
 from ..config import AccountSettings
+from ..delivery import DeliveryResult, Envelope, Permanent, ReauthRequired, Temporary
 from ..logs import get_logger
-from ..spool._types import Envelope
-from ._base import DeliveryResult, TokenSource
-from ._errors import Permanent, ReauthRequired, Temporary
+from ._base import TokenSource
 from ._http import Api, classify, error_code, send
 from ._mime import Message, Prepared, prepare
 from ._parts import Attachment, attachments

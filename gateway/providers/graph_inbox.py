@@ -14,8 +14,8 @@ from urllib.parse import quote
 
 import httpx
 
+from ..delivery import Permanent
 from ._base import TokenSource
-from ._errors import Permanent
 from ._http import Api, check_write, error_code, retry_after
 from ._inbox import (
     FLAGGED,

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..config import UpstreamServer
+from ..delivery import DeliveryError, Permanent, Temporary
 from ..logs import get_logger
-from ._errors import DeliveryError, Permanent, Temporary
 from ._inbox import (
     Changes,
     CursorExpired,

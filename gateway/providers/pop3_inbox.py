@@ -14,7 +14,7 @@ from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
-from ._errors import DeliveryError, Permanent, Temporary
+from ..delivery import DeliveryError, Permanent, Temporary
 from ._inbox import Changes, NotSupported, RemoteMessage, Removal, Snapshot
 from ._upstream import ThreadedClient, credentials, reason, tls_context, untrusted, wrong_password
 

@@ -23,10 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..config import AccountSettings, UpstreamSmtpServer
+from ..delivery import DeliveryResult, Envelope, Permanent, ReauthRequired, Temporary
 from ..outbound import upstream_context
-from ..spool._types import Envelope
-from ._base import DeliveryResult
-from ._errors import Permanent, ReauthRequired, Temporary
 from ._mime import Message
 from ._smtp_pool import Session, SessionDropped, SessionPool
 

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from ..accounts import Accounts
 from ..config import Settings
 from ..login_gate import LoginGate
-from ..spool._types import Spool
+from ..spool import Spool
 
 # account_state(username) -> a sentence when the mailbox needs re-consent, else None.
 AccountState = Callable[[str], Awaitable[str | None]]

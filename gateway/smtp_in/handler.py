@@ -16,9 +16,9 @@ from aiosmtpd.smtp import Session
 
 from ..accounts import Accounts
 from ..config import AccountSettings
+from ..delivery import Envelope
 from ..logs import get_logger
-from ..spool._incoming import HEAD_LIMIT, IncomingMessage
-from ..spool._types import Envelope, SpoolError
+from ..spool import HEAD_LIMIT, IncomingMessage, SpoolError
 from . import replies
 from .data import read_data
 from .front import SmtpFront

@@ -6,13 +6,15 @@ Public API: :class:`FileSpool` (``submit``, ``start``/``stop``, ``release``, ``r
 """
 
 from ._files import Record
+from ._incoming import HEAD_LIMIT, IncomingMessage
 from ._queue import queue_main
 from ._spool import FileSpool
-from ._types import Envelope, Spool, SpoolError, SubmitResult
+from ._types import Spool, SpoolError, SubmitResult
 
 __all__ = [
-    "Envelope",
+    "HEAD_LIMIT",
     "FileSpool",
+    "IncomingMessage",
     "Record",
     "Spool",
     "SpoolError",

@@ -42,8 +42,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .. import metrics
 from ..config import AccountSettings, Settings
+from ..delivery import Permanent, ReauthRequired, Temporary
 from ..logs import get_logger
-from ..providers._errors import Permanent, ReauthRequired, Temporary
 from ._commit import Batched, GroupCommitter
 from ._files import Record, SpoolFiles
 from ._incoming import IncomingMessage

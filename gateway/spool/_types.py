@@ -1,28 +1,18 @@
 """What the SMTP front hands to the spool, and what it gets back.
 
-Kept apart from the spool's machinery so that smtp_in depends on these few types only.
+Kept apart from the spool's machinery so that smtp_in depends on these few types only; the
+:class:`~gateway.delivery.Envelope` it hands over is the delivery vocabulary's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
+
+from ..delivery import Envelope
 
 if TYPE_CHECKING:
     from ._incoming import IncomingMessage
-
-
-@dataclass(frozen=True)
-class Envelope:
-    """The SMTP envelope of one accepted message."""
-
-    account: str  # the local username that authenticated (accounts[].username)
-    mail_from: str  # MAIL FROM, possibly "" (null reverse-path)
-    rcpt_tos: tuple[str, ...]  # RCPT TO, in order, as given
-    smtputf8: bool
-    received_at: datetime  # UTC
-    client: str  # the peer's address, for logs and the Received header
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,10 @@ import pytest
 
 from gateway import outbound
 from gateway.config import AccountSettings
+from gateway.delivery import DeliveryResult, Envelope
 from gateway.oauth import ReauthRequired
-from gateway.providers import DeliveryResult, GmailSender, GraphSender, Sender
-from gateway.spool import Envelope, FileSpool
+from gateway.providers import GmailSender, GraphSender, Sender
+from gateway.spool import FileSpool
 from mailgw_sandbox import Fault, Sandbox, User
 from tests.helpers import PASSWORD_HASH
 

@@ -15,9 +15,10 @@ import pytest
 
 from gateway.config import AccountSettings, SendingSettings, UpstreamSettings, UpstreamSmtpServer
 from gateway.config._schema import Secret
+from gateway.delivery import Envelope
 from gateway.outbound import system_ca_file
 from gateway.providers import UpstreamSender
-from gateway.spool import Envelope, FileSpool
+from gateway.spool import FileSpool
 from mailgw_sandbox.upstream import POSTFIX_BIN, MailUser, Postfix
 from tests.helpers import PASSWORD_HASH
 

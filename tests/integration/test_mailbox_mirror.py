@@ -17,15 +17,8 @@ import httpx
 import pytest
 
 from gateway import outbound
-from gateway.providers import (
-    SEEN,
-    Changes,
-    GmailSource,
-    GraphSource,
-    Permanent,
-    ReauthRequired,
-    Temporary,
-)
+from gateway.delivery import Permanent, ReauthRequired, Temporary
+from gateway.providers import SEEN, Changes, GmailSource, GraphSource
 from mailgw_sandbox import Fault, Sandbox
 from tests.helpers import READ_SCOPES, SandboxTokens
 

@@ -15,8 +15,9 @@ import httpx
 import pytest
 
 from gateway import outbound
+from gateway.delivery import Temporary
 from gateway.mailbox import MailboxUnavailable, MailboxView
-from gateway.providers import SEEN, CursorExpired, GmailSource, GraphSource, Temporary
+from gateway.providers import SEEN, CursorExpired, GmailSource, GraphSource
 from gateway.store import SecretBox, Stores, open_sqlite
 from mailgw_sandbox import Fault, Sandbox
 from tests.helpers import SandboxTokens

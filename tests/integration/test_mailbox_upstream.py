@@ -21,13 +21,12 @@ import pytest
 from gateway import outbound
 from gateway.config import UpstreamServer
 from gateway.config._schema import Secret
+from gateway.delivery import Permanent, Temporary
 from gateway.mailbox import MailboxView
 from gateway.providers import (
     SEEN,
     CursorExpired,
     NotSupported,
-    Permanent,
-    Temporary,
     UpstreamImapSource,
     UpstreamPop3Source,
 )

@@ -24,13 +24,14 @@ import yaml
 from gateway import tls
 from gateway.accounts import Accounts
 from gateway.config import load_settings
+from gateway.delivery import Envelope
 from gateway.login_gate import MAILBOX, LoginGate
 from gateway.runtime import RunningListener
 from gateway.smtp_in import server as smtp_server
 from gateway.smtp_in.policy import normalize_line_endings
+from gateway.spool import SpoolError, SubmitResult
 from gateway.spool._files import SpoolFiles
 from gateway.spool._incoming import IncomingMessage
-from gateway.spool._types import Envelope, SpoolError, SubmitResult
 from tests.helpers import PASSWORD, PASSWORD_HASH, base_config
 
 HOST = "127.0.0.1"

@@ -14,10 +14,9 @@ import httpx
 import pytest
 
 from gateway.config import AccountSettings
+from gateway.delivery import Envelope, Permanent, ReauthRequired, Temporary
 from gateway.oauth import AuthUnavailable
 from gateway.providers import GmailSender, _http
-from gateway.providers._errors import Permanent, ReauthRequired, Temporary
-from gateway.spool import Envelope
 from tests.helpers import PASSWORD_HASH
 
 CLAIMS = '{"access_token":{"nbf":{"essential":true,"value":"1604106651"}}}'

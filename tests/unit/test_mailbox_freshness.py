@@ -17,8 +17,7 @@ import pytest
 from gateway.imap_out._mailbox import InboxMailbox
 from gateway.mailbox import MailboxView
 from gateway.mailbox._warmup import RequestWindow
-from gateway.providers import Changes, RemoteMessage, Snapshot
-from gateway.providers._inbox import Batch, WarmUpQuota
+from gateway.providers import Batch, Changes, RemoteMessage, Snapshot, WarmUpQuota
 from gateway.store import MailboxStore, SecretBox, open_sqlite
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

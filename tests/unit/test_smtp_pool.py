@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from gateway.config import AccountSettings, UpstreamSettings, UpstreamSmtpServer
+from gateway.delivery import Envelope, Permanent, Temporary
 from gateway.outbound import system_ca_file
-from gateway.providers import Permanent, Temporary, UpstreamSender
-from gateway.spool import Envelope
+from gateway.providers import UpstreamSender
 from tests.helpers import PASSWORD_HASH
 
 # (connection from 1, message on that connection from 1, where: "mail", "body", "after_dot",

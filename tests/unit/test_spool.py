@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from gateway.config import AccountSettings, SendingSettings
+from gateway.delivery import DeliveryResult, Envelope, Permanent, Temporary
 from gateway.oauth import ReauthRequired
-from gateway.providers import DeliveryResult, Permanent, Temporary
-from gateway.spool import Envelope, FileSpool, SpoolError, queue_main
+from gateway.spool import FileSpool, SpoolError, queue_main
 from tests.helpers import PASSWORD_HASH
 
 RAW = b"From: a@example.com\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nbody\r\n"

@@ -8,10 +8,10 @@ from datetime import UTC, datetime
 from email import policy
 from email.message import EmailMessage
 
+from gateway.delivery import Envelope
 from gateway.providers._mime import prepare, split_head
 from gateway.providers._parts import attachments
 from gateway.providers.graph import _without
-from gateway.spool import Envelope
 
 
 def _envelope(*rcpts: str) -> Envelope:
