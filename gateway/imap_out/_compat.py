@@ -209,7 +209,7 @@ class CompatIMAP4Server(CommandReading, FetchStreaming, imap4.IMAP4Server):
         deferred.addCallback(self._searched, tag, mbox, uid)
         deferred.addErrback(self._search_failed, tag)
 
-    select_SEARCH = (do_SEARCH, CommandReading.opt_charset, imap4.IMAP4Server.arg_searchkeys)
+    select_SEARCH = (do_SEARCH, CommandReading.opt_charset, CommandReading.arg_searchkeys)
 
     def _searched(self, result: Any, tag: bytes, mbox: Any, uid: int) -> None:
         """``* SEARCH`` and the numbers; no trailing space when nothing matched (stock sent

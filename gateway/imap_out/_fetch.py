@@ -261,10 +261,8 @@ def _section_spec(item: Any) -> tuple[str | None, str, list[str]]:
         if fields:
             names = [f.decode("latin-1") if isinstance(f, bytes) else f for f in fields]
             spec = "HEADER.FIELDS.NOT" if item.header.negate else "HEADER.FIELDS"
-            # bytes.upper() leaves 8-bit octets alone: str.upper() turned \xff into U+0178,
-            # which is not latin-1, and the message failed to render.
-            upper = b" ".join(n.encode("latin-1").upper() for n in names).decode("latin-1")
-            label = f"{spec} ({upper})"
+            # The list as Dovecot names it (atoms as sent, strings quoted): see _syntax.
+            label = f"{spec} {item.header.labels.decode('latin-1')}"
         else:
             spec = label = "HEADER"
     elif item.text:

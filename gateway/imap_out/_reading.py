@@ -20,6 +20,7 @@ from twisted.python import log
 
 from . import _replies
 from ._seqset import parse_seqset
+from ._syntax import FetchItems, search_keys, string_at
 
 # RFC 3501: tag = 1*<ASTRING-CHAR except "+">; command names are ASCII letters.
 _TAG = re.compile(rb'[^\x00-\x20\x7f-\xff(){%*"\\+]+')
@@ -28,12 +29,9 @@ _COMMAND = re.compile(rb"[A-Za-z][A-Za-z0-9]*")
 # private ``_atomChars`` (which lets DEL through and refuses every 8-bit octet).
 _ATOM_CHARS = bytes(c for c in range(0x21, 0x80) if c not in b']\\(){%*"')
 _ATOM = re.compile(rb"([" + re.escape(_ATOM_CHARS) + rb"]+)(?: |\Z)")
-_QUOTED = re.compile(rb'"((?:[^"\\]|\\.)*)"', re.DOTALL)
-_ESCAPED = re.compile(rb"\\(.)", re.DOTALL)
 _MAX_PIPELINED = 1 << 20  # bytes queued behind a slow command before the client is cut off
 _LITERAL_LIMIT = 4096  # octets of one literal (no APPEND here): LITERAL-'s bound (RFC 7888)
 _LITERAL = re.compile(rb"\{(\d{1,10})(\+?)\}\Z")  # a literal announced at the end of a line
-_INLINE_LITERAL = re.compile(rb"\{(\d{1,10})\}\r\n")  # as parse_command hands it on
 
 
 class CommandReading:
@@ -273,18 +271,10 @@ class CommandReading:
         line = line.lstrip(b" ")
         if not line:
             raise imap4.IllegalClientResponse("Missing argument")
-        if line[:1] == b'"':
-            quoted = _QUOTED.match(line)
-            if quoted is None:
-                raise imap4.IllegalClientResponse("Unmatched quotes")
-            value = _ESCAPED.sub(rb"\1", quoted[1])
-            return value, line[quoted.end() :].removeprefix(b" ")
-        literal = _INLINE_LITERAL.match(line)
-        if literal is not None:
-            end = literal.end() + int(literal[1])
-            return line[literal.end() : end], line[end:].removeprefix(b" ")
-        if line[:1] == b"{":
-            raise imap4.IllegalClientResponse("Malformed literal")
+        string = string_at(line)
+        if string is not None:
+            value, end = string
+            return value, line[end:].removeprefix(b" ")
         value, _, rest = line.partition(b" ")
         return value, rest
 
@@ -314,12 +304,20 @@ class CommandReading:
         except imap4.IllegalIdentifierError as error:
             raise imap4.IllegalClientResponse(f"Bad message number {error}") from error
 
+    def arg_searchkeys(self, line: bytes) -> tuple[list, bytes]:
+        """SEARCH's keys, every string argument (HEADER's field name too) quoted or a literal,
+        read by :func:`~._syntax.search_keys`."""
+        return search_keys(line), b""
+
     def arg_fetchatt(self, line: bytes) -> tuple[Any, bytes]:
-        """Stock's FETCH parser raises bare Exceptions ("Header list must begin with (")."""
+        """FETCH items by Twisted's parser with header names read as astrings (literals,
+        quoted); its bare Exceptions ("Missing )") answered as the syntax errors they are."""
         if not line:
             raise imap4.IllegalClientResponse(_replies.MISSING_FETCH_ITEMS)
+        parser = FetchItems()
         try:
-            return imap4.IMAP4Server.arg_fetchatt(self, line)  # type: ignore[arg-type]
+            parser.parseString(line)
+            return parser.result, b""
         except imap4.IllegalClientResponse:
             raise
         except Exception as error:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import imaplib
+import re
 import socket
 import ssl
 from base64 import b64encode
@@ -32,7 +33,8 @@ TERM = "gr\u00fc\u00dfe".encode()
 
 def _message(n: int, subject: str) -> bytes:
     return (
-        f"From: s@example.org\r\nTo: crm@contoso.example\r\nSubject: {subject}\r\n"
+        f"From: s@example.org\r\nTo: crm@contoso.example\r\nCc: team-{n}@example.org\r\n"
+        f"Subject: {subject}\r\n"
         f"Message-ID: <lit-{n}@example.org>\r\nDate: Mon, 2 Mar 2026 10:0{n}:00 +0000\r\n"
         "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nhello\r\n"
     ).encode()
@@ -189,11 +191,16 @@ async def test_refused_literals_are_dropped_not_run(gw: Gateway) -> None:
     assert out["append"][1].startswith(b"b4 OK")
 
 
-def _imaplib_search(client: imaplib.IMAP4) -> list[bytes]:
-    client.literal = TERM  # imaplib sends it as a synchronising literal
-    typ, data = client.search("UTF-8", "SUBJECT")
-    assert typ == "OK", data
-    return data
+def _imaplib_search(client: imaplib.IMAP4) -> list[list[bytes]]:
+    """A non-ASCII SUBJECT and a HEADER value, each the synchronising literal imaplib sends
+    (after the command's other arguments)."""
+    out = []
+    for charset, key, literal in (("UTF-8", ["SUBJECT"], TERM), (None, ["HEADER", "Cc"], b"m-1")):
+        client.literal = literal
+        typ, data = client.search(charset, *key)
+        assert typ == "OK", data
+        out.append(data)
+    return out
 
 
 async def test_imaplib_non_ascii_search_gets_dovecots_hits(gw: Gateway, dovecot: Dovecot) -> None:
@@ -218,8 +225,180 @@ async def test_imaplib_non_ascii_search_gets_dovecots_hits(gw: Gateway, dovecot:
         return mine, reference
 
     mine, reference = await asyncio.to_thread(both)
-    assert reference == [b"1 3"]  # the raw UTF-8 subject and the RFC 2047 one
+    assert reference == [[b"1 3"], [b"2"]]  # the raw UTF-8 subject and the RFC 2047 one
     assert mine == reference
+
+
+# -- a string in every position where RFC 3501 allows an astring or string ---------------------
+
+# How each string of a command is sent: quoted (the reference), or as a literal.
+FORMS = ("quoted", "sync", "nonsync")
+_STRING = re.compile(rb"\{(\d+)\}\r\n")
+
+
+def _command(template: bytes, strings: list[bytes], form: str) -> bytes:
+    """``template`` with each ``%s`` replaced by a string in ``form``."""
+    if form == "quoted":
+        quoted = [b'"' + v.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"' for v in strings]
+        return template % tuple(quoted)
+    announce = b"{%d}\r\n" if form == "sync" else b"{%d+}\r\n"
+    return template % tuple(announce % len(v) + v for v in strings)
+
+
+def _send(client: RawIMAP, tag: bytes, command: bytes) -> tuple[int, list[bytes]]:
+    """Send ``tag command``, waiting for the ``+`` after each synchronising literal; the number
+    of ``+`` continuations and the responses up to the tagged one."""
+    data, continuations = tag + b" " + command + b"\r\n", 0
+    while (marker := _STRING.search(data)) is not None:
+        client.send(data[: marker.end()])
+        answer = client.response()
+        assert answer.startswith(b"+"), (command, answer)
+        continuations += 1
+        data = data[marker.end() :]
+    client.send(data)
+    return continuations, client.read_until(tag)
+
+
+def _in_every_form(client: RawIMAP, template: bytes, strings: list[bytes]) -> dict[str, Any]:
+    out = {}
+    for n, form in enumerate(FORMS):
+        out[form] = _send(client, b"f%d" % n, _command(template, strings, form))
+    return out
+
+
+# (command, its strings): SEARCH keys are compared with Dovecot, sequence numbers being equal.
+SEARCHES = [
+    (b"SEARCH SUBJECT %s", [b"ascii"]),
+    (b"SEARCH SUBJECT %s", [b"ascii "]),  # a literal's last blank is part of it
+    (b"SEARCH CHARSET %s SUBJECT %s", [b"UTF-8", "K\u00f6ln".encode()]),
+    (b"SEARCH FROM %s", [b"s@example"]),
+    (b"SEARCH TO %s CC %s", [b"crm", b"team-1"]),
+    (b"SEARCH OR BCC %s (NOT CC %s)", [b"x", b"team-2"]),
+    (b"SEARCH BODY %s", [b"hello"]),
+    (b"SEARCH TEXT %s", [b"lit-1@"]),
+    (b"SEARCH HEADER %s %s", [b"Message-ID", b"lit-2"]),
+    (b"SEARCH HEADER %s %s", [b"cc", b""]),  # every message with the field
+    (b"SEARCH NOT HEADER %s %s ALL", [b"X-Absent", b""]),
+]
+
+
+async def test_search_strings_as_literals_get_dovecots_hits(gw: Gateway, dovecot: Dovecot) -> None:
+    """Every string of every SEARCH key (HEADER's field name too), as a synchronising and as a
+    non-synchronising literal, finds what Dovecot finds for the same messages."""
+    user = dovecot.new_user("literal-keys")
+    for raw in MESSAGES:
+        await asyncio.to_thread(dovecot.deliver, user.name, raw)
+
+    def run(client: RawIMAP) -> list[dict[str, Any]]:
+        try:
+            return [_in_every_form(client, t, strings) for t, strings in SEARCHES]
+        finally:
+            client.close()
+
+    def theirs() -> RawIMAP:
+        client = RawIMAP(socket.create_connection((dovecot.host, dovecot.imap_port), 15))
+        assert _status(client.command(f"LOGIN {user.name} {user.password}")[-1]) == b"OK"
+        assert _status(client.command("EXAMINE INBOX")[-1]) == b"OK"
+        return client
+
+    mine = await asyncio.to_thread(lambda: run(login_raw(gw, ACCOUNT)))
+    reference = await asyncio.to_thread(lambda: run(theirs()))
+    for (template, strings), ours, dovecots in zip(SEARCHES, mine, reference, strict=True):
+        for form in FORMS:
+            assert ours[form][0] == (len(strings) if form == "sync" else 0), (template, form)
+            assert ours[form][1][:-1] == dovecots[form][1][:-1], (template, strings, form)
+            assert _status(ours[form][1][-1]) == b"OK", (template, form, ours[form])
+    hits = [dovecots["quoted"][1][0] for dovecots in reference]
+    assert hits[:2] == [b"* SEARCH 2\r\n", b"* SEARCH\r\n"]  # the blank counts
+    assert hits[4:6] == [b"* SEARCH 2\r\n", b"* SEARCH 1 2\r\n"]
+
+
+# (command, its strings, what the quoted form answers): over the whole gateway, each literal
+# form answers exactly as the quoted one.
+POSITIONS = [
+    (b"LIST %s %s", [b"", b"*"], b'* LIST (\\HasNoChildren) "/" "INBOX"\r\n'),
+    (b"LIST %s %s", [b"", b"IN%"], b'* LIST (\\HasNoChildren) "/" "INBOX"\r\n'),
+    (b"LSUB %s %s", [b"", b"INBOX"], b'* LSUB (\\HasNoChildren) "/" "INBOX"\r\n'),
+    (b"STATUS %s (MESSAGES)", [b"INBOX"], b"* STATUS INBOX (MESSAGES 3)\r\n"),
+    (b"ID (%s %s)", [b"name", b"client (test)"], b'* ID ("name" "mail gateway")\r\n'),
+    (b"UID SEARCH HEADER %s %s", [b"Subject", b"ascii"], None),
+    (b"FETCH 2 (BODY.PEEK[HEADER.FIELDS (%s from)])", [b"Subject"], b"Subject: plain ascii"),
+    (b"UID FETCH 1:* (BODY.PEEK[HEADER.FIELDS.NOT (%s %s)])", [b"subject", b"x y"], b"Cc: "),
+    (b"FETCH 3 (BODY.PEEK[HEADER.FIELDS (%s)]<0.6>)", [b"To"], b"{6}\r\nTo: cr"),
+    (b"COPY 1 %s", [b"Archive"], None),
+    (b"UID COPY 1 %s", [b"INBOX"], None),
+    (b"SUBSCRIBE %s", [b"Archive"], None),
+    (b"UNSUBSCRIBE %s", [b"INBOX"], None),
+    (b"CREATE %s", [b"Archive"], None),
+    (b"DELETE %s", [b"Archive"], None),
+    (b"RENAME %s %s", [b"Archive", b"Old"], None),
+    (b"SELECT %s", [b"INBOX"], b"* 3 EXISTS\r\n"),
+]
+
+
+async def test_every_astring_position_takes_literals(gw: Gateway) -> None:
+    def run() -> list[dict[str, Any]]:
+        client = login_raw(gw, ACCOUNT)
+        try:
+            return [_in_every_form(client, t, strings) for t, strings, _ in POSITIONS]
+        finally:
+            client.close()
+
+    results = await asyncio.to_thread(run)
+    for (template, strings, shows), out in zip(POSITIONS, results, strict=True):
+        reference = out["quoted"][1]
+        assert not any(r.startswith(b"* BYE") for r in reference), (template, reference)
+        if shows is not None:
+            assert any(shows in r for r in reference), (template, reference)
+        for form in ("sync", "nonsync"):
+            continuations, responses = out[form]
+            assert continuations == (len(strings) if form == "sync" else 0), (template, form)
+            # The same answers, the tagged line's tag aside.
+            assert responses[:-1] == reference[:-1], (template, form, responses, reference)
+            assert responses[-1].split(b" ", 1)[1] == reference[-1].split(b" ", 1)[1]
+    refused = {b"COPY 1 %s", b"UID COPY 1 %s", b"SUBSCRIBE %s", b"UNSUBSCRIBE %s"}
+    refused |= {b"CREATE %s", b"DELETE %s", b"RENAME %s %s"}  # only INBOX, read-only
+    for (template, _, _), out in zip(POSITIONS, results, strict=True):
+        wanted = b"NO" if template in refused else b"OK"
+        assert _status(out["quoted"][1][-1]) == wanted, (template, out["quoted"])
+
+
+async def test_literal_holding_a_command_is_never_run(gw: Gateway) -> None:
+    """A mailbox name or header name whose literal holds command lines: the lines are the
+    argument's octets (the command answers, the connection stays), never commands."""
+    inside = b"x1 LOGOUT\r\nx2 CREATE other\r\n"
+
+    def run() -> list[list[bytes]]:
+        client = login_raw(gw, ACCOUNT)
+        out = []
+        try:
+            for n, template in enumerate(
+                (
+                    b"CREATE %s",
+                    b"SUBSCRIBE %s",
+                    b'LIST "" %s',
+                    b"RENAME %s x",
+                    b"DELETE %s",
+                    b"FETCH 1 (BODY.PEEK[HEADER.FIELDS (%s)])",
+                    b"SEARCH HEADER %s x",
+                )
+            ):
+                form = "sync" if n % 2 else "nonsync"
+                out.append(_send(client, b"r%d" % n, _command(template, [inside], form))[1])
+            out.append(client.command("NOOP"))
+            return out
+        finally:
+            client.close()
+
+    out = await asyncio.to_thread(run)
+    assert all(len(responses) <= 2 for responses in out[:-1]), out
+    assert not [r for responses in out for r in responses if r.startswith((b"x1", b"x2", b"* BYE"))]
+    assert _status(out[-1][-1]) == b"OK"
+    fetched = out[5]
+    assert (
+        fetched[0]
+        == b'* 1 FETCH (BODY[HEADER.FIELDS ("X1 LOGOUTX2 CREATE OTHER")] {2}\r\n\r\n)\r\n'
+    )
 
 
 # -- AUTHENTICATE ------------------------------------------------------------------------------

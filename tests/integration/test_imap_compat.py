@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -286,6 +287,90 @@ async def test_fetch_responses_equal_dovecot(
         f"{k}:\n dovecot {v[0]!r}\n ours    {v[1]!r}" for k, v in unexpected.items()
     )
     assert len(reference) == len(CORPUS) * len(FETCHES)
+
+
+# Header names given as strings (RFC 3501: header-fld-name = astring). A ``{n}`` goes after
+# the server's "+", a ``{n+}`` at once (Dovecot has LITERAL+, the gateway LITERAL-).
+HEADER_NAME_FETCHES = [
+    b"BODY.PEEK[HEADER.FIELDS ({7}\r\nSubject from)]",
+    b"BODY.PEEK[HEADER.FIELDS ({7+}\r\nSubject {15}\r\nX-Custom-Header)]",
+    b'BODY.PEEK[HEADER.FIELDS.NOT ({8}\r\nReceived "subject")]',
+    b'BODY.PEEK[HEADER.FIELDS ("Subject" "a\\"b" nil "X Y" "")]',
+    b"BODY.PEEK[2.HEADER.FIELDS ({12+}\r\ncontent-type)]",
+    b"BODY.PEEK[HEADER.FIELDS ({4}\r\nDate)]<3.10>",
+    b"BODY.PEEK[HEADER.FIELDS ({0+}\r\n)]",
+    b"BODY.PEEK[HEADER.FIELDS ({3+}\r\n\xc3\xa4x {4+}\r\na\r\nb)]",
+    b"UID BODY.PEEK[HEADER.FIELDS (subject: {2}\r\nTo)]",
+]
+# Refused by both (the tagged texts differ): no name, a quote inside an atom, no ")", 8-bit.
+BAD_HEADER_LISTS = [
+    b"BODY.PEEK[HEADER.FIELDS ()]",
+    b"BODY.PEEK[HEADER.FIELDS (To \xc3\xa4x)]",
+    b'BODY.PEEK[HEADER.FIELDS (a"b)]',
+    b"BODY.PEEK[HEADER.FIELDS ({3+}\r\nabc]",
+]
+_SYNCHRONISING = re.compile(rb"\{\d+\}\r\n")
+
+
+def _with_literals(client: RawClient, command: bytes) -> list[bytes]:
+    """``a <command>``, each synchronising literal sent after the server's "+" (which is not
+    in the transcript: its text differs between servers)."""
+    data = b"a " + command + b"\r\n"
+    while (marker := _SYNCHRONISING.search(data)) is not None:
+        client.sock.sendall(data[: marker.end()])
+        answer = client.read_until(b"+")
+        assert len(answer) == 1, answer
+        data = data[marker.end() :]
+    client.sock.sendall(data)
+    return client.read_until(b"a")
+
+
+def _header_name_transcripts(host: str, port: int, user: str, password: str) -> dict:
+    client = RawClient(host, port)
+    try:
+        assert client.command(f"LOGIN {user} {password}")[-1].startswith(b"a OK")
+        assert client.command("EXAMINE INBOX")[-1].startswith(b"a OK")
+        out: dict[tuple[str, bytes], Any] = {}
+        for seq, name in enumerate(CORPUS, 1):
+            for fetch in HEADER_NAME_FETCHES:
+                responses = _with_literals(client, b"FETCH %d (%s)" % (seq, fetch))
+                assert responses[-1].startswith(b"a OK"), (fetch, responses)
+                out[name, fetch] = b"".join(responses[:-1])
+        for fetch in BAD_HEADER_LISTS:
+            out["bad", fetch] = [
+                r.split(b" ")[1] for r in _with_literals(client, b"FETCH 1 " + fetch)
+            ]
+        return out
+    finally:
+        client.close()
+
+
+async def test_fetch_header_names_as_literals_equal_dovecot(
+    served: tuple[RunningListener, ReadOnlyMailbox], dovecot: Dovecot, upstream_user: MailUser
+) -> None:
+    """Stock took ``"Subject"`` and ``{7}`` themselves for header names (nothing matched) and
+    ``()`` for the whole header; here quoted and literal names answer as Dovecot's, labels
+    included (strings quoted, CR, LF and 8-bit left out)."""
+    listener, _ = served
+    for raw in CORPUS.values():
+        await asyncio.to_thread(dovecot.deliver, upstream_user.name, raw)
+    reference = await asyncio.to_thread(
+        _header_name_transcripts,
+        dovecot.host,
+        dovecot.imap_port,
+        upstream_user.name,
+        upstream_user.password,
+    )
+    ours = await asyncio.to_thread(_header_name_transcripts, listener.host, listener.port, "u", "p")
+    different = [key for key in reference if reference[key] != ours[key]]
+    assert not different, "\n".join(
+        f"{k}:\n dovecot {reference[k]!r}\n ours    {ours[k]!r}" for k in different
+    )
+    assert reference["bad", BAD_HEADER_LISTS[0]] == [b"BAD"]
+    assert (
+        b'BODY[HEADER.FIELDS ("SUBJECT" FROM)] {'
+        in reference[next(iter(CORPUS)), HEADER_NAME_FETCHES[0]]
+    )
 
 
 # -- the stock defects, one by one --------------------------------------------------------------

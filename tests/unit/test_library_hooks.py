@@ -118,6 +118,21 @@ def test_imap_fetch_item_flags_class() -> None:
     )
 
 
+def test_imap_fetch_parser_header_list_state() -> None:
+    """gateway/imap_out/_syntax.py reads FETCH header names as astrings in ``FetchItems``, a
+    ``imap4._FetchParser`` whose ``state_header_list(s)`` (called by name from ``parseString``)
+    sets ``pending_body.header.fields``."""
+    parser = getattr(imap4, "_FetchParser", None)
+    why = "header names given as quoted strings or literals in BODY[HEADER.FIELDS (...)]"
+    _assert_method(parser, "state_header_list", ["self", "s"], "gateway/imap_out/_syntax.py", why)
+    assert '"state_" + state' in inspect.getsource(parser.parseString), _fail(
+        "gateway/imap_out/_syntax.py", "_FetchParser.parseString calling state_<name>", why
+    )
+    assert "pending_body.header.fields" in inspect.getsource(parser.state_header_list), _fail(
+        "gateway/imap_out/_syntax.py", "_FetchParser.pending_body.header.fields", why
+    )
+
+
 # -- aiosmtpd ----------------------------------------------------------------------------------
 
 
