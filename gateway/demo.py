@@ -111,6 +111,7 @@ class Demo:
         # Registered as the README says: Entra's Mobile and desktop applications platform (a
         # public client), and a Google Web application client.
         callback = self.gateway.broker.redirect_uri()
+        assert self.microsoft_app is not None and self.google_app is not None  # _write_config
         self.microsoft_app.public_client_redirect_uris = (callback,)
         self.google_app.redirect_uris = (callback,)
 
@@ -132,12 +133,11 @@ class Demo:
 
     def _seed_sandbox(self) -> None:
         sandbox = self.sandbox
-        for provider, address, aliases in (
-            ("microsoft", MICROSOFT_ADDRESS, ()),
-            ("google", GOOGLE_ADDRESS, (GOOGLE_ALIAS,)),
+        for user in (
+            sandbox.add_user("microsoft", MICROSOFT_ADDRESS),
+            sandbox.add_user("google", GOOGLE_ADDRESS, send_as=(GOOGLE_ALIAS,)),
         ):
-            user = sandbox.add_user(provider, address, send_as=aliases)
-            for raw in _seed_messages(address):
+            for raw in _seed_messages(user.address):
                 sandbox.ops(user).seed_inbox(user, raw)
 
     def _start_dovecot(self) -> dict[str, Any] | None:
@@ -209,8 +209,9 @@ class Demo:
         return load_settings(path)
 
     def instructions(self) -> str:
-        assert self.gateway is not None
+        assert self.gateway is not None and self.google_app is not None  # set by start()
         ports = self.gateway.ports
+        ca = self.gateway.settings.state_dir / "tls" / "ca.crt"
         lines = [
             "",
             "Mail gateway demo is running. Stop it with Ctrl-C.",
@@ -221,7 +222,7 @@ class Demo:
             f"  IMAP           localhost:{ports.get('imap')} (STARTTLS), "
             f"localhost:{ports.get('imaps')} (TLS)",
             f"  POP3           localhost:{ports.get('pop3')}, localhost:{ports.get('pop3s')} (TLS)",
-            f"  TLS CA         {self.gateway.settings.state_dir / 'tls' / 'ca.crt'}",
+            f"  TLS CA         {ca}",
             "",
             "  accounts (username / password -> mailbox):",
         ]
@@ -247,9 +248,9 @@ class Demo:
             f"--auth-password {self.accounts[0].password} \\",
             f"      --from {MICROSOFT_ADDRESS} --to someone@example.org",
             "  read the INBOX as a legacy program would:",
-            f"    curl --cacert {self.gateway.settings.state_dir / 'tls' / 'ca.crt'} "
+            f"    curl --cacert {ca} "
             f"-u crm:{self.accounts[0].password} 'imaps://localhost:{ports.get('imaps')}/INBOX;UID=1'",
-            *self._upstream_example(ports),
+            *self._upstream_example(ports, ca),
             "  and see what the sandbox cloud sent:",
             f"    curl -s --cacert {self.sandbox.ca_file} -H 'X-Sandbox-Control: 1' "
             f"{self.sandbox.url}/_sandbox/users/{MICROSOFT_ADDRESS}/sent",
@@ -262,14 +263,13 @@ class Demo:
         ]
         return "\n".join(lines)
 
-    def _upstream_example(self, ports: dict[str, int]) -> list[str]:
+    def _upstream_example(self, ports: dict[str, int], ca: Path) -> list[str]:
         """The upstream account needs no consent: its INBOX can be read at once. It has no
         upstream.smtp server (the demo starts no SMTP server), so the gateway refuses its mail
         at MAIL FROM; the text says so rather than letting a user find out by trying."""
         legacy = [a for a in self.accounts if a.provider == "upstream"]
         if not legacy:
             return []
-        ca = self.gateway.settings.state_dir / "tls" / "ca.crt"
         return [
             "  (the upstream account needs no consent; its INBOX comes from a private Dovecot:",
             f"    curl --cacert {ca} -u legacy:{legacy[0].password} "

@@ -523,10 +523,10 @@ async def serve(
     if gate is not None:
         state.gate = gate
     runner = web.AppRunner(build_app(state), access_log=None, handle_signals=False)
+    await runner.setup()
     server = runner.server
     if server is None:  # aiohttp sets it in setup(): never None here
         raise RuntimeError("aiohttp's AppRunner.setup() left no server")
-    await runner.setup()
     return await listen_asyncio(
         name,
         "admin",

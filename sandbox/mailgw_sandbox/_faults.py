@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from . import _errors
 from ._batch import INNER
@@ -85,10 +85,7 @@ class FaultPlan:
         return None
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def middleware(plan: FaultPlan) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def middleware(plan: FaultPlan) -> Middleware:
     @web.middleware
     async def inject(request: web.Request, handler: Handler) -> web.StreamResponse:
         target = target_of(request.path)

@@ -67,8 +67,13 @@ class MailboxOps(Protocol):
 
 
 class ProviderSandbox(Protocol):
-    provider: Provider
-    ops: MailboxOps
+    # Read-only: each provider keeps its own, more specific ops (a plain attribute would have
+    # to be exactly MailboxOps).
+    @property
+    def provider(self) -> Provider: ...
+
+    @property
+    def ops(self) -> MailboxOps: ...
 
     def add_routes(self, app: web.Application) -> None:
         """Register this provider's HTTP routes on the sandbox's one application."""

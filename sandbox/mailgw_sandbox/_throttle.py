@@ -36,17 +36,15 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from . import _errors
 from ._directory import Directory, Provider
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 GRAPH_LIMIT = 10_000  # requests per period, per app per mailbox
 GRAPH_PERIOD = 600.0
@@ -143,7 +141,7 @@ class Throttle:
     def stats(self) -> dict[str, dict[str, Any]]:
         return {mailbox: counts.json() for mailbox, counts in self.counts.items()}
 
-    def middleware(self) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    def middleware(self) -> Middleware:
         @web.middleware
         async def throttle(request: web.Request, handler: Handler) -> web.StreamResponse:
             scope = self._scope(request)

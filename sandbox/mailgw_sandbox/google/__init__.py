@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .._directory import User
+from .._directory import Provider, User
 from .._provider import Context
 from .api import Gate
 from .batch import GmailBatch
@@ -25,7 +25,7 @@ __all__ = ["GoogleSandbox"]
 
 
 class GoogleSandbox:
-    provider = "google"
+    provider: Provider = "google"
 
     def __init__(self, context: Context) -> None:
         self.context = context

@@ -177,11 +177,11 @@ class Mailbox:
         removed = sorted(set(remove) & message.labels - set(added))
         message.labels |= set(added)
         message.labels -= set(removed)
-        changes = [
-            Change(kind, message.summary(), tuple(ids))
-            for kind, ids in (("labelAdded", added), ("labelRemoved", removed))
-            if ids
+        labelled: list[tuple[ChangeType, list[str]]] = [
+            ("labelAdded", added),
+            ("labelRemoved", removed),
         ]
+        changes = [Change(kind, message.summary(), tuple(ids)) for kind, ids in labelled if ids]
         if changes:
             self._append(message, tuple(changes))
 

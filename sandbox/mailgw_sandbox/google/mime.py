@@ -136,7 +136,7 @@ def date_ms(headers: Message) -> int | None:
 def snippet(raw: bytes) -> str:
     """Gmail's ``snippet``: the start of the text body, whitespace collapsed, HTML-escaped."""
     message = email.message_from_bytes(raw, policy=email.policy.default)
-    body = message.get_body(preferencelist=("plain", "html"))  # type: ignore[attr-defined]
+    body = message.get_body(preferencelist=("plain", "html"))
     if body is None:
         return ""
     try:

@@ -12,6 +12,7 @@ import uuid
 
 from aiohttp import web
 
+from .._directory import Provider
 from .._provider import Context
 from .authorize import Authorize
 from .batch import JsonBatch
@@ -31,7 +32,7 @@ __all__ = ["MicrosoftSandbox"]
 
 
 class MicrosoftSandbox:
-    provider = "microsoft"
+    provider: Provider = "microsoft"
 
     def __init__(self, context: Context) -> None:
         self.context = context

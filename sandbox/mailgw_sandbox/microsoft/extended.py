@@ -70,7 +70,8 @@ def _normalize(ident: str) -> tuple[str, str]:
     """(normalized id, type) of a well-formed id: proptags by their 4-digit identifier."""
     tag = _PROPTAG.match(ident)
     named = _NAMED.match(ident)
-    kind = (tag or named).group(1).lower() if (tag or named) else ""
+    found = tag or named
+    kind = found.group(1).lower() if found else ""
     if kind not in _TYPES:
         raise bad_request(
             f"The extended property id '{ident}' is not valid.", "ErrorInvalidExtendedProperty"

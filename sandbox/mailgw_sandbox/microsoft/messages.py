@@ -360,7 +360,9 @@ def _addresses(value: Any, name: str) -> tuple[Address, ...]:
     found = []
     for item in value:
         email = item.get("emailAddress") if isinstance(item, dict) else None
-        address = email.get("address") if isinstance(email, dict) else None
+        if not isinstance(email, dict):
+            email = {}
+        address = email.get("address")
         if not isinstance(address, str) or "@" not in address:
             raise bad_request(
                 f"At least one recipient is not valid., Recipient '{address or ''}' is not "

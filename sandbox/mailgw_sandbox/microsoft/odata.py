@@ -87,7 +87,8 @@ def parse_filter(text: str | None) -> list[Condition]:
         joiner = tokens[start + 3] if start + 3 < len(tokens) else None
         if len(clause) != 3 or (joiner is not None and joiner.lower() != "and"):
             raise _invalid_filter(text)
-        conditions.append(_condition(*clause, text=text))
+        name, op, literal = clause
+        conditions.append(_condition(name, op, literal, text=text))
     if not conditions:
         raise _invalid_filter(text)
     return conditions

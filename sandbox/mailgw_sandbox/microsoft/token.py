@@ -66,8 +66,9 @@ class TokenEndpoint:
             self.identity.check_tenant(request.match_info["tenant"])
             form = await request.post()
             basic = _basic_credentials(request)
+            client_id = form.get("client_id") or basic[0]
             app = self.identity.app(
-                form.get("client_id") or basic[0] or required(form, "client_id")
+                client_id if isinstance(client_id, str) else required(form, "client_id")
             )
             grant_type = required(form, "grant_type")
             grant = self._grants.get(grant_type)

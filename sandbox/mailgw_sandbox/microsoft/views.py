@@ -128,7 +128,7 @@ def message_json(
         "flag": {"flagStatus": message.flag},
     }
     names = MESSAGE_PROPERTIES if select is None else ("id", *select)
-    shown = {"@odata.etag": f'W/"{message.change_key}"'}
+    shown: dict[str, Any] = {"@odata.etag": f'W/"{message.change_key}"'}
     shown.update({name: properties[name] for name in names})
     if with_size:
         store_size = len(message.mime()) + 2048 + len(summary.subject) * 2
