@@ -88,11 +88,13 @@ class Gateway:
         except BaseException:
             await self.stop()
             raise
+        broker = self._broker()
         if "admin" in self.ports and not settings.admin.public_url:
-            self.broker.public_url = f"http://localhost:{self.ports['admin']}"
+            broker.public_url = f"http://localhost:{self.ports['admin']}"
         if settings.admin.notify_webhook:
-            self.broker.notifier = WebhookNotifier(
-                settings.admin.notify_webhook, self.trust, self.broker.admin_url()
+            assert self.trust is not None, "_start_core writes the CA bundle"
+            broker.notifier = WebhookNotifier(
+                settings.admin.notify_webhook, self.trust, broker.admin_url()
             )
         assert self.spool is not None
         metrics.watch_queue(self.spool.messages)
@@ -189,10 +191,12 @@ class Gateway:
         hostname = settings.hostname
         # One set of caps for every listener: file descriptors are the process's.
         limits = limits_from(settings.listeners)
+        front, spool = self.smtp_front, self.spool
+        assert front is not None and spool is not None, "_start_core runs before the listeners"
 
         def smtp(implicit: bool) -> Any:
             return lambda name, host, port: smtp_server.serve(
-                name, host, port, hostname, contexts.stdlib, implicit, self.smtp_front, limits
+                name, host, port, hostname, contexts.stdlib, implicit, front, limits
             )
 
         cleartext = settings.reading.plaintext_auth
@@ -224,7 +228,7 @@ class Gateway:
                 port,
                 settings,
                 self._broker(),
-                self.spool,
+                spool,
                 lambda: self.ports,
                 gate=self.login_gate,
                 limits=limits,

@@ -156,8 +156,12 @@ async def token_refresh(provider: str, refresh: Awaitable[T]) -> T:
 
 
 class QueuedMessage(Protocol):
-    state: str
-    created: float
+    # Read-only: the spool's records narrow ``state`` to their own literal states.
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def created(self) -> float: ...
 
 
 class _QueueCollector(Collector):
