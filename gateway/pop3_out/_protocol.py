@@ -54,7 +54,10 @@ class GatewayPOP3(Protocol, TimeoutMixin):
     delimiter = b"\r\n"
     timeOut = 300  # seconds without a command; suspended while a reply is being prepared
 
-    factory: Any
+    factory: Any  # server._POP3Factory (which imports this module): the listener's settings
+    # Twisted types it ``ITransport | None``; from makeConnection on it is the TCP or TLS
+    # transport, used for what ITransport does not declare (startTLS, disconnecting, .host).
+    transport: Any
     session: Pop3Session | None = None
     secure = False
     _buffer = b""  # the start of a line not yet complete

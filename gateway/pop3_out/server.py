@@ -33,6 +33,28 @@ MailboxFor = Callable[[str], Awaitable[MailboxView | str]]
 """``mailbox_for(account)``: the account's view, or a sentence saying why it is unavailable."""
 
 
+class _POP3Factory(Factory):
+    """The listener's settings, read by each :class:`GatewayPOP3` as ``self.factory``."""
+
+    protocol = GatewayPOP3
+    noisy = False  # one log line per listener comes from the app, not two per factory
+
+    def __init__(
+        self,
+        login: LoginCheck,
+        mailbox_for: MailboxFor | None,
+        implicit_tls: bool,
+        tls: Any,
+        plaintext_auth: str,
+    ) -> None:
+        self.connections = ConnectionRegistry()
+        self.login = login
+        self.mailbox_for = mailbox_for
+        self.implicit_tls = implicit_tls
+        self.tls = tls
+        self.plaintext_auth = plaintext_auth
+
+
 async def serve(
     name: str,
     host: str,
@@ -47,14 +69,7 @@ async def serve(
     """Start one POP3 listener; ``implicit_tls`` selects POP3S, otherwise STLS is offered.
     ``plaintext_auth`` (never, loopback, always) says where USER/PASS may come before STLS;
     ``limits`` are the process's connection caps."""
-    factory = Factory.forProtocol(GatewayPOP3)
-    factory.connections = ConnectionRegistry()
-    factory.noisy = False
-    factory.login = login
-    factory.mailbox_for = mailbox_for
-    factory.implicit_tls = implicit_tls
-    factory.tls = tls_context
-    factory.plaintext_auth = plaintext_auth
+    factory = _POP3Factory(login, mailbox_for, implicit_tls, tls_context, plaintext_auth)
     return await listen_twisted(
         name,
         factory,
