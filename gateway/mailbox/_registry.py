@@ -3,6 +3,7 @@ every session of that account, so one poller and one body cache serve them all."
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 
 from ..config import AccountSettings, ReadingSettings
@@ -34,6 +35,7 @@ class MailboxViews(Mapping[str, MailboxView]):
         self._reconnect_needed = reconnect_needed
         self._reading = reading
         self._views: dict[str, MailboxView] = {}
+        self._opening: dict[str, asyncio.Lock] = {}
 
     def __getitem__(self, username: str) -> MailboxView:
         return self._views[username]
@@ -51,22 +53,33 @@ class MailboxViews(Mapping[str, MailboxView]):
         if reconnect:
             return reconnect
         view = self._views.get(username)
-        if view is None:
-            account = self._account_for(username)
-            source = None if account is None else self._source_for(account)
-            if account is None or source is None:
-                return NO_INBOX
-            reading = self._reading()
-            view = await MailboxView.open(
-                self._store,
-                username,
-                source,
-                BodyCache(reading.cache_mb * 1024 * 1024),
-                ReadingPolicy(account.reading.mirror_flags, account.reading.on_delete),
-                reading.poll_seconds,
-            )
-            self._views[username] = view
+        if view is not None:
+            return view
+        # One opening per account: logins arriving together before the view exists wait for
+        # it instead of each opening (and syncing) a view of their own.
+        async with self._opening.setdefault(username, asyncio.Lock()):
+            view = self._views.get(username)
+            if view is None:
+                opened = await self._open(username)
+                if isinstance(opened, str):
+                    return opened
+                view = self._views[username] = opened
         return view
+
+    async def _open(self, username: str) -> MailboxView | str:
+        account = self._account_for(username)
+        source = None if account is None else self._source_for(account)
+        if account is None or source is None:
+            return NO_INBOX
+        reading = self._reading()
+        return await MailboxView.open(
+            self._store,
+            username,
+            source,
+            BodyCache(reading.cache_mb * 1024 * 1024),
+            ReadingPolicy(account.reading.mirror_flags, account.reading.on_delete),
+            reading.poll_seconds,
+        )
 
     async def reopen(self, usernames: Iterable[str]) -> list[str]:
         """Close these accounts' open views (their settings changed, or they are gone): the

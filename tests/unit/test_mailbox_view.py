@@ -303,3 +303,28 @@ async def test_provider_changes_cut_off_by_a_stop_are_caught_up_at_the_next_star
     await third.sync()  # the trashed one left the map; nothing is asked twice
     await third.close()
     assert not [c for c in source.calls if c[0] == "remove"]
+
+
+async def test_logins_arriving_together_share_one_new_view(store: MailboxStore) -> None:
+    """Before an account's view exists, simultaneous logins wait for one opening instead of
+    each opening (and syncing) a view of its own (1,000 logins after a restart made 1,000
+    provider rounds)."""
+    from types import SimpleNamespace
+
+    from gateway.config import ReadingSettings
+    from gateway.mailbox import MailboxViews
+
+    source = MemorySource()
+    account = SimpleNamespace(reading=SimpleNamespace(mirror_flags=False, on_delete="keep"))
+
+    async def connected(username: str) -> None:
+        return None
+
+    views = MailboxViews(
+        store, lambda name: account, lambda acct: source, connected, ReadingSettings
+    )
+    opened = await asyncio.gather(*(views.view_for("acct") for _ in range(20)))
+    try:
+        assert len({id(view) for view in opened}) == 1 and list(views) == ["acct"]
+    finally:
+        await views.close()
