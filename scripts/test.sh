@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# README command (b): install everything the tests need, then lint and run the whole suite.
+# README command (b): install what the tests need, then lint, type-check and run the whole suite.
 #
 # Run as root on Debian 12 with Python 3.11 (apt installs Dovecot, Postfix and the real mail clients
 # the integration tests drive). Extra arguments go to pytest, e.g. `bash scripts/test.sh -k smtp`.
@@ -23,6 +23,8 @@ say "ruff check"
 .venv/bin/ruff check .
 say "ruff format --check"
 .venv/bin/ruff format --check .
+say "mypy (gateway/ and the sandbox; [tool.mypy] in pyproject.toml)"
+.venv/bin/mypy
 
 say "pytest"
 exec .venv/bin/pytest "$@"

@@ -19,8 +19,10 @@ import contextlib
 from typing import Any
 
 from twisted.internet.defer import maybeDeferred
+from twisted.internet.protocol import connectionDone
 from twisted.mail import imap4
 from twisted.python import log
+from twisted.python.failure import Failure
 
 from ..mailbox import MailboxUnavailable
 from . import _replies
@@ -36,6 +38,9 @@ class CompatIMAP4Server(CommandReading, FetchStreaming, imap4.IMAP4Server):
     """IMAP4Server with pipelining, listener, SELECT, STATUS, SEARCH, STORE, FETCH and
     sequence-set fixes."""
 
+    # Twisted's ``account = None`` types it None; from LOGIN on it is the logged-in IAccount.
+    account: Any
+
     # -- connection ------------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
@@ -44,7 +49,7 @@ class CompatIMAP4Server(CommandReading, FetchStreaming, imap4.IMAP4Server):
             self.transport.setTcpNoDelay(True)
         super().connectionMade()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Leave the mailbox's listeners: stock Twisted keeps dead sessions there forever."""
         self._lost = True
         self._close_mailbox()
@@ -181,7 +186,9 @@ class CompatIMAP4Server(CommandReading, FetchStreaming, imap4.IMAP4Server):
             return
         deferred = maybeDeferred(mbox.requestStatus, names)
         deferred.addBoth(_closing, mbox)
-        deferred.addCallbacks(self._status_counted, self._status_failed, (tag, name), None, (tag,))
+        deferred.addCallbacks(
+            self._status_counted, self._status_failed, callbackArgs=(tag, name), errbackArgs=(tag,)
+        )
 
     def _status_counted(self, status: dict[str, Any], tag: bytes, name: str) -> None:
         counts = " ".join(f"{item} {value}" for item, value in status.items()).encode("ascii")
@@ -243,7 +250,10 @@ class CompatIMAP4Server(CommandReading, FetchStreaming, imap4.IMAP4Server):
         mbox = self.mbox
         deferred = maybeDeferred(mbox.store, messages, names, how, uid=uid)
         deferred.addCallbacks(
-            self._stored, self._store_failed, (tag, mbox, uid, silent), None, (tag,), None
+            self._stored,
+            self._store_failed,
+            callbackArgs=(tag, mbox, uid, silent),
+            errbackArgs=(tag,),
         )
 
     def _stored(self, result: Any, tag: bytes, mbox: Any, uid: int, silent: bool) -> None:

@@ -36,7 +36,12 @@ class FetchStreaming:
     # Provided by Twisted's IMAP4Server, after this class in the MRO.
     transport: Any
     mbox: Any
-    blocked: list[bytes] | None
+    # Held unsolicited responses, or None; Any because Twisted's ``blocked = None`` types it None.
+    blocked: Any
+    sendPositiveResponse: Callable[..., None]
+    sendNegativeResponse: Callable[..., None]
+    setTimeout: Callable[[float | None], float | None]
+    lineReceived: Callable[[bytes], None]
 
     def do_FETCH(self, tag: bytes, messages: Any, query: list, uid: int = 0) -> None:
         """FETCH through :meth:`render_message`, in batches, never dropping the connection."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import io
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from email.utils import format_datetime
 from typing import Any
@@ -123,7 +123,7 @@ class InboxAccount:
     def getSharedNamespaces(self) -> None:
         return None
 
-    def getOtherNamespaces(self) -> None:
+    def getUserNamespaces(self) -> None:  # INamespacePresenter's name for "other users'"
         return None
 
 
@@ -133,8 +133,10 @@ def _wildcard(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(parts), re.IGNORECASE)
 
 
+# IMessage's part methods (getHeaders, getBodyFile, ...) serve stock FETCH and SEARCH, which
+# _compat replaces with its own: they are not implemented, and mypy-zope's check says so.
 @implementer(imap4.IMessage, imap4.IMessageFile)
-class GatewayMessage(PreparedMessage):
+class GatewayMessage(PreparedMessage):  # type: ignore[misc]
     """One message of a FETCH; the body is present only if the FETCH needed it."""
 
     def __init__(
@@ -192,8 +194,10 @@ class _Pending:
         return self.added or bool(self.removed or self.flags)
 
 
+# IMailboxIMAP.destroy is called only by Twisted's in-memory account when it deletes a mailbox;
+# INBOX is never deleted here (InboxAccount.delete refuses): not implemented.
 @implementer(imap4.IMailbox, imap4.ISearchableMailbox, imap4.ICloseableMailbox)
-class InboxMailbox(GatewayMailbox):
+class InboxMailbox(GatewayMailbox):  # type: ignore[misc]
     """The INBOX of one SELECT: this session's ordered message list over the shared view."""
 
     def __init__(self, view: MailboxView, writeable: bool) -> None:
@@ -477,7 +481,7 @@ class InboxMailbox(GatewayMailbox):
         chosen = self.messages if uids is None else [i for _, i in self._selected(uids, True)]
         return as_deferred(self._expunge(chosen))
 
-    async def _expunge(self, chosen: list[MessageInfo]) -> list[int]:
+    async def _expunge(self, chosen: Sequence[MessageInfo]) -> list[int]:
         doomed = [info.uid for info in chosen if "\\Deleted" in self.flags_of(info)]
         await self.view.delete(doomed, origin=self)
         self._pending.removed.difference_update(doomed)

@@ -12,6 +12,7 @@ tagged answer (the three public ``send*Response`` methods).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import maybeDeferred
@@ -52,6 +53,12 @@ class CommandReading:
     parseState: str
     _buffer: bytes  # LineReceiver's; pinned by tests/unit/test_library_hooks.py
     _busyReceiving: bool  # LineReceiver's; pinned likewise
+    sendLine: Callable[[bytes], None]
+    sendUntaggedResponse: Callable[..., None]
+    clearLineBuffer: Callable[[], bytes]
+    setRawMode: Callable[[], None]
+    setLineMode: Callable[..., None]
+    resetTimeout: Callable[[], None]
 
     def lineLengthExceeded(self, line: bytes) -> None:
         """Say why before closing (stock closes silently), as Dovecot does."""

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.mail import imap4
 from twisted.python.failure import Failure
 
@@ -53,7 +53,7 @@ class _GatewayIMAP4Server(CompatIMAP4Server):
         self.admission.on_expire = self._preauth_expired
         super().connectionMade()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.connections.discard(self)
         self.admission.release()
         super().connectionLost(reason)
@@ -156,7 +156,9 @@ class _GatewayIMAP4Server(CompatIMAP4Server):
     def parse_sasl(self, line: bytes) -> None:
         """The client's answer to a SASL challenge."""
         self.parseState = "command"
-        (chal, tag), self._sasl = self._sasl, None
+        waiting, self._sasl = self._sasl, None
+        assert waiting is not None, "parseState is 'sasl' only while an exchange waits"
+        chal, tag = waiting
         try:
             self._auth_chunk(line, chal, tag)
         except Exception:
