@@ -9,10 +9,12 @@ condition a view must act on, "your cursor is too old", is :class:`CursorExpired
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
+
+from ._http import retry_after
 
 SEEN = "\\Seen"
 FLAGGED = "\\Flagged"
@@ -84,6 +86,36 @@ class Batch:
     bodies: dict[str, bytes] = field(default_factory=dict)
     gone: list[str] = field(default_factory=list)
     retry_after: float | None = None
+
+
+Body = TypeVar("Body")
+
+
+def sort_batch(
+    ids: Sequence[str],
+    answers: Iterable[tuple[str, object, Body, Mapping[str, str]]],
+    decode: Callable[[Body], bytes | None],
+    throttled: Container[int],
+) -> Batch:
+    """One :class:`Batch` from a batch request's inner answers, for every provider alike.
+
+    Each answer is (its request's index in ``ids`` as text, status, body, headers); an index
+    naming no request is ignored. 200 is a message (``decode`` gives its bytes, or None for a
+    body that is not one), 404 is gone, a ``throttled`` status a wait (its Retry-After, else a
+    second); anything else failed on its own and may be asked again."""
+    batch = Batch()
+    waits: list[float] = []
+    for index, status, body, headers in answers:
+        if not index.isdigit() or int(index) >= len(ids):
+            continue
+        provider_id = ids[int(index)]
+        if status == 200 and (raw := decode(body)) is not None:
+            batch.bodies[provider_id] = raw
+        elif status == 404:
+            batch.gone.append(provider_id)
+        elif status in throttled:
+            waits.append(retry_after(headers) or 1.0)
+    return Batch(batch.bodies, batch.gone, max(waits) if waits else None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ import httpx
 
 from ..delivery import Permanent
 from ._base import TokenSource
-from ._http import Api, check_write, retry_after
+from ._http import Api, check_write
 from ._inbox import (
     FLAGGED,
     SEEN,
@@ -32,6 +32,7 @@ from ._inbox import (
     Removal,
     Snapshot,
     WarmUpQuota,
+    sort_batch,
 )
 
 # "Batching requests": at most 100 calls, but "sending batches larger than 50 requests is not
@@ -133,8 +134,7 @@ class GmailSource:
             "Gmail get raw",
             params={"format": "raw"},
         )
-        raw = str(response.json()["raw"])
-        return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+        return _raw(response.json())
 
     async def fetch_batch(self, provider_ids: list[str]) -> Batch:
         """Up to 50 ``messages.get(format=raw)`` in one ``multipart/mixed`` batch round trip;
@@ -156,23 +156,12 @@ class GmailSource:
         found = _BOUNDARY.search(response.headers.get("Content-Type", ""))
         if found is None:
             raise Permanent("Gmail batch: the answer is not multipart/mixed")
-        batch = Batch()
-        waits: list[float] = []
-        for content_id, status, headers, body in _batch_parts(response.content, found.group(1)):
-            index = content_id.removeprefix("response-")
-            if not index.isdigit() or int(index) >= len(ids):
-                continue
-            pid = ids[int(index)]
-            if status == 200:
-                raw = str(json.loads(body)["raw"])
-                batch.bodies[pid] = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
-            elif status == 404:
-                batch.gone.append(pid)
-            elif status in (403, 429, 503):  # quota errors are 429 or 403 (rateLimitExceeded)
-                waits.append(retry_after(headers) or 1.0)
-        if waits:
-            return Batch(batch.bodies, batch.gone, max(waits))
-        return batch
+        answers = (
+            (content_id.removeprefix("response-"), status, body, headers)
+            for content_id, status, headers, body in _batch_parts(response.content, found.group(1))
+        )
+        # Quota errors are 429 or 403 (rateLimitExceeded).
+        return sort_batch(ids, answers, lambda body: _raw(json.loads(body)), (403, 429, 503))
 
     async def set_flags(self, provider_id: str, seen: bool | None, flagged: bool | None) -> None:
         add: list[str] = []
@@ -228,6 +217,12 @@ class GmailSource:
             return None
         moment = datetime.fromtimestamp(int(body["internalDate"]) / 1000, UTC)
         return RemoteMessage(message_id, moment, _gmail_flags(current))
+
+
+def _raw(message: dict[str, Any]) -> bytes:
+    """The bytes of a ``format=raw`` message: base64url, its padding possibly left off."""
+    raw = str(message["raw"])
+    return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
 
 
 def _gmail_flags(labels: set[str]) -> frozenset[str]:

@@ -16,7 +16,7 @@ import httpx
 
 from ..delivery import Permanent
 from ._base import TokenSource
-from ._http import Api, check_write, error_code, retry_after
+from ._http import Api, check_write, error_code
 from ._inbox import (
     FLAGGED,
     SEEN,
@@ -27,6 +27,7 @@ from ._inbox import (
     Removal,
     Snapshot,
     WarmUpQuota,
+    sort_batch,
 )
 
 BATCH_LIMIT = 20  # "Microsoft Graph supports batching up to 20 requests" (JSON batching)
@@ -119,22 +120,16 @@ class GraphSource:
         response = await self.api.call(
             "POST", self.batch_url, "Graph $batch MIME", json={"requests": requests}
         )
-        batch = Batch()
-        waits: list[float] = []
-        for answer in response.json().get("responses", []):
-            index = str(answer.get("id", ""))
-            if not index.isdigit() or int(index) >= len(requests):
-                continue
-            pid, status, body = provider_ids[int(index)], answer.get("status"), answer.get("body")
-            if status == 200 and isinstance(body, str):
-                batch.bodies[pid] = base64.b64decode(body)
-            elif status == 404:
-                batch.gone.append(pid)
-            elif status in (429, 503):
-                waits.append(retry_after(answer.get("headers") or {}) or 1.0)
-        if waits:
-            return Batch(batch.bodies, batch.gone, max(waits))
-        return batch
+        answers = (
+            (str(a.get("id", "")), a.get("status"), a.get("body"), a.get("headers") or {})
+            for a in response.json().get("responses", [])
+        )
+        return sort_batch(
+            provider_ids[:BATCH_LIMIT],
+            answers,
+            lambda body: base64.b64decode(body) if isinstance(body, str) else None,
+            (429, 503),
+        )
 
     async def set_flags(self, provider_id: str, seen: bool | None, flagged: bool | None) -> None:
         changes: dict[str, Any] = {}
