@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from twisted.internet.interfaces import IProtocolFactory  # no reactor: safe before install()
+from twisted.internet.protocol import Factory  # no reactor either
 from zope.interface import implementer
 
 from .acceptor import Acceptor, HandOver, listening_socket, raise_open_file_limit
@@ -283,3 +284,39 @@ async def listen_twisted(
         hand_over,
         close_connections,
     )
+
+
+class TwistedListenerFactory(Factory):
+    """The settings every connection of an IMAP or POP3 listener reads as ``self.factory``,
+    and the one way both listeners start (:meth:`listen`).
+
+    ``connections`` are the listener's open connections (closed at shutdown); ``starttls`` is
+    the context a STARTTLS/STLS upgrade uses, None on an implicit-TLS port (there every
+    connection is wrapped in ``tls_context`` before the protocol sees it); ``plaintext_auth``
+    (never, loopback, always) says where a password may come before TLS. A subclass names its
+    ``kind`` (the accept loop's name in the log) and ``refusals`` (its line for a connection
+    over the caps) and adds what its protocol needs.
+    """
+
+    noisy = False  # one log line per listener comes from the app, not two per factory
+    kind: ClassVar[str]
+    refusals: ClassVar[dict[str, bytes]]
+
+    def __init__(self, tls_context: Any, implicit_tls: bool, plaintext_auth: str) -> None:
+        self.connections = ConnectionRegistry()
+        self.tls_context = tls_context
+        self.implicit_tls = implicit_tls
+        self.plaintext_auth = plaintext_auth
+
+    @property
+    def starttls(self) -> Any:
+        return None if self.implicit_tls else self.tls_context
+
+    async def listen(
+        self, name: str, host: str, port: int, limits: ConnectionLimits | None
+    ) -> RunningListener:
+        """Start listening; ``limits`` are the process's connection caps (None: the defaults)."""
+        implicit = self.tls_context if self.implicit_tls else None
+        return await listen_twisted(
+            name, self, host, port, implicit, limits, self.kind, self.refusals
+        )

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.protocol import Factory, connectionDone
+from twisted.internet.protocol import connectionDone
 from twisted.mail import imap4
 from twisted.python.failure import Failure
 
@@ -28,7 +28,7 @@ from ..cleartext import plaintext_auth_allowed
 from ..login_gate import LoginCheck, Refused
 from ..logs import get_logger
 from ..mailbox import MailboxView
-from ..runtime import ConnectionRegistry, RunningListener, as_deferred, listen_twisted
+from ..runtime import RunningListener, TwistedListenerFactory, as_deferred
 from ._compat import CompatIMAP4Server
 from ._contract import GatewayMailbox
 from ._mailbox import InboxAccount
@@ -331,29 +331,34 @@ def _text(value: bytes | str) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
-class _IMAPFactory(Factory):
-    noisy = False  # one log line per listener comes from the app, not two per factory
+_REFUSALS = {
+    "address": b"* BYE Too many connections from your address that have not logged in, "
+    b"try later\r\n",
+    "total": b"* BYE Too many connections, try later\r\n",
+}
+
+
+class _IMAPFactory(TwistedListenerFactory):
+    kind = "imap"
+    refusals = _REFUSALS
 
     def __init__(
         self,
-        tls_for_starttls: Any,
+        tls_context: Any,
         implicit_tls: bool,
+        plaintext_auth: str,
         login: LoginCheck,
         mailbox_for: MailboxFor,
         log_failure: Callable[[Any], None],
-        plaintext_auth: str,
     ) -> None:
-        self.connections = ConnectionRegistry()
-        self.plaintext_auth = plaintext_auth
-        self._tls = tls_for_starttls
-        self.implicit_tls = implicit_tls
+        super().__init__(tls_context, implicit_tls, plaintext_auth)
         self.login = login
         self.mailbox_for = mailbox_for
         self.log_failure = log_failure
 
     def buildProtocol(self, addr: Any) -> _GatewayIMAP4Server:
         # AUTHENTICATE's mechanisms are _MECHANISMS, offered where LOGIN is allowed.
-        protocol = _GatewayIMAP4Server(contextFactory=self._tls)
+        protocol = _GatewayIMAP4Server(contextFactory=self.starttls)
         protocol.factory = self
         return protocol
 
@@ -377,27 +382,6 @@ async def serve(
         log.error("imap.error", error=str(getattr(failure, "value", failure)))
 
     factory = _IMAPFactory(
-        None if implicit_tls else tls_context,
-        implicit_tls,
-        login,
-        mailbox_for,
-        log_failure,
-        plaintext_auth,
+        tls_context, implicit_tls, plaintext_auth, login, mailbox_for, log_failure
     )
-    return await listen_twisted(
-        name,
-        factory,
-        host,
-        port,
-        tls_context if implicit_tls else None,
-        limits,
-        "imap",
-        _REFUSALS,
-    )
-
-
-_REFUSALS = {
-    "address": b"* BYE Too many connections from your address that have not logged in, "
-    b"try later\r\n",
-    "total": b"* BYE Too many connections, try later\r\n",
-}
+    return await factory.listen(name, host, port, limits)

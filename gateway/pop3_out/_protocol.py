@@ -192,7 +192,7 @@ class GatewayPOP3(Protocol, TimeoutMixin):
         if self.session is None:
             if self._password_allowed():
                 caps.insert(1, b"USER")
-            if not self.secure and self.factory.tls is not None:
+            if not self.secure and self.factory.starttls is not None:
                 caps.append(b"STLS")
         return caps
 
@@ -206,7 +206,7 @@ class GatewayPOP3(Protocol, TimeoutMixin):
         if self.secure:
             self.transport.write(err(b"Already using TLS"))
             return
-        if self.factory.tls is None:
+        if self.factory.starttls is None:
             self.transport.write(err(b"TLS is not available on this port"))
             return
         self.transport.write(ok(b"Begin TLS negotiation"))
@@ -214,7 +214,7 @@ class GatewayPOP3(Protocol, TimeoutMixin):
         # command injection), and forget a USER given before the upgrade.
         self._buffer, self._after_stls = b"", True
         self._user = None
-        self.transport.startTLS(self.factory.tls)
+        self.transport.startTLS(self.factory.starttls)
         self.secure = True
 
     def do_APOP(self, *args: bytes) -> None:

@@ -20,12 +20,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from twisted.internet.protocol import Factory
-
 from ..admission import ConnectionLimits
 from ..login_gate import LoginCheck
 from ..mailbox import MailboxView
-from ..runtime import ConnectionRegistry, RunningListener, listen_twisted
+from ..runtime import RunningListener, TwistedListenerFactory
 from ._protocol import GatewayPOP3
 from ._replies import REFUSALS
 
@@ -33,26 +31,24 @@ MailboxFor = Callable[[str], Awaitable[MailboxView | str]]
 """``mailbox_for(account)``: the account's view, or a sentence saying why it is unavailable."""
 
 
-class _POP3Factory(Factory):
+class _POP3Factory(TwistedListenerFactory):
     """The listener's settings, read by each :class:`GatewayPOP3` as ``self.factory``."""
 
     protocol = GatewayPOP3
-    noisy = False  # one log line per listener comes from the app, not two per factory
+    kind = "pop3"
+    refusals = REFUSALS
 
     def __init__(
         self,
+        tls_context: Any,
+        implicit_tls: bool,
+        plaintext_auth: str,
         login: LoginCheck,
         mailbox_for: MailboxFor | None,
-        implicit_tls: bool,
-        tls: Any,
-        plaintext_auth: str,
     ) -> None:
-        self.connections = ConnectionRegistry()
+        super().__init__(tls_context, implicit_tls, plaintext_auth)
         self.login = login
         self.mailbox_for = mailbox_for
-        self.implicit_tls = implicit_tls
-        self.tls = tls
-        self.plaintext_auth = plaintext_auth
 
 
 async def serve(
@@ -69,14 +65,5 @@ async def serve(
     """Start one POP3 listener; ``implicit_tls`` selects POP3S, otherwise STLS is offered.
     ``plaintext_auth`` (never, loopback, always) says where USER/PASS may come before STLS;
     ``limits`` are the process's connection caps."""
-    factory = _POP3Factory(login, mailbox_for, implicit_tls, tls_context, plaintext_auth)
-    return await listen_twisted(
-        name,
-        factory,
-        host,
-        port,
-        tls_context if implicit_tls else None,
-        limits,
-        "pop3",
-        REFUSALS,
-    )
+    factory = _POP3Factory(tls_context, implicit_tls, plaintext_auth, login, mailbox_for)
+    return await factory.listen(name, host, port, limits)
