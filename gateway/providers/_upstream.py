@@ -15,10 +15,10 @@ import ssl
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 from ..config import UpstreamServer
-from ..delivery import Permanent
+from ..delivery import DeliveryError, Permanent, Temporary
 from ..outbound import upstream_context
 
 T = TypeVar("T")
@@ -71,8 +71,15 @@ class ThreadedClient(abc.ABC):
     Work is serialised twice: an asyncio lock keeps waiting operations (the IMAP frontend
     fetches several bodies at once) from each holding a worker thread, and a
     ``threading.Lock`` held by the worker keeps a cancelled task's still-running thread alone
-    on its connection. Subclasses implement ``_run(op, *args)``, which runs in the thread.
+    on its connection. Subclasses implement ``_run(op, *args)``, which runs in the thread, and
+    name their ``protocol`` ("imap", "pop3"), the response codes their server uses for a
+    passing refusal (``temporary_codes``) and the client errors that mean the connection broke
+    (``broken``) for the one classification of their failures, :meth:`_failure`.
     """
+
+    protocol: ClassVar[str]
+    temporary_codes: ClassVar[tuple[str, ...]]
+    broken: ClassVar[tuple[type[BaseException], ...]] = (OSError,)
 
     def __init__(
         self, server: UpstreamServer, system_ca_file: Path, timeout: float = DEFAULT_TIMEOUT
@@ -90,3 +97,26 @@ class ThreadedClient(abc.ABC):
     @abc.abstractmethod
     def _run(self, op: Callable[..., T], *args: object) -> T:
         """Run ``op(client, *args)`` on a logged-in client, in the worker thread."""
+
+    def _failure(self, error: BaseException) -> DeliveryError:
+        """An untrusted certificate or a refusal without a temporary code is Permanent; a
+        broken connection or a refusal with one is Temporary."""
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return untrusted(self.protocol, self.server, error)
+        where = f"upstream {self.protocol.upper()} {self.server.host}"
+        if isinstance(error, self.broken):
+            return Temporary(f"{where}: {type(error).__name__}: {error}")
+        text = reason(error)
+        if self._temporary(text):
+            return Temporary(f"{where}: {text}")
+        return Permanent(f"{where}: {text}")
+
+    def _login_refused(self, error: BaseException) -> DeliveryError:
+        """A refused login: a wrong password unless the server says it is passing."""
+        text = reason(error)
+        if self._temporary(text):
+            return Temporary(f"upstream {self.protocol.upper()} {self.server.host}: login: {text}")
+        return wrong_password(self.protocol, self.server, text)
+
+    def _temporary(self, text: str) -> bool:
+        return any(code in text for code in self.temporary_codes)

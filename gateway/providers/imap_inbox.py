@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..config import UpstreamServer
-from ..delivery import DeliveryError, Permanent, Temporary
 from ..logs import get_logger
 from ._inbox import (
     Changes,
@@ -35,10 +34,7 @@ from ._upstream import (
     DEFAULT_TIMEOUT,
     ThreadedClient,
     credentials,
-    reason,
     tls_context,
-    untrusted,
-    wrong_password,
 )
 
 log = get_logger(__name__)
@@ -174,6 +170,9 @@ class UpstreamImapSource(ThreadedClient):
     """
 
     ids_stable = True
+    protocol = "imap"
+    temporary_codes = _IMAP_TEMPORARY
+    broken = (imaplib.IMAP4.abort, OSError)
 
     def __init__(
         self, server: UpstreamServer, system_ca_file: Path, timeout: float = DEFAULT_TIMEOUT
@@ -282,10 +281,7 @@ class UpstreamImapSource(ThreadedClient):
         except imaplib.IMAP4.abort:
             raise
         except imaplib.IMAP4.error as error:
-            text = reason(error)
-            if any(code in text for code in _IMAP_TEMPORARY):
-                raise Temporary(f"upstream IMAP {self.server.host}: login: {text}") from error
-            raise wrong_password("imap", self.server, text) from error
+            raise self._login_refused(error) from error
 
     def _drop(self) -> None:
         imap, self._imap = self._imap, None
@@ -299,17 +295,6 @@ class UpstreamImapSource(ThreadedClient):
             if imap is not None:
                 with suppress(Exception):
                     imap.logout()
-
-    def _failure(self, error: BaseException) -> DeliveryError:
-        host = self.server.host
-        if isinstance(error, ssl.SSLCertVerificationError):
-            return untrusted("imap", self.server, error)
-        if isinstance(error, imaplib.IMAP4.abort | OSError):
-            return Temporary(f"upstream IMAP {host}: {type(error).__name__}: {error}")
-        text = reason(error)
-        if any(code in text for code in _IMAP_TEMPORARY):
-            return Temporary(f"upstream IMAP {host}: {text}")
-        return Permanent(f"upstream IMAP {host}: {text}")
 
     # -- operations (in the worker thread, holding the lock) --
 

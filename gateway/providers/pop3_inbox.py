@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import imaplib
 import poplib
-import ssl
 from collections.abc import Callable
 from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
-from ..delivery import DeliveryError, Permanent, Temporary
 from ._inbox import Changes, NotSupported, RemoteMessage, Removal, Snapshot
-from ._upstream import ThreadedClient, credentials, reason, tls_context, untrusted, wrong_password
+from ._upstream import ThreadedClient, credentials, tls_context
 
 T = TypeVar("T")
 
@@ -45,6 +43,8 @@ class UpstreamPop3Source(ThreadedClient):
     """
 
     ids_stable = True
+    protocol = "pop3"
+    temporary_codes = _POP3_TEMPORARY
     CURSOR = "pop3"  # every listing is complete; the cursor only says "listed before"
 
     async def list_inbox(self) -> Snapshot:
@@ -116,21 +116,7 @@ class UpstreamPop3Source(ThreadedClient):
             pop.user(username)
             pop.pass_(password)
         except poplib.error_proto as error:
-            text = reason(error)
-            if any(code in text for code in _POP3_TEMPORARY):
-                raise Temporary(f"upstream POP3 {self.server.host}: login: {text}") from error
-            raise wrong_password("pop3", self.server, text) from error
-
-    def _failure(self, error: BaseException) -> DeliveryError:
-        host = self.server.host
-        if isinstance(error, ssl.SSLCertVerificationError):
-            return untrusted("pop3", self.server, error)
-        if isinstance(error, OSError):
-            return Temporary(f"upstream POP3 {host}: {type(error).__name__}: {error}")
-        text = reason(error)
-        if any(code in text for code in _POP3_TEMPORARY):
-            return Temporary(f"upstream POP3 {host}: {text}")
-        return Permanent(f"upstream POP3 {host}: {text}")
+            raise self._login_refused(error) from error
 
     # -- operations --
 
