@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import email.policy
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
 from email.parser import Parser
 from email.utils import format_datetime
+from typing import Any
 
 # RFC 5322 3.6.6: a resent block names who resent the message; every block counts, since a
 # recipient's client may show any of them (and a forged Resent-From is as good as a forged From).
@@ -47,24 +49,52 @@ def header_senders(content: bytes) -> list[HeaderSender]:
 
     Every occurrence counts (a duplicated From is a classic bypass, and a message may carry
     several resent blocks); groups, comments and encoded words are undone by the parser first.
+
+    The header block is split by the compat32 parser, which leaves values as text, and only
+    the sender headers go through ``email.policy.default``'s address parser (both policies
+    split and unfold headers alike): parsing every header as the default policy's message does
+    (Content-Type included) was most of this check's cost per message (issue 13).
     """
     end = content.find(b"\r\n\r\n")
     head = content[: end + 2] if end >= 0 else content
-    message = Parser(policy=email.policy.default).parsestr(
+    message = Parser(policy=email.policy.compat32).parsestr(
         head.decode("utf-8", "surrogateescape"), headersonly=True
     )
+    headers = [(name.lower(), value) for name, value in message.raw_items()]
     found: list[HeaderSender] = []
     for name in _SENDER_HEADERS:
-        for value in message.get_all(name, []):
+        for value in (value for key, value in headers if key == name.lower()):
             found += _addresses(name, value)
     return found
 
 
-def _addresses(name: str, value: object) -> list[HeaderSender]:
+_PARSED_CACHE_SIZE = 256  # a legacy application sends its mail with the same few From lines
+_PARSED_VALUE_LIMIT = 1000  # longer values are parsed every time, so the cache stays small
+_parsed: OrderedDict[tuple[str, str], tuple[HeaderSender, ...]] = OrderedDict()
+
+
+def _addresses(name: str, raw: str) -> tuple[HeaderSender, ...]:
+    """Addresses of one header, remembered for the most recent header values (the parse is a
+    pure function of the name and the raw value)."""
+    key = (name, raw)
+    known = _parsed.get(key)
+    if known is not None:
+        _parsed.move_to_end(key)
+        return known
+    result = tuple(_parse_addresses(name, raw))
+    if len(raw) <= _PARSED_VALUE_LIMIT:
+        _parsed[key] = result
+        if len(_parsed) > _PARSED_CACHE_SIZE:
+            _parsed.popitem(last=False)
+    return result
+
+
+def _parse_addresses(name: str, raw: str) -> list[HeaderSender]:
     """Addresses of one header; unreadable ones (defects, no address) come back as None."""
     try:
-        addresses = [a.addr_spec for a in value.addresses]  # type: ignore[attr-defined]
-        defective = bool(value.defects)  # type: ignore[attr-defined]
+        value: Any = email.policy.default.header_fetch_parse(name, raw)
+        addresses = [a.addr_spec for a in value.addresses]
+        defective = bool(value.defects)
     except Exception:  # the email package raises many types on hostile input
         return [HeaderSender(name, None)]
     if defective or not addresses or any("@" not in a for a in addresses):

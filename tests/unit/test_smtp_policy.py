@@ -240,3 +240,62 @@ def test_standardize_gives_enhanced_codes_but_leaves_greeting_and_ehlo(
     raw: str, expected: str
 ) -> None:
     assert replies.standardize(raw, 35 * 2**20) == expected
+
+
+_TRICKY_HEADERS = [
+    "FROM: a@example.org\r\nfrom:\r\n\tb@example.org\r\n",  # any case, folded
+    "From: Team: ann@example.org, bob@example.org;\r\n",  # a group
+    "From: (comment) ann@example.org (Ann)\r\n",
+    "From: =?iso-8859-1?q?J=F6rg?= <jorg@example.org>\r\nResent-Sender: x@example.org\r\n",
+    "From: \xff <ff@example.org>\r\nSender: <broken\r\n",
+    "From: ann@example.org\r\n folded-on@example.org\r\n",
+]
+
+
+@pytest.mark.parametrize("head", _TRICKY_HEADERS)
+def test_header_senders_read_what_the_default_policy_parser_reads(head: str) -> None:
+    """Issue 13: the block is split by the compat32 parser and only sender headers are parsed
+    as addresses; the answer must be what reading them from an EmailMessage gives."""
+    import email.policy
+    from email.parser import Parser
+
+    content = head.encode("utf-8", "surrogateescape") + b"\r\nbody\r\n"
+    message = Parser(policy=email.policy.default).parsestr(head, headersonly=True)
+    expected: list[HeaderSender] = []
+    for name in ("From", "Sender", "Resent-From", "Resent-Sender"):
+        for value in message.get_all(name, []):
+            try:
+                addresses = [a.addr_spec for a in value.addresses]
+                readable = not value.defects and addresses and all("@" in a for a in addresses)
+            except Exception:  # the email package raises many types on hostile input
+                readable = False
+            if readable:
+                expected += [HeaderSender(name, a) for a in addresses]
+            else:
+                expected.append(HeaderSender(name, None))
+    assert header_senders(content) == expected
+    assert header_senders(content) == expected  # and again, from the parsed-value cache
+
+
+def test_the_parsed_header_cache_stays_small() -> None:
+    from gateway.smtp_in import policy
+
+    for number in range(policy._PARSED_CACHE_SIZE + 50):
+        assert header_senders(f"From: u{number}@example.org\r\n\r\n".encode()) == [
+            HeaderSender("From", f"u{number}@example.org")
+        ]
+    assert len(policy._parsed) == policy._PARSED_CACHE_SIZE
+    long_name = "x" * policy._PARSED_VALUE_LIMIT
+    content = f"From: {long_name} <long@example.org>\r\n\r\n".encode()
+    assert header_senders(content) == [HeaderSender("From", "long@example.org")]
+    assert all(len(raw) <= policy._PARSED_VALUE_LIMIT for _, raw in policy._parsed)
+
+
+def test_a_header_the_email_package_cannot_even_fetch_is_unreadable() -> None:
+    """``Sender: broken <`` makes the default policy's message raise IndexError when the
+    header is fetched; it was an exception out of the check, it is now an unreadable sender."""
+    content = b"From: a@example.org\r\nSender: broken <\r\n\r\nbody\r\n"
+    assert header_senders(content) == [
+        HeaderSender("From", "a@example.org"),
+        HeaderSender("Sender", None),
+    ]
