@@ -19,6 +19,13 @@ worker, an asyncio task on the gateway's loop, delivers what is due through the 
   successful send of the same account, or by a periodic retry every ``held_retry`` seconds;
 * Permanent → dead, with the provider's reason, until someone retries or deletes it.
 
+Intake first: while messages are arriving (one began or was committed within ``intake_quiet``
+seconds) the worker starts no new attempt, for at most ``max_defer`` seconds at a time; sends
+already under way go on. A delivery costs the event loop several times what accepting a message
+does (HTTPS, JSON, the provider's reply), so during a burst the SMTP clients get their 250s at
+the intake's own pace and the queue is worked off right after (issue 13); under steady load the
+worker still starts everything due at least every ``max_defer`` seconds.
+
 Delivery is at-least-once. The state file says when an attempt *started*; the flag is cleared
 when the attempt ends with a known outcome (any answer from the provider, or a connection that
 never opened). Only a message whose last attempt's outcome is unknown (a timeout or reset after
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import mmap
 import random
 import time
@@ -82,6 +90,8 @@ class FileSpool:
         held_retry: float = 900.0,
         rescan_interval: float = 30.0,
         max_in_flight: int = 64,
+        intake_quiet: float = 0.05,
+        max_defer: float = 1.0,
         jitter: Callable[[], float] = random.random,
     ) -> None:
         self.files = SpoolFiles(directory)
@@ -95,7 +105,11 @@ class FileSpool:
         self.held_retry = held_retry
         self.rescan_interval = rescan_interval
         self.max_in_flight = max_in_flight
+        self.intake_quiet = intake_quiet
+        self.max_defer = max_defer
         self.jitter = jitter
+        self._intake_at = -math.inf  # monotonic time a message last began or was committed
+        self._holding_since: float | None = None  # the worker has left the loop to the intake
         self._records: dict[str, Record] = {}
         self._generation = 0  # counts directory listings begun by _rescan
         self._touched: dict[str, int] = {}  # id → generation when the worker last changed it
@@ -136,6 +150,7 @@ class FileSpool:
 
     def receive(self, prologue: bytes = b"") -> IncomingMessage:
         """A new message to stream into the spool; ``prologue`` is stored before its content."""
+        self.intake_seen(time.monotonic())
         return IncomingMessage(self.files, self.hostname, prologue)
 
     async def submit(self, envelope: Envelope, message: bytes | IncomingMessage) -> SubmitResult:
@@ -154,6 +169,7 @@ class FileSpool:
             await self._committer.commit(record, incoming)
         except OSError as error:
             raise SpoolError(f"cannot store the message: {error.strerror or error}") from error
+        self.intake_seen(time.monotonic())
         queued = SubmitResult(f"250 2.0.0 Ok: queued as {record.id}", record.id)
         if record.size >= LARGE:  # what receiving it took, trimmed without delaying the 250
             self._keep(asyncio.create_task(give_back(record.size), name="spool-trim"))
@@ -207,6 +223,10 @@ class FileSpool:
             if time.monotonic() - last_scan >= self.rescan_interval:
                 await self._rescan()
                 last_scan = time.monotonic()
+            hold = self.intake_hold(time.monotonic())
+            if hold > 0.0:
+                await self._sleep(hold)
+                continue
             now = time.time()
             waiting = [
                 r
@@ -229,12 +249,41 @@ class FileSpool:
             pause = self.rescan_interval - (time.monotonic() - last_scan)
             if pending and len(self._busy) < self.max_in_flight:
                 pause = min(pause, max(0.0, min(pending) - time.time()))
-            self._wake.clear()
-            if self._stopping:
-                return
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(pause, 0.0)):
-                    await self._wake.wait()
+            await self._sleep(pause)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Until ``seconds`` have passed or something wakes the worker (not when stopping)."""
+        self._wake.clear()
+        if self._stopping:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(seconds, 0.0)):
+                await self._wake.wait()
+
+    @property
+    def holding_for_intake(self) -> bool:
+        """The worker is leaving the loop to the intake (see :meth:`intake_hold`)."""
+        return self._holding_since is not None
+
+    def intake_seen(self, now: float) -> None:
+        """A message began arriving or was committed at ``now`` (``time.monotonic()``)."""
+        self._intake_at = max(self._intake_at, now)
+
+    def intake_hold(self, now: float) -> float:
+        """Seconds the worker leaves the loop to the intake before it starts attempts: while
+        messages arrive (one within ``intake_quiet``), up to ``max_defer`` from the moment it
+        first held back; 0 once the intake is quiet or the hold has lasted ``max_defer``."""
+        quiet_in = self._intake_at + self.intake_quiet - now
+        if quiet_in <= 0.0:
+            self._holding_since = None
+            return 0.0
+        if self._holding_since is None:
+            self._holding_since = now
+        left = self._holding_since + self.max_defer - now
+        if left <= 0.0:
+            self._holding_since = None  # this pass starts what is due; the next may hold again
+            return 0.0
+        return min(left, quiet_in)
 
     def _keep(self, task: asyncio.Task[Any]) -> None:
         """Hold a background task until it ends (``stop`` waits for them)."""

@@ -643,3 +643,41 @@ async def test_a_batch_fsyncs_its_files_side_by_side(
     assert batches == [4]  # 8 files (message and state each), fsynced 4 at a time at least
     assert all(r.reply.startswith("250 ") for r in results)
     assert not together.broken
+
+
+def test_the_worker_leaves_the_loop_to_the_intake_for_at_most_max_defer(tmp_path: Path) -> None:
+    """Issue 13: a delivery costs the loop several times what accepting a message does, so
+    while messages arrive the worker starts none, but never for longer than max_defer."""
+    spool = make(tmp_path, Scripted(), intake_quiet=0.05, max_defer=1.0)
+    start = 1000.0
+    assert spool.intake_hold(start) == 0.0  # nothing arrived: deliver at once
+    spool.intake_seen(start)
+    assert spool.intake_hold(start + 0.01) == pytest.approx(0.04)  # until the intake is quiet
+    assert spool.intake_hold(start + 0.05) == 0.0 and not spool.holding_for_intake
+    for arrival in (2000.0, 2000.04, 2000.5, 2000.9, 2000.98):  # a burst longer than max_defer
+        spool.intake_seen(arrival)
+        assert spool.intake_hold(arrival) > 0.0
+    assert spool.intake_hold(2000.99) == pytest.approx(0.01)  # the hold's end comes first
+    assert spool.intake_hold(2001.0) == 0.0  # max_defer: this pass starts what is due
+    assert spool.intake_hold(2001.01) == pytest.approx(0.02)  # the burst goes on: hold again
+    spool.intake_seen(1500.0)  # an older report does not move the last arrival back
+    assert spool.intake_hold(2001.02) > 0.0
+
+
+async def test_no_attempt_starts_while_messages_arrive_and_all_go_once_it_is_quiet(
+    tmp_path: Path,
+) -> None:
+    sender = Scripted()
+    spool = make(tmp_path, sender, intake_quiet=3600.0, max_defer=3600.0)
+    await spool.start()
+    try:
+        for _ in range(3):
+            assert (await spool.submit(envelope(), RAW)).reply.startswith("250 ")
+        await until(lambda: spool.holding_for_intake)
+        assert sender.calls == [] and len(spool.messages()) == 3
+        spool.intake_quiet = 0.0  # the intake is quiet from now on
+        await spool.submit(envelope(), RAW)
+        await until(lambda: len(sender.calls) == 4 and not spool.messages())
+        assert not spool.holding_for_intake
+    finally:
+        await spool.stop()
