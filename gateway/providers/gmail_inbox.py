@@ -235,7 +235,7 @@ def _gmail_flags(labels: set[str]) -> frozenset[str]:
     return frozenset(flags)
 
 
-def _batch_parts(raw: bytes, boundary: str) -> list[tuple[str, int, dict[str, str], bytes]]:
+def _batch_parts(raw: bytes, boundary: str) -> list[tuple[str, int, httpx.Headers, bytes]]:
     """(Content-ID, status, headers, body) of each ``application/http`` part of a batch answer."""
     found = []
     delimiter = f"--{boundary}".encode()
@@ -254,12 +254,14 @@ def _batch_parts(raw: bytes, boundary: str) -> list[tuple[str, int, dict[str, st
     return found
 
 
-def _header_block(block: bytes) -> dict[str, str]:
-    headers = {}
+def _header_block(block: bytes) -> httpx.Headers:
+    """Header lines as httpx's case-insensitive headers: ``Retry-After`` is found however the
+    part spells it (a lower-cased dict made every in-batch Retry-After invisible)."""
+    headers = httpx.Headers()
     for line in block.decode("latin-1").split("\r\n"):
         name, colon, value = line.partition(":")
         if colon:
-            headers[name.strip().lower()] = value.strip()
+            headers[name.strip()] = value.strip()
     return headers
 
 
