@@ -42,7 +42,7 @@ import math
 import mmap
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -93,6 +93,7 @@ class FileSpool:
         intake_quiet: float = 0.05,
         max_defer: float = 1.0,
         jitter: Callable[[], float] = random.random,
+        pause: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.files = SpoolFiles(directory)
         self.accounts = {a.username: a for a in accounts}
@@ -108,6 +109,7 @@ class FileSpool:
         self.intake_quiet = intake_quiet
         self.max_defer = max_defer
         self.jitter = jitter
+        self.pause = pause  # how pacing waits; tests record the waits instead of timing them
         self._intake_at = -math.inf  # monotonic time a message last began or was committed
         self._holding_since: float | None = None  # the worker has left the loop to the intake
         self._records: dict[str, Record] = {}
@@ -464,7 +466,7 @@ class FileSpool:
         now = time.monotonic()
         start = max(now, self._next_slot.get(account.username, now))
         self._next_slot[account.username] = start + 60.0 / per_minute
-        await asyncio.sleep(start - now)
+        await self.pause(start - now)
 
     def backoff(self, attempts: int, retry_after: float | None) -> float:
         """Seconds until the next attempt: the provider's Retry-After (plus up to 10 %), or
