@@ -176,6 +176,7 @@ class MailboxView:
         self._listing: tuple[MessageInfo, ...] | None = None
         self._keywords: tuple[str, ...] | None = None
         self._watchers: list[Watcher] = []
+        self._watched = 0  # see watched
         self._poller: asyncio.Task[None] | None = None
         self._sizes: dict[str, int] = {}  # learnt, not yet saved
         self._headers: dict[str, bytes] = {}  # learnt, not yet saved
@@ -323,10 +324,23 @@ class MailboxView:
             return await uids.rebuild(snapshot.messages, snapshot.cursor)
         return await uids.reconcile(snapshot.messages, snapshot.cursor)
 
+    @property
+    def watchers(self) -> int:
+        """How many sessions watch the view now."""
+        return len(self._watchers)
+
+    @property
+    def watched(self) -> int:
+        """How many times a session began watching since the view opened. With
+        :attr:`watchers` it tells a session that came and went from one that never came: what
+        a test waits for instead of sleeping before it checks that nobody is left."""
+        return self._watched
+
     def watch(self, watcher: Watcher) -> None:
         """Tell ``watcher`` of every change; while anyone watches, poll the provider every
         ``poll_seconds`` (one poller per view, whatever the number of watchers)."""
         self._watchers.append(watcher)
+        self._watched += 1
         if self._poller is None or self._poller.done():
             self._poller = asyncio.create_task(self._poll(), name=f"poll {self.account}")
 

@@ -49,6 +49,11 @@ class Batched(Generic[Item, Result]):
         self._waiting: list[tuple[Item, asyncio.Future[Result]]] = []
         self._runner: asyncio.Task[None] | None = None
 
+    @property
+    def waiting(self) -> int:
+        """Items that came while a batch ran: the next batch takes them all."""
+        return len(self._waiting)
+
     async def run(self, item: Item) -> Result:
         done: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._waiting.append((item, done))
@@ -87,6 +92,11 @@ class GroupCommitter:
         self._batched: Batched[tuple[Record, IncomingMessage], OSError | None] = Batched(
             _commit_or_fail(files), "spool-committer", after=_log_batch, on_batch=on_batch
         )
+
+    @property
+    def waiting(self) -> int:
+        """Messages waiting for the next batch (see :attr:`Batched.waiting`)."""
+        return self._batched.waiting
 
     async def commit(self, record: Record, incoming: IncomingMessage) -> None:
         error = await self._batched.run((record, incoming))

@@ -102,6 +102,7 @@ class ReadOnlyMailbox:
     def __init__(self, raws: list[bytes]) -> None:
         self.messages = [RawMessage(i, raw) for i, raw in enumerate(raws, 1)]
         self.listeners: list[Any] = []
+        self.listened = 0  # sessions ever added as listeners: shows one came before it left
         self.select_delay = 0.01  # a remote backend answers later: exposes pipelining bugs
         self.select_gate: asyncio.Event | None = None  # when set: SELECT answers once it is set
         self.selects: list[Any] = []  # the Deferred of every select, to wait for its callbacks
@@ -138,6 +139,7 @@ class ReadOnlyMailbox:
 
     def addListener(self, listener: Any) -> None:
         self.listeners.append(listener)
+        self.listened += 1
 
     def removeListener(self, listener: Any) -> None:
         self.listeners.remove(listener)
@@ -455,10 +457,11 @@ async def test_disconnect_removes_listener(
 ) -> None:
     listener, mailbox = served
     await asyncio.to_thread(_session, listener.port, ["EXAMINE INBOX"])
-    for _ in range(100):
+    for _ in range(100):  # until the server has processed the disconnect
         if not mailbox.listeners:
             break
         await asyncio.sleep(0.02)
+    assert mailbox.listened == 1, "EXAMINE never listened: nothing to remove"
     assert mailbox.listeners == []
 
 
@@ -546,7 +549,9 @@ def _slow_reader(port: int, mailbox: _CountingMailbox, total: int) -> tuple[int,
         client.sock.sendall(b"a FETCH 1:* (BODY.PEEK[])\r\n")
         import time
 
-        time.sleep(0.5)  # not reading: the server must stop rendering, not buffer all 40 MB
+        # Pacing on purpose: a reader that stalls for a while, during which the server must
+        # stop rendering rather than buffer all 40 MB.
+        time.sleep(0.5)
         rendered_while_stalled = mailbox.opened
         return rendered_while_stalled, client.read_until(b"a")
     finally:

@@ -339,15 +339,23 @@ async def test_a_client_gone_during_select_leaves_no_watcher(live: Live) -> None
         client.send(client._new_tag() + b" SELECT INBOX\r\n")
         client.shutdown()  # gone before the answer
 
+    opened = live.gateway.views.get(live.account)
+    watched_before = opened.watched if opened is not None else 0
     await asyncio.to_thread(select_and_vanish)
     view = live.gateway.views[live.account]
-    for _ in range(200):  # the slow sync ends, then SELECT completes for nobody
-        if view._caught_up and not view._sync_lock.locked():
+
+    def pollers() -> list[asyncio.Task]:
+        return [t for t in asyncio.all_tasks() if t.get_name() == f"poll {live.account}"]
+
+    # The slow sync ends, SELECT opens the INBOX (one more session watched the view), then
+    # finds its client gone and lets go: wait for that, not for a guessed number of seconds.
+    for _ in range(200):
+        if view.watched == watched_before + 1 and view.watchers == 0 and not pollers():
             break
         await asyncio.sleep(0.05)
-    await asyncio.sleep(0.1)  # the SELECT's callbacks run on the next loop turns
-    assert view._caught_up and view._watchers == []
-    assert not [t for t in asyncio.all_tasks() if t.get_name() == f"poll {live.account}"]
+    assert view.watched == watched_before + 1, "the SELECT never opened the INBOX"
+    assert view.watchers == 0, "the vanished client still watches the view"
+    assert not pollers(), "the poller runs on for nobody"
 
 
 async def test_status_and_copy_let_go_of_the_mailbox(live: Live) -> None:
@@ -375,5 +383,5 @@ async def test_status_and_copy_let_go_of_the_mailbox(live: Live) -> None:
     assert missing[0] == "NO" and b"NONEXISTENT" in missing[1][0]
     assert copied[0] == "NO" and b"[CANNOT]" in copied[1][0]
     view = live.gateway.views[live.account]
-    assert view._watchers == []  # nothing left watching after five STATUS, a COPY, UNSELECT
+    assert view.watchers == 0  # nothing left watching after five STATUS, a COPY, UNSELECT
     assert view.cache.used == downloads_before == 0  # COPY downloaded nothing

@@ -485,7 +485,7 @@ async def test_concurrent_submissions_share_a_commit_and_wait_for_it(tmp_path: P
     lone = asyncio.create_task(spool.submit(envelope(), RAW))
     await first.reached()
     others = [asyncio.create_task(spool.submit(envelope(), RAW)) for _ in range(9)]
-    await asyncio.sleep(0.05)  # they all reach the committer's queue
+    await until(lambda: spool.awaiting_commit == 9)  # all nine queued behind the held commit
     assert not lone.done() and not any(task.done() for task in others)  # no 250 before fsync
     first.opened.set()
     results = await asyncio.gather(lone, *others)
@@ -585,18 +585,18 @@ async def test_an_account_sends_as_many_at_once_as_its_sender_allows(tmp_path: P
         await spool.submit(envelope(), RAW)
     await spool.start()
     try:
-        await until(lambda: sender.in_flight.get("crm") == 9)
-        await asyncio.sleep(0.05)  # room for a tenth, were the limit not kept
-        assert sender.most_at_once == 9
+        # Every delivery is under way: sending, or waiting for a slot (a tenth would be
+        # sending by now, were the limit not kept).
+        await until(lambda: sender.in_flight.get("crm", 0) + spool.waiting_for_slot("crm") == 12)
+        assert sender.most_at_once == 9 and spool.waiting_for_slot("crm") == 3
         sender.release.set()
         await until(lambda: spool.messages() == [])
         sender.slots, sender.most_at_once = 2, 0  # the account's capacity shrinks (a reload)
         sender.release = asyncio.Event()
         for _ in range(5):
             await spool.submit(envelope(), RAW)
-        await until(lambda: sender.in_flight.get("crm") == 2)
-        await asyncio.sleep(0.05)  # room for a third, were the old limit kept
-        assert sender.most_at_once == 2
+        await until(lambda: sender.in_flight.get("crm", 0) + spool.waiting_for_slot("crm") == 5)
+        assert sender.most_at_once == 2 and spool.waiting_for_slot("crm") == 3  # not the old 9
         sender.release.set()
         await until(lambda: spool.messages() == [])
     finally:
