@@ -27,6 +27,7 @@ from ..delivery import Envelope
 # The spool hands API senders its file mapped read-only (``reads_mapped_files``): slicing and
 # regular expressions work on it as on bytes, and a piece is copied only when it is sent.
 Message = bytes | bytearray | mmap.mmap
+_PAGE = mmap.PAGESIZE
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 _STREAM_PIECE = 3 * 64 * 1024  # a multiple of 3, so the pieces' base64 joins into the whole's
 _RECIPIENT_FIELDS = ("to", "cc", "bcc")
@@ -52,14 +53,18 @@ class Prepared:
         yield from _pieces(self.head, size)
         for start in range(self.body_offset, len(self.raw), size):
             # no view kept: a mapped file can close (bytes() of a bytes slice is the same object)
-            yield bytes(self.raw[start : start + size])
+            piece = bytes(self.raw[start : start + size])
+            drop_pages(self.raw, start, start + size)
+            yield piece
 
     def range(self, start: int, end: int) -> bytes:
         """Bytes ``start`` to ``end`` (exclusive) of the message as sent."""
         head = self.head[start:end]
         offset = self.body_offset - len(self.head)
         body_start, body_end = max(start, len(self.head)), max(end, len(self.head))
-        return head + self.raw[body_start + offset : body_end + offset]
+        body = self.raw[body_start + offset : body_end + offset]
+        drop_pages(self.raw, body_start + offset, body_end + offset)
+        return head + body
 
     def joined(self) -> bytes:
         """The whole message as one bytes object (for the small-message paths)."""
@@ -98,6 +103,22 @@ class StreamedBody:
             carry = data[cut:]
         if carry:
             yield base64.b64encode(carry)
+
+
+def drop_pages(raw: Message, start: int, end: int) -> None:
+    """Unmap the pages of ``raw[start:end]`` once read, if ``raw`` is a mapped file.
+
+    A mapped page read counts in the process's RSS until it is unmapped, so reading a 30 MB
+    file from start to end would hold all of it; dropped, a page is read again from the page
+    cache if it is needed again. The partial pages at either end are dropped too (refetching
+    them is cheap). Bytes in memory are left alone.
+    """
+    if not isinstance(raw, mmap.mmap) or raw.closed:
+        return
+    first = start - start % _PAGE
+    end = min(end, len(raw))
+    if end > first:
+        raw.madvise(mmap.MADV_DONTNEED, first, end - first)
 
 
 def _pieces(data: bytes, size: int) -> Iterator[bytes]:

@@ -4,12 +4,16 @@ Graph's large-message path needs the message *without* its big attachments (a dr
 4 MB request cap) and each attachment's bytes in ≤ 3 MiB pieces. Parsing a 30 MB message with
 ``email`` would hold several decoded copies; here the structure is found by scanning for MIME
 boundaries in the original bytes, only header blocks are parsed, and attachment bodies are
-decoded a window at a time.
+decoded a piece at a time.
+
+The message may be the spool file mapped read-only (``_mime.Message``): it is scanned in place,
+never copied whole into the heap, and every window read is unmapped again (``drop_pages``), so
+the scan and the upload hold a few MiB of the message at a time, not all of it.
 """
 
 from __future__ import annotations
 
-import base64
+import binascii
 import quopri
 import re
 from collections.abc import Iterator
@@ -18,10 +22,12 @@ from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
 
+from ._mime import Message, drop_pages
+
 _PARSER = BytesParser(policy=policy.default)
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 _WHITESPACE = b" \t\r\n"
-_WINDOW = 4 * 1024 * 1024  # encoded bytes decoded at a time (a multiple of 4)
+_WINDOW = 4 * 1024 * 1024  # bytes of the message scanned or copied at a time
 
 
 @dataclass(frozen=True)
@@ -42,37 +48,53 @@ class Attachment:
     siblings: int  # how many parts that multipart has
     boundary: bytes  # that multipart's boundary
 
-    def decoded(self, raw: bytes | bytearray, piece: int) -> Iterator[bytes]:
-        """The attachment's bytes in pieces of exactly ``piece`` bytes (the last may be shorter)."""
-        pending = b""
-        for data in self._decode(raw):
-            pending += data
-            while len(pending) >= piece:
-                yield pending[:piece]
-                pending = pending[piece:]
-        if pending:
-            yield pending
-
-    def _decode(self, raw: bytes | bytearray) -> Iterator[bytes]:
-        view = memoryview(raw)
+    def decoded(self, raw: Message, piece: int) -> Iterator[bytes]:
+        """The attachment's bytes in pieces of exactly ``piece`` bytes (the last may be shorter);
+        ``piece`` is a multiple of 3, so a piece is a whole number of base64 groups."""
+        if piece % 3:
+            raise ValueError(f"piece size {piece} is not a multiple of 3")
         if self.encoding == "base64":
-            carry = b""
-            for start in range(self.body_start, self.body_end, _WINDOW):
-                chunk = bytes(view[start : min(start + _WINDOW, self.body_end)])
-                clean = carry + chunk.translate(None, _WHITESPACE)
-                usable = len(clean) - len(clean) % 4
-                carry = clean[usable:]
-                yield base64.b64decode(clean[:usable])
-            if carry:
-                yield base64.b64decode(carry + b"=" * (-len(carry) % 4))
+            yield from self._base64(raw, piece)
         elif self.encoding == "quoted-printable":
-            yield quopri.decodestring(bytes(view[self.body_start : self.body_end]))
+            data = quopri.decodestring(raw[self.body_start : self.body_end])
+            drop_pages(raw, self.body_start, self.body_end)
+            for start in range(0, len(data), piece):
+                yield data[start : start + piece]
         else:
-            for start in range(self.body_start, self.body_end, _WINDOW):
-                yield bytes(view[start : min(start + _WINDOW, self.body_end)])
+            for start in range(self.body_start, self.body_end, piece):
+                stop = min(start + piece, self.body_end)
+                data = bytes(raw[start:stop])  # the same object for bytes and a mapped file
+                drop_pages(raw, start, stop)
+                yield data
+
+    def _base64(self, raw: Message, piece: int) -> Iterator[bytes]:
+        """Each piece decoded from just the encoded text it needs: read a window, strip the
+        line breaks, decode exactly ``piece // 3 * 4`` characters; what is left over (less than
+        one window's line breaks' worth) starts the next piece."""
+        want = piece // 3 * 4
+        clean = bytearray()
+        position = self.body_start
+        while True:
+            while len(clean) < want and position < self.body_end:
+                # enough for the characters still wanted with 76-character lines, and more
+                stop = min(self.body_end, position + (want - len(clean)) * 80 // 76 + 4)
+                window = raw[position:stop]
+                drop_pages(raw, position, stop)
+                clean += window.translate(None, _WHITESPACE)
+                del window
+                position = stop
+            if len(clean) < want:  # the last piece
+                clean += b"=" * (-len(clean) % 4)
+                if data := binascii.a2b_base64(clean):
+                    yield data
+                return
+            with memoryview(clean) as view, view[:want] as text:
+                data = binascii.a2b_base64(text)  # no copy of the text to decode
+            del clean[:want]
+            yield data
 
 
-def attachments(raw: bytes | bytearray, body_offset: int, head: EmailMessage) -> list[Attachment]:
+def attachments(raw: Message, body_offset: int, head: EmailMessage) -> list[Attachment]:
     """Every leaf attachment of a multipart message, at any depth; [] for a single part."""
     found: list[Attachment] = []
     counter = [0]
@@ -81,7 +103,7 @@ def attachments(raw: bytes | bytearray, body_offset: int, head: EmailMessage) ->
 
 
 def _walk(
-    raw: bytes | bytearray,
+    raw: Message,
     start: int,
     end: int,
     head: EmailMessage,
@@ -95,10 +117,10 @@ def _walk(
     counter[0] += 1
     children = list(_children(raw, start, end, boundary.encode()))
     for cut_start, part_start, part_end in children:
-        blank = _BLANK_LINE.search(raw, part_start, part_end)
-        if raw.startswith((b"\r\n", b"\n"), part_start, part_end):  # a part without headers
-            header_end, body_start = part_start, raw.index(b"\n", part_start) + 1
-        elif blank is None:
+        opening = raw[part_start : min(part_start + 2, part_end)]
+        if opening.startswith((b"\r\n", b"\n")):  # a part without headers
+            header_end, body_start = part_start, raw.find(b"\n", part_start) + 1
+        elif (blank := _BLANK_LINE.search(raw, part_start, part_end)) is None:
             continue
         else:
             header_end, body_start = blank.start(), blank.end()
@@ -132,7 +154,7 @@ def _walk(
 
 
 def _children(
-    raw: bytes | bytearray, start: int, end: int, boundary: bytes
+    raw: Message, start: int, end: int, boundary: bytes
 ) -> Iterator[tuple[int, int, int]]:
     """(cut start, content start, content end) of each body part between the delimiters.
 
@@ -143,7 +165,7 @@ def _children(
     previous: tuple[int, int] | None = None  # (cut start, content start) of the open part
     position = start
     while True:
-        index = raw.find(delimiter, position, end)
+        index = _find(raw, delimiter, position, end)
         if index < 0:
             return
         at_line_start = index == start or raw[index - 1 : index] == b"\n"
@@ -165,12 +187,33 @@ def _children(
         position = line_end + 1
 
 
-def _decoded_size(raw: bytes | bytearray, start: int, end: int, encoding: str) -> int:
+def _find(raw: Message, sub: bytes, start: int, end: int) -> int:
+    """``raw.find(sub, start, end)``, a window at a time with each window's pages dropped, so
+    searching a mapped 30 MB body does not map all of it at once."""
+    position = start
+    while position < end:
+        stop = min(position + _WINDOW, end)
+        found = raw.find(sub, position, min(stop + len(sub) - 1, end))
+        drop_pages(raw, position, stop)
+        if found >= 0:
+            return found
+        position = stop
+    return -1
+
+
+def _decoded_size(raw: Message, start: int, end: int, encoding: str) -> int:
     if encoding == "base64":
-        spaces = sum(raw.count(c, start, end) for c in (b" ", b"\t", b"\r", b"\n"))
+        spaces = 0
+        for position in range(start, end, _WINDOW):
+            stop = min(position + _WINDOW, end)
+            window = raw[position:stop]
+            drop_pages(raw, position, stop)
+            spaces += sum(window.count(c) for c in (b" ", b"\t", b"\r", b"\n"))
         tail = raw[max(start, end - 8) : end].rstrip(_WHITESPACE)
         padding = len(tail) - len(tail.rstrip(b"="))
         return (end - start - spaces) * 3 // 4 - padding
     if encoding == "quoted-printable":
-        return len(quopri.decodestring(raw[start:end]))
+        size = len(quopri.decodestring(raw[start:end]))
+        drop_pages(raw, start, end)
+        return size
     return end - start

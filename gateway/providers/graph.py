@@ -4,7 +4,8 @@ Graph caps every request body at 4 MB, and MIME goes base64-encoded, so sendMail
 up to about 3 MB. A larger message becomes a MIME draft of itself *without* its big attachments
 (so every original header survives), the attachments follow through upload sessions in ≤ 3 MiB
 pieces (or, under 3 MiB, as JSON file attachments), and the draft is sent. The original bytes
-are held once; attachments are decoded a window at a time (see ``_parts``).
+are not copied: the spool file stays mapped, the draft is joined from slices of it, and each
+upload piece is decoded from the few MiB of it that it needs (see ``_parts``).
 
 Save-to-Sent: MIME sendMail always files the message in Sent Items ("This method saves the
 message in the Sent Items folder"; only JSON sendMail has ``saveToSentItems``, and converting
@@ -25,8 +26,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import math
-import mmap
-from dataclasses import replace
 from email import policy
 from email.parser import BytesParser
 from typing import Any
@@ -39,7 +38,7 @@ from ..delivery import DeliveryResult, Envelope, Permanent, ReauthRequired, Temp
 from ..logs import get_logger
 from ._base import TokenSource
 from ._http import Api, classify, error_code, send
-from ._mime import Message, Prepared, prepare
+from ._mime import Message, Prepared, drop_pages, prepare
 from ._parts import Attachment, attachments
 
 log = get_logger(__name__)
@@ -119,12 +118,8 @@ class GraphSender:
         """Draft, attachments that did not fit, send; without ``keep_copy`` the draft is marked
         to be deleted after submission instead of being moved to Sent Items."""
         raw = prepared.raw
-        if isinstance(raw, mmap.mmap):
-            # The MIME scan (``_parts``) needs bytes: one copy, freed when the send ends.
-            raw = await asyncio.to_thread(_copy_out, raw)
-            prepared = replace(prepared, raw=raw)
         # Scanning a 30 MB MIME tree and encoding the draft take ~100 ms: off the shared loop.
-        lifted, draft = await asyncio.to_thread(_split_draft, prepared, raw)
+        lifted, draft = await asyncio.to_thread(_split_draft, prepared)
         base = f"{mailbox}/messages"
         created = await api.call(
             "POST",
@@ -161,7 +156,7 @@ class GraphSender:
         )
 
     async def _attach(
-        self, api: Api, message_url: str, raw: bytes | bytearray, lifted: list[Attachment]
+        self, api: Api, message_url: str, raw: Message, lifted: list[Attachment]
     ) -> None:
         for attachment in lifted:
             if attachment.size >= UPLOAD_MIN:
@@ -180,9 +175,7 @@ class GraphSender:
                     },
                 )
 
-    async def _upload(
-        self, api: Api, message_url: str, raw: bytes | bytearray, item: Attachment
-    ) -> None:
+    async def _upload(self, api: Api, message_url: str, raw: Message, item: Attachment) -> None:
         session = await api.call(
             "POST",
             f"{message_url}/attachments/createUploadSession",
@@ -193,7 +186,7 @@ class GraphSender:
         offset = 0
         pieces = item.decoded(raw, UPLOAD_PIECE)
         # Each piece is decoded in a worker thread (base64 of 3 MiB: ~40 ms) as it is needed,
-        # so at most one piece is in memory besides the message itself.
+        # from the encoded text it needs, so one piece at a time is in memory.
         while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
             end = offset + len(piece) - 1
             # The URL is pre-authenticated: a bearer token here is refused (wrong audience).
@@ -229,25 +222,17 @@ async def _discard_draft(api: Api, message_url: str) -> None:
         log.warning("graph.draft_left", reason=str(error))
 
 
-def _copy_out(mapped: mmap.mmap) -> bytearray:
-    """The mapped message copied to the heap, each piece's mapped pages dropped once copied,
-    so the message is in memory once, not twice (the file's pages stay in the page cache)."""
-    copy = bytearray(len(mapped))
-    for start in range(0, len(mapped), UPLOAD_PIECE):
-        end = min(start + UPLOAD_PIECE, len(mapped))
-        copy[start:end] = mapped[start:end]
-        mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
-    return copy
-
-
-def _split_draft(prepared: Prepared, raw: bytes | bytearray) -> tuple[list[Attachment], bytes]:
-    """The attachments to upload separately, and the base64 draft of everything else
-    (``raw`` is ``prepared.raw`` in memory: the MIME scan does not read a mapped file)."""
+def _split_draft(prepared: Prepared) -> tuple[list[Attachment], bytes]:
+    """The attachments to upload separately, and the base64 draft of everything else, read
+    from ``prepared.raw`` in place (a mapped file's pages are dropped once read)."""
+    raw, lifted = prepared.raw, []
     if _b64_size(prepared.size) <= REQUEST_CAP:
-        return [], base64.b64encode(prepared.joined())  # fits one request: nothing to lift
-    head = _HEADERS.parsebytes(prepared.head, headersonly=True)
-    lifted = _choose(attachments(raw, prepared.body_offset, head), prepared.size)
-    draft = prepared.head + _without(raw, prepared.body_offset, lifted)
+        draft = prepared.joined()  # fits one request: nothing to lift
+    else:
+        head = _HEADERS.parsebytes(prepared.head, headersonly=True)
+        lifted = _choose(attachments(raw, prepared.body_offset, head), prepared.size)
+        draft = prepared.head + _without(raw, prepared.body_offset, lifted)
+    drop_pages(raw, 0, len(raw))
     return lifted, base64.b64encode(draft)
 
 
@@ -286,7 +271,7 @@ def _choose(found: list[Attachment], size: int) -> list[Attachment]:
     return sorted(lifted, key=lambda a: a.cut_start)
 
 
-def _without(raw: bytes | bytearray, start: int, lifted: list[Attachment]) -> bytes:
+def _without(raw: Message, start: int, lifted: list[Attachment]) -> bytes:
     """The body with the lifted parts cut out; a multipart left empty gets an empty text part."""
     newline = b"\r\n" if b"\r\n" in raw[:1000] else b"\n"
     emptied = {

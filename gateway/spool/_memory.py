@@ -1,4 +1,4 @@
-"""Give the heap a large message used back to the system (glibc ``malloc_trim``).
+"""Give the heap a large message used back to the system (glibc ``mallopt``, ``malloc_trim``).
 
 Why: a large message passes through big temporary buffers (aiosmtpd's DATA lines, the Graph
 draft's base64 pieces, httpx's request chunks). CPython frees them, but glibc keeps freed
@@ -6,6 +6,13 @@ memory inside its arenas unless it lies at the very top of the heap: the RSS a 3
 took stays with the process, and successive large messages fragment the arenas further, so RSS
 creeps up (issue 13 measured 84 → 308 → 386 → 421 MiB over three messages to Graph).
 ``malloc_trim(0)`` returns every free page of every arena with ``madvise(MADV_DONTNEED)``.
+
+The buffers are big because of the message, not the arenas' business: :func:`map_big_buffers`
+(run once as the spool starts) fixes glibc's ``M_MMAP_THRESHOLD`` at ``BIG``, so every buffer of
+at least that size gets its own ``mmap`` and is unmapped the moment it is freed. By default the
+threshold is *dynamic*: glibc raises it to the size of each mmapped block freed (up to 32 MiB),
+so after the first 4 MiB buffer every later one is carved out of an arena, one per worker
+thread, where it fragments; with the threshold set, that adjustment is off (mallopt(3)).
 
 It walks the whole heap, which takes milliseconds for a large one, so it runs in a worker thread
 (it takes each arena's lock in turn, as any malloc call may), and only after a message of at
@@ -25,20 +32,27 @@ from ..logs import get_logger
 log = get_logger(__name__)
 
 LARGE = 4 * 1024 * 1024  # bytes: a message at least this large is followed by a trim
+BIG = 256 * 1024  # bytes: a buffer this large is mapped on its own (a streamed piece's base64)
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (<malloc.h>)
 
 
-def _load_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
+def _load(name: str, argtypes: list[type], restype: type) -> Callable[..., int] | None:
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        trim = libc.malloc_trim
+        function = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
         return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
+    function.argtypes, function.restype = argtypes, restype
+    return function
 
 
-_trim = _load_trim()
+_trim = _load("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
+_mallopt = _load("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
+
+
+def map_big_buffers() -> bool:
+    """Fix the mmap threshold at ``BIG`` (see the module docstring); whether it was set.
+    Process-wide and idempotent; without glibc it does nothing."""
+    return _mallopt is not None and _mallopt(M_MMAP_THRESHOLD, BIG) == 1
 
 
 def available() -> bool:

@@ -55,7 +55,7 @@ from ..logs import get_logger
 from ._commit import Batched, GroupCommitter
 from ._files import Record, SpoolFiles
 from ._incoming import IncomingMessage
-from ._memory import LARGE, give_back
+from ._memory import LARGE, give_back, map_big_buffers
 from ._types import Envelope, SpoolError, SubmitResult, held_hint
 
 if TYPE_CHECKING:
@@ -194,6 +194,7 @@ class FileSpool:
 
     async def start(self) -> None:
         """Load what is on disk (a previous run's queue included) and start delivering."""
+        map_big_buffers()  # a large message's buffers go back to the system when freed
         await self._rescan()
         self._paused = await asyncio.to_thread(self.files.load_pauses, time.time())
         self._probing = set(self._paused)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import email
+import hashlib
+import mmap
 import os
 from datetime import UTC, datetime
 from email import policy
 from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
 
 from gateway.delivery import Envelope
 from gateway.providers._mime import prepare, split_head
@@ -105,3 +111,64 @@ def test_a_single_part_message_has_no_attachments() -> None:
     _, offset, _ = split_head(raw)
     head = email.message_from_bytes(raw[:offset], policy=policy.default)
     assert attachments(raw, offset, head) == []  # type: ignore[arg-type]
+
+
+def _mapping_rss_kib(path: Path) -> int:
+    """The resident size of this process's mapping of ``path`` (from /proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            if line.rstrip().endswith(str(path)):
+                inside = True
+            elif inside and line.startswith("Rss:"):
+                return int(line.split()[1])
+    raise AssertionError(f"{path} is not mapped")
+
+
+def test_a_mapped_message_is_scanned_and_decoded_in_place_and_its_pages_let_go(
+    tmp_path: Path,
+) -> None:
+    """Issue 13: the Graph draft path copied the mapped spool file to the heap to scan it; it is
+    scanned and decoded where it lies, and what was read is unmapped again as it goes."""
+    payload = os.urandom(9 * 1024 * 1024)
+    raw = _mixed(("big.pdf", payload), ("small.pdf", b"x" * 500))
+    path = tmp_path / "message"
+    path.write_bytes(raw)
+    with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        prepared = prepare(mapped, _envelope())
+        head = email.message_from_bytes(prepared.head, policy=policy.default)
+        found = attachments(mapped, prepared.body_offset, head)  # type: ignore[arg-type]
+        assert [(a.name, a.size) for a in found] == [("big.pdf", len(payload)), ("small.pdf", 500)]
+        assert _mapping_rss_kib(path) < 1024  # the 12 MB scanned, not left mapped
+        digest, sizes = hashlib.sha256(), []
+        for piece in found[0].decoded(mapped, 3 * 1024 * 1024):
+            digest.update(piece)
+            sizes.append(len(piece))
+            assert _mapping_rss_kib(path) < 1024
+        assert digest.digest() == hashlib.sha256(payload).digest()
+        assert sizes == [3 * 1024 * 1024] * 3
+        draft = prepared.head + _without(mapped, prepared.body_offset, found[:1])
+        parsed = email.message_from_bytes(draft, policy=policy.default)
+        assert [p.get_filename() for p in parsed.iter_attachments()] == ["small.pdf"]
+
+
+@pytest.mark.parametrize("line", [4, 76, 1000, 0], ids=["4-char", "76-char", "1000-char", "one"])
+def test_base64_of_any_line_length_decodes_in_exact_pieces(line: int) -> None:
+    """Each piece is cut from exactly the characters it needs, whatever the line breaks."""
+    payload = os.urandom(100_000)
+    encoded = base64.b64encode(payload)
+    if line:
+        encoded = b"\r\n".join(encoded[i : i + line] for i in range(0, len(encoded), line))
+    raw = (
+        b'From: a@example.com\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n"
+        b'--b\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment; filename="f"\r\n'
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + encoded + b"\r\n--b--\r\n"
+    )
+    _, offset, _ = split_head(raw)
+    head = email.message_from_bytes(raw[:offset], policy=policy.default)
+    (found,) = attachments(raw, offset, head)  # type: ignore[arg-type]
+    assert found.size == len(payload)
+    pieces = list(found.decoded(raw, 30_000))
+    assert [len(p) for p in pieces] == [30_000, 30_000, 30_000, 10_000]
+    assert b"".join(pieces) == payload
