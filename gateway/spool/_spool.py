@@ -365,8 +365,15 @@ class FileSpool:
         account = self.accounts.get(record.envelope.account)
         sender = self.senders.get(account.provider) if account else None
         if account is None or sender is None:
-            await self._dead(record, f"account {record.envelope.account!r} is not configured")
-            return "dead"
+            # Held, not dead: an account removed (or misspelt) by a reload loses no mail; a
+            # reload that brings it back releases it.
+            name = record.envelope.account
+            return await self._hold(
+                record,
+                f"account {name!r} is not configured (removed by a config reload?): add it back "
+                f"and run `gateway reload`, or delete the message with `gateway queue delete "
+                f"{record.id}`",
+            )
         await self._pace(account)
         async with self._delivery_slot(account.username, sender.concurrency(account)):
             if self._paused.get(account.username, 0.0) > time.time():

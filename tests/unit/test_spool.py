@@ -252,15 +252,23 @@ async def test_pacing_spaces_sends(tmp_path: Path) -> None:
     assert min(b - a for a, b in itertools.pairwise(slots)) >= 0.1 - 0.005
 
 
-async def test_unknown_account_is_dead(tmp_path: Path) -> None:
-    spool = make(tmp_path, Scripted())
+async def test_mail_of_an_unknown_account_is_held_not_dead(tmp_path: Path) -> None:
+    """An account removed by a reload (or misspelt) loses nothing: its mail waits, says why,
+    and goes once the account is back and released."""
+    sender = Scripted()
+    spool = make(tmp_path, sender)
     await spool.start()
     try:
         await spool.submit(envelope("gone"), RAW)
-        await until(lambda: [r.state for r in spool.messages()] == ["dead"])
+        await until(lambda: [r.state for r in spool.messages()] == ["held"])
+        reason = spool.messages()[0].reason
+        assert "'gone' is not configured" in reason and "gateway reload" in reason
+        spool.accounts["gone"] = account(None, "gone")
+        assert await spool.release("gone") == 1
+        await until(lambda: spool.messages() == [])
     finally:
         await spool.stop()
-    assert "'gone' is not configured" in spool.messages()[0].reason
+    assert len(sender.calls) == 1
 
 
 async def test_queue_command_lists_retries_and_deletes(tmp_path: Path) -> None:
