@@ -3,7 +3,13 @@
 Every client connection, on every listener, is admitted here before a protocol sees it. Until it
 logs in it sits in the *unauthenticated* pool: capped per client address and listener kind, capped
 in total, and closed with the protocol's goodbye when its pre-authentication deadline passes (a
-total deadline, so a client dribbling one byte a second cannot keep extending it). A login moves
+total deadline, so a client dribbling one byte a second cannot keep extending it).
+
+At the per-address cap the *oldest* not-logged-in connection of that address is closed to make
+room (with the protocol's goodbye saying why), not the newcomer refused: every program on this
+machine connects from 127.0.0.1, so refusing newcomers would let one program that holds idle
+sockets (broken or hostile) lock every other local program out, while an honest program logs in
+within milliseconds of connecting and is not the oldest for long. A login moves
 it to the *authenticated* pool, which unauthenticated connections can never eat into: they can
 hold at most ``unauthenticated`` of the process's ``connections`` file descriptors.
 
@@ -82,6 +88,7 @@ class Admission:
         self.address = address
         self._limits = limits
         self.is_authenticated = False
+        self.evicted = False  # closed to make room for a newer connection from its address
         self._released = False
         # The protocol's goodbye ("421 4.4.2 ...", "* BYE ...", "-ERR ...") and close; until a
         # protocol sets it, expiry just closes whatever close_now names.
@@ -118,6 +125,29 @@ class Admission:
             self._timer.cancel()
             self._timer = None
 
+    @property
+    def closable(self) -> bool:
+        """Whether the connection can still be closed early (a protocol or acceptor said how)."""
+        return not (self.is_authenticated or self._released) and (
+            self.on_expire is not None or self.close_now is not None
+        )
+
+    def evict(self) -> None:
+        """Close it to make room for a newer connection from its address, and free its place
+        at once; the protocol's goodbye reads :attr:`evicted` to say why."""
+        if not self.closable:
+            return
+        self.evicted = True
+        self._limits.incidents.note(
+            "connections.evicted",
+            self.kind,
+            listener=self.kind,
+            client=self.address,
+            reason="the oldest of too many connections from this address that have not logged in",
+        )
+        self._close()
+        self.release()
+
     def _expire(self) -> None:
         self._timer = None
         if self.is_authenticated or self._released:
@@ -129,6 +159,9 @@ class Admission:
             client=self.address,
             seconds=self._limits.caps.preauth_timeout,
         )
+        self._close()
+
+    def _close(self) -> None:
         closer = self.on_expire or self.close_now
         if closer is not None:
             closer()
@@ -145,23 +178,31 @@ class ConnectionLimits:
         self._schedule = schedule
         self.unauthenticated = 0
         self.authenticated = 0
-        self._per_address: dict[tuple[str, str], int] = {}
+        # Per (kind, address): its not-logged-in connections, oldest first.
+        self._waiting: dict[tuple[str, str], dict[Admission, None]] = {}
 
     def admit(self, kind: str, address: str) -> Admission | str:
         """An :class:`Admission` with its deadline running, or why not: ``"address"`` (this
-        address holds its share of unauthenticated connections) or ``"total"``."""
+        address holds its share of unauthenticated connections, none of which can be closed
+        to make room) or ``"total"``. At the per-address cap the address's oldest connection
+        that has not logged in is evicted for the newcomer."""
         key = (kind, address)
         caps = self.caps
-        if self._per_address.get(key, 0) >= caps.per_address:
+        waiting = self._waiting.get(key, {})
+        if len(waiting) >= caps.per_address:
+            oldest = next((one for one in waiting if one.closable), None)
+            if oldest is not None:
+                oldest.evict()
+        if len(self._waiting.get(key, {})) >= caps.per_address:
             reason = "address"
         elif min(caps.unauthenticated, caps.connections - self.authenticated) <= (
             self.unauthenticated
         ):
             reason = "total"
         else:
-            self._per_address[key] = self._per_address.get(key, 0) + 1
             self.unauthenticated += 1
             admission = Admission(self, kind, address)
+            self._waiting.setdefault(key, {})[admission] = None
             schedule = self._schedule or asyncio.get_running_loop().call_later
             admission.start_deadline(schedule, caps.preauth_timeout)
             metrics.connection_opened(kind)
@@ -193,8 +234,7 @@ class ConnectionLimits:
     def _leave_unauthenticated(self, admission: Admission) -> None:
         key = (admission.kind, admission.address)
         self.unauthenticated -= 1
-        left = self._per_address[key] - 1
-        if left:
-            self._per_address[key] = left
-        else:
-            del self._per_address[key]
+        waiting = self._waiting[key]
+        del waiting[admission]
+        if not waiting:
+            del self._waiting[key]

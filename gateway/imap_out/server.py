@@ -73,7 +73,10 @@ class _GatewayIMAP4Server(CompatIMAP4Server):
     def _preauth_expired(self) -> None:
         seconds = self.admission.deadline_seconds
         self.sendUntaggedResponse(
-            b"BYE Timeout: no login within %g seconds of connecting" % seconds
+            b"BYE Too many connections from your address that have not logged in: closing "
+            b"the oldest, this one"
+            if self.admission.evicted
+            else b"BYE Timeout: no login within %g seconds of connecting" % seconds
         )
         self.transport.loseConnection()
 

@@ -83,7 +83,14 @@ class GatewayPOP3(Protocol, TimeoutMixin):
 
     def _preauth_expired(self) -> None:
         seconds = self.admission.deadline_seconds
-        self.transport.write(err(b"Timeout: no login within %g seconds of connecting" % seconds))
+        self.transport.write(
+            err(
+                b"[SYS/TEMP] Too many connections from your address that have not logged in: "
+                b"closing the oldest, this one"
+                if self.admission.evicted
+                else b"Timeout: no login within %g seconds of connecting" % seconds
+            )
+        )
         self.transport.loseConnection()
 
     # ---- dispatch: no exception may reach Twisted (it would drop the connection)

@@ -145,11 +145,13 @@ class GatewaySMTP(SMTP):
             self._admission.authenticated()
 
     def _preauth_expired(self) -> None:
-        """The total pre-login deadline passed: say so (RFC 5321 4.5.3.2 allows 421) and close."""
+        """The total pre-login deadline passed, or a newer connection from the same address
+        took this one's place: say which (RFC 5321 4.5.3.2 allows 421) and close."""
         if self.transport is None:
             return
         seconds = self._admission.deadline_seconds
-        self.transport.write(f"{replies.preauth_timeout(seconds)}\r\n".encode())  # type: ignore[attr-defined]
+        goodbye = replies.EVICTED if self._admission.evicted else replies.preauth_timeout(seconds)
+        self.transport.write(f"{goodbye}\r\n".encode())  # type: ignore[attr-defined]
         self.transport.close()
 
     async def push(self, status: AnyStr) -> None:

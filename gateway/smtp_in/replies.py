@@ -19,6 +19,10 @@ TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try later"
 TOO_MANY_FROM_ADDRESS = (
     "421 4.7.0 Too many connections from your address that have not logged in, try later"
 )
+EVICTED = (
+    "421 4.7.0 Too many connections from your address that have not logged in: closing the "
+    "oldest, this one"
+)
 TLS_ALREADY_ACTIVE = "503 5.5.1 TLS is already active on this connection"
 INTERNAL_ERROR = "451 4.3.0 Internal error, please retry"
 SPOOL_UNAVAILABLE = "451 4.3.0 The gateway cannot queue the message right now, please retry later"

@@ -72,3 +72,25 @@ def test_the_total_unauthenticated_cap_leaves_room_for_logins() -> None:
     assert limits.admit("smtp", "10.0.1.1") == "total"
     admitted[0].authenticated()  # a login frees an unauthenticated place
     assert isinstance(limits.admit("smtp", "10.0.1.1"), Admission)
+
+
+def test_at_the_address_cap_the_oldest_idle_connection_makes_room() -> None:
+    """Every local program is 127.0.0.1: a newcomer closes the address's oldest connection that
+    has not logged in (told why), instead of being refused behind idle holders."""
+    limits = ConnectionLimits(size_caps(1024, 2, 30), schedule=_Timers())
+    closed: list[str] = []
+    first, second = limits.admit("smtp", "127.0.0.1"), limits.admit("smtp", "127.0.0.1")
+    assert isinstance(first, Admission) and isinstance(second, Admission)
+    first.on_expire = lambda: closed.append("first")
+    second.on_expire = lambda: closed.append("second")
+    third = limits.admit("smtp", "127.0.0.1")
+    assert isinstance(third, Admission)
+    assert closed == ["first"] and first.evicted and not second.evicted
+    assert limits.unauthenticated == 2
+    first.release()  # the protocol's own release after the close changes nothing
+    assert limits.unauthenticated == 2
+    # A connection that cannot be closed yet (no protocol attached) is not evicted: refused.
+    second.authenticated()
+    fourth = limits.admit("smtp", "127.0.0.1")
+    assert isinstance(fourth, Admission)
+    assert limits.admit("smtp", "127.0.0.1") == "address"  # third has no closer: nothing to evict
