@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import signal
 import sys
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 TOP = 30
 
@@ -36,18 +36,11 @@ def trim() -> None:
 def main(config: str, frames: int) -> int:
     if frames:
         tracemalloc.start(frames)
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import asyncio
 
-    from gateway.runtime import new_loop_with_reactor
+    from _child import run_gateway
 
-    loop = new_loop_with_reactor()
-    from gateway.app import Gateway
-    from gateway.config import load_settings
-    from gateway.logs import configure_logging
-
-    settings = load_settings(Path(config))
-    configure_logging(settings.logging.level, settings.logging.format)
     snapshots: list[tracemalloc.Snapshot] = []
     ignore = (tracemalloc.Filter(False, tracemalloc.__file__),)
 
@@ -67,7 +60,7 @@ def main(config: str, frames: int) -> int:
             "total": sum(s.size_diff for s in new.compare_to(old, "filename")),
         }
 
-    async def serve() -> None:
+    async def serve(loop: asyncio.AbstractEventLoop) -> None:
         reader = asyncio.StreamReader()
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
         while line := await reader.readline():
@@ -84,25 +77,12 @@ def main(config: str, frames: int) -> int:
             elif command == "diff":
                 say(**diff())
 
-    async def run() -> None:
-        stop = asyncio.Event()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        gateway = Gateway(settings)
-        await gateway.start()
-        commands = asyncio.create_task(serve())
+    async def beside(gateway: object, loop: asyncio.AbstractEventLoop) -> Any:
+        commands = asyncio.create_task(serve(loop))
         say(ready=True)
-        try:
-            await stop.wait()
-        finally:
-            commands.cancel()
-            await gateway.stop()
+        return commands.cancel
 
-    try:
-        loop.run_until_complete(run())
-    finally:
-        loop.close()
-    return 0
+    return run_gateway(config, beside)
 
 
 if __name__ == "__main__":

@@ -7,49 +7,22 @@ stall can only be observed from inside the process whose loop it is.
 
 from __future__ import annotations
 
-import signal
 import sys
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _child import run_gateway
 from _probe import Probe
 
 
-def main(config: str) -> int:
-    import asyncio
-
-    from gateway.runtime import new_loop_with_reactor
-
-    loop = new_loop_with_reactor()
-    from gateway.app import Gateway
-    from gateway.config import load_settings
-    from gateway.logs import configure_logging
-
-    settings = load_settings(Path(config))
-    configure_logging(settings.logging.level, settings.logging.format)
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        gateway = Gateway(settings)
-        await gateway.start()
-        probe = Probe()
-        await probe.start()
-        probe.say(ready=True, ports=gateway.ports)
-        try:
-            await stop.wait()
-        finally:
-            probe.stop()
-            await gateway.stop()
-
-    try:
-        loop.run_until_complete(run())
-    finally:
-        loop.close()
-    return 0
+async def _probe_beside(gateway: Any, loop: Any) -> Any:
+    probe = Probe()
+    await probe.start()
+    probe.say(ready=True, ports=gateway.ports)
+    return probe.stop
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(run_gateway(sys.argv[1], _probe_beside))
