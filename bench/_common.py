@@ -45,14 +45,19 @@ async def start_sandbox(state_dir: Path) -> tuple[Any, Any, Any]:
     return sandbox, app, user
 
 
+def smtp_only(smtp_port: int) -> dict[str, Any]:
+    """The listeners section of a benchmark gateway: the plain SMTP port, every other off."""
+    listeners: dict[str, Any] = {
+        f"{name}_port": None for name in ("smtps", "imap", "imaps", "pop3", "pop3s", "admin")
+    }
+    return {**listeners, "smtp_port": smtp_port}
+
+
 def gateway_config(sandbox: Any, app: Any, state_dir: Path, smtp_port: int) -> dict:
     """Only the plain SMTP listener (AUTH in clear is allowed from loopback by default)."""
     from gateway.passwords import hash_password
 
-    listeners: dict[str, Any] = {
-        f"{name}_port": None for name in ("smtps", "imap", "imaps", "pop3", "pop3s", "admin")
-    }
-    listeners["smtp_port"] = smtp_port
+    listeners = smtp_only(smtp_port)
     return {
         "state_dir": str(state_dir),
         "listeners": listeners,
@@ -220,10 +225,7 @@ def upstream_gateway_config(
     listener."""
     from gateway.passwords import hash_password
 
-    listeners: dict[str, Any] = {
-        f"{name}_port": None for name in ("smtps", "imap", "imaps", "pop3", "pop3s", "admin")
-    }
-    listeners["smtp_port"] = smtp_port
+    listeners = smtp_only(smtp_port)
     return {
         "state_dir": str(state_dir),
         "listeners": listeners,
