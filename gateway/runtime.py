@@ -63,11 +63,6 @@ def as_deferred(coro: Coroutine[Any, Any, T]) -> Any:
     return Deferred.fromFuture(asyncio.ensure_future(coro))
 
 
-async def wait_deferred(deferred: Any) -> Any:
-    """Await a Twisted Deferred from asyncio code (a bare ``await d`` fails inside a Task)."""
-    return await deferred.asFuture(asyncio.get_running_loop())
-
-
 class RunningListener:
     """A bound listening socket and how to close it; every frontend returns one of these."""
 
