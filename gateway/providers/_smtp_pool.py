@@ -89,6 +89,11 @@ class SessionPool:
         self.opened = 0  # sessions opened so far
         self.in_use = 0
 
+    @property
+    def open_sessions(self) -> int:
+        """Sessions open now: idle ones and those carrying a message."""
+        return len(self._idle) + self.in_use
+
     async def run(self, transaction: Callable[[Session], T]) -> T:
         """``transaction(session)`` in a worker thread on a pooled (or else new) session.
 
