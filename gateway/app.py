@@ -34,7 +34,7 @@ from .runtime import RunningListener, limits_from
 from .send_as import SendAsLearner
 from .smtp_in import server as smtp_server
 from .spool import FileSpool
-from .store import SecretBox, Stores, load_or_create_key, open_sqlite
+from .store import SecretBox, Stores, load_or_create_key, open_postgresql, open_sqlite
 
 log = get_logger(__name__)
 
@@ -80,8 +80,7 @@ class Gateway:
         settings = self.settings
         state_dir = settings.state_dir
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        key = await asyncio.to_thread(load_or_create_key, state_dir)
-        self.stores = await open_sqlite(state_dir, SecretBox(key))
+        self.stores = await open_stores(settings)
         try:
             await self._start_core()
             await self._start_listeners()
@@ -276,3 +275,17 @@ def _listen_failure(name: str, host: str, port: int, error: Exception) -> str:
         f"cannot listen on {host}:{port} for listeners.{name}_port: {reason}. "
         f"Stop whatever uses that port, or choose another port in the config."
     )
+
+
+async def open_stores(settings: Settings) -> Stores:
+    """The configured backend: PostgreSQL when ``store.url`` is set, else SQLite in state_dir.
+
+    The secret key comes from the same place either way (``GATEWAY_SECRET_KEY`` or the key file
+    in state_dir); on PostgreSQL every instance must have the same one (checked on open).
+    """
+    state_dir = settings.state_dir
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    box = SecretBox(await asyncio.to_thread(load_or_create_key, state_dir))
+    if settings.store.url is None:
+        return await open_sqlite(state_dir, box)
+    return await open_postgresql(settings.store.url.value, box, settings.store.pool_size)

@@ -111,6 +111,17 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_option(connect)
     connect.set_defaults(handler=_connect)
 
+    migrate = _command(
+        commands,
+        "migrate",
+        "Bring the state database's schema up to this version of the gateway.",
+        "With store.url (PostgreSQL, shared by several instances) instances never change the "
+        "schema themselves: run this once per upgrade, before starting the new version. "
+        "SQLite databases are also migrated by `gateway run` itself.",
+    )
+    _add_config_option(migrate)
+    migrate.set_defaults(handler=_migrate)
+
     _add_queue_command(commands)
 
     accounts = _command(
@@ -252,6 +263,49 @@ def _check_config(args: argparse.Namespace) -> int:
 
     for note in config_notes(settings):
         print(f"note: {note}")
+    if settings.store.url is not None:
+        return _check_store(settings.store.url.value)
+    return EXIT_OK
+
+
+def _check_store(url: str) -> int:
+    """Connect to the configured PostgreSQL and compare its schema with this version's."""
+    from .store import PgDatabase, StoreError, describe
+
+    async def check() -> None:
+        await (await PgDatabase.open(url, size=2)).close()
+
+    try:
+        asyncio.run(check())
+    except StoreError as error:
+        print(f"store: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"store: {describe(url)} reachable, schema current")
+    return EXIT_OK
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    settings = _load(args, serving=False)
+    if settings is None:
+        return EXIT_CONFIG
+    from .config import SecretUnavailable
+    from .store import StoreError, describe, migrate_postgresql
+
+    if settings.store.url is None:
+        return _with_broker(args, _sqlite_migrated, serving=False)
+    try:
+        url = settings.store.url.value
+        before, after = asyncio.run(migrate_postgresql(url))
+    except (StoreError, SecretUnavailable) as error:
+        print(f"gateway: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    state = "already current" if before == after else f"upgraded from version {before}"
+    print(f"gateway: {describe(url)} schema version {after} ({state})")
+    return EXIT_OK
+
+
+async def _sqlite_migrated(broker: Any) -> int:
+    print("gateway: the SQLite state database is at the current schema (opening it migrates it)")
     return EXIT_OK
 
 
@@ -292,14 +346,13 @@ def _with_broker(
     settings = _load(args, serving=serving)
     if settings is None:
         return EXIT_CONFIG
+    from .app import open_stores
     from .config import SecretUnavailable
     from .oauth import OAuthError, TokenBroker
-    from .store import SecretBox, StoreError, load_or_create_key, open_sqlite
+    from .store import StoreError
 
     async def main() -> int:
-        stores = await open_sqlite(
-            settings.state_dir, SecretBox(load_or_create_key(settings.state_dir))
-        )
+        stores = await open_stores(settings)
         try:
             return await job(TokenBroker(settings, stores.auth, stores.events))
         finally:

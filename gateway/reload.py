@@ -60,6 +60,7 @@ class RunningGateway(Protocol):
 # Settings fixed when the gateway starts, as (section, field or None for the whole section).
 RESTART_ONLY: tuple[tuple[str, str | None], ...] = (
     ("state_dir", None),
+    ("store", None),
     ("hostname", None),
     ("listeners", None),
     ("tls", None),

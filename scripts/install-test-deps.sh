@@ -17,7 +17,9 @@ PACKAGES=(
     libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl tmux
     chromium
     nginx-light
+    haproxy
     systemd
+    postgresql
 )
 
 say() { printf 'install-test-deps: %s\n' "$*"; }

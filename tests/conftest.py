@@ -20,6 +20,8 @@ import yaml
 
 from gateway.runtime import new_loop_with_reactor
 from mailgw_sandbox import Sandbox
+from mailgw_sandbox.postgres import INSTALL_HINT as PG_INSTALL_HINT
+from mailgw_sandbox.postgres import PostgresServer, postgres_bin
 from tests.helpers import base_config
 
 TESTS = Path(__file__).parent
@@ -96,3 +98,21 @@ def captured_log() -> Iterator[io.StringIO]:
     root.setLevel(saved[1])
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A private PostgreSQL on 127.0.0.1 for the session (initdb in a temporary directory).
+
+    Missing binaries fail the test rather than skip it: a green run means PostgreSQL ran.
+    """
+    if postgres_bin() is None:
+        pytest.fail(f"PostgreSQL is not installed: {PG_INSTALL_HINT}", pytrace=False)
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresServer) -> str:
+    """The URL of a new, empty database on the session's PostgreSQL (not migrated)."""
+    return postgres.new_database()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from .. import passwords
-from ._schema import Secret, field_info
+from ._schema import Secret, SecretUnavailable, field_info
 
 Provider = Literal["microsoft", "google", "upstream"]
 Security = Literal["none", "starttls", "tls"]
@@ -469,6 +469,34 @@ class SpoolSettings:
     )
 
 
+def check_store_url(url: Secret) -> str | None:
+    """Only PostgreSQL URLs; an unresolved ``{env:}`` is reported by the loader itself."""
+    try:
+        value = url.value
+    except SecretUnavailable:
+        return None
+    if value.startswith(("postgresql://", "postgres://")):
+        return None
+    return f"it is not a postgresql:// URL (from {url.source})"
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """Where the state lives. Without ``url``: SQLite in ``state_dir``, one instance. With a
+    PostgreSQL URL: the state (tokens, spool, INBOX views, sign-ins, login throttle) is shared
+    by every instance that names the same database (README "Several instances")."""
+
+    url: Secret | None = field_info(
+        None,
+        fix="postgresql://USER:PASSWORD@HOST:5432/DATABASE, the whole URL best given as "
+        "{env: GATEWAY_STORE_URL}; leave the store section out to keep SQLite",
+        check=check_store_url,
+    )
+    pool_size: int = field_info(
+        8, fix="database connections each instance keeps open (2-100)", check=in_range(2, 100)
+    )
+
+
 @dataclass(frozen=True)
 class LoggingSettings:
     level: Literal["debug", "info", "warning", "error"] = field_info(
@@ -501,6 +529,7 @@ class Settings:
     smtp: SmtpSettings = field_info(SmtpSettings())
     reading: ReadingSettings = field_info(ReadingSettings())
     spool: SpoolSettings = field_info(SpoolSettings())
+    store: StoreSettings = field_info(StoreSettings())
     admin: AdminSettings = field_info(AdminSettings())
     logging: LoggingSettings = field_info(LoggingSettings())
     accounts: tuple[AccountSettings, ...] = field_info(())

@@ -1,10 +1,11 @@
 """Durable gateway state, split by purpose: authorisations, the audit log, INBOX views.
 
 Each purpose has a narrow interface below (``AuthStore``, ``EventLog``, ``MailboxStore``) and
-callers take only the one they need, so another backend (PostgreSQL, for several gateway
-instances sharing one spool and token set) can implement them one by one. The SQLite backend
-keeps all three in one file over one connection (``_db.Database``); :func:`open_sqlite` builds
-them for the composition root (``gateway.app``) and the command line.
+callers take only the one they need. One implementation of each serves both backends, with the
+same SQL (``_sql``): SQLite, the embedded default, one file over one connection
+(``_db.Database``, :func:`open_sqlite`); and PostgreSQL, for several instances sharing one
+state (``_pg.PgDatabase``, :func:`open_postgresql`). ``Stores.coordination`` carries what
+exists once per cluster (locks, change notices; ``_coordination``), trivially local on SQLite.
 """
 
 from __future__ import annotations
@@ -15,26 +16,37 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
-from ._auth import SqliteAuthStore
+from ._auth import SqlAuthStore
+from ._coordination import Coordination, Leadership, LocalCoordination
 from ._crypto import KEY_ENV_VAR, SecretBox, StoreError, load_or_create_key
 from ._db import Database
-from ._events import SqliteEventLog
-from ._mailboxes import SqliteMailboxStore
+from ._events import SqlEventLog
+from ._mailboxes import SqlMailboxStore
+from ._pg import PgDatabase, describe
+from ._sql import Connection, SqlDatabase
 from ._types import AccountAuth, Event, MailboxState, MailboxUid
 
 __all__ = [
     "KEY_ENV_VAR",
     "AccountAuth",
     "AuthStore",
+    "Connection",
+    "Coordination",
     "Event",
     "EventLog",
+    "Leadership",
     "MailboxState",
     "MailboxStore",
     "MailboxUid",
+    "PgDatabase",
     "SecretBox",
+    "SqlDatabase",
     "StoreError",
     "Stores",
+    "describe",
     "load_or_create_key",
+    "migrate_postgresql",
+    "open_postgresql",
     "open_sqlite",
 ]
 
@@ -102,17 +114,85 @@ class MailboxStore(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Stores:
-    """One backend's stores, opened together; ``close`` ends them all (after queued calls)."""
+    """One backend's stores, opened together; ``close`` ends them all (after queued calls).
+
+    ``db`` is the backend itself, for the parts that keep their own tables on PostgreSQL (the
+    spool); ``backend`` is "sqlite" or "postgresql".
+    """
 
     auth: AuthStore
     events: EventLog
     mailboxes: MailboxStore
+    coordination: Coordination
+    db: SqlDatabase
+    backend: str
     close: Callable[[], Awaitable[None]]
 
 
 async def open_sqlite(state_dir: Path, box: SecretBox) -> Stores:
     """Open (or create and migrate) ``<state_dir>/gateway.db`` and the stores over it."""
     db = await Database.open(state_dir)
+    return _stores(db, box, LocalCoordination(), "sqlite")
+
+
+async def open_postgresql(url: str, box: SecretBox, pool_size: int = 8) -> Stores:
+    """Connect to a migrated PostgreSQL database (``gateway migrate``) and check the key.
+
+    Every instance must seal and open tokens with the same secret key: the first instance to
+    open the database leaves a sealed check value, and an instance whose key cannot open it is
+    refused here, before it could write tokens the others cannot read.
+    """
+    from ._pg_coordination import PgCoordination
+
+    db = await PgDatabase.open(url, pool_size)
+    try:
+        coordination = await PgCoordination.open(url)
+    except BaseException:
+        await db.close()
+        raise
+    stores = _stores(db, box, coordination, "postgresql")
+    try:
+        await _check_key(stores.auth, url)
+    except BaseException:
+        await stores.close()
+        raise
+    return stores
+
+
+async def migrate_postgresql(url: str) -> tuple[int, int]:
+    """Upgrade the PostgreSQL schema; (version before, version after)."""
+    return await PgDatabase.migrate(url)
+
+
+def _stores(db: SqlDatabase, box: SecretBox, coordination: Coordination, backend: str) -> Stores:
+    async def close() -> None:
+        try:
+            await coordination.close()
+        finally:
+            await db.close()
+
     return Stores(
-        SqliteAuthStore(db, box), SqliteEventLog(db), SqliteMailboxStore(db, box), db.close
+        SqlAuthStore(db, box),
+        SqlEventLog(db),
+        SqlMailboxStore(db, box),
+        coordination,
+        db,
+        backend,
+        close,
     )
+
+
+_KEY_CHECK = "key-check"
+
+
+async def _check_key(auth: AuthStore, url: str) -> None:
+    try:
+        found = await auth.get_secret(_KEY_CHECK)
+    except StoreError:
+        raise StoreError(
+            f"this instance's secret key does not match the one the tokens in {describe(url)} "
+            f"were sealed with: give every instance the same key ({KEY_ENV_VAR}, or the same "
+            "secret.key file in each state directory)"
+        ) from None
+    if found is None:
+        await auth.put_secret(_KEY_CHECK, b"gateway")

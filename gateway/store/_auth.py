@@ -1,5 +1,5 @@
 """What the token broker keeps: accounts' provider authorisations, one-time consent links,
-settings and encrypted secrets (the SQLite implementation of ``AuthStore``).
+settings and encrypted secrets (``AuthStore`` over either SQL backend).
 
 Token material and secrets are sealed with the :class:`SecretBox` before they reach SQL, each
 bound to its row's name, so a ciphertext copied onto another row does not decrypt.
@@ -7,11 +7,11 @@ bound to its row's name, so a ciphertext copied onto another row does not decryp
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import datetime
 
 from ._crypto import SecretBox
-from ._db import Database, Row, now_text, parse_time, time_text
+from ._db import Row, now_text, parse_time, time_text
+from ._sql import Connection, SqlDatabase
 from ._types import AccountAuth
 
 _AUTH_SELECT = (
@@ -20,10 +20,10 @@ _AUTH_SELECT = (
 )
 
 
-class SqliteAuthStore:
+class SqlAuthStore:
     """Authorisations, consent links, settings and secrets in the state database."""
 
-    def __init__(self, db: Database, box: SecretBox) -> None:
+    def __init__(self, db: SqlDatabase, box: SecretBox) -> None:
         self._db = db
         self._box = box
 
@@ -120,7 +120,7 @@ class SqliteAuthStore:
     async def use_consent_link(self, token_hash: str, now: datetime) -> str | None:
         """Spend a consent link: return its account once, if unused and unexpired; else None."""
 
-        def spend(conn: sqlite3.Connection) -> str | None:
+        def spend(conn: Connection) -> str | None:
             account = _live_link(conn, token_hash, now)
             if account is None:
                 return None
@@ -133,7 +133,7 @@ class SqliteAuthStore:
         return await self._db.run(spend)
 
 
-def _live_link(conn: sqlite3.Connection, token_hash: str, now: datetime) -> str | None:
+def _live_link(conn: Connection, token_hash: str, now: datetime) -> str | None:
     """The account of the link if it is unused and unexpired at *now*."""
     row = conn.execute(
         "SELECT account, expires_at FROM consent_links WHERE token_hash = ? AND used_at IS NULL",

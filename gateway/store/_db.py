@@ -26,6 +26,7 @@ from typing import Any, Self, TypeVar
 
 from ._crypto import StoreError
 from ._migrations import migrate, transaction
+from ._sql import Row
 
 DB_FILE_NAME = "gateway.db"
 BUSY_TIMEOUT_SECONDS = 5.0
@@ -33,7 +34,6 @@ _MIN_SQLITE = (3, 24, 0)  # INSERT ... ON CONFLICT DO UPDATE
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 _T = TypeVar("_T")
-Row = tuple[Any, ...]
 
 # (prefixes of SQLite's error name, what the operator should check)
 _ERROR_HINTS: tuple[tuple[tuple[str, ...], str], ...] = (

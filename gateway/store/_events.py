@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from ._db import Database, now_text
+from ._db import now_text
+from ._sql import SqlDatabase
 from ._types import Event
 
 
-class SqliteEventLog:
+class SqlEventLog:
     """Audit events in the state database's ``events`` table."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: SqlDatabase) -> None:
         self._db = db
 
     async def record_event(

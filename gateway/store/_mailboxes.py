@@ -7,21 +7,21 @@ cursor, so a crash never leaves a map that disagrees with the cursor it was sync
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from ._crypto import SecretBox
-from ._db import Database, now_text, time_text
+from ._db import now_text, time_text
+from ._sql import Connection, SqlDatabase
 from ._types import MailboxState, MailboxUid
 
 _SQL_PARAMETER_CHUNK = 500  # under SQLite's bound-parameter limit
 
 
-class SqliteMailboxStore:
+class SqlMailboxStore:
     """UID maps and stored headers in the state database."""
 
-    def __init__(self, db: Database, box: SecretBox) -> None:
+    def __init__(self, db: SqlDatabase, box: SecretBox) -> None:
         self._db = db
         self._box = box
 
@@ -59,15 +59,16 @@ class SqliteMailboxStore:
         """
         box = self._box
 
-        def save(conn: sqlite3.Connection) -> None:
+        def save(conn: Connection) -> None:
             rows = [  # sealed on the worker thread: a warm-up saves thousands at once
                 (account, pid, box.encrypt(header, _header_context(account, pid)), account, pid)
                 for pid, header in headers.items()
             ]
             conn.executemany(
-                "INSERT OR REPLACE INTO mailbox_headers (account, provider_id, header) "
+                "INSERT INTO mailbox_headers (account, provider_id, header) "
                 "SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM mailbox_uids "
-                "WHERE account = ? AND provider_id = ?)",
+                "WHERE account = ? AND provider_id = ?) "
+                "ON CONFLICT (account, provider_id) DO UPDATE SET header = excluded.header",
                 rows,
             )
 
@@ -79,7 +80,7 @@ class SqliteMailboxStore:
         """The stored headers of these messages; ids without one are left out."""
         box = self._box
 
-        def load(conn: sqlite3.Connection) -> dict[str, bytes]:
+        def load(conn: Connection) -> dict[str, bytes]:
             found = _load_headers(conn, account, list(provider_ids))
             return {
                 pid: box.decrypt(sealed, _header_context(account, pid))
@@ -93,9 +94,7 @@ def _header_context(account: str, provider_id: str) -> str:
     return f"mailbox-header:{account}:{provider_id}"
 
 
-def _load_mailbox(
-    conn: sqlite3.Connection, account: str
-) -> tuple[MailboxState | None, list[MailboxUid]]:
+def _load_mailbox(conn: Connection, account: str) -> tuple[MailboxState | None, list[MailboxUid]]:
     row = conn.execute(
         "SELECT uidvalidity, uidnext, sync_cursor FROM mailbox_state WHERE account = ?",
         (account,),
@@ -122,9 +121,7 @@ def _load_mailbox(
     return MailboxState(row[0], row[1], row[2]), entries
 
 
-def _load_headers(
-    conn: sqlite3.Connection, account: str, provider_ids: Sequence[str]
-) -> dict[str, bytes]:
+def _load_headers(conn: Connection, account: str, provider_ids: Sequence[str]) -> dict[str, bytes]:
     found: dict[str, bytes] = {}
     for start in range(0, len(provider_ids), _SQL_PARAMETER_CHUNK):
         chunk = provider_ids[start : start + _SQL_PARAMETER_CHUNK]
@@ -140,7 +137,7 @@ def _load_headers(
 
 
 def _save_mailbox(
-    conn: sqlite3.Connection,
+    conn: Connection,
     account: str,
     state: MailboxState | None,
     added: Sequence[MailboxUid],

@@ -25,10 +25,10 @@ from gateway.store import (
     _db,
     open_sqlite,
 )
-from gateway.store._auth import SqliteAuthStore
+from gateway.store._auth import SqlAuthStore
 from gateway.store._db import Database
-from gateway.store._events import SqliteEventLog
-from gateway.store._mailboxes import SqliteMailboxStore
+from gateway.store._events import SqlEventLog
+from gateway.store._mailboxes import SqlMailboxStore
 from gateway.store._migrations import MIGRATIONS, Migration, check_sequence, migrate
 
 KEY = bytes(range(32))
@@ -78,9 +78,9 @@ async def test_open_creates_private_state_dir(tmp_path: Path, box: SecretBox) ->
 def test_sqlite_stores_implement_their_interfaces() -> None:
     """Each SQLite store offers every method of its Protocol, with the same parameters."""
     for protocol, implementation in (
-        (AuthStore, SqliteAuthStore),
-        (EventLog, SqliteEventLog),
-        (MailboxStore, SqliteMailboxStore),
+        (AuthStore, SqlAuthStore),
+        (EventLog, SqlEventLog),
+        (MailboxStore, SqlMailboxStore),
     ):
         wanted = {n for n in vars(protocol) if not n.startswith("_")}
         offered = {n for n in vars(implementation) if not n.startswith("_")}
@@ -222,7 +222,7 @@ async def test_migrates_older_database(tmp_path: Path, box: SecretBox) -> None:
     db = await Database.open(tmp_path)
     try:
         assert db.schema_version == len(MIGRATIONS)
-        auth, events = SqliteAuthStore(db, box), SqliteEventLog(db)
+        auth, events = SqlAuthStore(db, box), SqlEventLog(db)
         assert await auth.get_setting("mode") == "run"
         await events.record_event("runtime.start")
         assert [e.kind for e in await events.recent_events()] == ["runtime.start"]
@@ -407,7 +407,7 @@ async def test_sql_runs_on_one_dedicated_thread(db: Database) -> None:
 
 async def test_stores_share_one_connection(db: Database, box: SecretBox) -> None:
     """A write through one purpose store is visible at once through the others' connection."""
-    auth, events = SqliteAuthStore(db, box), SqliteEventLog(db)
+    auth, events = SqlAuthStore(db, box), SqlEventLog(db)
     await auth.set_setting("mode", "run")
     await events.record_event("tick")
     (count,) = await db.fetch_one("SELECT COUNT(*) FROM settings") or (0,)
