@@ -241,6 +241,7 @@ class Delivered:
     arrived: int  # messages in Dovecot from this round (more than submitted = duplicates)
     sessions: list[int]  # Postfix smtpd sessions that carried messages: messages each
     waits: list[tuple[str, float]] = field(default_factory=list)  # gateway: c.queue_waits
+    found: int = 0  # gateway: messages its spool found only by a rescan (c.rescan_found)
 
     @property
     def rate(self) -> float | None:
@@ -336,6 +337,7 @@ async def _gateway_upstream_round(
     result.sessions = c.postfix_sessions(postfix.log_file, log_start)
     log_text = (work_dir / "gateway.log").read_text(errors="replace")
     result.waits = c.queue_waits(log_text)
+    result.found = c.rescan_found(log_text)
     return result
 
 
@@ -423,6 +425,7 @@ def _report_upstream(
             print(f"median delivered, {name}: a round did not deliver all within --timeout")
     for number, trio in enumerate(rounds, 1):
         print(f"gateway → Postfix round {number}: {c.queue_wait_summary(trio[1].waits)}")
+        print(f"gateway → Postfix round {number}: found only by a rescan: {trio[1].found}")
     for trio in rounds:
         for r in trio:
             for error in r.submitted.errors[:3]:
@@ -538,6 +541,7 @@ def _report_accept(
             f"duplicates in Sent: {g.duplicates}"
         )
         print(f"round {number} {c.queue_wait_summary(c.queue_waits(g.log_text))}")
+        print(f"round {number} found only by a rescan: {c.rescan_found(g.log_text)} messages")
     for label, runs in (("sink", sinks), ("gateway", rounds)):
         for r in runs:
             for error in r.errors[:5]:

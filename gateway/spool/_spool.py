@@ -121,6 +121,8 @@ class FileSpool:
             self.files.forget_batch, "spool-forgetter"
         )
         self._busy: set[str] = set()
+        self._arriving: set[str] = set()  # committed to disk, not yet tracked by submit
+        self.found_by_rescan = 0  # messages the worker had lost track of (see _rescan)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._slots: dict[str, tuple[int, asyncio.Semaphore]] = {}  # account → (size, slots)
         self._next_slot: dict[str, float] = {}
@@ -168,10 +170,13 @@ class FileSpool:
             incoming = message
         incoming.finish()
         record = Record(incoming.id, envelope, incoming.message_id, incoming.size)
+        self._arriving.add(record.id)  # a listing may see it before it is tracked below
         try:
             await self._committer.commit(record, incoming)
         except OSError as error:
             raise SpoolError(f"cannot store the message: {error.strerror or error}") from error
+        finally:
+            self._arriving.discard(record.id)  # no await from here until it is tracked
         self.intake_seen(time.monotonic())
         queued = SubmitResult(f"250 2.0.0 Ok: queued as {record.id}", record.id)
         if record.size >= LARGE:  # what receiving it took, trimmed without delaying the 250
@@ -337,12 +342,28 @@ class FileSpool:
         for queue_id in list(self._records):
             if queue_id not in on_disk and self._settled(queue_id, started):
                 del self._records[queue_id]
+        if self._runner is not None:  # the worker runs: it should already know every message
+            self._report_found(on_disk, started)
         for queue_id, record in on_disk.items():
             if self._settled(queue_id, started):
                 self._records[queue_id] = record
         for queue_id, touched in list(self._touched.items()):
             if touched < started:  # this listing came after that change: the disk knows it
                 del self._touched[queue_id]
+
+    def _report_found(self, on_disk: Mapping[str, Record], listing_started: int) -> None:
+        """Count and log messages on disk the worker did not know: each of them waited for
+        this rescan (issue 13's goal is that none does; the benchmarks print the count)."""
+        found = [
+            queue_id
+            for queue_id in on_disk
+            if queue_id not in self._records
+            and queue_id not in self._arriving
+            and self._settled(queue_id, listing_started)
+        ]
+        if found:
+            self.found_by_rescan += len(found)
+            log.warning("spool.rescan_found", count=len(found), queue_ids=found[:10])
 
     def _settled(self, queue_id: str, listing_started: int) -> bool:
         """Not in flight, and not changed in memory since the listing that began then."""

@@ -543,6 +543,37 @@ async def test_messages_committed_during_a_rescan_listing_go_at_once(tmp_path: P
         await spool.stop()
 
 
+async def test_the_rescan_counts_messages_the_worker_did_not_know(tmp_path: Path) -> None:
+    """Issue 13's burst figure: a message only a rescan finds waited for it. One committed
+    behind the worker's back (another spool on the same directory) is counted and logged; one
+    whose commit is on disk but whose submit has not yet tracked it is not."""
+    sender = Scripted()
+    spool = make(tmp_path, sender, rescan_interval=3600.0, max_in_flight=0)  # nothing leaves
+    await spool.start()
+    try:
+        commit_batch = spool.files.commit_batch
+        written = Gate()
+
+        def held_after_writing(batch):  # type: ignore[no-untyped-def]
+            results = commit_batch(batch)
+            written.hold()
+            return results
+
+        spool.files.commit_batch = held_after_writing  # type: ignore[method-assign]
+        arriving = asyncio.create_task(spool.submit(envelope(), RAW))
+        await written.reached()
+        lost = (await make(tmp_path, sender).submit(envelope(), RAW)).queue_id
+        await spool._rescan()  # lists both: the arriving one is on disk already
+        assert spool.found_by_rescan == 1 and lost in {r.id for r in spool.messages()}
+        written.opened.set()
+        await arriving
+        await spool._rescan()  # all known now: nothing more found
+        assert spool.found_by_rescan == 1 and len(spool.messages()) == 2
+    finally:
+        written.opened.set()
+        await spool.stop()
+
+
 async def test_a_rescan_does_not_bring_back_a_message_sent_during_its_listing(
     tmp_path: Path,
 ) -> None:
