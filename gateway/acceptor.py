@@ -7,6 +7,13 @@ that made 72 MB of log in 50 s. Here one accept loop serves asyncio and Twisted 
 it asks :class:`~gateway.admission.ConnectionLimits` before any protocol is built (over-cap
 connections get the protocol's one-line refusal and are closed at once), and on EMFILE/ENFILE it
 stops reading the listening socket for :data:`PAUSE_SECONDS`, logging one line per incident.
+
+On a listener that speaks the PROXY protocol (SMTP, IMAP and POP3, plain and implicit TLS, not the
+admin page), a connection from one of ``listeners.proxy_protocol_from`` must start with a PROXY
+header: it is read here, under the pre-login deadline and before any greeting or TLS handshake,
+and the client address it names is the connection's address from then on (the per-address cap,
+the login gate, the logs, the Received header). A connection from any other address is handed
+over as it is: a header it sends is then a bad command to the protocol, never trusted.
 """
 
 from __future__ import annotations
@@ -17,8 +24,9 @@ import resource
 import socket
 from collections.abc import Callable
 
-from .admission import Admission, ConnectionLimits, IncidentLog
+from .admission import Admission, ConnectionLimits, IncidentLog, LoadBalancers
 from .logs import get_logger
+from .proxy_protocol import HeaderReader, ProxyHeader
 
 log = get_logger(__name__)
 
@@ -54,12 +62,17 @@ class Acceptor:
         limits: ConnectionLimits,
         refusals: dict[str, bytes],
         hand_over: HandOver,
+        proxy_protocol: bool = False,
     ) -> None:
         self.kind = kind
         self._sock = sock
         self._limits = limits
         self._refusals = refusals  # admission refusal reason -> bytes sent before closing
         self._hand_over = hand_over
+        # Whose connections begin with a PROXY header: nobody's on a listener without it.
+        self._load_balancers = limits.load_balancers if proxy_protocol else LoadBalancers()
+        # Connections still reading their PROXY header -> how to close one.
+        self._awaiting_header: dict[socket.socket, Callable[[], None]] = {}
         self._loop = asyncio.get_running_loop()
         self._retry: asyncio.TimerHandle | None = None
         self._closed = False
@@ -78,7 +91,8 @@ class Acceptor:
         self._loop.add_reader(self._sock.fileno(), self._accept_ready)
 
     def close(self) -> None:
-        """Stop accepting and close the listening socket (idempotent)."""
+        """Stop accepting, close the listening socket and the connections still waiting for
+        their PROXY header (idempotent)."""
         if self._closed:
             return
         self._closed = True
@@ -86,6 +100,8 @@ class Acceptor:
             self._retry.cancel()
         self._loop.remove_reader(self._sock.fileno())
         self._sock.close()
+        for abandon in list(self._awaiting_header.values()):
+            abandon()
 
     def _accept_ready(self) -> None:
         for _ in range(BATCH):
@@ -98,18 +114,76 @@ class Acceptor:
                     continue
                 self._pause(error)
                 return
-            self._admit(conn, str(peer[0]))
+            address = str(peer[0])
+            if self._load_balancers.include(address):
+                self._read_proxy_header(conn, address)
+            else:
+                self._admit(conn, address)
 
     def _admit(self, conn: socket.socket, address: str) -> None:
         admission = self._limits.admit(self.kind, address)
         if isinstance(admission, str):
             _refuse(conn, self._refusals.get(admission, b""))
             return
+        self._start(conn, admission)
+
+    def _read_proxy_header(self, conn: socket.socket, load_balancer: str) -> None:
+        """Admit the connection unplaced and read its header; a bad header, or none by the
+        pre-login deadline, closes it with a log line naming the peer."""
+        admission = self._limits.admit_unplaced(self.kind, load_balancer)
+        if isinstance(admission, str):
+            _refuse(conn, self._refusals.get(admission, b""))
+            return
+        conn.setblocking(False)
+
+        def done(header: ProxyHeader) -> None:
+            self._header_read(conn, admission, header)
+
+        def refuse(reason: str) -> None:
+            self.incidents.note(
+                "connections.proxy_header_refused",
+                f"{self.kind}:{load_balancer}",
+                listener=self.kind,
+                peer=load_balancer,
+                reason=reason,
+                detail="a connection from listeners.proxy_protocol_from must start with a "
+                "PROXY header (HAProxy: send-proxy or send-proxy-v2); closed",
+            )
+            abandon()
+
+        reader = HeaderReader(conn, done, refuse)
+
+        def abandon() -> None:
+            reader.stop()
+            self._awaiting_header.pop(conn, None)
+            admission.release()
+            conn.close()
+
+        seconds = admission.deadline_seconds
+        admission.close_now = lambda: refuse(f"no PROXY header within {seconds:g} s")
+        self._awaiting_header[conn] = abandon
+        reader.start()
+
+    def _header_read(self, conn: socket.socket, admission: Admission, header: ProxyHeader) -> None:
+        """The header named the client (or kept the balancer's address: UNKNOWN, LOCAL): place
+        the connection in that address's share and hand it over."""
+        self._awaiting_header.pop(conn, None)
+        admission.close_now = None
+        refusal = admission.place(header.client or admission.address)
+        if refusal is not None:
+            admission.release()
+            _refuse(conn, self._refusals.get(refusal, b""))
+            return
+        self._start(conn, admission)
+
+    def _start(self, conn: socket.socket, admission: Admission) -> None:
         conn.setblocking(False)
         try:
             self._hand_over(conn, admission)
         except Exception:
-            log.exception("connections.hand_over_failed", listener=self.kind, client=address)
+            log.exception(
+                "connections.hand_over_failed", listener=self.kind, client=admission.address
+            )
             admission.release()
             conn.close()
 

@@ -13,6 +13,11 @@ within milliseconds of connecting and is not the oldest for long. A login moves
 it to the *authenticated* pool, which unauthenticated connections can never eat into: they can
 hold at most ``unauthenticated`` of the process's ``connections`` file descriptors.
 
+Behind a TCP load balancer (:class:`LoadBalancers`) a connection is admitted before its PROXY
+header names the client (:meth:`ConnectionLimits.admit_unplaced`): it counts in the totals and
+its deadline runs, and it joins its client's per-address share once placed
+(:meth:`Admission.place`), so the balancer's own address never fills a share of its own.
+
 Refusals and timeouts are logged through :class:`IncidentLog`, one line per kind per minute, so a
 flood costs a few log lines, not one per socket.
 """
@@ -20,6 +25,7 @@ flood costs a few log lines, not one per socket.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,6 +85,29 @@ class IncidentLog:
         self._open[(event, key)] = [now, 0]
 
 
+class LoadBalancers:
+    """The addresses (``listeners.proxy_protocol_from``) whose connections start with a PROXY
+    header naming the real client; none by default. The config has validated the entries."""
+
+    def __init__(self, networks: tuple[str, ...] = ()) -> None:
+        self._networks = tuple(ipaddress.ip_network(one) for one in networks)
+
+    def __bool__(self) -> bool:
+        return bool(self._networks)
+
+    def include(self, address: str) -> bool:
+        """Whether a connection from ``address`` must begin with a PROXY header."""
+        if not self._networks:
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # a dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d
+        return any(ip in network for network in self._networks)
+
+
 class Admission:
     """One admitted connection's place in the pools; the protocol tells it when the client
     logged in (:meth:`authenticated`) and the connection ends (:meth:`release`)."""
@@ -89,6 +118,7 @@ class Admission:
         self._limits = limits
         self.is_authenticated = False
         self.evicted = False  # closed to make room for a newer connection from its address
+        self.placed = False  # in its address's share (from a load balancer: once the header came)
         self._released = False
         # The protocol's goodbye ("421 4.4.2 ...", "* BYE ...", "-ERR ...") and close; until a
         # protocol sets it, expiry just closes whatever close_now names.
@@ -103,6 +133,12 @@ class Admission:
 
     def start_deadline(self, schedule: Schedule, seconds: float) -> None:
         self._timer = schedule(seconds, self._expire)
+
+    def place(self, address: str) -> str | None:
+        """A load balancer's header named the client: take its place in that address's share
+        (evicting the address's oldest idle connection at the cap, as :meth:`ConnectionLimits.
+        admit` does), or say why not (``"address"``); the caller then releases it."""
+        return self._limits._place(self, address)
 
     def authenticated(self) -> None:
         """The client logged in: leave the unauthenticated pool, stop the deadline."""
@@ -152,6 +188,9 @@ class Admission:
         self._timer = None
         if self.is_authenticated or self._released:
             return
+        if not self.placed:  # still reading a PROXY header: its closer logs why
+            self._close()
+            return
         self._limits.incidents.note(
             "connections.preauth_timeout",
             self.kind,
@@ -171,10 +210,15 @@ class ConnectionLimits:
     """The pools of every listener of one gateway process (file descriptors are per process)."""
 
     def __init__(
-        self, caps: Caps, schedule: Schedule | None = None, incidents: IncidentLog | None = None
+        self,
+        caps: Caps,
+        schedule: Schedule | None = None,
+        incidents: IncidentLog | None = None,
+        load_balancers: LoadBalancers | None = None,
     ) -> None:
         self.caps = caps
         self.incidents = incidents or IncidentLog()
+        self.load_balancers = load_balancers or LoadBalancers()
         self._schedule = schedule
         self.unauthenticated = 0
         self.authenticated = 0
@@ -186,27 +230,63 @@ class ConnectionLimits:
         address holds its share of unauthenticated connections, none of which can be closed
         to make room) or ``"total"``. At the per-address cap the address's oldest connection
         that has not logged in is evicted for the newcomer."""
-        key = (kind, address)
-        caps = self.caps
-        waiting = self._waiting.get(key, {})
-        if len(waiting) >= caps.per_address:
+        reason = self._make_room(kind, address) or self._total_full()
+        if reason:
+            self._refused(kind, address, reason)
+            return reason
+        admission = self._open(kind, address)
+        self._join(admission)
+        return admission
+
+    def admit_unplaced(self, kind: str, load_balancer: str) -> Admission | str:
+        """A connection from a load balancer, before its PROXY header names the client: counted
+        in the totals with its deadline running (the header must come before it passes), but in
+        no address's share until :meth:`Admission.place`. Refused only with ``"total"``."""
+        reason = self._total_full()
+        if reason:
+            self._refused(kind, load_balancer, reason)
+            return reason
+        return self._open(kind, load_balancer)
+
+    def _make_room(self, kind: str, address: str) -> str | None:
+        """At the cap, evict the address's oldest closable connection; "address" if still full."""
+        waiting = self._waiting.get((kind, address), {})
+        if len(waiting) >= self.caps.per_address:
             oldest = next((one for one in waiting if one.closable), None)
             if oldest is not None:
                 oldest.evict()
-        if len(self._waiting.get(key, {})) >= caps.per_address:
-            reason = "address"
-        elif min(caps.unauthenticated, caps.connections - self.authenticated) <= (
-            self.unauthenticated
-        ):
-            reason = "total"
-        else:
-            self.unauthenticated += 1
-            admission = Admission(self, kind, address)
-            self._waiting.setdefault(key, {})[admission] = None
-            schedule = self._schedule or asyncio.get_running_loop().call_later
-            admission.start_deadline(schedule, caps.preauth_timeout)
-            metrics.connection_opened(kind)
-            return admission
+        full = len(self._waiting.get((kind, address), {})) >= self.caps.per_address
+        return "address" if full else None
+
+    def _total_full(self) -> str | None:
+        caps = self.caps
+        room = min(caps.unauthenticated, caps.connections - self.authenticated)
+        return "total" if self.unauthenticated >= room else None
+
+    def _open(self, kind: str, address: str) -> Admission:
+        self.unauthenticated += 1
+        admission = Admission(self, kind, address)
+        schedule = self._schedule or asyncio.get_running_loop().call_later
+        admission.start_deadline(schedule, self.caps.preauth_timeout)
+        metrics.connection_opened(kind)
+        return admission
+
+    def _join(self, admission: Admission) -> None:
+        self._waiting.setdefault((admission.kind, admission.address), {})[admission] = None
+        admission.placed = True
+
+    def _place(self, admission: Admission, address: str) -> str | None:
+        if admission.placed or admission.is_authenticated:
+            raise RuntimeError("only a connection admitted unplaced is placed, once")
+        reason = self._make_room(admission.kind, address)
+        if reason:
+            self._refused(admission.kind, address, reason)
+            return reason
+        admission.address = address
+        self._join(admission)
+        return None
+
+    def _refused(self, kind: str, address: str, reason: str) -> None:
         self.incidents.note(
             "connections.refused",
             f"{kind}:{reason}",
@@ -218,7 +298,6 @@ class ConnectionLimits:
             unauthenticated=self.unauthenticated,
             authenticated=self.authenticated,
         )
-        return reason
 
     def _moved_to_authenticated(self, admission: Admission) -> None:
         self._leave_unauthenticated(admission)
@@ -232,8 +311,10 @@ class ConnectionLimits:
             self._leave_unauthenticated(admission)
 
     def _leave_unauthenticated(self, admission: Admission) -> None:
-        key = (admission.kind, admission.address)
         self.unauthenticated -= 1
+        if not admission.placed:
+            return
+        key = (admission.kind, admission.address)
         waiting = self._waiting[key]
         del waiting[admission]
         if not waiting:

@@ -111,16 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_option(connect)
     connect.set_defaults(handler=_connect)
 
-    migrate = _command(
-        commands,
-        "migrate",
-        "Bring the state database's schema up to this version of the gateway.",
-        "With store.url (PostgreSQL, shared by several instances) instances never change the "
-        "schema themselves: run this once per upgrade, before starting the new version. "
-        "SQLite databases are also migrated by `gateway run` itself.",
-    )
-    _add_config_option(migrate)
-    migrate.set_defaults(handler=_migrate)
+    _add_migrate_command(commands)
 
     _add_queue_command(commands)
 
@@ -144,6 +135,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     hasher.set_defaults(handler=_hash_password)
     return parser
+
+
+def _add_migrate_command(commands: Any) -> None:
+    """``gateway migrate``."""
+    migrate = _command(
+        commands,
+        "migrate",
+        "Bring the state database's schema up to this version of the gateway.",
+        "With store.url (PostgreSQL, shared by several instances) instances never change the "
+        "schema themselves: run this once per upgrade, before starting the new version. "
+        "SQLite databases are also migrated by `gateway run` itself.",
+    )
+    _add_config_option(migrate)
+    migrate.set_defaults(handler=_migrate)
 
 
 def _add_queue_command(commands: Any) -> None:

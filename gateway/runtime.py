@@ -18,7 +18,7 @@ from twisted.internet.protocol import Factory  # no reactor either
 from zope.interface import implementer
 
 from .acceptor import Acceptor, HandOver, listening_socket, raise_open_file_limit
-from .admission import Admission, ConnectionLimits, size_caps
+from .admission import Admission, ConnectionLimits, LoadBalancers, size_caps
 from .logs import get_logger
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ def limits_from(settings: ListenerSettings, log_numbers: bool = True) -> Connect
             unauthenticated_per_address=caps.per_address,
             preauth_timeout_seconds=caps.preauth_timeout,
         )
-    return ConnectionLimits(caps)
+    return ConnectionLimits(caps, load_balancers=LoadBalancers(settings.proxy_protocol_from))
 
 
 async def listen(
@@ -137,13 +137,16 @@ async def listen(
     refusals: dict[str, bytes],
     hand_over: HandOver,
     close_connections: Callable[[], Awaitable[None]],
+    proxy_protocol: bool = False,
 ) -> RunningListener:
     """Listen through our accept loop (admission, EMFILE pauses); every frontend uses this.
 
     ``refusals`` maps an admission refusal ("address", "total") to the protocol's one line;
-    ``close_connections`` closes what is open when the listener stops.
+    ``close_connections`` closes what is open when the listener stops; ``proxy_protocol``: the
+    mail protocols' listeners read a PROXY header from ``listeners.proxy_protocol_from``.
     """
-    acceptor = Acceptor(kind, listening_socket(host, port), limits, refusals, hand_over)
+    sock = listening_socket(host, port)
+    acceptor = Acceptor(kind, sock, limits, refusals, hand_over, proxy_protocol)
     address = acceptor.address
     acceptor.start()
 
@@ -278,6 +281,7 @@ async def listen_twisted(
         {} if tls_context is not None else (refusals or {}),
         hand_over,
         close_connections,
+        proxy_protocol=True,
     )
 
 

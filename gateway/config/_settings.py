@@ -101,6 +101,16 @@ def check_state_dir(path: Path) -> str | None:
     return None
 
 
+def check_networks(entries: tuple[str, ...]) -> str | None:
+    """Each entry an IP address or a network in CIDR notation without host bits."""
+    for entry in entries:
+        try:
+            ipaddress.ip_network(entry)
+        except ValueError as error:
+            return f"{entry!r} is not an IP address or network ({error})"
+    return None
+
+
 PORT_FIX = "use a free TCP port number (1-65535), or null to turn this listener off"
 
 
@@ -133,6 +143,14 @@ class ListenerSettings:
         fix="connections not yet logged in that one client address may hold per protocol "
         "(SMTP, IMAP, POP3, admin page) at once (1-10000)",
         check=in_range(1, 10000),
+    )
+    proxy_protocol_from: tuple[str, ...] = field_info(
+        (),
+        fix="a list of the addresses or networks of your TCP load balancers, e.g. [127.0.0.1, "
+        "10.0.0.0/8] (a network without host bits: 10.0.0.0/8, not 10.0.0.1/8); connections "
+        "from them to the SMTP, IMAP and POP3 listeners must start with a PROXY protocol "
+        "header (HAProxy: send-proxy-v2), others must not. Leave it empty without one",
+        check=check_networks,
     )
 
     def ports(self) -> dict[str, int]:

@@ -109,7 +109,7 @@ class _GatewayIMAP4Server(CompatIMAP4Server):
         return caps
 
     def _cleartext_allowed(self) -> bool:
-        peer = self.transport.getPeer().host
+        peer = self.admission.address
         return plaintext_auth_allowed(self.factory.plaintext_auth, peer, tls_active=False)
 
     def do_LOGIN(self, tag: bytes, user: bytes, passwd: bytes) -> None:
@@ -188,7 +188,7 @@ class _GatewayIMAP4Server(CompatIMAP4Server):
         self._sign_in(tag, _text(chal.username or b""), _text(chal.password or b""))
 
     def _sign_in(self, tag: bytes, user: str, password: str) -> None:
-        client = self.transport.getPeer().host
+        client = self.admission.address
         deferred = as_deferred(self._open_account(user, password, client))
         deferred.addCallback(self._answer_login, tag)
         deferred.addErrback(self._login_failed, tag)
@@ -207,7 +207,7 @@ class _GatewayIMAP4Server(CompatIMAP4Server):
         if isinstance(outcome, bytes):
             self.sendNegativeResponse(tag, outcome)
             return
-        log.info("imap.login", account=outcome.name, client=self.transport.getPeer().host)
+        log.info("imap.login", account=outcome.name, client=self.admission.address)
         self.account = outcome
         self.state = "auth"
         self.setTimeout(self.POSTAUTH_TIMEOUT)

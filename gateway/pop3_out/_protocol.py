@@ -72,7 +72,7 @@ class GatewayPOP3(Protocol, TimeoutMixin):
         self.factory.connections.add(self, self.transport.loseConnection)
         self.admission.on_expire = self._preauth_expired
         self.secure = self.factory.implicit_tls
-        self.client = self.transport.getPeer().host
+        self.client = self.admission.address  # the PROXY header's client, if any
         self.transport.write(ok(GREETING))
         self.setTimeout(self.timeOut)
 

@@ -103,8 +103,9 @@ class GatewaySMTP(SMTP):
         return self._implicit_tls or (self.session is not None and self.session.ssl is not None)
 
     def peer_host(self) -> str:
-        assert self.session is not None and self.session.peer is not None
-        return str(self.session.peer[0])
+        """The client's address: the socket's peer, or the client a load balancer's PROXY
+        header named (gateway.acceptor), which the socket's peer would hide."""
+        return self._admission.address
 
     def may_offer_auth(self) -> bool:
         return plaintext_auth_allowed(
@@ -121,7 +122,7 @@ class GatewaySMTP(SMTP):
             if not self._front.has_room():
                 self._refused = True
                 self._admission.release()
-                log.warning("smtp.too_many_sessions", peer=transport.get_extra_info("peername"))
+                log.warning("smtp.too_many_sessions", client=self._admission.address)
                 transport.write(f"{replies.TOO_MANY_CONNECTIONS}\r\n".encode())  # type: ignore[attr-defined]
                 transport.close()
                 return

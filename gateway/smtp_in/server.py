@@ -76,7 +76,9 @@ async def serve(
         registry.close_all()
 
     refusals = {} if implicit_tls else _REFUSALS
-    return await listen(name, "smtp", host, port, limits, refusals, hand_over, close_connections)
+    return await listen(
+        name, "smtp", host, port, limits, refusals, hand_over, close_connections, proxy_protocol=True
+    )
 
 
 _REFUSALS = {
