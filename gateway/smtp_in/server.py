@@ -77,7 +77,15 @@ async def serve(
 
     refusals = {} if implicit_tls else _REFUSALS
     return await listen(
-        name, "smtp", host, port, limits, refusals, hand_over, close_connections, proxy_protocol=True
+        name,
+        "smtp",
+        host,
+        port,
+        limits,
+        refusals,
+        hand_over,
+        close_connections,
+        proxy_protocol=True,
     )
 
 

@@ -17,7 +17,8 @@ row    layer                 units (a top-level module, or a package with its su
 11     oauth                 ``oauth`` (tokens for the API providers, consent)
 12     listener plumbing     ``runtime`` (listeners, reactor, Deferred ⇄ coroutine)
 13                           ``acceptor`` (accept loop, descriptor limits)
-14                           ``admission`` (connection caps), ``outbound`` (TLS for clients)
+14                           ``admission`` (connection caps), ``outbound`` (TLS for clients),
+                             ``proxy_protocol`` (the PROXY header of a load balancer)
 15     store/config          ``store``, ``config``
 16     bottom                ``delivery`` (the delivery vocabulary), ``logs``, ``metrics``,
                              ``passwords``, ``tls``, ``cleartext``, the package ``__init__``
@@ -55,7 +56,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("oauth", frozenset({"oauth"})),
     ("listener plumbing", frozenset({"runtime"})),
     ("listener plumbing", frozenset({"acceptor"})),
-    ("listener plumbing", frozenset({"admission", "outbound"})),
+    ("listener plumbing", frozenset({"admission", "outbound", "proxy_protocol"})),
     ("store/config", frozenset({"store", "config"})),
     (
         "bottom",
