@@ -6,9 +6,13 @@ import asyncio
 import contextlib
 import imaplib
 import json
+import os
 import re
+import signal
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -252,3 +256,67 @@ def idling(client: imaplib.IMAP4) -> Iterator[Any]:
             if line.startswith(tag):
                 assert b"OK" in line, line
                 break
+
+
+HOST = "127.0.0.1"
+GMAIL_SCOPES = [
+    "https://www.googleapis.com/auth/gmail.send",
+    "https://www.googleapis.com/auth/gmail.readonly",
+]
+
+
+def connected_config(sandbox: Sandbox, tmp_path: Path) -> dict:
+    """A config wired to the sandbox whose accounts need no interactive consent: Microsoft
+    app-only (client credentials) and a Google service account with domain-wide delegation,
+    so a gateway started on it, in-process or as a subprocess, delivers at once."""
+    config, _ = sandbox_config(sandbox, tmp_path / "state")
+    app = sandbox.add_app("microsoft", app_permissions=("Mail.Send", "Mail.ReadWrite"))
+    config["microsoft"].update(
+        client_id=app.client_id, client_secret=app.client_secret, app_only=True
+    )
+    key_file = tmp_path / "service-account.json"
+    key_file.write_text(json.dumps(sandbox.google.add_service_account(GMAIL_SCOPES, sandbox.url)))
+    config["google"]["service_account_file"] = str(key_file)
+    return config
+
+
+class GatewayProcess:
+    """``python -m gateway run`` as a child process; its output goes to a file (a full pipe
+    would block it), which failing assertions show."""
+
+    def __init__(
+        self, config: Path, log: Path, smtp_port: int, env: dict[str, str] | None = None
+    ) -> None:
+        self.config, self.log, self.smtp_port = config, log, smtp_port
+        self.env = env  # e.g. the shared GATEWAY_SECRET_KEY of a cluster's instances
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self, within: float = 30.0) -> None:
+        with self.log.open("ab") as out:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "gateway", "run", "-c", str(self.config),
+                stdout=out, stderr=subprocess.STDOUT,
+                env=None if self.env is None else {**os.environ, **self.env},
+            )  # fmt: skip
+        deadline = time.monotonic() + within
+        while True:
+            assert self.process.returncode is None, self.output()
+            try:
+                _, writer = await asyncio.open_connection(HOST, self.smtp_port)
+            except OSError:
+                assert time.monotonic() < deadline, self.output()
+                await asyncio.sleep(0.1)
+                continue
+            writer.close()
+            return
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(signal.SIGKILL)
+
+    async def wait(self) -> int:
+        assert self.process is not None
+        return await asyncio.wait_for(self.process.wait(), 30)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]

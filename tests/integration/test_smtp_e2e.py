@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import email
-import json
 import os
 import signal
 import smtplib
@@ -39,6 +38,8 @@ from tests.helpers import (
     MS_ADDRESS,
     PASSWORD,
     AdminBrowser,
+    GatewayProcess,
+    connected_config,
     free_port,
     running_gateway,
     sandbox_config,
@@ -46,29 +47,10 @@ from tests.helpers import (
 
 HOST = "127.0.0.1"
 BIG = 10 * 1024 * 1024
-GMAIL_SCOPES = [
-    "https://www.googleapis.com/auth/gmail.send",
-    "https://www.googleapis.com/auth/gmail.readonly",
-]
 ADDRESS = {"crm": MS_ADDRESS, "scanner": GOOGLE_ADDRESS}
 
 
 # -- wiring ------------------------------------------------------------------------------------
-
-
-def connected_config(sandbox: Sandbox, tmp_path: Path) -> dict:
-    """A config wired to the sandbox whose accounts need no interactive consent: Microsoft
-    app-only (client credentials) and a Google service account with domain-wide delegation,
-    so a gateway started on it, in-process or as a subprocess, delivers at once."""
-    config, _ = sandbox_config(sandbox, tmp_path / "state")
-    app = sandbox.add_app("microsoft", app_permissions=("Mail.Send", "Mail.ReadWrite"))
-    config["microsoft"].update(
-        client_id=app.client_id, client_secret=app.client_secret, app_only=True
-    )
-    key_file = tmp_path / "service-account.json"
-    key_file.write_text(json.dumps(sandbox.google.add_service_account(GMAIL_SCOPES, sandbox.url)))
-    config["google"]["service_account_file"] = str(key_file)
-    return config
 
 
 @dataclass
@@ -413,44 +395,6 @@ async def test_throttling_outage_and_resets_during_a_burst_deliver_each_exactly_
 
 
 # -- SIGKILL in the middle of a burst of 500 -------------------------------------------------
-
-
-class GatewayProcess:
-    """``python -m gateway run`` as a child process; its output goes to a file (a full pipe
-    would block it), which failing assertions show."""
-
-    def __init__(self, config: Path, log: Path, smtp_port: int) -> None:
-        self.config, self.log, self.smtp_port = config, log, smtp_port
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def start(self, within: float = 30.0) -> None:
-        with self.log.open("ab") as out:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "gateway", "run", "-c", str(self.config),
-                stdout=out, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        deadline = time.monotonic() + within
-        while True:
-            assert self.process.returncode is None, self.output()
-            try:
-                _, writer = await asyncio.open_connection(HOST, self.smtp_port)
-            except OSError:
-                assert time.monotonic() < deadline, self.output()
-                await asyncio.sleep(0.1)
-                continue
-            writer.close()
-            return
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.send_signal(signal.SIGKILL)
-
-    async def wait(self) -> int:
-        assert self.process is not None
-        return await asyncio.wait_for(self.process.wait(), 30)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
 
 
 class Burst:
