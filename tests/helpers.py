@@ -9,10 +9,12 @@ import json
 import os
 import re
 import signal
+import smtplib
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -320,3 +322,35 @@ class GatewayProcess:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
+
+
+class Burst:
+    """Concurrent smtplib clients submitting numbered messages; records which got a 250 and
+    which were in doubt (DATA sent, no reply: the gateway may or may not have stored them)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.accepted: set[str] = set()
+        self.in_doubt: set[str] = set()
+        self.lock = threading.Lock()
+
+    def client(self, worker: int, workers: int, port: int) -> None:
+        address = {"crm": MS_ADDRESS, "scanner": GOOGLE_ADDRESS}
+        account = ("crm", "scanner")[worker % 2]
+        try:
+            with smtplib.SMTP(HOST, port, timeout=20) as client:
+                client.login(account, PASSWORD)
+                for n in range(worker, self.total, workers):
+                    message_id = f"<burst-{n}@crash.e2e.test>"
+                    data = (
+                        f"From: {address[account]}\r\nTo: alice@example.org\r\n"
+                        f"Subject: burst {n}\r\nMessage-ID: {message_id}\r\n\r\nmessage {n}\r\n"
+                    ).encode()
+                    with self.lock:
+                        self.in_doubt.add(message_id)
+                    client.sendmail(address[account], ["alice@example.org"], data)
+                    with self.lock:  # sendmail returned: the server answered 250 to DATA
+                        self.in_doubt.discard(message_id)
+                        self.accepted.add(message_id)
+        except (OSError, smtplib.SMTPException):
+            return  # the gateway was killed under us

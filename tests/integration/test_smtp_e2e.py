@@ -16,7 +16,6 @@ import smtplib
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -38,6 +37,7 @@ from tests.helpers import (
     MS_ADDRESS,
     PASSWORD,
     AdminBrowser,
+    Burst,
     GatewayProcess,
     connected_config,
     free_port,
@@ -395,37 +395,6 @@ async def test_throttling_outage_and_resets_during_a_burst_deliver_each_exactly_
 
 
 # -- SIGKILL in the middle of a burst of 500 -------------------------------------------------
-
-
-class Burst:
-    """Concurrent smtplib clients submitting numbered messages; records which got a 250 and
-    which were in doubt (DATA sent, no reply: the gateway may or may not have stored them)."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.accepted: set[str] = set()
-        self.in_doubt: set[str] = set()
-        self.lock = threading.Lock()
-
-    def client(self, worker: int, workers: int, port: int) -> None:
-        account = ("crm", "scanner")[worker % 2]
-        try:
-            with smtplib.SMTP(HOST, port, timeout=20) as client:
-                client.login(account, PASSWORD)
-                for n in range(worker, self.total, workers):
-                    message_id = f"<burst-{n}@crash.e2e.test>"
-                    data = (
-                        f"From: {ADDRESS[account]}\r\nTo: alice@example.org\r\n"
-                        f"Subject: burst {n}\r\nMessage-ID: {message_id}\r\n\r\nmessage {n}\r\n"
-                    ).encode()
-                    with self.lock:
-                        self.in_doubt.add(message_id)
-                    client.sendmail(ADDRESS[account], ["alice@example.org"], data)
-                    with self.lock:  # sendmail returned: the server answered 250 to DATA
-                        self.in_doubt.discard(message_id)
-                        self.accepted.add(message_id)
-        except (OSError, smtplib.SMTPException):
-            return  # the gateway was killed under us
 
 
 async def test_sigkill_in_a_burst_of_500_loses_and_duplicates_nothing(
