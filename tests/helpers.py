@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email
 import imaplib
 import json
 import os
@@ -16,16 +17,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from email import policy
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import pytest
 import yaml
 
 from gateway.passwords import hash_password
-from mailgw_sandbox import App, Sandbox
+from mailgw_sandbox import App, Sandbox, SentMessage
 
 PASSWORD = "correct horse battery"
 # A cheap hash (2**10) keeps the suite fast; production hashes use 2**15.
@@ -354,3 +358,27 @@ class Burst:
                         self.accepted.add(message_id)
         except (OSError, smtplib.SMTPException):
             return  # the gateway was killed under us
+
+
+def sent_of(sandbox: Sandbox, address: str) -> list[SentMessage]:
+    user = sandbox.directory.user(address)
+    assert user is not None
+    return list(sandbox.ops(user).sent(user))
+
+
+def parsed(raw: bytes) -> EmailMessage:
+    return email.message_from_bytes(raw, policy=policy.default)  # type: ignore[return-value]
+
+
+def message_ids(sent: list[SentMessage]) -> list[str]:
+    return [str(parsed(s.raw)["Message-ID"]).strip() for s in sent]
+
+
+async def until(check: Callable[[], bool], within: float, what: str | Callable[[], str]) -> None:
+    """Poll ``check`` on the loop (the gateway and the sandbox run on it) for a bounded time;
+    ``what`` (or what it returns, evaluated on failure) says what was awaited."""
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() >= deadline:
+            pytest.fail(f"not reached within {within} s: {what() if callable(what) else what}")
+        await asyncio.sleep(0.05)

@@ -9,7 +9,6 @@ throttling, outages, a SIGKILL and a revoked consent.
 from __future__ import annotations
 
 import asyncio
-import email
 import os
 import signal
 import smtplib
@@ -18,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from email import policy
 from email.message import EmailMessage
@@ -41,8 +40,12 @@ from tests.helpers import (
     GatewayProcess,
     connected_config,
     free_port,
+    message_ids,
+    parsed,
     running_gateway,
     sandbox_config,
+    sent_of,
+    until,
 )
 
 HOST = "127.0.0.1"
@@ -87,30 +90,6 @@ async def live(sandbox: Sandbox, tmp_path: Path) -> AsyncIterator[Live]:
     config = connected_config(sandbox, tmp_path)
     async with running_gateway(config, tmp_path / "c.yaml") as gateway:
         yield Live(gateway, sandbox)
-
-
-def sent_of(sandbox: Sandbox, address: str) -> list[SentMessage]:
-    user = sandbox.directory.user(address)
-    assert user is not None
-    return list(sandbox.ops(user).sent(user))
-
-
-def parsed(raw: bytes) -> EmailMessage:
-    return email.message_from_bytes(raw, policy=policy.default)  # type: ignore[return-value]
-
-
-def message_ids(sent: list[SentMessage]) -> list[str]:
-    return [str(parsed(s.raw)["Message-ID"]).strip() for s in sent]
-
-
-async def until(check: Callable[[], bool], within: float, what: str | Callable[[], str]) -> None:
-    """Poll ``check`` on the loop (the gateway and the sandbox run on it) for a bounded time;
-    ``what`` (or what it returns, evaluated on failure) says what was awaited."""
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() >= deadline:
-            pytest.fail(f"not reached within {within} s: {what() if callable(what) else what}")
-        await asyncio.sleep(0.05)
 
 
 async def delivered(live: Live, account: str, message_id: str, within: float = 15.0) -> SentMessage:
