@@ -16,6 +16,7 @@ import shutil
 import smtplib
 import socket
 import ssl
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from gateway import tls
 from mailgw_sandbox import Sandbox
 from mailgw_sandbox.upstream import INSTALL_HINT
 from tests.helpers import (
@@ -50,8 +52,8 @@ ROUTES = {
 
 
 def haproxy_config(ports: dict[str, int], gateway_ports: dict[str, int]) -> str:
-    """TCP mode, one frontend per route, no health checks (a check would be a connection
-    with a v2 LOCAL header, which the gateway accepts and closes at the deadline)."""
+    """TCP mode, one frontend per route; health checks every 200 ms, which HAProxy sends with
+    the server's PROXY option (v2: a LOCAL header; v1: the check's own addresses)."""
     text = """global
     maxconn 500
 defaults
@@ -65,7 +67,7 @@ defaults
     bind {HOST}:{ports[name]}
     default_backend gw_{name}
 backend gw_{name}
-    server gw1 {HOST}:{gateway_ports[listener]} {option}
+    server gw1 {HOST}:{gateway_ports[listener]} {option} check inter 200ms
 """
     return text
 
@@ -102,6 +104,9 @@ async def haproxy(directory: Path, gateway_ports: dict[str, int]) -> AsyncIterat
     finally:
         process.terminate()
         await process.wait()
+    assert process.stderr is not None
+    said = (await process.stderr.read()).decode()
+    assert " is DOWN" not in said, said  # the gateway passed every health check
 
 
 async def _until_listening(process: asyncio.subprocess.Process, port: int) -> None:
@@ -157,6 +162,26 @@ def _rest(sock: socket.socket) -> bytes:
         while chunk := sock.recv(4096):
             data += chunk
     return data
+
+
+# -- the README's example ---------------------------------------------------------------------
+
+
+def test_the_readmes_haproxy_cfg_is_valid(tmp_path: Path) -> None:
+    """``haproxy -c`` on the README's two-instance haproxy.cfg (its certificate made here)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### Behind a TCP load balancer (PROXY protocol)", 1)[1]
+    example = section.split("```haproxy\n", 1)[1].split("```", 1)[0]
+    assert "send-proxy-v2 check" in example  # the server options the tests below run with
+    pair = tls.create_ca_signed_pair(tmp_path, "proxy", "gateway.example.com")
+    pem = tmp_path / "gateway.pem"
+    pem.write_bytes(pair.cert.read_bytes() + pair.key.read_bytes())
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(example.replace("/etc/haproxy/gateway.example.com.pem", str(pem)))
+    check = subprocess.run(
+        ["haproxy", "-c", "-f", str(config)], capture_output=True, text=True, check=False
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 # -- the client's address reaches the gateway ------------------------------------------------
