@@ -182,6 +182,21 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def machine_jiffies() -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs so far, from /proc/stat: the difference of two
+    readings says how busy the whole machine was in between."""
+    with open("/proc/stat") as stat:
+        values = [int(v) for v in stat.readline().split()[1:9]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def busy_between(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Fraction of the machine's CPU time that was busy between two machine_jiffies()."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total else 0.0
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds used so far by a process (from /proc/<pid>/stat)."""
     with open(f"/proc/{pid}/stat") as stat:

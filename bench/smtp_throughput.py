@@ -65,6 +65,8 @@ class Round:
     started: float = 0.0
     finished: float = 0.0
     server_cpu: float = 0.0  # CPU seconds of the server's process during submission
+    machine_at_start: tuple[int, int] = (0, 0)  # c.machine_jiffies() when the clock started
+    machine_busy: float = 0.0  # --upstream: fraction of all cores busy until all delivered
     bench_cpu: float = 0.0  # CPU seconds of this process (clients, sandbox) during submission
 
     @property
@@ -150,6 +152,7 @@ async def run_clients(
 
     def go() -> None:
         cpu_before[:] = c.cpu_seconds(server_pid), c.cpu_seconds(os.getpid())
+        result.machine_at_start = c.machine_jiffies()
         result.started = time.perf_counter()
 
     barrier = threading.Barrier(clients, action=go)
@@ -269,6 +272,7 @@ async def delivered_round(
     result = await run_clients(name, port, messages, args.clients, args.timeout, pid, **login)
     expected = before + len(result.latencies)
     done = await _wait_delivered(dovecot, catchall, expected, args.timeout)
+    result.machine_busy = c.busy_between(result.machine_at_start, c.machine_jiffies())
     await asyncio.sleep(1.0)  # duplicates, if any, would show up meanwhile
     arrived = await asyncio.to_thread(dovecot.message_count, catchall) - before
     seconds = None if done is None else done - result.started
@@ -367,11 +371,14 @@ async def _drain_round(
     before = await asyncio.to_thread(dovecot.message_count, catchall)
     log_start = postfix.log_file.stat().st_size
     submitted = Round("spool drain")
+    cpu, machine = c.cpu_seconds(os.getpid()), c.machine_jiffies()
     submitted.started = time.perf_counter()
     await spool.start()
     try:
         done = await _wait_delivered(dovecot, catchall, before + args.messages, args.timeout)
     finally:
+        submitted.bench_cpu = c.cpu_seconds(os.getpid()) - cpu
+        submitted.machine_busy = c.busy_between(machine, c.machine_jiffies())
         await spool.stop()
         await sender.close()
     submitted.finished = time.perf_counter()
@@ -383,6 +390,14 @@ async def _drain_round(
         "gateway spool drain", submitted, seconds, arrived,
         c.postfix_sessions(postfix.log_file, log_start),
     )  # fmt: skip
+
+
+def _machine_ms(r: Delivered) -> float:
+    """The whole machine's busy CPU time per delivered message, in ms (every process: clients,
+    gateway, Postfix, Dovecot, and whatever else ran meanwhile)."""
+    if not r.seconds or not r.arrived:
+        return 0.0
+    return r.submitted.machine_busy * r.seconds * (os.cpu_count() or 1) / r.arrived * 1000
 
 
 def _summary(r: Delivered) -> str:
@@ -424,6 +439,16 @@ def _report_upstream(
         else:
             print(f"median delivered, {name}: a round did not deliver all within --timeout")
     for number, trio in enumerate(rounds, 1):
+        busy = ", ".join(
+            f"{r.name} {r.submitted.machine_busy:.0%} ({_machine_ms(r):.1f} ms of CPU per message)"
+            for r in trio
+        )
+        print(f"round {number}, machine busy until delivered ({os.cpu_count()} cores): {busy}")
+        drain = trio[2]
+        print(
+            f"spool drain round {number}: its process (the spool) used "
+            f"{drain.submitted.bench_cpu:.2f} s of CPU in {drain.seconds or 0:.2f} s"
+        )
         print(f"gateway → Postfix round {number}: {c.queue_wait_summary(trio[1].waits)}")
         print(f"gateway → Postfix round {number}: found only by a rescan: {trio[1].found}")
     for trio in rounds:

@@ -127,6 +127,7 @@ class FileSpool:
         self._slots: dict[str, tuple[int, asyncio.Semaphore]] = {}  # account → (size, slots)
         self._next_slot: dict[str, float] = {}
         self._releases: dict[str, int] = {}  # per account: how often it was released
+        self._held_accounts: set[str] = set()  # accounts that may have held mail (see release)
         self._paused: dict[str, float] = {}  # account → epoch until which the provider said wait
         self._throttles: dict[str, int] = {}  # account → throttles without Retry-After in a row
         self._probing: set[str] = set()  # accounts whose next request goes alone, after a pause
@@ -236,6 +237,11 @@ class FileSpool:
             if hold > 0.0:
                 await self._sleep(hold)
                 continue
+            if self._busy and self.max_in_flight - len(self._busy) < self._refill_at:
+                # Too few free places to be worth a pass over the whole queue: each pass sorts
+                # every waiting message, and one per finished send made a burst quadratic.
+                await self._sleep(self.rescan_interval - (time.monotonic() - last_scan))
+                continue
             now = time.time()
             waiting = [
                 r
@@ -268,6 +274,12 @@ class FileSpool:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(seconds, 0.0)):
                 await self._wake.wait()
+
+    @property
+    def _refill_at(self) -> int:
+        """Free in-flight places a pass waits for while sends are under way: a quarter of
+        ``max_in_flight`` (the account limits keep the rest waiting for a slot meanwhile)."""
+        return max(1, self.max_in_flight // 4)
 
     @property
     def holding_for_intake(self) -> bool:
@@ -347,6 +359,8 @@ class FileSpool:
         for queue_id, record in on_disk.items():
             if self._settled(queue_id, started):
                 self._records[queue_id] = record
+                if record.state == "held":
+                    self._held_accounts.add(record.envelope.account)
         for queue_id, touched in list(self._touched.items()):
             if touched < started:  # this listing came after that change: the disk knows it
                 del self._touched[queue_id]
@@ -580,8 +594,9 @@ class FileSpool:
     async def _hold(self, record: Record, reason: str) -> Outcome:
         record.state, record.reason = "held", reason
         record.next_attempt = time.time() + self.held_retry
-        await self._save(record)
         account = record.envelope.account
+        self._held_accounts.add(account)
+        await self._save(record)
         log.warning("spool.held", queue_id=record.id, account=account, then=held_hint(account))
         return "held"
 
@@ -627,6 +642,10 @@ class FileSpool:
         """
         self._releases[account] = self._releases.get(account, 0) + 1
         count = 0
+        if account not in self._held_accounts:  # every send calls this: no pass over the queue
+            self._wake.set()
+            return 0
+        self._held_accounts.discard(account)
         for record in list(self._records.values()):
             if record.envelope.account == account and record.state == "held":
                 record.state, record.next_attempt = "queued", 0.0

@@ -597,6 +597,70 @@ async def test_a_rescan_does_not_bring_back_a_message_sent_during_its_listing(
     assert spool.messages() == []
 
 
+class CountingRecords(dict):  # type: ignore[type-arg]
+    """The spool's record table, counting the passes made over it (``values()``)."""
+
+    passes = 0
+
+    def values(self):  # type: ignore[no-untyped-def, override]
+        self.passes += 1
+        return super().values()
+
+
+async def test_a_burst_costs_the_worker_linear_work_not_a_pass_per_send(tmp_path: Path) -> None:
+    """Issue 13: after every send the worker sorted the whole queue to start one more message,
+    and ``release`` walked it looking for held mail; a 5,000-message queue took the loop
+    quadratic time. Now a pass waits for a quarter of ``max_in_flight`` to be free, and a send
+    only walks the queue when its account may have held mail."""
+    messages = 400
+    sender = Scripted(latency=0.001)
+    spool = make(tmp_path, sender, rescan_interval=3600.0)
+    for _ in range(messages):
+        await spool.submit(envelope(), RAW)
+    await spool.start()
+    counted = CountingRecords(spool._records)
+    spool._records = counted
+    due_calls = 0
+    due = spool._due
+
+    def counting_due(record):  # type: ignore[no-untyped-def]
+        nonlocal due_calls
+        due_calls += 1
+        return due(record)
+
+    spool._due = counting_due  # type: ignore[method-assign]
+    try:
+        await until(lambda: len(sender.calls) == messages and spool.messages() == [], within=30)
+    finally:
+        await spool.stop()
+    # A pass per send: about messages**2 / 2 sort keys (80,000 here) and as many passes.
+    assert due_calls < messages * messages / 8
+    assert counted.passes < messages / 4
+
+
+async def test_held_mail_from_before_a_restart_is_released_by_a_send_of_its_account(
+    tmp_path: Path,
+) -> None:
+    """``release`` skips the queue for accounts with no held mail; mail held in an earlier run
+    (known only from disk) still counts as held mail of its account."""
+    first = make(tmp_path, Scripted(ReauthRequired("consent revoked")))
+    await first.start()
+    try:
+        await first.submit(envelope(), RAW)
+        await until(lambda: [r.state for r in first.messages()] == ["held"])
+    finally:
+        await first.stop()
+    sender = Scripted()
+    spool = make(tmp_path, sender, held_retry=3600.0)
+    await spool.start()
+    try:
+        await spool.submit(envelope(), RAW)
+        await until(lambda: spool.messages() == [])  # the new one went, then the held one
+    finally:
+        await spool.stop()
+    assert len(sender.calls) == 2
+
+
 class Holding(Scripted):
     """Holds every send until released; records the most of one account's sends at once."""
 
