@@ -34,7 +34,14 @@ from .runtime import RunningListener, limits_from
 from .send_as import SendAsLearner
 from .smtp_in import server as smtp_server
 from .spool import FileSpool
-from .store import SecretBox, Stores, load_or_create_key, open_postgresql, open_sqlite
+from .store import (
+    SecretBox,
+    StoreError,
+    Stores,
+    load_or_create_key,
+    open_postgresql,
+    open_sqlite,
+)
 
 log = get_logger(__name__)
 
@@ -80,7 +87,10 @@ class Gateway:
         settings = self.settings
         state_dir = settings.state_dir
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.stores = await open_stores(settings)
+        try:
+            self.stores = await open_stores(settings)
+        except StoreError as error:  # unreachable, unmigrated, another key: said, no traceback
+            raise StartError(str(error)) from None
         try:
             await self._start_core()
             await self._start_listeners()

@@ -19,7 +19,7 @@ from typing import Protocol
 from ._auth import SqlAuthStore
 from ._coordination import Coordination, Leadership, LocalCoordination
 from ._crypto import KEY_ENV_VAR, SecretBox, StoreError, load_or_create_key
-from ._db import Database
+from ._db import Database, now_text
 from ._events import SqlEventLog
 from ._mailboxes import SqlMailboxStore
 from ._pg import PgDatabase, describe
@@ -146,17 +146,12 @@ async def open_postgresql(url: str, box: SecretBox, pool_size: int = 8) -> Store
 
     db = await PgDatabase.open(url, pool_size)
     try:
-        coordination = await PgCoordination.open(url)
+        await _check_key(db, box, url)
+        coordination = await PgCoordination.open(url, pool_size)
     except BaseException:
         await db.close()
         raise
-    stores = _stores(db, box, coordination, "postgresql")
-    try:
-        await _check_key(stores.auth, url)
-    except BaseException:
-        await stores.close()
-        raise
-    return stores
+    return _stores(db, box, coordination, "postgresql")
 
 
 async def migrate_postgresql(url: str) -> tuple[int, int]:
@@ -183,16 +178,29 @@ def _stores(db: SqlDatabase, box: SecretBox, coordination: Coordination, backend
 
 
 _KEY_CHECK = "key-check"
+_KEY_CHECK_VALUE = b"gateway"
 
 
-async def _check_key(auth: AuthStore, url: str) -> None:
+async def _check_key(db: SqlDatabase, box: SecretBox, url: str) -> None:
+    """Leave a check value sealed with this key unless one is there, then open the one there.
+
+    Insert-if-absent, not a replace: of two first instances starting together with different
+    keys, the second's write must not overwrite the first's and let both in.
+    """
+    await db.execute(
+        "INSERT INTO secrets (name, ciphertext, updated_at) VALUES (?, ?, ?) "
+        "ON CONFLICT (name) DO NOTHING",
+        (_KEY_CHECK, box.encrypt(_KEY_CHECK_VALUE, _KEY_CHECK), now_text()),
+    )
+    row = await db.fetch_one("SELECT ciphertext FROM secrets WHERE name = ?", (_KEY_CHECK,))
+    assert row is not None, "inserted just above and never deleted"
     try:
-        found = await auth.get_secret(_KEY_CHECK)
-    except StoreError:
+        opened = box.decrypt(row[0], _KEY_CHECK) == _KEY_CHECK_VALUE
+    except StoreError:  # a failure of the database itself was raised by the calls above
+        opened = False
+    if not opened:
         raise StoreError(
             f"this instance's secret key does not match the one the tokens in {describe(url)} "
             f"were sealed with: give every instance the same key ({KEY_ENV_VAR}, or the same "
             "secret.key file in each state directory)"
-        ) from None
-    if found is None:
-        await auth.put_secret(_KEY_CHECK, b"gateway")
+        )

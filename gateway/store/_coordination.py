@@ -8,7 +8,8 @@ spool's wake-ups) are written once for both.
 Names are free text ("refresh:alice@example.com"); channels are short identifiers
 (``[a-z_]+``). A notice is also delivered to the instance that sent it, so a subscriber treats
 every notice the same way, whoever caused it. A subscriber called with ``None`` may have missed
-notices (the listening connection was lost and is back) and must re-read what it watches.
+notices (on PostgreSQL: the listening connection was lost and is back, or the channel has only
+just been listened to) and must re-read what it watches.
 """
 
 from __future__ import annotations
@@ -19,14 +20,27 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
+from ..logs import get_logger
+
+log = get_logger(__name__)
 Listener = Callable[[str | None], None]
 _CHANNEL = re.compile(r"[a-z_]{1,40}")
+# PostgreSQL's NOTIFY: "the payload string ... must be shorter than 8000 bytes". Enforced on
+# both backends, so a notice that SQLite would carry but PostgreSQL refuses fails in every test.
+MAX_PAYLOAD_BYTES = 7999
 
 
 def check_channel(channel: str) -> str:
     if not _CHANNEL.fullmatch(channel):
         raise ValueError(f"channel names are 1-40 of [a-z_], got {channel!r}")
     return channel
+
+
+def check_payload(payload: str) -> str:
+    size = len(payload.encode())
+    if size > MAX_PAYLOAD_BYTES:
+        raise ValueError(f"a notice carries at most {MAX_PAYLOAD_BYTES} bytes, got {size}")
+    return payload
 
 
 class Leadership(Protocol):
@@ -71,12 +85,12 @@ class _Fanout:
         return remove
 
     def deliver(self, channel: str, payload: str | None) -> None:
+        """Call each listener; one that raises is logged and the others still hear it."""
         for listener in list(self.listeners.get(channel, ())):
-            listener(payload)
-
-    def deliver_all(self, payload: str | None) -> None:
-        for channel in list(self.listeners):
-            self.deliver(channel, payload)
+            try:
+                listener(payload)
+            except Exception:
+                log.exception("store.listener_failed", channel=channel)
 
 
 class _LocalLeadership:
@@ -111,6 +125,7 @@ class LocalCoordination:
 
     async def notify(self, channel: str, payload: str) -> None:
         check_channel(channel)
+        check_payload(payload)
         asyncio.get_running_loop().call_soon(self._fanout.deliver, channel, payload)
 
     def subscribe(self, channel: str, listener: Listener) -> Callable[[], None]:

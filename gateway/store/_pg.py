@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Self, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from ._crypto import StoreError
 from ._migrations import MIGRATIONS, apply_migrations, current_version, for_postgresql
@@ -39,12 +39,27 @@ INSTALL_HINT = "install the PostgreSQL driver: pip install 'mail-oauth-gateway[p
 
 
 def describe(url: str) -> str:
-    """The URL without its password, for every message an operator sees."""
-    parts = urlsplit(url)
+    """The URL without its password, for every message an operator sees (a malformed one too:
+    the error that reports it names the setting, not a traceback)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "store.url (not a valid postgresql:// URL)"
     host = parts.hostname or "localhost"
-    where = f"{host}:{parts.port}" if parts.port else host
+    host = f"[{host}]" if ":" in host else host
+    where = f"{host}:{port}" if port else host
     user = f"{parts.username}@" if parts.username else ""
     return f"postgresql://{user}{where}{parts.path}"
+
+
+def _password(url: str) -> str | None:
+    """The password in the URL's user part, found without a URL parser (which may refuse it)."""
+    _scheme, separator, rest = url.partition("://")
+    userinfo, at, _host = rest.rpartition("@")
+    if not (separator and at) or ":" not in userinfo:
+        return None
+    return userinfo.split(":", 1)[1] or None
 
 
 def _driver() -> tuple[Any, Any]:
@@ -124,13 +139,14 @@ class PgDatabase:
         return before, after
 
     async def close(self) -> None:
+        """Close after the queued jobs ran (as SQLite's does); later calls are refused."""
         if self._closed:
             return
         self._closed = True
         try:
-            await asyncio.to_thread(self._pool.close)
+            await asyncio.to_thread(self._executor.shutdown, True)
         finally:
-            self._executor.shutdown(wait=False)
+            await asyncio.to_thread(self._pool.close)
 
     async def execute(self, sql: str, params: tuple[Any, ...]) -> None:
         await self.run(lambda conn: conn.execute(sql, params))
@@ -162,10 +178,7 @@ def _open_pool(url: str, size: int) -> psycopg_pool.ConnectionPool:
     try:
         psycopg.connect(url, connect_timeout=int(CONNECT_TIMEOUT_SECONDS)).close()
     except psycopg.Error as error:
-        raise StoreError(
-            f"cannot connect to PostgreSQL at {describe(url)} (store.url): {_reason(error)}; "
-            "check that the server runs, the address and credentials, and pg_hba.conf"
-        ) from error
+        raise _unreachable(url, error) from None
     pool = psycopg_pool.ConnectionPool(
         url,
         min_size=1,
@@ -173,26 +186,34 @@ def _open_pool(url: str, size: int) -> psycopg_pool.ConnectionPool:
         open=False,
         timeout=CONNECT_TIMEOUT_SECONDS,
         kwargs={"connect_timeout": int(CONNECT_TIMEOUT_SECONDS), "application_name": "gateway"},
+        # A connection is tried (one empty query) before a job gets it: after PostgreSQL
+        # restarts, the pool's old connections are dead, and without the check each would
+        # fail one job (a 4xx to a client) although the server is back.
+        check=psycopg_pool.ConnectionPool.check_connection,
         name="gateway-store",
     )
     try:
         pool.open(wait=True, timeout=CONNECT_TIMEOUT_SECONDS)
-    except (psycopg.Error, psycopg_pool.PoolTimeout) as error:
+    except psycopg.Error as error:  # PoolTimeout is one
         pool.close()
-        raise StoreError(
-            f"cannot connect to PostgreSQL at {describe(url)} (store.url): {_reason(error)}; "
-            "check that the server runs, the address and credentials, and pg_hba.conf"
-        ) from error
+        raise _unreachable(url, error) from None
     return pool
 
 
+def _unreachable(url: str, error: BaseException) -> StoreError:
+    return StoreError(
+        f"cannot connect to PostgreSQL at {describe(url)} (store.url): {_reason(error, url)}; "
+        "check that the server runs, the address and credentials, and pg_hba.conf"
+    )
+
+
 def _guarded(work: Callable[[Any], _T], pool: Any, url: str) -> _T:
-    psycopg, psycopg_pool = _driver()
+    psycopg, _psycopg_pool = _driver()
     try:
         return work(pool)
-    except (psycopg.Error, psycopg_pool.PoolTimeout) as error:
+    except psycopg.Error as error:  # the pool's PoolTimeout and PoolClosed are ones too
         raise StoreError(
-            f"cannot use the PostgreSQL database {describe(url)}: {_reason(error)}"
+            f"cannot use the PostgreSQL database {describe(url)}: {_reason(error, url)}"
         ) from error
 
 
@@ -229,10 +250,15 @@ def _version_problem(url: str, version: int) -> str:
     )
 
 
-def _reason(error: BaseException) -> str:
-    """The driver's message on one line (psycopg never quotes the password)."""
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
+def _reason(error: BaseException, url: str) -> str:
+    """The driver's message on one line, never with the URL's password: libpq's own messages
+    leave it out, but one about a malformed URL may quote a part of it."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    secret = _password(url)
+    if secret:
+        for form in {secret, unquote(secret)}:
+            text = text.replace(form, "***")
+    return text
 
 
 def installed_version(conn: Connection) -> int:

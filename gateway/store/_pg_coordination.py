@@ -5,14 +5,19 @@ by a database session, so an instance that dies (or loses its connection) loses 
 once, and nobody is left waiting for a lease to run out.
 
 * :meth:`PgCoordination.exclusive` is a transaction-level advisory lock
-  (``pg_advisory_xact_lock``): released at the end of the block's transaction whatever happens,
-  even if the awaiting task is cancelled (the pool rolls the connection back or drops it).
+  (``pg_advisory_xact_lock``) taken after a local lock of the same name, so one instance uses
+  one connection per name however many of its tasks wait. It ends with the block's
+  transaction whatever happens; a task cancelled while it waits gives its connection back
+  mid-query, and the pool closes such a connection, which ends the wait on the server.
 * :meth:`PgCoordination.try_lead` is a session-level ``pg_try_advisory_lock`` on a connection of
   its own, held until released or until that connection is gone (``holding`` then says False).
-* Notices go out with ``pg_notify`` and come in on one listening connection, reconnected
-  (with every channel listened to again, and subscribers told ``None``) if it is lost.
+* Notices go out with ``pg_notify`` and come in on one listening connection. A channel is
+  listened to within ``LISTEN_POLL_SECONDS`` of its first subscriber, which is then called
+  with ``None`` (a notice sent in between was missed); after a lost connection every channel
+  is listened to again and every subscriber called with ``None``.
 
 Lock names are hashed with ``hashtextextended`` into the 64-bit advisory key space.
+Failures of the database itself are raised as StoreError, with the URL's password left out.
 """
 
 from __future__ import annotations
@@ -24,19 +29,23 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Self
 
 from ..logs import get_logger
-from ._coordination import Leadership, Listener, _Fanout, check_channel
+from ._coordination import Leadership, Listener, _Fanout, check_channel, check_payload
 from ._crypto import StoreError
-from ._pg import CONNECT_TIMEOUT_SECONDS, _driver, describe
+from ._pg import CONNECT_TIMEOUT_SECONDS, _driver, _reason, _unreachable, describe
 
 log = get_logger(__name__)
 _KEY = "hashtextextended(%s, 0)"
 LISTEN_POLL_SECONDS = 0.5  # how soon a channel subscribed later is listened to
 RECONNECT_SECONDS = 1.0
+LISTEN_APPLICATION = "gateway-listen"
+LEAD_APPLICATION = "gateway-lead"
 
 
 class _PgLeadership:
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, held: set[_PgLeadership]) -> None:
         self._conn = conn
+        self._held = held
+        held.add(self)
 
     async def holding(self) -> bool:
         if self._conn.closed:
@@ -50,12 +59,13 @@ class _PgLeadership:
         return True
 
     async def release(self) -> None:
+        self._held.discard(self)
         with contextlib.suppress(Exception):
             await self._conn.close()  # ends the session: the lock goes with it
 
 
 class PgCoordination:
-    """Create with :meth:`open`; :meth:`close` ends the listener and every connection."""
+    """Create with :meth:`open`; :meth:`close` ends the listener, leaderships and connections."""
 
     def __init__(self, url: str, pool: Any) -> None:
         self._url = url
@@ -63,11 +73,14 @@ class PgCoordination:
         self._fanout = _Fanout()
         self._listening: set[str] = set()
         self._listener: asyncio.Task[None] | None = None
+        self._local: dict[str, asyncio.Lock] = {}  # kept: see LocalCoordination.exclusive
+        self._leaderships: set[_PgLeadership] = set()
         self._closed = False
 
     @classmethod
     async def open(cls, url: str, size: int = 4) -> Self:
-        _psycopg, psycopg_pool = _driver()
+        """Connect (*size* connections at most, for locks and notices) and start listening."""
+        psycopg, psycopg_pool = _driver()
         pool = psycopg_pool.AsyncConnectionPool(
             url,
             min_size=1,
@@ -75,46 +88,84 @@ class PgCoordination:
             open=False,
             timeout=CONNECT_TIMEOUT_SECONDS,
             kwargs={"autocommit": True, "application_name": "gateway-coordination"},
+            check=psycopg_pool.AsyncConnectionPool.check_connection,
             name="gateway-coordination",
         )
         try:
             await pool.open(wait=True, timeout=CONNECT_TIMEOUT_SECONDS)
-        except Exception as error:
+        except psycopg.Error as error:
             await pool.close()
-            raise StoreError(f"cannot connect to PostgreSQL at {describe(url)}: {error}") from error
+            raise _unreachable(url, error) from None
         coordination = cls(url, pool)
         coordination._listener = asyncio.create_task(coordination._listen(), name="pg-listen")
         return coordination
 
-    @asynccontextmanager
-    async def _exclusive(self, name: str) -> AsyncIterator[None]:
-        async with self._pool.connection() as conn, conn.transaction():
-            await conn.execute(f"SELECT pg_advisory_xact_lock({_KEY})", (name,))
-            yield
-
     def exclusive(self, name: str) -> AbstractAsyncContextManager[None]:
         return self._exclusive(name)
 
+    @asynccontextmanager
+    async def _exclusive(self, name: str) -> AsyncIterator[None]:
+        psycopg, _pool = _driver()
+        async with self._local.setdefault(name, asyncio.Lock()):
+            try:
+                conn = await self._pool.getconn()
+            except psycopg.Error as error:
+                raise self._problem(error) from error
+            try:
+                try:
+                    await conn.execute("BEGIN")
+                    await conn.execute(f"SELECT pg_advisory_xact_lock({_KEY})", (name,))
+                except psycopg.Error as error:
+                    raise self._problem(error) from error
+                try:
+                    yield
+                finally:
+                    await self._end_lock(conn, name)
+            finally:
+                await self._pool.putconn(conn)  # closed by the pool if still mid-query
+
+    async def _end_lock(self, conn: Any, name: str) -> None:
+        """End the lock's transaction (nothing was written in it). If the connection was lost
+        meanwhile, the lock already ended with it: the block has run, so it is only logged."""
+        psycopg, _pool = _driver()
+        try:
+            await conn.execute("ROLLBACK")
+        except psycopg.Error as error:
+            log.warning("store.lock_lost", lock=name, error=_reason(error, self._url))
+
     async def try_lead(self, name: str) -> Leadership | None:
         psycopg, _pool = _driver()
-        conn = await psycopg.AsyncConnection.connect(
-            self._url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_SECONDS)
-        )
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self._url,
+                autocommit=True,
+                connect_timeout=int(CONNECT_TIMEOUT_SECONDS),
+                application_name=LEAD_APPLICATION,
+            )
+        except psycopg.Error as error:
+            raise self._problem(error) from None
         try:
             cursor = await conn.execute(f"SELECT pg_try_advisory_lock({_KEY})", (name,))
             row = await cursor.fetchone()
-        except BaseException:
+        except BaseException as error:
             await conn.close()
+            if isinstance(error, psycopg.Error):
+                raise self._problem(error) from error
             raise
         if not (row and row[0]):
             await conn.close()
             return None
-        return _PgLeadership(conn)
+        return _PgLeadership(conn, self._leaderships)
 
     async def notify(self, channel: str, payload: str) -> None:
         check_channel(channel)
-        async with self._pool.connection() as conn:
-            await conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+        check_payload(payload)
+        psycopg, _pool = _driver()
+        try:
+            async with self._pool.connection() as conn:
+                await conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+        except psycopg.Error as error:
+            raise self._problem(error) from error
 
     def subscribe(self, channel: str, listener: Listener) -> Callable[[], None]:
         return self._fanout.add(channel, listener)
@@ -125,30 +176,41 @@ class PgCoordination:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
+        for leadership in list(self._leaderships):
+            await leadership.release()
         await self._pool.close()
 
+    def _problem(self, error: BaseException) -> StoreError:
+        where, why = describe(self._url), _reason(error, self._url)
+        return StoreError(f"cannot use the PostgreSQL database {where}: {why}")
+
     async def _listen(self) -> None:
-        """Keep one listening connection; after a reconnection, subscribers re-read (None)."""
+        """Keep one listening connection; channels (re)listened to get a None (re-read)."""
         psycopg, _pool = _driver()
         lost = False
         while not self._closed:
             try:
                 async with await psycopg.AsyncConnection.connect(
-                    self._url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_SECONDS)
+                    self._url,
+                    autocommit=True,
+                    connect_timeout=int(CONNECT_TIMEOUT_SECONDS),
+                    application_name=LISTEN_APPLICATION,  # found in pg_stat_activity by it
                 ) as conn:
                     self._listening = set()
-                    await self._listen_to_new(conn)
                     if lost:
                         log.info("store.listen_restored", url=describe(self._url))
-                        self._fanout.deliver_all(None)
                         lost = False
                     while True:
+                        await self._listen_to_new(conn)
                         async for notice in conn.notifies(timeout=LISTEN_POLL_SECONDS):
                             self._fanout.deliver(notice.channel, notice.payload)
-                        await self._listen_to_new(conn)
             except psycopg.Error as error:
                 if not lost:
-                    log.warning("store.listen_lost", url=describe(self._url), error=str(error))
+                    log.warning(
+                        "store.listen_lost",
+                        url=describe(self._url),
+                        error=_reason(error, self._url),
+                    )
                 lost = True
                 await asyncio.sleep(RECONNECT_SECONDS)
 
@@ -157,3 +219,4 @@ class PgCoordination:
         for channel in set(self._fanout.listeners) - self._listening:
             await conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel)))
             self._listening.add(channel)
+            self._fanout.deliver(channel, None)  # notices sent before the LISTEN were missed

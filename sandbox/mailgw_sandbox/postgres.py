@@ -82,6 +82,10 @@ class PostgresServer:
             "UTF8",
             "--locale=C",
         )
+        self._pg_ctl_start()
+        return self
+
+    def _pg_ctl_start(self) -> None:
         options = (
             f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} "
             "-c max_connections=200 -c fsync=on -c synchronous_commit=on"
@@ -91,7 +95,6 @@ class PostgresServer:
             str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(log), "-o", options,
             "-w", "-t", "30", "start",
         )  # fmt: skip
-        return self
 
     def stop(self) -> None:
         """Stop the server (fast shutdown); its data stays until :meth:`remove`."""
@@ -99,13 +102,8 @@ class PostgresServer:
                   check=False)  # fmt: skip
 
     def restart_after(self) -> None:
-        """Start again after :meth:`stop`, same port and data (an outage that ends)."""
-        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root}"
-        log = self.root / "server.log"
-        self._run(
-            str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(log), "-o", options,
-            "-w", "-t", "30", "start",
-        )  # fmt: skip
+        """Start again after :meth:`stop`, same port, data and settings (an outage that ends)."""
+        self._pg_ctl_start()
 
     def new_database(self) -> str:
         """A fresh, empty database; its URL."""

@@ -1,4 +1,6 @@
-"""The SQLite state stores: durability across reopen, migrations, secrets, concurrency."""
+"""The state stores on both backends: round trips, secrets, consent links, UID maps, events,
+concurrency and transactions on SQLite and on PostgreSQL alike (the ``backend`` fixture);
+SQLite's own file, pragmas and migrations below them. PostgreSQL's own: test_store_postgresql."""
 
 from __future__ import annotations
 
@@ -6,7 +8,8 @@ import asyncio
 import inspect
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import pytest
 from gateway.store import (
     AccountAuth,
     AuthStore,
+    Connection,
     EventLog,
     MailboxState,
     MailboxStore,
@@ -23,6 +27,8 @@ from gateway.store import (
     StoreError,
     Stores,
     _db,
+    migrate_postgresql,
+    open_postgresql,
     open_sqlite,
 )
 from gateway.store._auth import SqlAuthStore
@@ -38,14 +44,31 @@ SECRET = b"refresh-token-that-must-never-hit-the-disk-in-clear"
 OLD_DATABASE = Path(__file__).parent / "data" / "gateway_db_schema6.sql"
 
 
+@dataclass(frozen=True)
+class Backend:
+    """One backend's way to open the stores again over the same data."""
+
+    name: str
+    open: Callable[[SecretBox], Awaitable[Stores]]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    if request.param == "sqlite":
+        return Backend("sqlite", lambda box: open_sqlite(tmp_path, box))
+    url: str = request.getfixturevalue("pg_url")
+    await migrate_postgresql(url)
+    return Backend("postgresql", lambda box: open_postgresql(url, box, pool_size=4))
+
+
 @pytest.fixture
 def box() -> SecretBox:
     return SecretBox(KEY)
 
 
 @pytest.fixture
-async def stores(tmp_path: Path, box: SecretBox) -> AsyncIterator[Stores]:
-    opened = await open_sqlite(tmp_path, box)
+async def stores(backend: Backend, box: SecretBox) -> AsyncIterator[Stores]:
+    opened = await backend.open(box)
     yield opened
     await opened.close()
 
@@ -91,7 +114,7 @@ def test_sqlite_stores_implement_their_interfaces() -> None:
 
 
 async def test_pragmas(db: Database, tmp_path: Path) -> None:
-    assert db.schema_version == len(MIGRATIONS) == 6
+    assert db.schema_version == len(MIGRATIONS)
     conn = _raw(tmp_path)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
@@ -103,8 +126,8 @@ async def test_pragmas(db: Database, tmp_path: Path) -> None:
     assert pragmas == [2, 1]  # FULL, ON (per-connection settings, so read on the store's own)
 
 
-async def test_reopen_keeps_data(tmp_path: Path, box: SecretBox) -> None:
-    stores = await open_sqlite(tmp_path, box)
+async def test_reopen_keeps_data(backend: Backend, box: SecretBox) -> None:
+    stores = await backend.open(box)
     await stores.auth.set_setting("mode", "demo")
     await stores.auth.set_setting("mode", "run")
     await stores.auth.put_secret("graph/alice", SECRET)
@@ -113,7 +136,7 @@ async def test_reopen_keeps_data(tmp_path: Path, box: SecretBox) -> None:
     await stores.close()
     await stores.close()  # idempotent
 
-    stores = await open_sqlite(tmp_path, box)
+    stores = await backend.open(box)
     try:
         assert await stores.auth.get_setting("mode") == "run"
         assert await stores.auth.get_setting("missing") is None
@@ -130,8 +153,8 @@ async def test_reopen_keeps_data(tmp_path: Path, box: SecretBox) -> None:
     assert all(e.at.tzinfo is not None and now - timedelta(minutes=1) < e.at <= now for e in events)
 
 
-async def test_closed_stores_refuse_calls(tmp_path: Path, box: SecretBox) -> None:
-    stores = await open_sqlite(tmp_path, box)
+async def test_closed_stores_refuse_calls(backend: Backend, box: SecretBox) -> None:
+    stores = await backend.open(box)
     await stores.close()
     with pytest.raises(StoreError, match="closed"):
         await stores.auth.get_setting("mode")
@@ -152,15 +175,12 @@ async def test_recent_events_limit(stores: Stores) -> None:
         await events.recent_events(limit=-1)
 
 
-async def test_timestamps_are_fixed_width_utc_text(stores: Stores, tmp_path: Path) -> None:
+async def test_timestamps_are_fixed_width_utc_text(stores: Stores) -> None:
     await stores.events.record_event("tick")
     await stores.auth.put_secret("s", b"x")
-    conn = _raw(tmp_path)
-    try:
-        stamps = [row[0] for row in conn.execute("SELECT at FROM events")]
-        stamps += [row[0] for row in conn.execute("SELECT updated_at FROM secrets")]
-    finally:
-        conn.close()
+    stamps = [row[0] for row in await stores.db.fetch_all("SELECT at FROM events")]
+    stamps += [row[0] for row in await stores.db.fetch_all("SELECT updated_at FROM secrets")]
+    assert len(stamps) >= 2  # PostgreSQL also keeps the key check among the secrets
     for stamp in stamps:
         assert isinstance(stamp, str)
         assert len(stamp) == 27
@@ -175,39 +195,51 @@ async def test_secrets_round_trip_and_replace(stores: Stores) -> None:
     assert await auth.get_secret("graph/alice") == b"rotated"
 
 
-async def test_plaintext_never_in_database_files(stores: Stores, tmp_path: Path) -> None:
-    await stores.auth.put_secret("graph/alice", SECRET)
-    contents = _database_files(tmp_path)
+async def test_plaintext_never_in_database_files(tmp_path: Path, box: SecretBox) -> None:
+    stores = await open_sqlite(tmp_path, box)
+    try:
+        await stores.auth.put_secret("graph/alice", SECRET)
+        await stores.auth.put_account_auth(
+            AccountAuth("crm", "microsoft", "connected", None, ("Mail.Send",), SECRET + b"-2")
+        )
+        contents = _database_files(tmp_path)
+    finally:
+        await stores.close()
     assert "gateway.db-wal" in contents  # the fresh write is still in the WAL, not checkpointed
     for name, content in contents.items():
         assert SECRET not in content, name
+    assert all(SECRET not in content for content in _database_files(tmp_path).values())
 
 
-async def test_ciphertext_moved_to_another_name_fails(stores: Stores, tmp_path: Path) -> None:
+async def test_ciphertext_moved_to_another_name_fails(stores: Stores) -> None:
     auth = stores.auth
     await auth.put_secret("graph/alice", SECRET)
     await auth.put_secret("graph/bob", b"bob's token")
-    conn = _raw(tmp_path)
-    try:
-        conn.execute(
-            "UPDATE secrets SET ciphertext = "
-            "(SELECT ciphertext FROM secrets WHERE name = 'graph/alice') WHERE name = 'graph/bob'"
-        )
-    finally:
-        conn.close()
+    await stores.db.execute(
+        "UPDATE secrets SET ciphertext = "
+        "(SELECT ciphertext FROM secrets WHERE name = 'graph/alice') WHERE name = 'graph/bob'",
+        (),
+    )
     with pytest.raises(StoreError, match="'graph/bob'"):
         await auth.get_secret("graph/bob")
     assert await auth.get_secret("graph/alice") == SECRET
 
 
-async def test_wrong_key_fails(tmp_path: Path, box: SecretBox) -> None:
-    stores = await open_sqlite(tmp_path, box)
+async def test_wrong_key_fails(backend: Backend, box: SecretBox) -> None:
+    """SQLite: the first secret read says so; PostgreSQL, where instances share the tokens,
+    refuses the instance at open (test_store_postgresql has the sentence)."""
+    stores = await backend.open(box)
     await stores.auth.put_secret("graph/alice", SECRET)
     await stores.close()
-    stores = await open_sqlite(tmp_path, SecretBox(bytes(32)))
+    with pytest.raises(StoreError, match="secret key does not match"):
+        other = await backend.open(SecretBox(bytes(32)))
+        try:
+            await other.auth.get_secret("graph/alice")
+        finally:
+            await other.close()
+    stores = await backend.open(box)
     try:
-        with pytest.raises(StoreError, match="secret key does not match"):
-            await stores.auth.get_secret("graph/alice")
+        assert await stores.auth.get_secret("graph/alice") == SECRET  # nothing was lost
     finally:
         await stores.close()
 
@@ -251,10 +283,15 @@ def _schema(path: Path) -> list[tuple[str, str, str]]:
         conn.close()
 
 
-async def test_schema_is_the_old_stores(tmp_path: Path, box: SecretBox) -> None:
-    """A fresh database gets exactly the tables and indexes the single-class store made."""
+def test_schema_is_the_old_stores(tmp_path: Path) -> None:
+    """Migrations 1-6 make exactly the tables and indexes the single-class store made."""
     old = _old_database(tmp_path / "old")
-    await (await open_sqlite(tmp_path / "new", box)).close()
+    (tmp_path / "new").mkdir()
+    conn = _raw(tmp_path / "new")
+    try:
+        assert migrate(conn, MIGRATIONS[:6]) == 6
+    finally:
+        conn.close()
     assert _schema(tmp_path / "new" / "gateway.db") == _schema(old)
 
 
@@ -303,13 +340,16 @@ async def test_refuses_newer_database(tmp_path: Path, box: SecretBox) -> None:
     conn = _raw(tmp_path)
     try:
         migrate(conn)
-        conn.execute("INSERT INTO schema_version (version, description) VALUES (7, 'future')")
+        future = len(MIGRATIONS) + 1
+        conn.execute(
+            "INSERT INTO schema_version (version, description) VALUES (?, 'future')", (future,)
+        )
     finally:
         conn.close()
     with pytest.raises(StoreError) as caught:
         await open_sqlite(tmp_path, box)
     assert str(caught.value) == (
-        f"{tmp_path / 'gateway.db'} has schema version 7 but this gateway only knows up to "
+        f"{tmp_path / 'gateway.db'} has schema version {future} but this gateway only knows up to "
         f"{len(MIGRATIONS)}; upgrade the gateway or restore a backup"
     )
 
@@ -394,7 +434,18 @@ async def test_concurrent_calls(stores: Stores) -> None:
     results = await asyncio.gather(*(round_trip(n) for n in range(100)))
     assert results == [f"value{n}" for n in range(100)]
     await asyncio.gather(*(auth.set_setting("shared", str(n)) for n in range(100)))
-    assert await auth.get_setting("shared") == "99"  # one worker thread: submission order
+    assert await auth.get_setting("shared") in {str(n) for n in range(100)}
+    (count,) = await stores.db.fetch_one("SELECT COUNT(*) FROM settings") or (0,)
+    assert count == 101
+
+
+async def test_sqlite_calls_apply_in_submission_order(tmp_path: Path, box: SecretBox) -> None:
+    stores = await open_sqlite(tmp_path, box)
+    try:
+        await asyncio.gather(*(stores.auth.set_setting("shared", str(n)) for n in range(100)))
+        assert await stores.auth.get_setting("shared") == "99"  # one worker thread
+    finally:
+        await stores.close()
 
 
 async def test_sql_runs_on_one_dedicated_thread(db: Database) -> None:
@@ -415,17 +466,30 @@ async def test_stores_share_one_connection(db: Database, box: SecretBox) -> None
     assert [e.kind for e in await events.recent_events()] == ["tick"]
 
 
-async def test_transact_applies_all_or_nothing(db: Database) -> None:
-    def half_then_fail(conn: sqlite3.Connection) -> None:
+async def test_transact_applies_all_or_nothing(stores: Stores) -> None:
+    db = stores.db
+
+    def half_then_fail(conn: Connection) -> None:
         conn.execute("INSERT INTO settings (key, value) VALUES ('a', '1')")
         conn.execute("INSERT INTO settings (key, value) VALUES ('a', '2')")  # duplicate key
 
-    with pytest.raises(StoreError, match="UNIQUE"):
+    with pytest.raises(StoreError, match=r"(?i)unique"):
         await db.transact(half_then_fail)
     assert await db.fetch_all("SELECT key FROM settings") == []
 
+    def both(conn: Connection) -> int:
+        conn.execute("INSERT INTO settings (key, value) VALUES ('a', '1')")
+        conn.execute("INSERT INTO settings (key, value) VALUES ('b', '2')")
+        return 2
 
-async def test_account_auth_round_trip_encrypts_the_token(stores: Stores, tmp_path: Path) -> None:
+    assert await db.transact(both) == 2
+    assert sorted(await db.fetch_all("SELECT key, value FROM settings")) == [
+        ("a", "1"),
+        ("b", "2"),
+    ]
+
+
+async def test_account_auth_round_trip_encrypts_the_token(stores: Stores, backend: Backend) -> None:
     auth = stores.auth
     token = b"refresh-token-material-0123456789"
     await auth.put_account_auth(
@@ -441,10 +505,13 @@ async def test_account_auth_round_trip_encrypts_the_token(stores: Stores, tmp_pa
     changed = await auth.get_account_auth("crm")
     assert changed is not None
     assert changed.state == "needs_reconsent" and changed.reconsent_since == since
+    (sealed,) = await stores.db.fetch_one("SELECT token_ciphertext FROM account_auth") or (b"",)
+    assert token not in bytes(sealed) and len(sealed) > len(token)
     await stores.close()
-    assert all(token not in content for content in _database_files(tmp_path).values())
-    stores = await open_sqlite(tmp_path, SecretBox(KEY))
+    stores = await backend.open(SecretBox(KEY))
     try:
+        reopened = await stores.auth.get_account_auth("crm")
+        assert reopened is not None and reopened.token == token
         await stores.auth.delete_account_auth("crm")
         assert await stores.auth.get_account_auth("crm") is None
     finally:
@@ -464,3 +531,21 @@ async def test_consent_links_are_single_use_and_expire(stores: Stores) -> None:
     assert await auth.use_consent_link("hash-b", now) is None  # expired
     assert await auth.peek_consent_link("hash-b", now) is None
     assert await auth.use_consent_link("unknown", now) is None
+
+
+async def test_events_newest_first_across_reopen(backend: Backend, box: SecretBox) -> None:
+    stores = await backend.open(box)
+    try:
+        for number in range(60):
+            await stores.events.record_event("tick", detail=str(number))
+    finally:
+        await stores.close()
+    stores = await backend.open(box)
+    try:
+        await stores.events.record_event("after")
+        recent = await stores.events.recent_events()
+    finally:
+        await stores.close()
+    assert len(recent) == 50  # the default limit
+    assert [e.detail for e in recent[:3]] == [None, "59", "58"]
+    assert [e.id for e in recent] == sorted((e.id for e in recent), reverse=True)
