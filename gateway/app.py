@@ -33,7 +33,7 @@ from .pop3_out import server as pop3_server
 from .runtime import RunningListener, limits_from
 from .send_as import SendAsLearner
 from .smtp_in import server as smtp_server
-from .spool import FileSpool
+from .spool import DatabaseSpool, FileSpool, SpoolWorker
 from .store import (
     SecretBox,
     StoreError,
@@ -63,7 +63,7 @@ class Gateway:
         self.login_gate = LoginGate()
         self.http: httpx.AsyncClient | None = None
         self.trust: Path | None = None  # the outbound CA bundle, written at start
-        self.spool: FileSpool | None = None
+        self.spool: SpoolWorker | None = None
         self.smtp_front: smtp_server.SmtpFront | None = None
         self.senders: dict[str, providers.Sender] = {}
         self.send_as = SendAsLearner(self.accounts, self.senders)
@@ -126,7 +126,10 @@ class Gateway:
         self.trust = trust = outbound.trust_file(settings.state_dir, settings.ca_bundle)
         self.http = http = outbound.async_client(trust)
         self.senders.update(providers.senders(settings, http, self.broker, trust))
-        self.spool = FileSpool.from_settings(settings, self.senders)
+        if self.stores.backend == "postgresql":  # any instance may deliver any message
+            self.spool = DatabaseSpool.from_settings(settings, self.senders, self.stores)
+        else:
+            self.spool = FileSpool.from_settings(settings, self.senders)
         await self.spool.start()
         self.broker.on_connected = self._on_connected
         # In the background: a slow provider must not hold up the listeners.

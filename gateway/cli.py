@@ -394,9 +394,8 @@ def _connect(args: argparse.Namespace) -> int:
                 args.account, lambda message: print(message, flush=True)
             )
             print(f"{status.account.username}: connected as {status.principal}")
-            from .spool import queue_main  # a running gateway sends the held mail shortly
-
-            queue_main(broker.settings.state_dir / "spool", "release", args.account)
+            # A running gateway sends the held mail shortly.
+            await _queue_command(broker.settings, "release", args.account)
             return EXIT_OK
         url, expires = await broker.create_consent_link(args.account)
         address = broker.account(args.account).address
@@ -419,9 +418,35 @@ def _queue(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     if args.action == "release" and _unknown_account(settings, args.target, "queue release"):
         return EXIT_CONFIG
-    from .spool import queue_main
+    from .spool import SpoolError
+    from .store import StoreError
 
-    return queue_main(settings.state_dir / "spool", args.action, args.target)
+    try:
+        return asyncio.run(_queue_command(settings, args.action, args.target))
+    except (StoreError, SpoolError) as error:
+        print(f"gateway: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+async def _queue_command(settings: Any, action: str, target: str | None) -> int:
+    """A queue command on the configured spool: the files in state_dir, or with store.url the
+    database every instance shares."""
+    from .spool import DatabaseStore, FileStore, queue_main
+
+    spool_dir = settings.state_dir / "spool"
+    if settings.store.url is None:
+        if not (spool_dir / "queue").is_dir():
+            print(f"no spool at {spool_dir} (the gateway has not run with this state_dir)")
+            return 1 if action != "list" else 0
+        return await queue_main(FileStore(spool_dir), action, target, sys.stdout)
+    from .app import open_stores
+
+    stores = await open_stores(settings)
+    try:
+        store = DatabaseStore(stores.db, stores.coordination, stores.backend, spool_dir / "tmp")
+        return await queue_main(store, action, target, sys.stdout)
+    finally:
+        await stores.close()
 
 
 def _accounts(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ from .logs import get_logger
 from .mailbox import MailboxViews
 from .oauth import TokenBroker
 from .smtp_in import server as smtp_server
-from .spool import FileSpool
+from .spool import SpoolWorker
 
 log = get_logger(__name__)
 
@@ -44,7 +44,7 @@ class RunningGateway(Protocol):
     settings: Settings
     accounts: Accounts
     broker: TokenBroker | None
-    spool: FileSpool | None
+    spool: SpoolWorker | None
     smtp_front: smtp_server.SmtpFront | None
     http: httpx.AsyncClient | None
     trust: Path | None

@@ -6,7 +6,6 @@ signed-in admin; every POST needs the session's CSRF token (see :mod:`.auth`).
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
 from collections.abc import Awaitable, Callable, Mapping
@@ -25,7 +24,7 @@ from ..logs import get_logger
 from ..oauth import AuthUnavailable, OAuthError, TokenBroker, short_scope
 from ..passwords import parse_hash
 from ..runtime import RunningListener, default_limits, listen_asyncio
-from ..spool import FileSpool
+from ..spool import SpoolWorker
 from . import i18n
 from .auth import CSRF_FIELD, SESSION_COOKIE, AdminSession, SessionStore
 
@@ -111,7 +110,7 @@ _templates.filters["scope_name"] = short_scope
 class AdminState:
     settings: Settings
     broker: TokenBroker
-    spool: FileSpool
+    spool: SpoolWorker
     listeners: ListenerView
     sessions: SessionStore
     # The gateway's one login gate (5 wrong admin passwords per 5 minutes per client address).
@@ -444,7 +443,7 @@ async def save_google_client(request: web.Request) -> web.StreamResponse:
 
 async def queue_page(request: web.Request) -> web.Response:
     spool = _state(request).spool
-    deliveries = await asyncio.to_thread(spool.recent_deliveries, 50)
+    deliveries = await spool.recent_deliveries(50)
     return render(
         request,
         "queue.html",
@@ -510,7 +509,7 @@ async def serve(
     port: int,
     settings: Settings,
     broker: TokenBroker,
-    spool: FileSpool,
+    spool: SpoolWorker,
     listeners: ListenerView,
     gate: LoginGate | None = None,
     limits: ConnectionLimits | None = None,

@@ -485,6 +485,12 @@ class SpoolSettings:
         fix="the longest wait between two attempts, in minutes (1-1440)",
         check=in_range(1, 1440),
     )
+    lease_seconds: int = field_info(
+        60,
+        fix="how long an instance's claim on a message lasts unless renewed, in seconds "
+        "(5-3600); only with store.url, where another instance takes it over after that",
+        check=in_range(5, 3600),
+    )
 
 
 def check_store_url(url: Secret) -> str | None:

@@ -1,23 +1,31 @@
 """Durable outbound queue: smtp_in submits, a worker delivers through the providers.
 
-Public API: :class:`FileSpool` (``submit``, ``start``/``stop``, ``release``, ``retry``,
-``delete``, ``messages``, ``recent_deliveries``), the interface types of ``_types`` and
-:func:`queue_main` for ``gateway queue``.
+Public API: :class:`SpoolWorker` (``submit``, ``start``/``stop``, ``release``, ``retry``,
+``delete``, ``messages``, ``recent_deliveries``) over a :class:`SpoolStore`: files
+(:class:`FileSpool`, one instance) or the shared database (:class:`DatabaseSpool`); the
+interface types of ``_types`` and :func:`queue_main` for ``gateway queue``.
 """
 
+from ._database import DatabaseSpool, DatabaseStore
 from ._files import Record
 from ._incoming import HEAD_LIMIT, IncomingMessage
 from ._queue import queue_main
-from ._spool import FileSpool
+from ._spool import FileSpool, SpoolWorker
+from ._store import FileStore, SpoolStore
 from ._types import Spool, SpoolError, SubmitResult
 
 __all__ = [
     "HEAD_LIMIT",
+    "DatabaseSpool",
+    "DatabaseStore",
     "FileSpool",
+    "FileStore",
     "IncomingMessage",
     "Record",
     "Spool",
     "SpoolError",
+    "SpoolStore",
+    "SpoolWorker",
     "SubmitResult",
     "queue_main",
 ]

@@ -7,37 +7,42 @@ so under load a batch holds what arrived within one batch's time, and at rest a 
 goes at once. Three operations are batched this way (issue 13: each cost its own fsyncs and
 thread hop per message, and the spool's threads spent their time in fsync):
 
-* new messages (:meth:`SpoolFiles.commit_batch`): one directory fsync per batch; the log lines
-  are written afterwards, in a worker thread, so no reply waits for logging I/O;
-* state changes before an attempt (:meth:`SpoolFiles.save_batch`): one directory fsync;
-* messages done with (:meth:`SpoolFiles.forget_batch`): one directory fsync, and the delivery
-  log's lines appended with one fsync.
+* new messages (the store's ``commit_batch``): one directory fsync (or one database commit)
+  per batch; the log lines are written afterwards, in a worker thread, so no reply waits for
+  logging I/O;
+* state changes before and after an attempt (``mark_batch``, ``save_batch``), and claims;
+* messages done with (``forget_batch``): one directory fsync, and the delivery log's lines
+  appended with one fsync (or one transaction).
+
+The operations are the spool store's (``_store``): the file store runs its blocking work in a
+worker thread, the database store on its connection pool.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 from ..logs import get_logger
-from ._files import Record, SpoolFiles
+from ._files import Record
 from ._incoming import IncomingMessage
 
 log = get_logger(__name__)
 
 Item = TypeVar("Item")
+CommitBatch = Callable[[list[tuple[Record, IncomingMessage]]], Awaitable[list[Exception | None]]]
 Result = TypeVar("Result")
 
 
 class Batched(Generic[Item, Result]):
-    """``await run(item)``: ``operation`` (blocking, one result per item) runs on batches of
-    the items that came while the previous batch ran. An exception of ``operation`` reaches
-    every caller of its batch."""
+    """``await run(item)``: ``operation`` (one result per item) runs on batches of the items
+    that came while the previous batch ran. An exception of ``operation`` reaches every caller
+    of its batch."""
 
     def __init__(
         self,
-        operation: Callable[[list[Item]], Sequence[Result]],
+        operation: Callable[[list[Item]], Awaitable[Sequence[Result]]],
         name: str,
         after: Callable[[list[Item], Sequence[Result]], None] | None = None,
         on_batch: Callable[[int], None] | None = None,
@@ -69,7 +74,7 @@ class Batched(Generic[Item, Result]):
                     self.on_batch(len(batch))
                 items = [item for item, _ in batch]
                 try:
-                    results = await asyncio.to_thread(self.operation, items)
+                    results = await self.operation(items)
                 except Exception as error:
                     for _, done in batch:
                         if not done.done():
@@ -86,11 +91,11 @@ class Batched(Generic[Item, Result]):
 
 class GroupCommitter:
     """``await commit(record, incoming)`` returns once the message is durable, or raises
-    the OSError that kept it from being stored."""
+    the error (OSError, SpoolError) that kept it from being stored."""
 
-    def __init__(self, files: SpoolFiles, on_batch: Callable[[int], None] | None = None) -> None:
-        self._batched: Batched[tuple[Record, IncomingMessage], OSError | None] = Batched(
-            _commit_or_fail(files), "spool-committer", after=_log_batch, on_batch=on_batch
+    def __init__(self, commit: CommitBatch, on_batch: Callable[[int], None] | None = None) -> None:
+        self._batched: Batched[tuple[Record, IncomingMessage], Exception | None] = Batched(
+            _commit_or_fail(commit), "spool-committer", after=_log_batch, on_batch=on_batch
         )
 
     @property
@@ -104,20 +109,18 @@ class GroupCommitter:
             raise error
 
 
-def _commit_or_fail(
-    files: SpoolFiles,
-) -> Callable[[list[tuple[Record, IncomingMessage]]], list[OSError | None]]:
-    def commit(batch: list[tuple[Record, IncomingMessage]]) -> list[OSError | None]:
+def _commit_or_fail(commit: CommitBatch) -> CommitBatch:
+    async def commit_all(batch: list[tuple[Record, IncomingMessage]]) -> list[Exception | None]:
         try:
-            return files.commit_batch(batch)
+            return await commit(batch)
         except Exception as error:  # a bug: no reply may claim the message is safe
             return [OSError(f"commit failed: {error!r}")] * len(batch)
 
-    return commit
+    return commit_all
 
 
 def _log_batch(
-    batch: list[tuple[Record, IncomingMessage]], results: Sequence[OSError | None]
+    batch: list[tuple[Record, IncomingMessage]], results: Sequence[Exception | None]
 ) -> None:
     for (record, _), error in zip(batch, results, strict=True):
         if error is None:

@@ -57,23 +57,33 @@ class Record:
 
     def to_json(self) -> bytes:
         data = asdict(self)
-        data["envelope"]["received_at"] = self.envelope.received_at.isoformat()
-        data["envelope"]["rcpt_tos"] = list(self.envelope.rcpt_tos)
+        data["envelope"] = envelope_data(self.envelope)
         return json.dumps(data, ensure_ascii=False).encode()
 
     @classmethod
     def from_json(cls, text: bytes) -> Record:
         data: dict[str, Any] = json.loads(text)
-        env = data.pop("envelope")
-        envelope = Envelope(
-            account=env["account"],
-            mail_from=env["mail_from"],
-            rcpt_tos=tuple(env["rcpt_tos"]),
-            smtputf8=env["smtputf8"],
-            received_at=datetime.fromisoformat(env["received_at"]),
-            client=env["client"],
-        )
+        envelope = envelope_from(data.pop("envelope"))
         return cls(envelope=envelope, **data)
+
+
+def envelope_data(envelope: Envelope) -> dict[str, Any]:
+    """The envelope as JSON-ready data (the state file's and the database row's form)."""
+    data = asdict(envelope)
+    data["received_at"] = envelope.received_at.isoformat()
+    data["rcpt_tos"] = list(envelope.rcpt_tos)
+    return data
+
+
+def envelope_from(env: dict[str, Any]) -> Envelope:
+    return Envelope(
+        account=env["account"],
+        mail_from=env["mail_from"],
+        rcpt_tos=tuple(env["rcpt_tos"]),
+        smtputf8=env["smtputf8"],
+        received_at=datetime.fromisoformat(env["received_at"]),
+        client=env["client"],
+    )
 
 
 def new_id() -> str:
@@ -205,14 +215,6 @@ class SpoolFiles:
         saved = {record.id for record, _, _ in written}
         return [record.id in saved for record in records]
 
-    def remove(self, queue_id: str) -> bool:
-        """Forget a message (state first: that is the commit). False if it was not there."""
-        existed = self.state_path(queue_id).exists()
-        self.state_path(queue_id).unlink(missing_ok=True)
-        self.message_path(queue_id).unlink(missing_ok=True)
-        _fsync_dir(self.queue)
-        return existed
-
     def forget_batch(self, done: list[tuple[Record, str, str]]) -> list[None]:
         """Remove messages done with, then log each (record, result, detail): one directory
         fsync and one delivery-log fsync for all (a crash in between repeats no delivery)."""
@@ -220,7 +222,7 @@ class SpoolFiles:
             self.state_path(record.id).unlink(missing_ok=True)
             self.message_path(record.id).unlink(missing_ok=True)
         _fsync_dir(self.queue)
-        self._log_lines([_log_line(*item) for item in done])
+        self._log_lines([log_line(*item) for item in done])
         return [None] * len(done)
 
     def read_message(self, queue_id: str) -> bytes:
@@ -268,7 +270,7 @@ class SpoolFiles:
         }
 
     def log_delivery(self, record: Record, result: str, detail: str) -> None:
-        self._log_lines([_log_line(record, result, detail)])
+        self._log_lines([log_line(record, result, detail)])
 
     def _log_lines(self, lines: list[dict[str, Any]]) -> None:
         if self.log.exists() and self.log.stat().st_size > _LOG_ROTATE_BYTES:
@@ -332,7 +334,7 @@ def _fsync_all(fds: list[int]) -> list[OSError | None]:
     return list(_syncer.map(sync, fds))
 
 
-def _log_line(record: Record, result: str, detail: str) -> dict[str, Any]:
+def log_line(record: Record, result: str, detail: str) -> dict[str, Any]:
     """One delivery-log entry."""
     return {
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -343,6 +345,22 @@ def _log_line(record: Record, result: str, detail: str) -> dict[str, Any]:
         "result": result,
         "detail": detail,
     }
+
+
+def retry_files(files: SpoolFiles, queue_id: str | None, held_for: str | None = None) -> int:
+    """Make messages due now on disk (the running worker picks this up on its next rescan):
+    one message, the held mail of account ``held_for``, or every message."""
+    changed = 0
+    for record in files.records():
+        if queue_id is not None and record.id != queue_id:
+            continue
+        if held_for is not None and (record.envelope.account, record.state) != (held_for, "held"):
+            continue
+        record.state, record.next_attempt = "queued", 0.0
+        record.retry_since = time.time()
+        if files.save(record):
+            changed += 1
+    return changed
 
 
 def _fsync_dir(path: Path) -> None:

@@ -12,8 +12,9 @@ import asyncio
 import os
 import re
 import secrets
+from pathlib import Path
 
-from ._files import SpoolFiles, message_id_header, new_id
+from ._files import message_id_header, new_id
 
 HEAD_LIMIT = 1024 * 1024  # a header block larger than this is refused (see ``head_too_large``)
 _FLUSH_AT = 256 * 1024  # bytes gathered in memory before they are written out, off the loop
@@ -27,13 +28,13 @@ class IncomingMessage:
     before the content.
     """
 
-    def __init__(self, files: SpoolFiles, hostname: str, prologue: bytes = b"") -> None:
+    def __init__(self, tmp: Path, hostname: str, prologue: bytes = b"") -> None:
         self.id = new_id()
         self.size = 0  # bytes of the stored message, prefix and prologue included
         self.message_id = ""
         self.added = b""  # the Message-ID header line we put first, if it had none
         self.head: bytes | None = None  # the content's header block, once it is complete
-        self.path = files.tmp / f"{self.id}.eml.{secrets.token_hex(4)}"
+        self.path = tmp / f"{self.id}.eml.{secrets.token_hex(4)}"
         self._hostname = hostname
         self._prologue = prologue
         self._gathered = bytearray()  # the content while its header block is incomplete

@@ -1,8 +1,10 @@
 """The durable outbound queue and its delivery worker.
 
-``submit`` returns only after the message and its state are fsynced (see ``_files``). The
-worker, an asyncio task on the gateway's loop, delivers what is due through the account's
-:class:`~gateway.providers.Sender`:
+``submit`` returns only after the message and its state are durable: fsynced files
+(:class:`FileSpool`, see ``_files``) or a committed database transaction (``_database``, when
+several instances share one PostgreSQL). The storage is a :class:`~._store.SpoolStore`; the one
+worker here runs over either. It is an asyncio task on the gateway's loop and delivers what is
+due through the account's :class:`~gateway.providers.Sender`:
 
 * at most ``sender.concurrency(account)`` messages at once per account (Graph and Gmail 4, an
   upstream account its ``max_sessions``), and at most ``pace_per_minute`` sends per account
@@ -18,6 +20,12 @@ worker, an asyncio task on the gateway's loop, delivers what is due through the 
 * ReauthRequired → held; released by :meth:`release` (the account was reconnected), by any later
   successful send of the same account, or by a periodic retry every ``held_retry`` seconds;
 * Permanent → dead, with the provider's reason, until someone retries or deletes it.
+
+Before an attempt the worker *claims* the message from its store. The file store always grants
+it; the database store leases it to this instance, so that of several instances exactly one
+tries it, and a message another instance committed, retried or holds is learnt from the claim's
+answer. If the store cannot be used (the database unreachable) the worker logs it once, leaves
+the message where it was and tries again a little later.
 
 Intake first: while messages are arriving (one began or was committed within ``intake_quiet``
 seconds) the worker starts no new attempt, for at most ``max_defer`` seconds at a time; sends
@@ -53,9 +61,10 @@ from ..config import AccountSettings, Settings
 from ..delivery import Permanent, ReauthRequired, Temporary
 from ..logs import get_logger
 from ._commit import Batched, GroupCommitter
-from ._files import Record, SpoolFiles
+from ._files import Record
 from ._incoming import IncomingMessage
 from ._memory import LARGE, give_back, map_big_buffers
+from ._store import Claim, FileStore, SpoolStore
 from ._types import Envelope, SpoolError, SubmitResult, held_hint
 
 if TYPE_CHECKING:
@@ -64,6 +73,7 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 Outcome = Literal["sent", "retry", "paused", "held", "dead", "gone"]
+STORE_RETRY_SECONDS = 5.0  # a message the store could not claim is tried again after this
 
 
 @dataclass(frozen=True)
@@ -73,12 +83,12 @@ class Refusal:
     reply: str
 
 
-class FileSpool:
+class SpoolWorker:
     """The spool: ``submit`` from smtp_in, ``start``/``stop`` from the app, queue tools."""
 
     def __init__(
         self,
-        directory: Path,
+        store: SpoolStore,
         accounts: Iterable[AccountSettings],
         senders: Mapping[str, Sender],
         *,
@@ -95,7 +105,7 @@ class FileSpool:
         jitter: Callable[[], float] = random.random,
         pause: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        self.files = SpoolFiles(directory)
+        self.store = store
         self.accounts = {a.username: a for a in accounts}
         self.senders = senders
         self.hostname = hostname
@@ -115,11 +125,14 @@ class FileSpool:
         self._records: dict[str, Record] = {}
         self._generation = 0  # counts directory listings begun by _rescan
         self._touched: dict[str, int] = {}  # id → generation when the worker last changed it
-        self._committer = GroupCommitter(self.files)
-        self._saver: Batched[Record, bool] = Batched(self.files.save_batch, "spool-saver")
+        self._committer = GroupCommitter(store.commit_batch)
+        self._claimer: Batched[Record, Claim] = Batched(store.claim_batch, "spool-claimer")
+        self._marker: Batched[Record, bool] = Batched(store.mark_batch, "spool-marker")
+        self._saver: Batched[Record, bool] = Batched(store.save_batch, "spool-saver")
         self._forgetter: Batched[tuple[Record, str, str], None] = Batched(
-            self.files.forget_batch, "spool-forgetter"
+            store.forget_batch, "spool-forgetter"
         )
+        self._store_down = False  # the store failed; logged once until it works again
         self._busy: set[str] = set()
         self._arriving: set[str] = set()  # committed to disk, not yet tracked by submit
         self.found_by_rescan = 0  # messages the worker had lost track of (see _rescan)
@@ -137,27 +150,14 @@ class FileSpool:
         self._wake = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._stopping = False
-        self.files.prepare()
-
-    @classmethod
-    def from_settings(cls, settings: Settings, senders: Mapping[str, Sender]) -> FileSpool:
-        return cls(
-            settings.state_dir / "spool",
-            settings.accounts,
-            senders,
-            hostname=settings.hostname,
-            deliver_inline=settings.smtp.deliver_inline,
-            retry_window=settings.spool.retry_hours * 3600.0,
-            max_backoff=settings.spool.max_backoff_minutes * 60.0,
-            first_backoff=float(settings.spool.first_backoff_seconds),
-        )
+        store.prepare()
 
     # -- submission ---------------------------------------------------------------------------
 
     def receive(self, prologue: bytes = b"") -> IncomingMessage:
         """A new message to stream into the spool; ``prologue`` is stored before its content."""
         self.intake_seen(time.monotonic())
-        return IncomingMessage(self.files, self.hostname, prologue)
+        return IncomingMessage(self.store.tmp, self.hostname, prologue)
 
     async def submit(self, envelope: Envelope, message: bytes | IncomingMessage) -> SubmitResult:
         """Commit the message (group commit, see ``_commit``), then queue or deliver it inline.
@@ -174,6 +174,8 @@ class FileSpool:
         self._arriving.add(record.id)  # a listing may see it before it is tracked below
         try:
             await self._committer.commit(record, incoming)
+        except SpoolError:
+            raise
         except OSError as error:
             raise SpoolError(f"cannot store the message: {error.strerror or error}") from error
         finally:
@@ -187,13 +189,17 @@ class FileSpool:
             return queued
         self._start(record)
         try:
-            outcome = await self._attempt(record, inline=True)
+            claimed = await self._claim(record)  # another instance may have taken it first
+            if claimed is not None:
+                outcome = await self._attempt_claimed(claimed, inline=True)
+            else:  # not to be tried now: known (as stored) unless it is gone
+                outcome = "retry" if record.id in self._records else "gone"
         finally:
             self._finish(record)
         if isinstance(outcome, Refusal):
             return SubmitResult(outcome.reply, None)
         if outcome in ("retry", "paused", "held"):
-            self._track(record)
+            self._track(self._records.get(record.id, record))
         return queued
 
     # -- the worker -----------------------------------------------------------------------------
@@ -202,9 +208,10 @@ class FileSpool:
         """Load what is on disk (a previous run's queue included) and start delivering."""
         map_big_buffers()  # a large message's buffers go back to the system when freed
         await self._rescan()
-        self._paused = await asyncio.to_thread(self.files.load_pauses, time.time())
+        self._paused = await self.store.load_pauses(time.time())
         self._probing = set(self._paused)
         self._stopping = False
+        await self.store.start(self._arrived, self._paused_elsewhere)
         self._runner = asyncio.create_task(self._run(), name="spool-worker")
         log.info("spool.started", queued=len(self._records))
 
@@ -225,13 +232,14 @@ class FileSpool:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        await self.store.stop()
         log.info("spool.stopped", left=len(self._records))
 
     async def _run(self) -> None:
         last_scan = time.monotonic()
         while not self._stopping:
             if time.monotonic() - last_scan >= self.rescan_interval:
-                await self._rescan()
+                await self._rescan_safely()
                 last_scan = time.monotonic()
             hold = self.intake_hold(time.monotonic())
             if hold > 0.0:
@@ -313,10 +321,60 @@ class FileSpool:
 
     async def _deliver(self, record: Record) -> None:
         try:
-            await self._attempt(record)
+            claimed = await self._claim(record)
+            if claimed is not None:
+                await self._attempt_claimed(claimed)
         finally:
             self._finish(record)
             self._wake.set()
+
+    async def _claim(self, record: Record) -> Record | None:
+        """The message as stored, taken for this instance's attempt; None when it is not to be
+        tried now (gone, another instance's, no longer due, or the store cannot be used: then
+        it is tried again after ``STORE_RETRY_SECONDS``)."""
+        try:
+            taken, stored = await self._claimer.run(record)
+        except SpoolError as error:
+            self._store_failed(error)
+            self._later(record)
+            return None
+        self._store_works()
+        if stored is None:
+            self._gone(record)
+            return None
+        self._records[record.id] = stored  # what the store says, another instance's work too
+        self._touch(record.id)
+        return stored if taken else None
+
+    async def _attempt_claimed(self, record: Record, inline: bool = False) -> Outcome | Refusal:
+        """One attempt on a claimed message; the claim is given back however it ends. If the
+        store fails meanwhile, the message stays as last stored (an attempt that had begun is
+        looked up in sent mail before the next) and is tried again later."""
+        try:
+            return await self._attempt(record, inline)
+        except SpoolError as error:
+            self._store_failed(error)
+            self._later(record)
+            return "retry"
+        finally:
+            await self.store.release_claim(record)
+
+    def _later(self, record: Record) -> None:
+        """Keep the message in memory, due again after ``STORE_RETRY_SECONDS`` (not saved)."""
+        record.next_attempt = max(record.next_attempt, time.time() + STORE_RETRY_SECONDS)
+        self._records[record.id] = record
+        self._touch(record.id)
+
+    def _store_failed(self, error: Exception) -> None:
+        """One log line per outage of the store, however many operations fail during it."""
+        if not self._store_down:
+            self._store_down = True
+            log.error("spool.store_unavailable", error=str(error))
+
+    def _store_works(self) -> None:
+        if self._store_down:
+            self._store_down = False
+            log.info("spool.store_back")
 
     def _start(self, record: Record) -> None:
         account = record.envelope.account
@@ -340,6 +398,33 @@ class FileSpool:
         """After a pause, the account's first request is on its way: the others wait for it."""
         return account in self._probing and self._in_flight.get(account, 0) > 0
 
+    async def _rescan_safely(self) -> None:
+        """A rescan that, when the store cannot be read, keeps what is known until the next."""
+        try:
+            await self._rescan()
+        except SpoolError as error:
+            self._store_failed(error)
+        else:
+            self._store_works()
+
+    def _arrived(self, records: list[Record] | None) -> None:
+        """Messages another instance (or ``gateway queue``) stored or changed, as stored now;
+        None: notices may have been missed, so rescan."""
+        if records is None:
+            self._keep(asyncio.create_task(self._rescan_safely(), name="spool-rescan"))
+            return
+        for record in records:
+            if record.id not in self._busy and record.id not in self._arriving:
+                self._track(record)
+
+    def _paused_elsewhere(self, pauses: dict[str, float]) -> None:
+        """Another instance's provider pauses: none of those accounts' mail goes before."""
+        for account, until in pauses.items():
+            if until > self._paused.get(account, 0.0):
+                self._paused[account] = until
+                self._probing.add(account)
+        self._wake.set()
+
     async def _rescan(self) -> None:
         """Take the disk's word for every message not in flight (``gateway queue`` edits it).
 
@@ -350,7 +435,7 @@ class FileSpool:
         """
         self._generation += 1
         started = self._generation
-        on_disk = {r.id: r for r in await asyncio.to_thread(self.files.records)}
+        on_disk = {r.id: r for r in await self.store.records()}
         for queue_id in list(self._records):
             if queue_id not in on_disk and self._settled(queue_id, started):
                 del self._records[queue_id]
@@ -414,7 +499,8 @@ class FileSpool:
             if self._paused.get(account.username, 0.0) > time.time():
                 return "paused"  # throttled while this one waited for a slot: no request
             try:
-                async with self._message(record, sender) as message:
+                mapped = getattr(sender, "reads_mapped_files", False)
+                async with self.store.message(record.id, mapped) as message:
                     outcome = await self._try(record, message, inline, account, sender)
                     return metrics.send_outcome(account.provider, outcome)
             except FileNotFoundError:
@@ -439,8 +525,8 @@ class FileSpool:
         try:
             record.attempt_started = True
             record.attempts += 1
-            if not await self._saver.run(record):
-                return self._gone(record)
+            if not await self._marker.run(record):
+                return self._gone(record)  # deleted, or (a database spool) no longer ours
             if looking_up:
                 if await sender.already_sent(account, record.message_id):
                     await self._sent(
@@ -471,6 +557,8 @@ class FileSpool:
             await self._forget(record, "refused", error.reason)
             text = " ".join(error.reason.split())[:400]  # one reply line, bounded
             return Refusal(f"{error.smtp_code} {error.status} {text}")
+        except SpoolError:
+            raise  # the store, not the send, failed: see _attempt_claimed
         except Exception as error:  # a bug must not lose the mail or spin: retry later
             log.exception("spool.attempt_failed", queue_id=record.id)
             return await self._retry(record, f"internal error: {error!r}", None)
@@ -478,21 +566,6 @@ class FileSpool:
         await self._sent(record, result.detail, began)
         await self.release(account.username)  # a send worked: the account's held mail may go
         return "sent"
-
-    @contextlib.asynccontextmanager
-    async def _message(self, record: Record, sender: Sender) -> AsyncIterator[bytes | mmap.mmap]:
-        """The message for ``sender``: the spool file mapped read-only for a sender that reads
-        it that way (the API senders stream their request bodies from it, so a large message
-        is never copied into the heap), else its bytes."""
-        if not getattr(sender, "reads_mapped_files", False):
-            yield await asyncio.to_thread(self.files.read_message, record.id)
-            return
-        mapped = await asyncio.to_thread(self.files.map_message, record.id)
-        try:
-            yield mapped
-        finally:
-            with contextlib.suppress(BufferError):  # a view still alive: unmapped when freed
-                mapped.close()
 
     def _slot(self, username: str, size: int) -> asyncio.Semaphore:
         """The account's ``size`` delivery slots; new ones when its size changed (a reload:
@@ -555,8 +628,8 @@ class FileSpool:
             self._probing.add(account)
             current = {name: end for name, end in self._paused.items() if end > now}
             try:
-                await asyncio.to_thread(self.files.save_pauses, current)
-            except OSError as error:  # the pause still holds in memory
+                await self.store.save_pause(account, until, current)
+            except (OSError, SpoolError) as error:  # the pause still holds in memory
                 log.error("spool.pauses_not_saved", error=str(error))
         log.warning("spool.paused", account=account, seconds=round(until - now, 3), reason=reason)
         self._wake.set()
@@ -603,7 +676,7 @@ class FileSpool:
     async def _dead(self, record: Record, reason: str) -> None:
         record.state, record.reason = "dead", reason
         await self._save(record)
-        await asyncio.to_thread(self.files.log_delivery, record, "dead", reason)
+        await self.store.log_delivery(record, "dead", reason)
         log.warning("spool.dead", queue_id=record.id, reason=reason)
 
     async def _sent(self, record: Record, detail: str, began: float) -> None:
@@ -656,14 +729,14 @@ class FileSpool:
 
     async def retry(self, queue_id: str | None = None) -> int:
         """Make one message (or every waiting, held and dead one) due now, with a new window."""
-        changed = await asyncio.to_thread(retry_files, self.files, queue_id)
+        changed = await self.store.retry(queue_id)
         await self._rescan()
         self._wake.set()
         return changed
 
     async def delete(self, queue_id: str) -> bool:
         """Drop a message without delivering it (logged as deleted)."""
-        record = self._records.get(queue_id) or await asyncio.to_thread(self.files.load, queue_id)
+        record = self._records.get(queue_id) or await self.store.load(queue_id)
         if record is None:
             return False
         await self._forget(record, "deleted", "deleted by the admin")
@@ -679,22 +752,36 @@ class FileSpool:
         """Every message in the spool (queued, held, dead), oldest first."""
         return sorted(self._records.values(), key=lambda r: r.id)
 
-    def recent_deliveries(self, limit: int = 50) -> list[dict[str, Any]]:
+    async def recent_deliveries(self, limit: int = 50) -> list[dict[str, Any]]:
         """The delivery log, newest first: message-id, account, recipients, result, time."""
-        return self.files.recent_deliveries(limit)
+        return await self.store.recent_deliveries(limit)
 
 
-def retry_files(files: SpoolFiles, queue_id: str | None, held_for: str | None = None) -> int:
-    """Make messages due now on disk (the running worker picks this up on its next rescan):
-    one message, the held mail of account ``held_for``, or every message."""
-    changed = 0
-    for record in files.records():
-        if queue_id is not None and record.id != queue_id:
-            continue
-        if held_for is not None and (record.envelope.account, record.state) != (held_for, "held"):
-            continue
-        record.state, record.next_attempt = "queued", 0.0
-        record.retry_since = time.time()
-        if files.save(record):
-            changed += 1
-    return changed
+class FileSpool(SpoolWorker):
+    """The single-instance spool: its messages in files under ``directory`` (``_files``)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        accounts: Iterable[AccountSettings],
+        senders: Mapping[str, Sender],
+        **options: Any,
+    ) -> None:
+        store = FileStore(directory)
+        self.files = store.files  # tests and benches look at the files themselves
+        super().__init__(store, accounts, senders, **options)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, senders: Mapping[str, Sender]) -> FileSpool:
+        return cls(settings.state_dir / "spool", settings.accounts, senders, **options(settings))
+
+
+def options(settings: Settings) -> dict[str, Any]:
+    """The worker's settings from the config (reload changes them in place: ``reload``)."""
+    return {
+        "hostname": settings.hostname,
+        "deliver_inline": settings.smtp.deliver_inline,
+        "retry_window": settings.spool.retry_hours * 3600.0,
+        "max_backoff": settings.spool.max_backoff_minutes * 60.0,
+        "first_backoff": float(settings.spool.first_backoff_seconds),
+    }

@@ -93,6 +93,46 @@ MIGRATIONS: tuple[Migration, ...] = (
             "PRIMARY KEY (account, provider_id))",
         ),
     ),
+    Migration(
+        7,
+        "INBOX views: a change counter per map, compared by instances sharing the database",
+        ("ALTER TABLE mailbox_state ADD COLUMN version INTEGER NOT NULL DEFAULT 0",),
+    ),
+    Migration(
+        8,
+        "admin sign-in sessions and recent failed logins, valid and counted on every instance",
+        (
+            "CREATE TABLE admin_sessions ("
+            "id_digest TEXT PRIMARY KEY, csrf_token TEXT NOT NULL, "
+            "signed_in INTEGER NOT NULL, last_seen TEXT NOT NULL)",
+            "CREATE INDEX admin_sessions_last_seen ON admin_sessions (last_seen)",
+            "CREATE TABLE login_failures ("
+            "id INTEGER PRIMARY KEY, user_digest TEXT NOT NULL, client TEXT NOT NULL, "
+            "at TEXT NOT NULL)",
+            "CREATE INDEX login_failures_user ON login_failures (user_digest, at)",
+            "CREATE INDEX login_failures_at ON login_failures (at)",
+        ),
+    ),
+    Migration(
+        9,
+        "the spool in the database: messages with their bodies and claims, pauses, delivery log",
+        (
+            "CREATE TABLE spool_messages ("
+            "id TEXT PRIMARY KEY, account TEXT NOT NULL, envelope TEXT NOT NULL, "
+            "message_id TEXT NOT NULL, size INTEGER NOT NULL, state TEXT NOT NULL, "
+            "created_ms INTEGER NOT NULL, retry_since_ms INTEGER NOT NULL, "
+            "attempts INTEGER NOT NULL, attempt_started INTEGER NOT NULL, "
+            "next_attempt_ms INTEGER NOT NULL, reason TEXT NOT NULL, "
+            "lease_owner TEXT, lease_until_ms INTEGER, body BLOB NOT NULL)",
+            "CREATE INDEX spool_messages_due ON spool_messages (state, next_attempt_ms)",
+            "CREATE TABLE spool_pauses (account TEXT PRIMARY KEY, until_ms INTEGER NOT NULL)",
+            "CREATE TABLE spool_deliveries ("
+            "id INTEGER PRIMARY KEY, at TEXT NOT NULL, queue_id TEXT NOT NULL, "
+            "message_id TEXT NOT NULL, account TEXT NOT NULL, recipients INTEGER NOT NULL, "
+            "result TEXT NOT NULL, detail TEXT NOT NULL)",
+            "CREATE INDEX spool_deliveries_at ON spool_deliveries (at)",
+        ),
+    ),
 )
 
 _CREATE_VERSION_TABLE = (

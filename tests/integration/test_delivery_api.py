@@ -182,8 +182,8 @@ async def test_small_and_10mb_messages_are_sent_once(world: World, account: str)
     sent = world.sent(user)
     assert len(sent) == 2
     assert attachment_of(sent[1].raw) == payload  # through an upload session / the upload API
-    assert [r["result"] for r in spool.recent_deliveries()] == ["sent", "sent"]
-    logged = {r["queue_id"]: r for r in spool.recent_deliveries()}
+    assert [r["result"] for r in await spool.recent_deliveries()] == ["sent", "sent"]
+    logged = {r["queue_id"]: r for r in await spool.recent_deliveries()}
     assert logged[large.queue_id]["recipients"] == 1
     assert logged[small.queue_id]["message_id"] in sent[0].raw.decode()
 
@@ -208,7 +208,7 @@ async def test_a_30mb_message_streamed_from_the_spool_file_arrives_byte_exact(
         await spool.stop()
     (sent,) = world.sent(user)
     assert attachment_of(sent.raw) == payload
-    assert [r["result"] for r in spool.recent_deliveries()] == ["sent"]
+    assert [r["result"] for r in await spool.recent_deliveries()] == ["sent"]
     if account == "scanner":  # Gmail keeps the message as uploaded: the body byte for byte
         body = raw[raw.index(b"\r\n\r\n") + 4 :]
         assert sent.raw.endswith(body)
@@ -343,7 +343,7 @@ async def test_restart_after_crash_between_accept_and_record_does_not_resend(
     finally:
         await second.stop()
     assert len(world.sent(user)) == 1
-    (logged,) = second.recent_deliveries()
+    (logged,) = await second.recent_deliveries()
     assert logged["result"] == "sent" and "found in sent mail" in logged["detail"]
 
 
@@ -479,7 +479,7 @@ async def test_graph_save_to_sent_is_honoured_for_small_and_large_messages(
         box.in_folder(box.folders["drafts"]),
     )
     assert (len(sent_items), drafts) == (2 if keep else 0, [])
-    details = [r["detail"] for r in spool.recent_deliveries()]
+    details = [r["detail"] for r in await spool.recent_deliveries()]
     assert len(details) == 2
     assert all(("no Sent Items copy" in detail) is not keep for detail in details)
 
@@ -504,5 +504,5 @@ async def test_without_a_sent_copy_a_crash_mid_send_is_sent_again(world: World) 
     finally:
         await second.stop()
     assert [m.recipients for m in world.sent(user)] == [("alice@example.org",)] * 2
-    (logged,) = second.recent_deliveries()
+    (logged,) = await second.recent_deliveries()
     assert logged["result"] == "sent" and "found in sent mail" not in logged["detail"]

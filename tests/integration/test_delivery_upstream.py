@@ -86,7 +86,7 @@ async def test_upstream_delivery_keeps_the_envelope(
     assert "Tschüss, 8-bit body." in stored
     assert "envelope-only@elsewhere.example" in stored  # Postfix's Delivered-To/Received
     assert "Message-ID: <" in stored  # added by the spool for later deduplication
-    (logged,) = spool.recent_deliveries()
+    (logged,) = await spool.recent_deliveries()
     assert logged["result"] == "sent" and "accepted 1 recipient" in logged["detail"]
 
 
@@ -126,7 +126,7 @@ async def test_upstream_refusal_reaches_the_client_inline(
     assert result.queue_id is None
     assert result.reply.startswith("501 5.1.7 upstream localhost answered 501 5.1.7 Bad sender")
     assert spool.messages() == []
-    assert spool.recent_deliveries()[0]["result"] == "refused"
+    assert (await spool.recent_deliveries())[0]["result"] == "refused"
 
 
 def _postfix_sessions(postfix: Postfix, since: int, sasl_user: str) -> list[int]:
@@ -248,7 +248,7 @@ async def test_postfix_restarted_mid_batch_loses_and_duplicates_nothing(
         await sender.close()
     assert spool.messages() == []
     assert pool.opened > opened_before  # the dropped sessions were replaced
-    deliveries = spool.recent_deliveries(limit=400)
+    deliveries = await spool.recent_deliveries(limit=400)
     assert [d["result"] for d in deliveries] == ["sent"] * 200
     events = [r.getMessage() for r in caplog.records]
     assert "upstream.session_dropped" in events and "spool.retry" not in events

@@ -213,7 +213,7 @@ async def test_reload_sends_mail_held_for_a_wrong_upstream_password_at_once(
         await asyncio.to_thread(path.write_text, yaml.safe_dump(config))
         assert await gateway.reload()
         await _until(lambda: gateway.spool.messages() == [])
-        (logged,) = gateway.spool.recent_deliveries()
+        (logged,) = await gateway.spool.recent_deliveries()
         assert logged["result"] == "sent"
     uids = await asyncio.to_thread(postfix.wait_for_delivery, "header", "Subject", f"held {token}")
     assert len(uids) == 1

@@ -368,8 +368,8 @@ async def test_throttling_outage_and_resets_during_a_burst_deliver_each_exactly_
     for account, ids in expected.items():
         assert sorted(message_ids(live.sent(account))) == ids  # none twice, none foreign
     spool = live.gateway.spool  # the log line follows the removal of the files: wait for it
-    await until(lambda: len(spool.recent_deliveries(limit=100)) >= 30, 5, "30 log entries")
-    results = Counter(r["result"] for r in spool.recent_deliveries(limit=100))
+    await until(lambda: len(spool.files.recent_deliveries(100)) >= 30, 5, "30 log entries")
+    results = Counter(r["result"] for r in await spool.recent_deliveries(limit=100))
     assert results == {"sent": 30}
 
 

@@ -49,7 +49,7 @@ class RecordingSpool:
         self.files.prepare()
 
     def receive(self, prologue: bytes = b"") -> IncomingMessage:
-        return IncomingMessage(self.files, "gw.test", prologue)
+        return IncomingMessage(self.files.tmp, "gw.test", prologue)
 
     async def submit(self, envelope: Envelope, message: IncomingMessage) -> SubmitResult:  # type: ignore[override]
         message.finish()

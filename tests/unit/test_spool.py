@@ -19,7 +19,7 @@ import pytest
 from gateway.config import AccountSettings, SendingSettings
 from gateway.delivery import DeliveryResult, Envelope, Permanent, Temporary
 from gateway.oauth import ReauthRequired
-from gateway.spool import FileSpool, SpoolError, queue_main
+from gateway.spool import FileSpool, FileStore, SpoolError, queue_main
 from tests.helpers import PASSWORD_HASH
 
 RAW = b"From: a@example.com\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nbody\r\n"
@@ -152,7 +152,7 @@ async def test_temporary_failures_are_retried_then_sent(tmp_path: Path) -> None:
         await spool.stop()
     assert len(sender.calls) == 3
     assert sender.calls[1][0] - sender.calls[0][0] >= 0.05
-    (logged,) = spool.recent_deliveries()
+    (logged,) = await spool.recent_deliveries()
     assert logged["result"] == "sent" and logged["recipients"] == 1
 
 
@@ -191,7 +191,7 @@ async def test_inline_temporary_is_queued_and_inline_success_is_logged(tmp_path:
     assert first.reply.startswith("250 ") and [r.state for r in spool.messages()] == ["queued"]
     second = await spool.submit(envelope(), RAW)
     assert second.reply.startswith("250 ") and len(spool.messages()) == 1
-    assert spool.recent_deliveries()[0]["queue_id"] == second.queue_id
+    assert (await spool.recent_deliveries())[0]["queue_id"] == second.queue_id
 
 
 async def test_held_until_release_and_released_by_a_later_success(tmp_path: Path) -> None:
@@ -227,7 +227,7 @@ async def test_restart_resumes_from_disk_and_checks_sent_mail_first(tmp_path: Pa
         await again.stop()
     assert sender.calls == []  # found in sent mail: not sent again
     assert not (tmp_path / "spool" / "queue" / "debris.eml").exists()
-    assert again.recent_deliveries()[0]["queue_id"] == queued.queue_id
+    assert (await again.recent_deliveries())[0]["queue_id"] == queued.queue_id
 
 
 async def test_pacing_spaces_sends(tmp_path: Path) -> None:
@@ -283,18 +283,18 @@ async def test_queue_command_lists_retries_and_deletes(tmp_path: Path) -> None:
         await spool.stop()
     directory = tmp_path / "spool"
     out = io.StringIO()
-    assert queue_main(directory, "list", out=out) == 0
+    assert await queue_main(FileStore(directory), "list", None, out) == 0
     assert dead.queue_id in out.getvalue() and "reason: refused for a reason" in out.getvalue()
     assert other.queue_id not in out.getvalue()  # delivered
 
-    assert queue_main(directory, "retry", dead.queue_id, out=io.StringIO()) == 0
+    assert await queue_main(FileStore(directory), "retry", dead.queue_id, io.StringIO()) == 0
     (record,) = spool.files.records()
     assert (record.state, record.next_attempt) == ("queued", 0.0)
-    assert queue_main(directory, "delete", "nope", out=io.StringIO()) == 1
-    assert queue_main(directory, "delete", dead.queue_id, out=io.StringIO()) == 0
+    assert await queue_main(FileStore(directory), "delete", "nope", io.StringIO()) == 1
+    assert await queue_main(FileStore(directory), "delete", dead.queue_id, io.StringIO()) == 0
     assert spool.files.records() == []
-    assert spool.recent_deliveries()[0]["result"] == "deleted"
-    assert queue_main(directory, "frobnicate", out=io.StringIO()) == 2
+    assert (await spool.recent_deliveries())[0]["result"] == "deleted"
+    assert await queue_main(FileStore(directory), "frobnicate", None, io.StringIO()) == 2
 
 
 async def test_queue_release_makes_an_accounts_held_mail_due(tmp_path: Path) -> None:
@@ -306,9 +306,9 @@ async def test_queue_release_makes_an_accounts_held_mail_due(tmp_path: Path) -> 
     finally:
         await spool.stop()
     out = io.StringIO()
-    assert queue_main(tmp_path / "spool", "release", "other", out=out) == 0
+    assert await queue_main(FileStore(tmp_path / "spool"), "release", "other", out) == 0
     assert spool.files.records()[0].state == "held"
-    assert queue_main(tmp_path / "spool", "release", "crm", out=out) == 0
+    assert await queue_main(FileStore(tmp_path / "spool"), "release", "crm", out) == 0
     assert "1 held message(s) of crm released" in out.getvalue()
     assert spool.files.records()[0].state == "queued"
 
@@ -435,7 +435,7 @@ async def test_inline_delivery_queues_for_a_paused_mailbox_and_the_queue_says_un
     assert first.reply.startswith("250 2.0.0 Ok: queued") and second.queue_id is not None
     assert len(sender.calls) == 1  # the second message did not go to the paused mailbox
     out = io.StringIO()
-    assert queue_main(tmp_path / "spool", "list", out=out) == 0
+    assert await queue_main(FileStore(tmp_path / "spool"), "list", None, out) == 0
     until_text = spool.pauses()["crm"].strftime("%Y-%m-%d %H:%M:%SZ")
     assert out.getvalue().count(f"paused by the provider until {until_text}") == 2
 
