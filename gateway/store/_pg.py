@@ -67,7 +67,10 @@ def _driver() -> tuple[Any, Any]:
         import psycopg
         import psycopg_pool
     except ImportError as error:
-        raise StoreError(f"store.url names PostgreSQL, but {error}; {INSTALL_HINT}") from error
+        raise StoreError(
+            f"store.url names PostgreSQL, but its driver (psycopg 3 with psycopg_pool) cannot "
+            f"be imported here ({error}); {INSTALL_HINT}"
+        ) from None
     return psycopg, psycopg_pool
 
 
