@@ -142,6 +142,7 @@ class Gateway:
             lambda account: providers.mailbox_source(self.settings, account, http, broker, trust),
             broker.reconnect_needed,
             lambda: self.settings.reading,
+            self.stores.coordination,  # one poller per account across instances
         )
         self.smtp_front = smtp_server.SmtpFront(
             settings,

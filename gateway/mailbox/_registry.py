@@ -1,5 +1,7 @@
 """The open INBOX views: one per account, opened at its first IMAP or POP3 login and shared by
-every session of that account, so one poller and one body cache serve them all."""
+every session of that account, so one poller and one body cache serve them all. With instances
+sharing a PostgreSQL, one poller per account across them all, and each instance's views follow
+the others' changes (see ``_cluster``)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 
 from ..config import AccountSettings, ReadingSettings
 from ..providers import MailboxSource
-from ..store import MailboxStore
+from ..store import Coordination, MailboxStore
+from ._cluster import Cluster
 from ._view import BodyCache, MailboxView, ReadingPolicy
 
 NO_INBOX = "This account has no INBOX to read (its upstream has no imap or pop3 server)"
@@ -19,6 +22,8 @@ class MailboxViews(Mapping[str, MailboxView]):
 
     What may change on a config reload is asked for each time a view opens: the account
     (``account_for``), its source (``source_for``) and the reading settings (``reading``).
+    ``coordination`` links the views to the other instances' (None: a view on its own always
+    polls and tells nobody).
     """
 
     def __init__(
@@ -28,6 +33,7 @@ class MailboxViews(Mapping[str, MailboxView]):
         source_for: Callable[[AccountSettings], MailboxSource | None],
         reconnect_needed: Callable[[str], Awaitable[str | None]],
         reading: Callable[[], ReadingSettings],
+        coordination: Coordination | None = None,
     ) -> None:
         self._store = store
         self._account_for = account_for
@@ -36,6 +42,8 @@ class MailboxViews(Mapping[str, MailboxView]):
         self._reading = reading
         self._views: dict[str, MailboxView] = {}
         self._opening: dict[str, asyncio.Lock] = {}
+        self._cluster = None if coordination is None else Cluster(coordination)
+        self._stop_listening = None if self._cluster is None else self._cluster.listen(self)
 
     def __getitem__(self, username: str) -> MailboxView:
         return self._views[username]
@@ -79,6 +87,7 @@ class MailboxViews(Mapping[str, MailboxView]):
             BodyCache(reading.cache_mb * 1024 * 1024),
             ReadingPolicy(account.reading.mirror_flags, account.reading.on_delete),
             reading.poll_seconds,
+            cluster=self._cluster,
         )
 
     async def reopen(self, usernames: Iterable[str]) -> list[str]:
@@ -94,6 +103,9 @@ class MailboxViews(Mapping[str, MailboxView]):
 
     async def close(self) -> None:
         """Close every view: sizes learnt are saved, queued provider changes finish."""
+        if self._stop_listening is not None:
+            self._stop_listening()
+            self._stop_listening = None
         views, self._views = self._views, {}
         for view in views.values():
             await view.close()

@@ -42,8 +42,17 @@ def new_uidvalidity(previous: int | None = None) -> int:
     return max(now, (previous or 0) + 1)
 
 
+class MapMoved(Exception):
+    """Another instance changed the map since this copy was read: nothing was saved."""
+
+
 class UidMap:
-    """The in-memory copy of one account's map; every change is written before it is seen."""
+    """The in-memory copy of one account's map; every change is written before it is seen.
+
+    ``version`` is the store's change counter for the map as this copy holds it: when it
+    equals the store's, the copy is exact (every change counts itself there in the transaction
+    that makes it), which is how instances sharing a database see each other's changes cheaply.
+    """
 
     def __init__(self, store: MailboxStore, account: str) -> None:
         self.store = store
@@ -59,9 +68,7 @@ class UidMap:
         uids = cls(store, account)
         state, entries = await store.load_mailbox(account)
         if state is not None:
-            uids.state, uids.known = state, True
-            for entry in entries:
-                uids.by_uid[entry.uid] = uids.by_id[entry.provider_id] = entry
+            uids._replace(state, entries)
         return uids
 
     @property
@@ -76,6 +83,10 @@ class UidMap:
     def cursor(self) -> str | None:
         return self.state.cursor
 
+    @property
+    def version(self) -> int | None:
+        return self.state.version if self.known else None
+
     def entries(self) -> list[Entry]:
         return [self.by_uid[uid] for uid in sorted(self.by_uid)]
 
@@ -89,7 +100,8 @@ class UidMap:
     ) -> Applied:
         """Apply changes idempotently: known ids in ``added`` only update their flags, unknown
         ids in ``removed``/``flags`` are ignored, an id both removed and added is removed; with
-        ``present``, every known id missing from it is removed too."""
+        ``present``, every known id missing from it is removed too. MapMoved when another
+        instance changed the map meanwhile (:meth:`reload`, then apply again)."""
         async with self._writing:
             return await self._apply(list(added), set(removed), dict(flags), cursor, present)
 
@@ -125,27 +137,76 @@ class UidMap:
             for n, m in enumerate(ordered)
         ]
         state = MailboxState(self.uidvalidity, self.uidnext + len(new), cursor)
-        await self.store.save_mailbox_changes(self.account, state, new, gone, updated)
-        return self._commit(state, new, gone, updated)
+        version = await self.store.save_mailbox_sync(
+            self.account, self.version, state, new, gone, updated
+        )
+        if version is None:
+            raise MapMoved(self.account)
+        return self._commit(replace(state, version=version), new, gone, updated)
 
-    async def update(self, pids: Iterable[str], change: Callable[[Entry], Entry]) -> list[Entry]:
-        """Save a local change (the gateway's flags, a size, a deletion) of known messages.
+    async def update(
+        self, pids: Iterable[str], change: Callable[[Entry], Entry]
+    ) -> tuple[list[Entry], Applied]:
+        """Save a client's change (the gateway's flags, a deletion) of known messages.
 
-        ``change`` gets the current entry under the write lock, so concurrent changes to the
-        same message (a size learnt during a STORE) never overwrite each other. Returns the
-        entries that really changed; unknown ids are ignored.
+        ``change`` gets each entry as stored now, in the transaction that writes it, so
+        concurrent changes to the same message (from this instance or another) never overwrite
+        each other. Returns the entries that really changed, and what else changed in the map
+        when the store showed this copy had missed another instance's change.
         """
         async with self._writing:
-            changed = [
-                new
-                for pid in dict.fromkeys(pids)
-                if (old := self.by_id.get(pid)) is not None and (new := change(old)) != old
-            ]
-            if changed:
-                await self.store.save_mailbox_changes(self.account, None, updated=changed)
-                for entry in changed:
-                    self.by_uid[entry.uid] = self.by_id[entry.provider_id] = entry
-            return changed
+            done = await self.store.update_mailbox(self.account, self.version, list(pids), change)
+            for entry in done.changed:
+                self.by_uid[entry.uid] = self.by_id[entry.provider_id] = entry
+            if done.snapshot is not None:
+                return done.changed, self._replace(*done.snapshot)
+            if done.version is not None:
+                self.state = replace(self.state, version=done.version)
+            return done.changed, Applied()
+
+    async def save_sizes(self, sizes: Mapping[str, int]) -> None:
+        """Exact sizes learnt from downloads (facts: no other instance needs telling)."""
+        async with self._writing:
+            await self.store.save_mailbox_sizes(self.account, sizes)
+            for pid, size in sizes.items():
+                entry = self.by_id.get(pid)
+                if entry is not None and entry.size is None:
+                    self.by_uid[entry.uid] = self.by_id[pid] = replace(entry, size=size)
+
+    async def reload(self) -> Applied:
+        """Read the map again if the store's version differs from this copy's (another
+        instance changed it): what changed, in UIDs, as a sync reports it."""
+        async with self._writing:
+            if await self.store.mailbox_version(self.account) == self.version:
+                return Applied()
+            state, entries = await self.store.load_mailbox(self.account)
+            if state is None:
+                return Applied()
+            return self._replace(state, entries)
+
+    def _replace(self, state: MailboxState, entries: list[Entry]) -> Applied:
+        """Take the stored map as it is; what changed for a session's eyes: messages that
+        came or left (a local deletion counts as leaving) and effective flags."""
+        old, rebuilt = self.by_uid, self.known and state.uidvalidity != self.uidvalidity
+        self.by_uid = {e.uid: e for e in entries}
+        self.by_id = {e.provider_id: e for e in entries}
+        self.state, self.known = state, True
+        if rebuilt:
+            added = [e.uid for e in entries if not e.hidden]
+            return Applied(added, [], [], rebuilt=True)
+        applied = Applied()
+        for uid, before in old.items():
+            after = self.by_uid.get(uid)
+            if before.hidden:
+                continue
+            if after is None or after.hidden:
+                applied.removed.append(uid)
+            elif effective_flags(after) != effective_flags(before):
+                applied.flags_changed.append(uid)
+        applied.added.extend(e.uid for e in entries if e.uid not in old and not e.hidden)
+        applied.removed.sort()
+        applied.flags_changed.sort()
+        return applied
 
     async def reconcile(self, snapshot: Iterable[RemoteMessage], cursor: str) -> Applied:
         """A full listing, matched by id: survivors keep their UIDs, the rest come and go."""
@@ -162,10 +223,14 @@ class UidMap:
         ]
         state = MailboxState(new_uidvalidity(self.uidvalidity), len(new) + 1, cursor)
         async with self._writing:
-            await self.store.save_mailbox_changes(self.account, state, new, replace=True)
+            version = await self.store.save_mailbox_sync(
+                self.account, self.version, state, new, replace=True
+            )
+            if version is None:
+                raise MapMoved(self.account)
             self.by_uid.clear()
             self.by_id.clear()
-            applied = self._commit(state, new, [], [])
+            applied = self._commit(replace(state, version=version), new, [], [])
         return Applied(applied.added, [], [], rebuilt=True)
 
     def _commit(
@@ -186,6 +251,11 @@ class UidMap:
         applied.removed.sort()
         applied.flags_changed.sort()
         return applied
+
+
+def effective_flags(entry: Entry) -> tuple[str, ...]:
+    """The flags a client sees: the gateway's own once a client set any, else the provider's."""
+    return entry.local_flags if entry.local_flags is not None else entry.flags
 
 
 def _provider_flags(entry: Entry, now: frozenset[str]) -> Entry:

@@ -43,8 +43,9 @@ from ..providers import (
     NotSupported,
     WarmUpQuota,
 )
-from ..store import MailboxStore
-from ._uidmap import Applied, Entry, UidMap
+from ..store import MailboxStore, StoreError
+from ._cluster import Cluster, PollLead
+from ._uidmap import Applied, Entry, MapMoved, UidMap, effective_flags
 from ._warmup import WarmUp
 
 log = get_logger(__name__)
@@ -52,6 +53,8 @@ log = get_logger(__name__)
 DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
 DEFAULT_POLL_SECONDS = 30.0
 MAX_FRESH_SECONDS = 10.0  # see MailboxView.fresh_seconds
+ANSWER_SECONDS = 5.0  # how long a view that does not poll waits for the poller's fresh state
+_SYNC_ATTEMPTS = 3  # a sync saved over another instance's change is applied again this often
 KNOWN_FLAGS = (SEEN, "\\Answered", FLAGGED, "\\Deleted", "\\Draft")
 # RFC 3501 flag-keyword = atom: no atom-specials, no CTL, not empty; ``\\`` only in system flags.
 _KEYWORD = re.compile(r"[^\x00-\x20\x7f-\U0010ffff(){%*\"\\\]]+")
@@ -160,6 +163,7 @@ class MailboxView:
         poll_seconds: float = DEFAULT_POLL_SECONDS,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        cluster: Cluster | None = None,
     ) -> None:
         self._uids = uids
         self.source = source
@@ -188,6 +192,14 @@ class MailboxView:
         self._clients_idle = asyncio.Event()
         self._clients_idle.set()
         self.warm_up = self._warm_up_for(source)
+        self._cluster = cluster
+        self.lead = PollLead(cluster, uids.account)
+        self.answer_seconds = ANSWER_SECONDS
+        self._noticed = asyncio.Event()  # a change notice came (see _ask_the_poller)
+        self._reloading: asyncio.Task[None] | None = None
+        self._reload_again = False
+        self._answering: asyncio.Task[None] | None = None
+        self._stepping_down: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(
@@ -200,9 +212,11 @@ class MailboxView:
         poll_seconds: float = DEFAULT_POLL_SECONDS,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        cluster: Cluster | None = None,
     ) -> MailboxView:
+        """Load the account's stored map; ``cluster`` when other instances may share it."""
         uids = await UidMap.load(store, account)
-        return cls(uids, source, cache or BodyCache(), policy, poll_seconds, clock, sleep)
+        return cls(uids, source, cache or BodyCache(), policy, poll_seconds, clock, sleep, cluster)
 
     @property
     def account(self) -> str:
@@ -220,7 +234,7 @@ class MailboxView:
         """The visible messages in UID order; one shared tuple until something changes."""
         if self._listing is None:
             self._listing = tuple(
-                MessageInfo(e.uid, e.provider_id, e.internal_date, _effective(e), e.size)
+                MessageInfo(e.uid, e.provider_id, e.internal_date, effective_flags(e), e.size)
                 for e in self._uids.entries()
                 if not e.hidden
             )
@@ -245,7 +259,7 @@ class MailboxView:
         entry = self._uids.by_uid[uid]
         if entry.hidden:
             raise KeyError(uid)
-        return frozenset(_effective(entry))
+        return frozenset(effective_flags(entry))
 
     # -- syncing and watching ----------------------------------------------------------------
 
@@ -263,13 +277,20 @@ class MailboxView:
     async def ensure_fresh(self) -> Applied:
         """Sync unless the view synced less than ``fresh_seconds`` ago (SELECT, EXAMINE,
         STATUS, POP3 login): logins arriving together share one provider round, and those
-        arriving within the window use its state."""
+        arriving within the window use its state. When another instance polls the account,
+        it is asked to sync instead, and this view reads what it saved."""
         if self._clock() - self._last_synced < self.fresh_seconds:
             return Applied()
         async with self._sync_lock:  # waiters behind a sync find it fresh once it is done
             if self._clock() - self._last_synced < self.fresh_seconds:
                 return Applied()
-            return await self._sync_locked()
+            if not await self._take_lead():
+                return await self._ask_the_poller()
+            try:
+                return await self._sync_locked()
+            finally:
+                if not self._polling:
+                    await self.lead.give_up()  # an instance whose sessions watch may poll
 
     def stale(self) -> None:
         """The provider is known to have changed: the next session opening the view syncs
@@ -279,7 +300,7 @@ class MailboxView:
     async def _sync_locked(self) -> Applied:
         self._last_sync_started = self._clock()
         with _provider_call():
-            applied = await self._sync_once()
+            applied = await self._sync_saved()
         self._last_synced = self._clock()
         first = not self._caught_up
         if first:
@@ -306,6 +327,24 @@ class MailboxView:
                 and any((flag in local) != (flag in entry.flags) for flag in (SEEN, FLAGGED))
             ):
                 self._mirror.flags(entry.provider_id, local)
+
+    async def _sync_saved(self) -> Applied:
+        """One sync, saved over the map as stored: if another instance changed the map since
+        this copy was read (a client's STORE there, a poller handing over), the copy is read
+        again (its changes told) and the sync runs again from the stored cursor; then the
+        other instances are told."""
+        for _attempt in range(_SYNC_ATTEMPTS):
+            try:
+                applied = await self._sync_once()
+            except MapMoved:
+                self._changed(await self._uids.reload(), None)
+            else:
+                if applied.added or applied.removed or applied.flags_changed or applied.rebuilt:
+                    await self._tell_others()
+                return applied
+        raise MailboxUnavailable(
+            "the INBOX kept changing through other gateway instances while it was synced; try again"
+        )
 
     async def _sync_once(self) -> Applied:
         uids = self._uids
@@ -350,15 +389,33 @@ class MailboxView:
         if not self._watchers and self._poller is not None:
             self._poller.cancel()
             self._poller = None
+            if self.lead.leading and self._cluster is not None:  # another instance may poll
+                self._stepping_down = asyncio.create_task(
+                    self._give_up_unless_polling(), name=f"unlead {self.account}"
+                )
+
+    @property
+    def _polling(self) -> bool:
+        return self._poller is not None and not self._poller.done()
+
+    async def _give_up_unless_polling(self) -> None:
+        async with self._sync_lock:  # not in the middle of a sync of ours
+            if not self._polling:
+                await self.lead.give_up()
 
     async def _poll(self) -> None:
-        """Sync every ``poll_seconds``; a failure is logged when it starts or changes, not
-        every interval (an outage would otherwise log twice a minute per mailbox)."""
+        """Every ``poll_seconds``: sync if this instance polls the account (or can now take
+        that over), else read the stored map again if its version moved (a notice missed).
+        A failure is logged when it starts or changes, not every interval (an outage would
+        otherwise log twice a minute per mailbox)."""
         failing = ""
         while self._watchers:
             await asyncio.sleep(self.poll_seconds)
             try:
-                await self.sync()
+                if await self._take_lead():
+                    await self.sync()
+                else:
+                    self._changed(await self._uids.reload(), None)
             except Exception as error:  # the provider is down or the grant revoked: try later
                 if str(error) != failing:
                     log.warning("mailbox.poll_failed", account=self.account, error=str(error))
@@ -381,6 +438,75 @@ class MailboxView:
                 except Exception:
                     log.exception("mailbox.watcher_failed", account=self.account)
 
+    # -- other instances (see _cluster) ------------------------------------------------------
+
+    async def _take_lead(self) -> bool:
+        """Whether this view asks the provider now (see :class:`PollLead`); a newly taken
+        lead first reads the stored map, which the previous poller may have moved on."""
+        was_leading = self.lead.leading
+        try:
+            leading = await self.lead.take()
+        except StoreError as error:
+            raise MailboxUnavailable(str(error)) from error
+        if leading and not was_leading:
+            self._changed(await self._uids.reload(), None)
+        return leading
+
+    async def _ask_the_poller(self) -> Applied:
+        """Another instance polls the account: ask it to sync, wait (a bounded time) for its
+        notice, and read what is stored."""
+        self._noticed.clear()
+        assert self._cluster is not None, "without a cluster the view always leads"
+        await self._cluster.ask_poll(self.account)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.answer_seconds):
+                await self._noticed.wait()
+        try:
+            applied = await self._uids.reload()
+        except StoreError as error:
+            raise MailboxUnavailable(str(error)) from error
+        self._last_synced = self._clock()
+        self._changed(applied, None)
+        return applied
+
+    async def _tell_others(self) -> None:
+        if self._cluster is not None:
+            await self._cluster.changed(self.account)
+
+    def reload_soon(self) -> None:
+        """A notice: the stored map may have changed. Read again (once for notices arriving
+        while a read runs) and tell the watchers what changed."""
+        self._noticed.set()
+        if self._reloading is not None and not self._reloading.done():
+            self._reload_again = True
+            return
+        self._reloading = asyncio.create_task(self._reload(), name=f"reload {self.account}")
+
+    async def _reload(self) -> None:
+        self._reload_again = True
+        while self._reload_again:
+            self._reload_again = False
+            try:
+                self._changed(await self._uids.reload(), None)
+            except Exception as error:  # the store is unreachable: the next notice retries
+                log.warning("mailbox.reload_failed", account=self.account, error=str(error))
+                return
+
+    def poll_requested(self) -> None:
+        """Another instance's session wants the account fresh: if this view polls, sync
+        (unless it just did) and answer with a notice, whatever the sync found."""
+        if not self.lead.leading or self._cluster is None:
+            return
+        if self._answering is None or self._answering.done():
+            self._answering = asyncio.create_task(self._answer(), name=f"answer {self.account}")
+
+    async def _answer(self) -> None:
+        try:
+            await self.ensure_fresh()
+        except Exception as error:
+            log.warning("mailbox.poll_failed", account=self.account, error=str(error))
+        await self._tell_others()
+
     # -- client changes ----------------------------------------------------------------------
 
     async def store_flags(
@@ -392,18 +518,42 @@ class MailboxView:
         ignored. Returns the flags now of every UID still in the view."""
         wanted = {f for n in names if (f := self._canonical(n)) is not None}
 
-        def change(entry: Entry) -> Entry:
-            current = set(_effective(entry))
+        def change(entry: Entry) -> Entry:  # on the stored entry, in the saving transaction
+            if entry.hidden:
+                return entry
+            current = set(effective_flags(entry))
             new = current | wanted if how > 0 else current - wanted if how < 0 else wanted
             return replace(entry, local_flags=tuple(sorted(new)))
 
         pids = [e.provider_id for e in self._entries(uids)]
-        changed = await self._uids.update(pids, change)
-        self._changed(Applied(flags_changed=sorted(e.uid for e in changed)), origin)
+        changed = await self._save_change(
+            pids, change, lambda done: Applied(flags_changed=sorted(e.uid for e in done)), origin
+        )
         if self.policy.mirror_flags:
             for entry in changed:
-                self._mirror.flags(entry.provider_id, _effective(entry))
-        return {e.uid: frozenset(_effective(e)) for e in self._entries(uids)}
+                self._mirror.flags(entry.provider_id, effective_flags(entry))
+        return {e.uid: frozenset(effective_flags(e)) for e in self._entries(uids)}
+
+    async def _save_change(
+        self,
+        pids: list[str],
+        change: Callable[[Entry], Entry],
+        told: Callable[[list[Entry]], Applied],
+        origin: object,
+    ) -> list[Entry]:
+        """Save a client's change, tell the watchers (``told``: what it is for them) and the
+        other instances; what else the store showed had changed is told as theirs."""
+        if not pids:
+            return []
+        try:
+            changed, also = await self._uids.update(pids, change)
+        except StoreError as error:
+            raise MailboxUnavailable(str(error)) from error
+        self._changed(told(changed), origin)
+        self._changed(also, None)
+        if changed:
+            await self._tell_others()
+        return changed
 
     def _canonical(self, name: str) -> str | None:
         """A STORE flag name as kept: a system flag or keyword in its known case, else None."""
@@ -418,8 +568,12 @@ class MailboxView:
         """EXPUNGE / DELE: the messages leave the view for every session of this account, and
         at the provider they are kept, archived or trashed as the policy says."""
         pids = [e.provider_id for e in self._entries(uids)]
-        changed = await self._uids.update(pids, lambda e: replace(e, hidden=True))
-        self._changed(Applied(removed=sorted(e.uid for e in changed)), origin)
+        changed = await self._save_change(
+            pids,
+            lambda e: replace(e, hidden=True),
+            lambda done: Applied(removed=sorted(e.uid for e in done)),
+            origin,
+        )
         if self.policy.on_delete != "keep":
             for entry in changed:
                 self._mirror.remove(entry.provider_id, self.policy.on_delete)
@@ -502,7 +656,7 @@ class MailboxView:
             await asyncio.sleep(0)  # let the other downloads of this FETCH add theirs
             sizes, headers = dict(self._sizes), dict(self._headers)  # known while saved
             try:
-                await self._uids.update(sizes, _with_size(sizes))
+                await self._uids.save_sizes(sizes)
                 await self._uids.store.save_mailbox_headers(self.account, headers)
             except Exception as error:  # only a cost: they are learnt again next time
                 log.warning("mailbox.learnt_not_saved", account=self.account, error=str(error))
@@ -548,14 +702,19 @@ class MailboxView:
                 self._learn(entry, crlf_form(raw))
 
     async def close(self) -> None:
-        """Stop polling and warming up, save learnt sizes and headers, let queued provider
-        changes finish."""
+        """Stop polling (another instance may take it over) and warming up, save learnt sizes
+        and headers, let queued provider changes finish."""
         self._watchers.clear()
         if self.warm_up is not None:
             await self.warm_up.stop()
         if self._poller is not None:
             self._poller.cancel()
             self._poller = None
+        for task in (self._reloading, self._answering, self._stepping_down):
+            if task is not None:
+                task.cancel()
+        with contextlib.suppress(Exception):  # a lost connection gave the lock up already
+            await self.lead.give_up()
         if self._saving is not None:
             await self._saving
         await self._mirror.drain()
@@ -602,14 +761,6 @@ class _Mirror:
     async def drain(self) -> None:
         if self._worker is not None:
             await self._worker
-
-
-def _with_size(sizes: dict[str, int]) -> Callable[[Entry], Entry]:
-    return lambda entry: replace(entry, size=sizes[entry.provider_id])
-
-
-def _effective(entry: Entry) -> tuple[str, ...]:
-    return entry.local_flags if entry.local_flags is not None else entry.flags
 
 
 def _is_keyword(name: str) -> bool:

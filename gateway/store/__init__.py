@@ -24,7 +24,7 @@ from ._events import SqlEventLog
 from ._mailboxes import SqlMailboxStore
 from ._pg import PgDatabase, describe
 from ._sql import Connection, SqlDatabase
-from ._types import AccountAuth, Event, MailboxState, MailboxUid
+from ._types import AccountAuth, Event, MailboxState, MailboxUid, MailboxUpdate
 
 __all__ = [
     "KEY_ENV_VAR",
@@ -38,6 +38,7 @@ __all__ = [
     "MailboxState",
     "MailboxStore",
     "MailboxUid",
+    "MailboxUpdate",
     "PgDatabase",
     "SecretBox",
     "SqlDatabase",
@@ -90,20 +91,34 @@ class EventLog(Protocol):
 
 
 class MailboxStore(Protocol):
-    """INBOX views' UID maps (with sync cursor, sizes, local flags) and stored headers."""
+    """INBOX views' UID maps (with sync cursor, sizes, local flags) and stored headers; every
+    change of a map is counted in its version (``_mailboxes`` says how instances use it)."""
 
     async def load_mailbox(self, account: str) -> tuple[MailboxState | None, list[MailboxUid]]: ...
 
-    async def save_mailbox_changes(
+    async def mailbox_version(self, account: str) -> int | None: ...
+
+    async def save_mailbox_sync(
         self,
         account: str,
-        state: MailboxState | None,
+        base: int | None,
+        state: MailboxState,
         added: Sequence[MailboxUid] = (),
         removed: Sequence[str] = (),
         updated: Sequence[MailboxUid] = (),
         *,
         replace: bool = False,
-    ) -> None: ...
+    ) -> int | None: ...
+
+    async def update_mailbox(
+        self,
+        account: str,
+        base: int | None,
+        provider_ids: Sequence[str],
+        change: Callable[[MailboxUid], MailboxUid],
+    ) -> MailboxUpdate: ...
+
+    async def save_mailbox_sizes(self, account: str, sizes: Mapping[str, int]) -> None: ...
 
     async def save_mailbox_headers(self, account: str, headers: Mapping[str, bytes]) -> None: ...
 

@@ -42,11 +42,13 @@ class AccountAuth:
 
 @dataclass(frozen=True, slots=True)
 class MailboxState:
-    """An INBOX view's identity and progress: UIDVALIDITY, the next UID, the provider cursor."""
+    """An INBOX view's identity and progress: UIDVALIDITY, the next UID, the provider cursor;
+    ``version`` counts the changes to the map (what instances sharing the store compare)."""
 
     uidvalidity: int
     uidnext: int
     cursor: str | None
+    version: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,3 +64,14 @@ class MailboxUid:
     size: int | None = None
     local_flags: tuple[str, ...] | None = None
     hidden: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MailboxUpdate:
+    """What a local change of a UID map did: the rows it changed, the map's version after it
+    (None: the map was never synced), and, when the caller's copy had missed another
+    instance's change, the whole map as that same transaction left it."""
+
+    changed: list[MailboxUid]
+    version: int | None
+    snapshot: tuple[MailboxState, list[MailboxUid]] | None = None
