@@ -122,7 +122,9 @@ class Gateway:
         """Broker, provider senders and the spool: everything the listeners hand work to."""
         settings = self.settings
         assert self.stores is not None
-        self.broker = TokenBroker(settings, self.stores.auth, self.stores.events)
+        self.broker = TokenBroker(
+            settings, self.stores.auth, self.stores.events, self.stores.coordination
+        )
         self.trust = trust = outbound.trust_file(settings.state_dir, settings.ca_bundle)
         self.http = http = outbound.async_client(trust)
         self.senders.update(providers.senders(settings, http, self.broker, trust))
@@ -166,6 +168,8 @@ class Gateway:
         if self._learning is not None:
             self._learning.cancel()
             self._learning = None
+        if self.broker is not None:
+            await self.broker.close()  # no more following other instances' connections
         if self.views is not None:
             await self.views.close()  # sizes learnt are saved, queued provider changes finish
             self.views = None

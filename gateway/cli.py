@@ -359,7 +359,7 @@ def _with_broker(
     async def main() -> int:
         stores = await open_stores(settings)
         try:
-            return await job(TokenBroker(settings, stores.auth, stores.events))
+            return await job(TokenBroker(settings, stores.auth, stores.events, stores.coordination))
         finally:
             await stores.close()
 

@@ -1,19 +1,33 @@
 """The token broker: every part of the gateway asks it for an access token, by account.
 
-It keeps access tokens in memory and refresh material encrypted in the store; refreshes ahead of
-expiry, one refresh at a time per account however many SMTP/IMAP sessions ask at once; and when
-a grant is gone it marks the account "needs re-consent", records it, tells the admin once, and
-makes every caller fail with a sentence that names the admin page.
+It keeps access tokens in memory and each grant's material (refresh token and newest access
+token) encrypted in the store; refreshes ahead of expiry, one refresh at a time per account
+however many SMTP/IMAP sessions ask at once; and when a grant is gone it marks the account
+"needs re-consent", records it, tells the admin once, and makes every caller fail with a
+sentence that names the admin page.
+
+Several instances may share one store (PostgreSQL). A user's grant is then refreshed by one of
+them at a time: every refresh holds the cluster-wide lock ``refresh:<account>`` and, inside
+it, first re-reads the stored grant, whose access token another instance may have renewed a
+moment ago; only when that one is stale (or is the one the provider just refused) does it ask
+the provider. Without it, instances whose tokens expire together would each redeem the same
+refresh token and each store its own answer, the last write winning: Entra keeps a used
+refresh token valid ("Refresh tokens in the Microsoft identity platform"), but a provider that
+treats a reused refresh token as stolen (RFC 9700 §4.14.2) would revoke the grant. Every
+change of an account's connection (connected, disconnected, needs re-consent) is announced on
+the ``auth`` channel, so the other instances drop the access token they hold and run what
+follows a connection there too (held mail, send-as aliases).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,16 +35,16 @@ from typing import Any
 from .. import metrics, outbound
 from ..config import AccountSettings, Settings
 from ..logs import get_logger, register_secret
-from ..store import AccountAuth, AuthStore, EventLog
+from ..store import AccountAuth, AuthStore, Coordination, EventLog, StoreError
 from . import _scopes
-from ._errors import ConsentError, ReauthRequired
+from ._errors import AuthUnavailable, ConsentError, ReauthRequired
 from ._google import GoogleAuth, GoogleClient, PendingGoogleConsent
 from ._microsoft import MicrosoftAuth
-from ._tokens import AccessToken, Connected
+from ._tokens import REFRESH_MARGIN, AccessToken, Connected
 
 log = get_logger(__name__)
 
-REFRESH_MARGIN = 300.0  # seconds: refresh this long before expiry, as MSAL does
+AUTH_CHANNEL = "auth"  # notices: {"account": name, "from": instance} after a connection change
 PENDING_LIFETIME = 900.0  # a sign-in must come back within 15 minutes
 CONSENT_LINK_LIFETIME = timedelta(days=3)
 GOOGLE_CLIENT_ID_SETTING = "google.client_id"
@@ -69,11 +83,13 @@ class TokenBroker:
         settings: Settings,
         auth: AuthStore,
         events: EventLog,
+        coordination: Coordination,
         notifier: Notifier | None = None,
     ) -> None:
         self.settings = settings
         self.auth = auth
         self.events = events
+        self.coordination = coordination
         self.notifier = notifier
         trust = outbound.trust_file(settings.state_dir, settings.ca_bundle)
         session = lambda: outbound.requests_session(trust)  # noqa: E731 - a factory per call
@@ -90,6 +106,17 @@ class TokenBroker:
         self.public_url = settings.admin.public_url or (
             f"http://localhost:{settings.listeners.admin_port}"
         )
+        self._instance = secrets.token_hex(8)  # tells this broker's notices from the others'
+        self._followers: set[asyncio.Task[None]] = set()
+        self._listened = False  # the channel's first "may have missed" (None) came
+        self._unsubscribe = coordination.subscribe(AUTH_CHANNEL, self._on_auth_notice)
+
+    async def close(self) -> None:
+        """Stop following other instances' connection changes."""
+        self._unsubscribe()
+        for task in list(self._followers):
+            task.cancel()
+        await asyncio.gather(*self._followers, return_exceptions=True)
 
     def reconfigure(self, settings: Settings) -> None:
         """Take a reloaded config: accounts and provider settings. Access tokens of accounts
@@ -121,25 +148,27 @@ class TokenBroker:
             cached = self._tokens.get(username)
             if cached and cached.fresh(time.time(), REFRESH_MARGIN):
                 return cached.value
-            return await self._renew(username, force=False, claims=None)
+            return await self._renew(username, rejected=None, claims=None)
 
     async def refreshed_token(self, username: str, rejected: str, claims: str | None = None) -> str:
         """A newly issued access token to replace ``rejected``, which the provider refused
         (HTTP 401: revoked by continuous access evaluation, a password reset, an admin).
 
-        Asking MSAL again without forcing would return the same rejected token from its
-        serialized cache, so this refresh is forced, with the 401's ``claims`` challenge if it
-        carried one. Callers that saw the same token refused queue on the account's lock; the
-        first refreshes and the others find the token already replaced and take the new one:
-        one refresh however many were refused. A grant that is gone raises ReauthRequired
-        after marking the account "needs re-consent" (and telling the admin once).
+        Callers that saw the same token refused queue on the account's lock; the first renews
+        it and the others find it already replaced and take the new one: one refresh however
+        many were refused. The renewal takes the stored grant's access token if another
+        instance has already replaced the refused one; otherwise it forces a refresh (asking
+        MSAL again without forcing would return the refused token from its cache), with the
+        401's ``claims`` challenge if it carried one. A grant that is gone raises
+        ReauthRequired after marking the account "needs re-consent" (and telling the admin
+        once).
         """
         async with self._lock(username):
             cached = self._tokens.get(username)
             if cached and cached.value != rejected and cached.fresh(time.time(), REFRESH_MARGIN):
                 return cached.value
             self.invalidate(username)
-            return await self._renew(username, force=True, claims=claims)
+            return await self._renew(username, rejected, claims)
 
     def invalidate(self, username: str) -> None:
         """Forget the access token held in memory (disconnected, reconnected, or revoked)."""
@@ -148,45 +177,89 @@ class TokenBroker:
     def _lock(self, username: str) -> asyncio.Lock:
         return self._locks.setdefault(username, asyncio.Lock())
 
-    async def _renew(self, username: str, force: bool, claims: str | None) -> str:
+    async def _renew(self, username: str, rejected: str | None, claims: str | None) -> str:
         account = self.account(username)
-        token = await metrics.token_refresh(account.provider, self._refresh(account, force, claims))
+        token = await metrics.token_refresh(
+            account.provider, self._obtain(account, rejected, claims)
+        )
         self._tokens[username] = token
         register_secret(token.value)
         return token.value
 
-    async def _refresh(
-        self, account: AccountSettings, force: bool, claims: str | None
+    async def _obtain(
+        self, account: AccountSettings, rejected: str | None, claims: str | None
     ) -> AccessToken:
-        """A token from the provider. App-only and service-account tokens are always newly
-        requested (nothing is cached between calls); a user's Microsoft token comes from the
-        stored MSAL cache unless ``force``."""
-        self.refresh_count[account.username] = self.refresh_count.get(account.username, 0) + 1
+        """A token for the account, not ``rejected``. App-only and service-account tokens are
+        always newly requested (nothing is stored between calls, and no refresh token can be
+        spent twice); a user's comes from the stored grant, under the cluster-wide lock."""
         if account.provider == "microsoft" and self.settings.microsoft.app_only:
+            self._count_refresh(account.username)
             return await asyncio.to_thread(self.microsoft.app_only, claims)
         if account.provider == "google" and self.settings.google.service_account_file:
+            self._count_refresh(account.username)
             info = json.loads(self.settings.google.service_account_file.read_text())
             scopes = [need.scope for need in self.needed(account)]
             return await asyncio.to_thread(
                 self.google.service_account, info, account.address, scopes
             )
+        try:
+            async with self._grant_lock(account.username):
+                return await self._from_grant(account, rejected, claims)
+        except StoreError as error:
+            message = (
+                f"cannot read or write the mailbox's sign-in in the gateway's state store: {error}"
+            )
+            raise AuthUnavailable(message) from error
+
+    def _count_refresh(self, username: str) -> None:
+        """One more token request to the provider (observable by tests and status)."""
+        self.refresh_count[username] = self.refresh_count.get(username, 0) + 1
+
+    @contextlib.asynccontextmanager
+    async def _grant_lock(self, username: str) -> AsyncIterator[None]:
+        """Hold ``refresh:<account>`` across the cluster: one instance at a time reads, renews
+        and writes the account's grant. Not getting the lock (the store unreachable) is
+        AuthUnavailable; failing to release it is ignored, since it ends with its session."""
+        lock = self.coordination.exclusive(f"refresh:{username}")
+        try:
+            await lock.__aenter__()
+        except Exception as error:
+            raise AuthUnavailable(
+                f"cannot take the refresh lock in the gateway's state store: {error}"
+            ) from error
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                await lock.__aexit__(None, None, None)
+
+    async def _from_grant(
+        self, account: AccountSettings, rejected: str | None, claims: str | None
+    ) -> AccessToken:
+        """Under the grant lock: the stored grant's access token if it is fresh and not
+        ``rejected`` (whichever instance obtained it), else a refresh, whose new material is
+        stored before the lock is let go."""
         auth = await self.auth.get_account_auth(account.username)
         if auth is None or auth.token is None:
             raise ReauthRequired(self._reauth_message(account, "it has not been connected yet"))
         if auth.state == "needs_reconsent":
             raise ReauthRequired(self._reauth_message(account, auth.last_error or "consent lost"))
         try:
-            token = await self._refresh_user(account, auth, force, claims)
+            token = await self._refresh_user(account, auth, force=False, claims=None)
+            if token.value == rejected:  # nobody replaced it yet: ask the provider for a new one
+                token = await self._refresh_user(account, auth, force=True, claims=claims)
         except ReauthRequired as error:
             await self._mark_reconsent(account, auth, str(error))
             raise ReauthRequired(self._reauth_message(account, str(error))) from error
-        if token.new_token is not None:  # rotated refresh token: keep the newest
+        if token.new_token is not None:  # the provider was asked: keep the newest material
+            self._count_refresh(account.username)
             await self.auth.put_account_auth(replace(auth, token=token.new_token))
         return token
 
     async def _refresh_user(
         self, account: AccountSettings, auth: AccountAuth, force: bool, claims: str | None
     ) -> AccessToken:
+        """The stored access token or, when it is stale or ``force``, a refreshed one."""
         assert auth.token is not None and auth.principal is not None
         scopes = list(auth.scopes) or [n.scope for n in self.needed(account)]
         if account.provider == "microsoft":
@@ -194,8 +267,8 @@ class TokenBroker:
             return await asyncio.to_thread(
                 self.microsoft.refresh, auth.token, auth.principal, resource, force, claims
             )
-        client = await self.google_client()  # google-auth refreshes for real on every call
-        return await asyncio.to_thread(self.google.refresh, client, auth.token, scopes)
+        client = await self.google_client()
+        return await asyncio.to_thread(self.google.refresh, client, auth.token, scopes, force)
 
     async def _mark_reconsent(self, account: AccountSettings, auth: AccountAuth, why: str) -> None:
         marked = replace(
@@ -206,6 +279,7 @@ class TokenBroker:
             admin_notified=True,
         )
         await self.auth.put_account_auth(marked)
+        await self._announce(account.username)
         await self.events.record_event("oauth.needs_reconsent", account.username, why)
         log.warning("oauth.needs_reconsent", account=account.username, reason=why)
         metrics.reconsent_needed(account.provider)
@@ -347,7 +421,9 @@ class TokenBroker:
             scopes=connected.scopes,
             token=connected.token,
         )
-        await self.auth.put_account_auth(auth)
+        async with self._grant_lock(account.username):  # not under a refresh's write
+            await self.auth.put_account_auth(auth)
+        await self._announce(account.username)
         await self.events.record_event("oauth.connected", account.username, connected.principal)
         self._tokens.pop(account.username, None)
         log.info("oauth.connected", account=account.username, principal=connected.principal)
@@ -377,9 +453,55 @@ class TokenBroker:
 
     async def disconnect(self, username: str) -> None:
         self.account(username)
-        await self.auth.delete_account_auth(username)
+        async with self._grant_lock(username):  # a refresh in flight must not write it back
+            await self.auth.delete_account_auth(username)
+        await self._announce(username)
         await self.events.record_event("oauth.disconnected", username)
         self._tokens.pop(username, None)
+
+    # -- other instances' changes --------------------------------------------------------------
+
+    async def _announce(self, username: str) -> None:
+        """Tell every instance (this one too) that the account's connection changed. Renewed
+        tokens are not announced: an instance's access token stays good until it expires or
+        the provider refuses it, and then the stored grant is read again anyway."""
+        notice = json.dumps({"account": username, "from": self._instance})
+        try:
+            await self.coordination.notify(AUTH_CHANNEL, notice)
+        except Exception as error:  # the change is stored; the others see it at their refresh
+            log.warning("oauth.announce_failed", account=username, error=str(error))
+
+    def _on_auth_notice(self, payload: str | None) -> None:
+        """An account's connection changed somewhere, or (None) notices may have been missed:
+        drop the access tokens held for it, and where another instance connected a mailbox,
+        do here what follows a connection (``on_connected``). The first None only says that
+        the channel is now listened to: this broker, just made, has nothing older to redo."""
+        try:
+            notice = json.loads(payload) if payload is not None else {}
+            accounts = [notice["account"]] if payload is not None else list(self._accounts)
+            elsewhere = notice.get("from") != self._instance
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.warning("oauth.bad_notice", payload=payload)
+            return
+        for username in accounts:
+            self.invalidate(username)
+        if payload is None and not self._listened:
+            self._listened = True
+            return
+        if elsewhere and self.on_connected is not None:
+            task = asyncio.create_task(self._follow_connections(accounts))
+            self._followers.add(task)
+            task.add_done_callback(self._followers.discard)
+
+    async def _follow_connections(self, accounts: list[str]) -> None:
+        assert self.on_connected is not None
+        for username in accounts:
+            try:
+                auth = await self.auth.get_account_auth(username)
+                if username in self._accounts and auth is not None and auth.state == "connected":
+                    await self.on_connected(username)
+            except Exception as error:  # a store outage: the next notice or restart catches up
+                log.warning("oauth.follow_failed", account=username, error=str(error))
 
     def _expire_pending(self) -> None:
         now = time.time()

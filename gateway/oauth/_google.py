@@ -3,16 +3,23 @@ service accounts with domain-wide delegation.
 
 Synchronous like MSAL (requests underneath); the broker runs these in a worker thread. The
 configured token URI is used everywhere, so the sandbox (or a proxy) can stand in for Google.
+
+The stored material of a user's grant is a small JSON document, the Google counterpart of
+MSAL's serialized cache: the refresh token and the newest access token with its expiry. Every
+instance sharing the store can then use the access token another one just obtained instead of
+redeeming the refresh token again. Material stored before this format (the bare refresh token)
+is still read.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC
 from typing import Any
 from urllib.parse import urlencode
@@ -25,7 +32,7 @@ from google.oauth2 import service_account
 
 from ..config import GoogleSettings
 from ._errors import AuthUnavailable, ConsentError, ReauthRequired
-from ._tokens import AccessToken, Connected, id_token_claims
+from ._tokens import REFRESH_MARGIN, AccessToken, Connected, id_token_claims
 
 
 @dataclass(frozen=True)
@@ -100,7 +107,11 @@ class GoogleAuth:
         if not email:
             raise ConsentError("Google did not say which account consented (no email claim)")
         granted = tuple(str(result.get("scope", " ".join(pending.scopes))).split())
-        return Connected(email, granted, refresh_token.encode("utf-8"))
+        access = None
+        if result.get("access_token"):
+            expires_at = time.time() + int(result.get("expires_in", 600))
+            access = AccessToken(result["access_token"], expires_at)
+        return Connected(email, granted, grant_material(refresh_token, access))
 
     def _post_token(self, body: dict[str, str]) -> dict[str, Any]:
         try:
@@ -119,19 +130,30 @@ class GoogleAuth:
             raise ConsentError(f"{result['error']}: {result.get('error_description', '')}")
         return result
 
-    def refresh(self, client: GoogleClient, token: bytes, scopes: list[str]) -> AccessToken:
-        """A newly issued access token, always: the credentials object is new and holds no
-        access token, so google-auth redeems the refresh token at the token endpoint every
-        time (there is no cache to bypass when Gmail refused the previous token)."""
+    def refresh(
+        self, client: GoogleClient, token: bytes, scopes: list[str], force: bool = False
+    ) -> AccessToken:
+        """The stored access token while more than ``REFRESH_MARGIN`` of it is left (unless
+        ``force``: Gmail refused it), else a newly issued one with the material to store.
+
+        A refresh goes through google-auth with new credentials that hold no access token, so
+        it really redeems the refresh token; a refresh token in the answer (Google may rotate
+        it) replaces the stored one.
+        """
+        refresh_token, stored = parse_material(token)
+        if not force and stored is not None and stored.expires_at - REFRESH_MARGIN > time.time():
+            return stored
         credentials = user_credentials.Credentials(
             token=None,
-            refresh_token=token.decode("utf-8"),
+            refresh_token=refresh_token,
             token_uri=self.settings.token_uri,
             client_id=client.client_id,
             client_secret=client.client_secret,
             scopes=scopes,
         )
-        return self._refresh(credentials)
+        access = self._refresh(credentials)
+        material = grant_material(credentials.refresh_token or refresh_token, access)
+        return replace(access, new_token=material)
 
     def service_account(
         self, info: Mapping[str, Any], subject: str, scopes: list[str]
@@ -158,3 +180,35 @@ class GoogleAuth:
         expiry = credentials.expiry  # google-auth keeps it as a naive UTC datetime
         expires_at = expiry.replace(tzinfo=UTC).timestamp() if expiry else time.time() + 600
         return AccessToken(credentials.token, expires_at)
+
+
+def grant_material(refresh_token: str, access: AccessToken | None) -> bytes:
+    """What a user's Google grant stores (encrypted): the refresh token and the newest access
+    token, so that any instance sharing the store can use the access token while it lasts."""
+    document: dict[str, Any] = {"refresh_token": refresh_token}
+    if access is not None:
+        document.update(
+            access_token=access.value, expires_at=access.expires_at, issued_at=access.issued_at
+        )
+    return json.dumps(document).encode("utf-8")
+
+
+def parse_material(token: bytes) -> tuple[str, AccessToken | None]:
+    """(refresh token, stored access token or None) from :func:`grant_material`'s document,
+    or from the bare refresh token that earlier versions stored."""
+    text = token.decode("utf-8")
+    if not text.startswith("{"):
+        return text, None
+    try:
+        document = json.loads(text)
+        refresh_token = document["refresh_token"]
+        if "access_token" not in document:
+            return refresh_token, None
+        access = AccessToken(
+            document["access_token"],
+            float(document["expires_at"]),
+            issued_at=float(document["issued_at"]),
+        )
+    except (ValueError, KeyError, TypeError) as error:
+        raise ReauthRequired(f"the stored Google sign-in is not readable: {error}") from error
+    return refresh_token, access

@@ -8,6 +8,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+# Seconds before expiry at which an access token is renewed, as MSAL does with its own cache:
+# a token with less left is not handed out (from memory or from the stored grant).
+REFRESH_MARGIN = 300.0
+
 
 @dataclass(frozen=True)
 class Connected:
@@ -22,7 +26,9 @@ class Connected:
 class AccessToken:
     value: str = field(repr=False)
     expires_at: float  # epoch seconds
-    new_token: bytes | None = field(default=None, repr=False)  # rotated material to persist
+    # A user's grant material to store after the token endpoint was asked (the refresh token,
+    # rotated or not, and the new access token); None when the stored access token was reused.
+    new_token: bytes | None = field(default=None, repr=False)
     issued_at: float = field(default_factory=time.time)
 
     def fresh(self, now: float, margin: float) -> bool:
