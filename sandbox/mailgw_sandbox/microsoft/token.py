@@ -17,7 +17,10 @@ msal-client-applications):
   flows" on the app; without it Entra wants a credential (AADSTS7000218).
 
 Refresh tokens rotate: every refresh answers a new one. The old one stays valid, as Entra's do
-until they expire or are revoked.
+until they expire or are revoked ("Refresh tokens in the Microsoft identity platform",
+https://learn.microsoft.com/entra/identity-platform/refresh-tokens: "Refresh tokens replace
+themselves with a fresh token upon every use. The Microsoft identity platform doesn't revoke old
+refresh tokens when used to fetch new access tokens").
 """
 
 from __future__ import annotations
