@@ -29,6 +29,9 @@ MESSAGES: dict[str, dict[str, str]] = {
         "forbidden_form": (
             "This form expired or did not come from this page. Reload the page and try again."
         ),
+        "store_unavailable": (
+            "The gateway cannot reach its database right now. Try again in a few minutes."
+        ),
         "status": "Status",
         "listeners": "Listeners",
         "listener": "Listener",
@@ -158,6 +161,9 @@ MESSAGES: dict[str, dict[str, str]] = {
         "forbidden_form": (
             "このフォームは期限切れか、このページから送信されたものではありません。"
             "ページを再読み込みしてやり直してください。"
+        ),
+        "store_unavailable": (
+            "ゲートウェイが現在データベースに接続できません。数分後にもう一度お試しください。"
         ),
         "status": "状態",
         "listeners": "待ち受けポート",

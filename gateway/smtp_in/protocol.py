@@ -238,7 +238,7 @@ class GatewaySMTP(SMTP):
             return AuthResult(success=False, handled=True)
         authzid, login, password = parts
         if authzid and authzid.lower() != login.lower():
-            return self._refuse(login, "acting for another user is not supported")
+            return await self._refuse(login, "acting for another user is not supported")
         return await self._verify(login, password)
 
     async def auth_LOGIN(self, _: object, args: list[str]) -> AuthResult:
@@ -268,7 +268,7 @@ class GatewaySMTP(SMTP):
         try:
             username, secret = login.decode("utf-8"), password.decode("utf-8")
         except UnicodeDecodeError:
-            return self._refuse(login, "credentials are not UTF-8")
+            return await self._refuse(login, "credentials are not UTF-8")
         outcome = await self._front.accounts.login(
             self._front.gate, self.peer_host(), username, secret, "smtp"
         )
@@ -278,8 +278,8 @@ class GatewaySMTP(SMTP):
         log.info("smtp.auth_ok", client=self.peer_host(), user=outcome.username)
         return AuthResult(success=True, auth_data=outcome)
 
-    def _refuse(self, login: bytes, reason: str) -> AuthResult:
+    async def _refuse(self, login: bytes, reason: str) -> AuthResult:
         """Credentials refused before any password check; they still count as a failure."""
         user = UserKey.of(MAILBOX, login.decode("utf-8", "replace"))
-        self._front.gate.record_failure(self.peer_host(), user, "smtp", reason)
+        await self._front.gate.record_failure(self.peer_host(), user, "smtp", reason)
         return AuthResult(success=False, handled=False, message=replies.AUTH_INVALID)

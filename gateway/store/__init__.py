@@ -19,7 +19,7 @@ from typing import Protocol
 from ._auth import SqlAuthStore
 from ._coordination import Coordination, Leadership, LocalCoordination
 from ._crypto import KEY_ENV_VAR, SecretBox, StoreError, load_or_create_key
-from ._db import Database, now_text
+from ._db import Database, epoch_text, now_text, text_epoch
 from ._events import SqlEventLog
 from ._mailboxes import SqlMailboxStore
 from ._pg import PgDatabase, describe
@@ -45,10 +45,12 @@ __all__ = [
     "StoreError",
     "Stores",
     "describe",
+    "epoch_text",
     "load_or_create_key",
     "migrate_postgresql",
     "open_postgresql",
     "open_sqlite",
+    "text_epoch",
 ]
 
 

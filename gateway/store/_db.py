@@ -153,6 +153,16 @@ def parse_time(text: str | None) -> datetime | None:
     return None if text is None else datetime.fromisoformat(text)
 
 
+def epoch_text(seconds: float) -> str:
+    """Wall-clock seconds (``time.time()``, an injectable clock's reading) as stored."""
+    return datetime.fromtimestamp(seconds, UTC).strftime(_TIME_FORMAT)
+
+
+def text_epoch(text: str) -> float:
+    """A stored timestamp back as wall-clock seconds."""
+    return datetime.fromisoformat(text).timestamp()
+
+
 def _open_database(path: Path) -> tuple[sqlite3.Connection, int]:
     """Worker-thread half of :meth:`Database.open`: connect, configure, migrate."""
     if sqlite3.sqlite_version_info < _MIN_SQLITE:

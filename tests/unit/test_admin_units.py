@@ -8,31 +8,9 @@ from pathlib import Path
 import pytest
 
 from gateway.admin import i18n
-from gateway.admin.auth import SessionStore
 from gateway.admin.server import local_path, origin_of
 
 TEMPLATES = Path(i18n.__file__).parent / "templates"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_sessions_expire_after_inactivity() -> None:
-    clock = FakeClock()
-    store = SessionStore(lifetime=600, clock=clock)
-    session = store.sign_in(store.new())
-    clock.now += 599
-    assert store.get(session.id) is session  # touched: the clock restarts
-    clock.now += 599
-    assert store.get(session.id) is session
-    clock.now += 601
-    assert store.get(session.id) is None
-    assert store.get("unknown") is None
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from gateway.login_gate import (
     WRONG,
     Accepted,
     LoginGate,
+    MemoryFailureLog,
     PairKey,
     Refused,
     UserKey,
@@ -194,14 +195,16 @@ async def test_each_incident_is_logged_once(
     assert [r.getMessage() for r in caplog.records].count("login.throttled") == 1
 
 
-def test_failure_memory_is_bounded(time: FakeTime) -> None:
+async def test_failure_memory_is_bounded(time: FakeTime) -> None:
     gate = LoginGate(clock=time, sleep=time.sleep, max_keys=10)
     for n in range(50):
         time.now += 1
-        gate.record_failure(LOCAL, UserKey.of(MAILBOX, f"user{n}"), "smtp", "spray")
-    assert len(gate._failures) == 10
-    assert PairKey(LOCAL, UserKey.of(MAILBOX, "user49")) in gate._failures  # newest kept
-    assert UserKey.of(MAILBOX, "user0") not in gate._failures
+        await gate.record_failure(LOCAL, UserKey.of(MAILBOX, f"user{n}"), "smtp", "spray")
+    assert isinstance(gate.failures, MemoryFailureLog)
+    windows = gate.failures.windows
+    assert len(windows) == 10
+    assert PairKey(LOCAL, UserKey.of(MAILBOX, "user49")) in windows  # newest kept
+    assert UserKey.of(MAILBOX, "user0") not in windows
 
 
 async def test_a_burst_of_right_logins_costs_one_check_and_no_delay(

@@ -24,8 +24,12 @@ attacker anywhere could lock an account's own program out). So:
   username is checked against a dummy hash of the same cost, so timing tells nothing.
 
 Keys are typed (:class:`UserKey`, :class:`PairKey`): a username is never mistaken for an
-address. Memory is bounded: at most ``max_keys`` keys are remembered; the oldest go first.
-A throttled pair and a tarpitted username are each logged once per incident, not per attempt.
+address. The failures live in a :class:`FailureLog`: this process's memory (bounded: at most
+``max_keys`` keys, the oldest go first) for one gateway, or the shared database
+(:class:`SqlFailureLog`) when several instances serve behind a load balancer, so guesses spread
+over the instances count in one budget. Attempts in flight, the verified-login cache and the
+scrypt slots stay per instance: another instance needs none of them. A throttled pair and a
+tarpitted username are each logged once per incident (per instance), not per attempt.
 """
 
 from __future__ import annotations
@@ -34,53 +38,53 @@ import asyncio
 import math
 import os
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
+from typing import TypeVar
 
-from . import metrics
-from .logs import get_logger
-from .passwords import ScryptHash, VerifiedLogins, verify_password
+from .. import metrics
+from ..logs import get_logger
+from ..passwords import ScryptHash, VerifiedLogins, verify_password
+from ._failures import (
+    WINDOW_SECONDS,
+    FailureLog,
+    MemoryFailureLog,
+    SqlFailureLog,
+    Tally,
+)
+from ._keys import ADMIN, MAILBOX, PairKey, Realm, UserKey
+
+__all__ = [
+    "ADMIN",
+    "MAILBOX",
+    "WINDOW_SECONDS",
+    "WRONG",
+    "Accepted",
+    "FailureLog",
+    "LoginCheck",
+    "LoginGate",
+    "MemoryFailureLog",
+    "PairKey",
+    "Realm",
+    "Refused",
+    "SqlFailureLog",
+    "Tally",
+    "UserKey",
+    "tarpit_delay",
+]
 
 log = get_logger(__name__)
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
+_K = TypeVar("_K", bound=Hashable)
 
-WINDOW_SECONDS = 300.0
 # Dovecot's auth penalty: 2 s doubling to at most 15 s. Ours starts later (three free failures:
 # a typo, a client retrying once) and at 1 s.
 TARPIT_FREE_FAILURES = 3
 TARPIT_FIRST_DELAY = 1.0
 TARPIT_MAX_DELAY = 15.0
-
-
-@dataclass(frozen=True)
-class Realm:
-    """A namespace of usernames with its own pair budget: mailbox accounts, or the admin page."""
-
-    name: str
-    pair_limit: int
-
-
-MAILBOX = Realm("mailbox", pair_limit=10)
-ADMIN = Realm("admin", pair_limit=5)
-
-
-@dataclass(frozen=True)
-class UserKey:
-    realm: Realm
-    name: str  # casefolded: logins ignore case
-
-    @classmethod
-    def of(cls, realm: Realm, username: str) -> UserKey:
-        return cls(realm, username.casefold())
-
-
-@dataclass(frozen=True)
-class PairKey:
-    client: str
-    user: UserKey
+INCIDENTS_REMEMBERED = 10_000  # pairs and usernames whose incident was logged, at most
 
 
 @dataclass(frozen=True)
@@ -129,77 +133,14 @@ def tarpit_delay(failures: int) -> float:
     return min(TARPIT_FIRST_DELAY * 2 ** (failures - TARPIT_FREE_FAILURES), TARPIT_MAX_DELAY)
 
 
-class FailureLog:
-    """Recent failure times per key, each tagged with the client it came from; a sliding window
-    with at most ``max_keys`` keys (an attacker spraying usernames cannot grow it)."""
-
-    def __init__(self, window: float, clock: Clock, max_keys: int) -> None:
-        self.window = window
-        self._clock = clock
-        self._max_keys = max_keys
-        self._entries: dict[Hashable, deque[tuple[float, str]]] = {}
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, key: Hashable) -> bool:
-        return key in self._entries
-
-    def recent(self, key: Hashable) -> deque[tuple[float, str]]:
-        """The key's failures inside the window, oldest first (expired ones are dropped)."""
-        entries = self._entries.get(key)
-        if entries is None:
-            return deque()
-        cutoff = self._clock() - self.window
-        while entries and entries[0][0] <= cutoff:
-            entries.popleft()
-        if not entries:
-            del self._entries[key]
-        return entries
-
-    def add(self, key: Hashable, client: str) -> int:
-        """Record one failure; returns how many the key has now."""
-        entries = self.recent(key)
-        entries.append((self._clock(), client))
-        self._entries[key] = entries
-        if len(self._entries) > self._max_keys:
-            self._forget_oldest()
-        return len(entries)
-
-    def forget(self, key: Hashable, client: str | None = None) -> None:
-        """Drop the key's failures (only those from ``client`` when given)."""
-        if client is None:
-            self._entries.pop(key, None)
-            return
-        kept = deque(entry for entry in self.recent(key) if entry[1] != client)
-        if kept:
-            self._entries[key] = kept
-        else:
-            self._entries.pop(key, None)
-
-    def expires_in(self, key: Hashable, index: int) -> float:
-        """Seconds until the key's ``index``-th recent failure (0 = oldest) leaves the window."""
-        entries = self.recent(key)
-        if index >= len(entries):
-            return self.window
-        return max(0.0, entries[index][0] + self.window - self._clock())
-
-    def _forget_oldest(self) -> None:
-        for key in list(self._entries):
-            self.recent(key)
-        excess = len(self._entries) - self._max_keys
-        if excess > 0:
-            by_age = sorted(self._entries, key=lambda k: self._entries[k][-1][0])
-            for key in by_age[:excess]:
-                del self._entries[key]
-
-
 class LoginGate:
     """Where every password is checked; see the module docstring for the rules.
 
     ``clock`` and ``sleep`` are injectable (tests replace ``sleep`` to observe the tarpit
-    without waiting). ``checks_started`` and ``peak_checks`` count scrypt checks, so tests can
-    see how many guesses reached the hash and how many ran at once (memory: 32 MiB each).
+    without waiting). ``failures`` is where failures are counted: this process's memory unless
+    given (the composition root gives a :class:`SqlFailureLog` on PostgreSQL).
+    ``checks_started`` and ``peak_checks`` count scrypt checks, so tests can see how many
+    guesses reached the hash and how many ran at once (memory: 32 MiB each).
     """
 
     def __init__(
@@ -210,6 +151,7 @@ class LoginGate:
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
         max_keys: int = 100_000,
+        failures: FailureLog | None = None,
     ) -> None:
         self.clock = clock
         self.sleep = sleep
@@ -217,13 +159,13 @@ class LoginGate:
         self.verified = VerifiedLogins()
         self.checks_started = 0
         self.peak_checks = 0
+        self.failures: FailureLog = failures or MemoryFailureLog(window, clock, max_keys)
         self._running = 0
         self._slots = asyncio.Semaphore(concurrent_checks)
-        self._failures = FailureLog(window, clock, max_keys)
         self._in_flight: dict[Hashable, int] = {}
         self._settling: dict[PairKey, asyncio.Event] = {}  # pairs with attempts waiting
-        self._throttled: set[PairKey] = set()  # pairs whose incident was logged
-        self._tarpitted: set[UserKey] = set()  # usernames whose incident was logged
+        self._throttled: dict[PairKey, float] = {}  # pairs whose incident was logged, and when
+        self._tarpitted: dict[UserKey, float] = {}  # usernames whose incident was logged
 
     async def check(
         self, client: str, user: UserKey, password: str, stored: ScryptHash, *, protocol: str
@@ -234,45 +176,52 @@ class LoginGate:
         One check at a time per pair: a second attempt of the pair waits for the first to
         settle, then is judged again. Guesses sent at once are so counted one by one, and a
         program that opens sixteen connections at once with its right password pays one scrypt
-        check: the others find it remembered.
+        check: the others find it remembered (a remembered password need not wait).
         """
         pair = PairKey(client, user)
-        while True:
-            refusal = self._over_budget(pair)
-            if refusal is not None:
-                self._report_throttled(pair, protocol)
-                metrics.login(protocol, "throttled")
-                return refusal
-            if self.verified.matches(user, password, stored):
-                self._succeeded(pair, client, protocol)
-                return Accepted(from_cache=True)
-            if pair not in self._in_flight:
-                break
+        while pair in self._in_flight and not self.verified.matches(user, password, stored):
             await self._settled(pair)
-        self._throttled.discard(pair)
-        delay = self._tarpit(user, client)
+        # Claimed before the failures are read: no other attempt of the pair on this instance
+        # can settle unseen between the read and the check.
         self._claim(pair)
         try:
-            if delay:
-                await self.sleep(delay)
-            accepted = await self._verify(user, password, stored)
+            return await self._judge(pair, password, stored, protocol)
         finally:
             self._release(pair)
+
+    async def _judge(
+        self, pair: PairKey, password: str, stored: ScryptHash, protocol: str
+    ) -> Accepted | Refused:
+        """The verdict on one claimed attempt: over budget, remembered, or checked."""
+        user = pair.user
+        tally = await self.failures.tally(pair)
+        if tally.pair >= user.realm.pair_limit:
+            refusal = Refused(retry_after=max(1.0, tally.frees_in))
+            self._report_throttled(pair, protocol, tally, refusal)
+            metrics.login(protocol, "throttled")
+            return refusal
+        self._throttled.pop(pair, None)
+        if self.verified.matches(user, password, stored):
+            await self._succeeded(pair, tally, protocol)
+            return Accepted(from_cache=True)
+        delay = self._tarpit(user, pair.client, tally)
+        if delay:
+            await self.sleep(delay)
+        accepted = await self._verify(user, password, stored)
         if accepted is not None:
-            self._succeeded(pair, client, protocol)
+            await self._succeeded(pair, tally, protocol)
             return accepted
-        self.record_failure(client, user, protocol, "wrong username or password")
+        await self.record_failure(pair.client, user, protocol, "wrong username or password")
         return WRONG
 
-    def _succeeded(self, pair: PairKey, client: str, protocol: str) -> None:
-        self._failures.forget(pair)
-        self._failures.forget(pair.user, client)
+    async def _succeeded(self, pair: PairKey, tally: Tally, protocol: str) -> None:
+        if tally.pair:  # nothing to forget otherwise: no write for a clean login
+            await self.failures.clear(pair)
         metrics.login(protocol, "ok")
 
-    def record_failure(self, client: str, user: UserKey, protocol: str, reason: str) -> None:
+    async def record_failure(self, client: str, user: UserKey, protocol: str, reason: str) -> None:
         """Count a failed login against the pair and the username, and log it."""
-        failures = self._failures.add(PairKey(client, user), client)
-        self._failures.add(user, client)
+        failures = await self.failures.add(PairKey(client, user))
         metrics.login(protocol, "failed")
         log.warning(
             "login.failed",
@@ -283,46 +232,34 @@ class LoginGate:
             failures=failures,
         )
 
-    # -- the pair budget -----------------------------------------------------------------------
+    # -- incidents, each logged once ------------------------------------------------------------
 
-    def _over_budget(self, pair: PairKey) -> Refused | None:
-        limit = pair.user.realm.pair_limit
-        failures = len(self._failures.recent(pair))
-        if failures < limit:
-            return None
-        # Free again once enough failures have left the window.
-        must_expire = failures - limit  # index of the failure whose expiry frees one attempt
-        return Refused(retry_after=max(1.0, self._failures.expires_in(pair, must_expire)))
-
-    def _report_throttled(self, pair: PairKey, protocol: str) -> None:
+    def _report_throttled(
+        self, pair: PairKey, protocol: str, tally: Tally, refusal: Refused
+    ) -> None:
         if pair in self._throttled:
             return
-        self._throttled.add(pair)
-        if len(self._throttled) > 10_000:  # bounded: forget incidents whose failures expired
-            self._throttled = {p for p in self._throttled if p in self._failures}
+        self._throttled = self._remember_incident(self._throttled, pair)
         log.warning(
             "login.throttled",
             protocol=protocol,
             client=pair.client,
             user=_shown(pair.user),
-            failures=len(self._failures.recent(pair)),
+            failures=tally.pair,
             limit=pair.user.realm.pair_limit,
-            retry_after=math.ceil(self._over_budget(pair).retry_after),  # type: ignore[union-attr]
+            retry_after=math.ceil(refusal.retry_after),
         )
 
-    # -- the username tarpit -------------------------------------------------------------------
-
-    def _tarpit(self, user: UserKey, client: str) -> float:
+    def _tarpit(self, user: UserKey, client: str, tally: Tally) -> float:
         """The delay for this attempt: failures of the username from every address, plus the
-        attempts for it already under way from other addresses (one at most per address)."""
-        count = len(self._failures.recent(user)) + self._in_flight.get(user, 0)
+        attempts for it already under way from other addresses (one at most per address; the
+        count includes this attempt's own claim)."""
+        count = tally.user + self._in_flight.get(user, 1) - 1
         delay = tarpit_delay(count)
         if not delay:
-            self._tarpitted.discard(user)
+            self._tarpitted.pop(user, None)
         elif user not in self._tarpitted:
-            self._tarpitted.add(user)
-            if len(self._tarpitted) > 10_000:
-                self._tarpitted = {u for u in self._tarpitted if u in self._failures}
+            self._tarpitted = self._remember_incident(self._tarpitted, user)
             log.warning(
                 "login.tarpit",
                 client=client,
@@ -331,6 +268,15 @@ class LoginGate:
                 delay=delay,
             )
         return delay
+
+    def _remember_incident(self, logged: dict[_K, float], key: _K) -> dict[_K, float]:
+        """``logged`` with ``key`` added now; bounded: incidents logged longer ago than the
+        window are over (their failures have expired) and are forgotten first."""
+        now = self.clock()
+        logged[key] = now
+        if len(logged) <= INCIDENTS_REMEMBERED:
+            return logged
+        return {k: at for k, at in logged.items() if now - at < self.failures.window}
 
     # -- claims and the check ------------------------------------------------------------------
 
