@@ -24,7 +24,7 @@ from .accounts import Accounts
 from .admin import server as admin_server
 from .config import Settings
 from .imap_out import server as imap_server
-from .login_gate import LoginGate, Refused
+from .login_gate import LoginGate, Refused, SqlFailureLog
 from .logs import get_logger
 from .mailbox import MailboxView, MailboxViews
 from .notify import WebhookNotifier
@@ -153,6 +153,8 @@ class Gateway:
             account_state=self.broker.reconnect_needed,
             gate=self.login_gate,
         )
+        if self.stores.backend == "postgresql":  # instances count failed logins together
+            self.login_gate.failures = SqlFailureLog(self.stores.db)
 
     async def stop(self) -> None:
         """Stop taking work, finish or park what is in flight, then close; idempotent.
@@ -208,8 +210,8 @@ class Gateway:
         hostname = settings.hostname
         # One set of caps for every listener: file descriptors are the process's.
         limits = limits_from(settings.listeners)
-        front, spool = self.smtp_front, self.spool
-        assert front is not None and spool is not None, "_start_core runs before the listeners"
+        front, spool, stores = self.smtp_front, self.spool, self.stores
+        assert front is not None and spool is not None and stores is not None, "_start_core first"
 
         def smtp(implicit: bool) -> Any:
             return lambda name, host, port: smtp_server.serve(
@@ -247,6 +249,7 @@ class Gateway:
                 self._broker(),
                 spool,
                 lambda: self.ports,
+                stores.db,
                 gate=self.login_gate,
                 limits=limits,
             ),

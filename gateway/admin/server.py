@@ -25,6 +25,7 @@ from ..oauth import AuthUnavailable, OAuthError, TokenBroker, short_scope
 from ..passwords import parse_hash
 from ..runtime import RunningListener, default_limits, listen_asyncio
 from ..spool import SpoolWorker
+from ..store import SqlDatabase, StoreError
 from . import i18n
 from .auth import CSRF_FIELD, SESSION_COOKIE, AdminSession, SessionStore
 
@@ -184,11 +185,20 @@ def _same_origin(request: web.Request) -> bool:
 
 @web.middleware
 async def security(request: web.Request, handler: Handler) -> web.StreamResponse:
-    state = _state(request)
     request[LANGUAGE] = i18n.negotiate(
         request.headers.get("Accept-Language"), request.cookies.get(LANG_COOKIE)
     )
-    session = state.sessions.get(request.cookies.get(SESSION_COOKIE))
+    try:
+        return await _signed_in_only(request, handler)
+    except StoreError as error:  # the state database is unreachable: said, never a 500
+        log.warning("admin.store_unavailable", path=request.path, reason=str(error))
+        message = i18n.translator(request[LANGUAGE])("store_unavailable")
+        return render(request, "message.html", 503, message=message, failed=True)
+
+
+async def _signed_in_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The session's CSRF token on every form, and a signed-in session on every private page."""
+    session = await _state(request).sessions.get(request.cookies.get(SESSION_COOKIE))
     request[SESSION] = session
     if request.method not in ("GET", "HEAD") and request.path not in CSRF_EXEMPT:
         form = await request.post()
@@ -216,7 +226,7 @@ async def secure_headers(request: web.Request, response: web.StreamResponse) -> 
 
 async def login_page(request: web.Request) -> web.StreamResponse:
     state = _state(request)
-    session = _session(request) or state.sessions.new()
+    session = _session(request) or await state.sessions.new()
     request[SESSION] = session
     if session.signed_in:
         raise web.HTTPSeeOther("/")
@@ -256,7 +266,7 @@ async def login(request: web.Request) -> web.StreamResponse:
             enabled=stored is not None,
             error=translate("sign_in_failed"),
         )
-    fresh = state.sessions.sign_in(session)
+    fresh = await state.sessions.sign_in(session)
     log.info("admin.signed_in", client=client)
     response = web.HTTPSeeOther("/")
     _set_session_cookie(request, response, fresh)
@@ -266,7 +276,7 @@ async def login(request: web.Request) -> web.StreamResponse:
 async def logout(request: web.Request) -> web.StreamResponse:
     session = _session(request)
     if session is not None:
-        _state(request).sessions.drop(session)
+        await _state(request).sessions.drop(session)
     response = web.HTTPSeeOther("/login")
     response.del_cookie(SESSION_COOKIE, path="/")
     raise response
@@ -393,7 +403,7 @@ async def consent_page(request: web.Request) -> web.StreamResponse:
     if account is None:
         invalid = i18n.translator(request[LANGUAGE])("consent_link_invalid")
         return _message(request, invalid, 404, failed=True)
-    session = _session(request) or state.sessions.new()
+    session = _session(request) or await state.sessions.new()
     request[SESSION] = session
     response = render(request, "consent.html", address=account.address, token=token)
     _set_session_cookie(request, response, session)
@@ -511,14 +521,16 @@ async def serve(
     broker: TokenBroker,
     spool: SpoolWorker,
     listeners: ListenerView,
+    db: SqlDatabase,
     gate: LoginGate | None = None,
     limits: ConnectionLimits | None = None,
 ) -> RunningListener:
-    """Start the admin listener; ``limits`` are the process's connection caps (a connection
-    here never logs in at the socket level, so each is closed, after the request in hand, at
-    its pre-login deadline; browsers reconnect)."""
-    lifetime = settings.admin.session_minutes * 60
-    state = AdminState(settings, broker, spool, listeners, SessionStore(lifetime))
+    """Start the admin listener; sign-in sessions are kept in ``db`` (valid on every instance
+    sharing it). ``limits`` are the process's connection caps (a connection here never logs in
+    at the socket level, so each is closed, after the request in hand, at its pre-login
+    deadline; browsers reconnect)."""
+    sessions = SessionStore(db, settings.admin.session_minutes * 60)
+    state = AdminState(settings, broker, spool, listeners, sessions)
     if gate is not None:
         state.gate = gate
     runner = web.AppRunner(build_app(state), access_log=None, handle_signals=False)
