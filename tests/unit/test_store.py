@@ -533,6 +533,65 @@ async def test_consent_links_are_single_use_and_expire(stores: Stores) -> None:
     assert await auth.use_consent_link("unknown", now) is None
 
 
+AT = datetime(2024, 5, 1, 9, 30, tzinfo=UTC)
+
+
+def _view(state: MailboxState | None) -> tuple[int, int, str | None] | None:
+    """What a sync stored (the version is the store's own count)."""
+    return None if state is None else (state.uidvalidity, state.uidnext, state.cursor)
+
+
+async def test_mailbox_changes_and_headers(stores: Stores) -> None:
+    """A UID map with its cursor and headers, changed as syncs change it."""
+    mailboxes = stores.mailboxes
+    assert await mailboxes.load_mailbox("desk") == (None, [])
+    first = [
+        MailboxUid(1, "m1", AT, ("\\Seen",), 120),
+        MailboxUid(2, "m2", AT, (), None, ("\\Flagged",)),
+    ]
+    version = await mailboxes.save_mailbox_sync(
+        "desk", None, MailboxState(4_000_000_000, 3, "c1"), first
+    )
+    assert version is not None
+    state, entries = await mailboxes.load_mailbox("desk")
+    assert (_view(state), entries) == ((4_000_000_000, 3, "c1"), first)
+
+    header = b"Subject: one\r\nFrom: a@example.com\r\n\r\n"
+    await mailboxes.save_mailbox_headers("desk", {"m1": header, "unknown": b"X: y\r\n\r\n"})
+    found = await mailboxes.load_mailbox_headers("desk", ["m1", "m2", "unknown"])
+    assert found == {"m1": header}  # only messages of the map keep a header
+
+    later = MailboxUid(3, "m3", AT, (), 300, None, True)
+    edited = MailboxUid(2, "m2", AT, ("\\Answered",), 50)
+    state = MailboxState(4_000_000_000, 4, "c2")
+    assert await mailboxes.save_mailbox_sync("desk", version, state, [later], ["m1"], [edited])
+    state, entries = await mailboxes.load_mailbox("desk")
+    assert (_view(state), entries) == ((4_000_000_000, 4, "c2"), [edited, later])
+    assert await mailboxes.load_mailbox_headers("desk", ["m1"]) == {}  # went with its row
+
+    rebuilt = [MailboxUid(1, "m3", AT)]
+    version = await mailboxes.mailbox_version("desk")
+    state = MailboxState(7, 2, "c3")
+    assert await mailboxes.save_mailbox_sync("desk", version, state, rebuilt, replace=True)
+    state, entries = await mailboxes.load_mailbox("desk")
+    assert (_view(state), entries) == ((7, 2, "c3"), rebuilt)
+    assert await mailboxes.load_mailbox("other") == (None, [])
+
+
+async def test_mailbox_change_that_fails_applies_nothing(stores: Stores) -> None:
+    mailboxes = stores.mailboxes
+    first = [MailboxUid(1, "m1", AT)]
+    version = await mailboxes.save_mailbox_sync("desk", None, MailboxState(9, 2, "c1"), first)
+    clash = MailboxUid(1, "m2", AT)  # UID 1 is taken
+    with pytest.raises(StoreError):
+        await mailboxes.save_mailbox_sync(
+            "desk", version, MailboxState(9, 3, "c2"), [MailboxUid(2, "m3", AT), clash]
+        )
+    state, entries = await mailboxes.load_mailbox("desk")
+    assert (_view(state), entries) == ((9, 2, "c1"), first)
+    assert await mailboxes.mailbox_version("desk") == version
+
+
 async def test_events_newest_first_across_reopen(backend: Backend, box: SecretBox) -> None:
     stores = await backend.open(box)
     try:
