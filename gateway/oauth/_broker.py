@@ -16,7 +16,9 @@ refresh token valid ("Refresh tokens in the Microsoft identity platform"), but a
 treats a reused refresh token as stolen (RFC 9700 §4.14.2) would revoke the grant. Every
 change of an account's connection (connected, disconnected, needs re-consent) is announced on
 the ``auth`` channel, so the other instances drop the access token they hold and run what
-follows a connection there too (held mail, send-as aliases).
+follows a connection there too (held mail, send-as aliases). A sign-in started on one
+instance (Connect, a consent link) is kept in the store until the provider sends the browser
+back, so it completes on whichever instance the callback reaches (``_pending``).
 """
 
 from __future__ import annotations
@@ -28,9 +30,8 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from .. import metrics, outbound
 from ..config import AccountSettings, Settings
@@ -38,14 +39,16 @@ from ..logs import get_logger, register_secret
 from ..store import AccountAuth, AuthStore, Coordination, EventLog, StoreError
 from . import _scopes
 from ._errors import AuthUnavailable, ConsentError, ReauthRequired
-from ._google import GoogleAuth, GoogleClient, PendingGoogleConsent
+from ._google import GoogleAuth, GoogleClient
 from ._microsoft import MicrosoftAuth
+from ._pending import PendingSignIn, state_hash
 from ._tokens import REFRESH_MARGIN, AccessToken, Connected
 
 log = get_logger(__name__)
 
 AUTH_CHANNEL = "auth"  # notices: {"account": name, "from": instance} after a connection change
-PENDING_LIFETIME = 900.0  # a sign-in must come back within 15 minutes
+PENDING_LIFETIME = timedelta(minutes=15)  # a sign-in must come back within 15 minutes
+NOT_STARTED_HERE = "this sign-in response was not started here or has expired; start again"
 CONSENT_LINK_LIFETIME = timedelta(days=3)
 GOOGLE_CLIENT_ID_SETTING = "google.client_id"
 GOOGLE_CLIENT_CREDENTIAL = "google.client_secret"  # the name of the encrypted entry
@@ -66,15 +69,6 @@ class AccountStatus:
     since: datetime | None = None
     last_error: str | None = None
     token_expires: datetime | None = None  # of the access token in memory, if any
-
-
-@dataclass
-class _Pending:
-    account: str
-    created: float
-    microsoft_flow: dict[str, Any] | None = field(default=None, repr=False)
-    google: PendingGoogleConsent | None = field(default=None, repr=False)
-    link: str | None = field(default=None, repr=False)  # hash of the consent link used, if any
 
 
 class TokenBroker:
@@ -98,7 +92,7 @@ class TokenBroker:
         self._accounts = {a.username: a for a in settings.accounts}
         self._tokens: dict[str, AccessToken] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._pending: dict[str, _Pending] = {}
+        self.clock: Callable[[], float] = time.time  # wall clock of sign-in expiry (tests set it)
         self.refresh_count: dict[str, int] = {}  # per account; observable by tests and status
         # Called with the username after a mailbox is connected (the spool releases held mail).
         self.on_connected: Callable[[str], Awaitable[None]] | None = None
@@ -345,31 +339,26 @@ class TokenBroker:
             if await self.auth.peek_consent_link(link, datetime.now(UTC)) != username:
                 raise ConsentError("this consent link was already used or has expired")
         scopes = [need.scope for need in self.needed(account)]
-        self._expire_pending()
+        await self.auth.prune_pending_sign_ins(self._now())
         if account.provider == "microsoft":
             flow = await asyncio.to_thread(
                 self.microsoft.start, scopes, self.redirect_uri(), account.address
             )
-            self._pending[flow["state"]] = _Pending(
-                username, time.time(), microsoft_flow=flow, link=link
-            )
+            await self._keep_pending(flow["state"], PendingSignIn(username, flow, link=link))
             return flow["auth_uri"]
         if account.provider == "google":
             client = await self.google_client()
-            url, pending = self.google.start(client, scopes, self.redirect_uri(), account.address)
-            self._pending[pending.state] = _Pending(
-                username, time.time(), google=pending, link=link
+            url, started = self.google.start(client, scopes, self.redirect_uri(), account.address)
+            await self._keep_pending(
+                started.state, PendingSignIn(username, google=started, link=link)
             )
             return url
         raise ConsentError(f"account {username!r} uses a password server; nothing to connect")
 
     async def complete_consent(self, response: Mapping[str, str]) -> AccountStatus:
-        """Finish the sign-in the browser came back from; the state must be one we issued."""
-        pending = self._pending.pop(response.get("state", ""), None)
-        if pending is None or time.time() - pending.created > PENDING_LIFETIME:
-            raise ConsentError(
-                "this sign-in response was not started here or has expired; start again"
-            )
+        """Finish the sign-in the browser came back from, on whichever instance started it;
+        the state must be one we issued, not used before and not older than PENDING_LIFETIME."""
+        pending = await self._take_pending(response.get("state", ""))
         account = self.account(pending.account)
         if pending.microsoft_flow is not None:
             connected = await asyncio.to_thread(
@@ -503,10 +492,30 @@ class TokenBroker:
             except Exception as error:  # a store outage: the next notice or restart catches up
                 log.warning("oauth.follow_failed", account=username, error=str(error))
 
-    def _expire_pending(self) -> None:
-        now = time.time()
-        for state in [s for s, p in self._pending.items() if now - p.created > PENDING_LIFETIME]:
-            del self._pending[state]
+    # -- sign-ins waiting for the provider's answer --------------------------------------------
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock(), UTC)
+
+    async def _keep_pending(self, state: str, pending: PendingSignIn) -> None:
+        """Store the sign-in (sealed, by its state's hash) for the instance the callback
+        reaches; it expires after PENDING_LIFETIME."""
+        expires = self._now() + PENDING_LIFETIME
+        await self.auth.put_pending_sign_in(
+            state_hash(state), pending.account, pending.to_bytes(), expires
+        )
+
+    async def _take_pending(self, state: str) -> PendingSignIn:
+        """The sign-in of ``state``, taken from the store once (a second callback with the same
+        state, on any instance, is refused); ConsentError if unknown, used or expired."""
+        taken = await self.auth.take_pending_sign_in(state_hash(state), self._now())
+        if taken is None:
+            raise ConsentError(NOT_STARTED_HERE)
+        try:
+            return PendingSignIn.from_bytes(*taken)
+        except ValueError as error:  # written by another version of the gateway
+            log.warning("oauth.pending_unreadable", account=taken[0], error=str(error))
+            raise ConsentError(NOT_STARTED_HERE) from None
 
     # -- the Google client the admin entered ----------------------------------------------------
 

@@ -56,8 +56,10 @@ __all__ = [
 
 class AuthStore(Protocol):
     """What the token broker keeps: each account's authorisation at its provider (token
-    material encrypted), one-time consent links by the hash of their token, and the
-    gateway's own settings and encrypted secrets (the Google OAuth client)."""
+    material encrypted), one-time consent links by the hash of their token, sign-ins waiting
+    for the provider's answer by the hash of their state (payload encrypted, taken once, on
+    any instance), and the gateway's own settings and encrypted secrets (the Google OAuth
+    client)."""
 
     async def get_setting(self, key: str) -> str | None: ...
 
@@ -80,6 +82,16 @@ class AuthStore(Protocol):
     async def peek_consent_link(self, token_hash: str, now: datetime) -> str | None: ...
 
     async def use_consent_link(self, token_hash: str, now: datetime) -> str | None: ...
+
+    async def put_pending_sign_in(
+        self, state_hash: str, account: str, payload: bytes, expires_at: datetime
+    ) -> None: ...
+
+    async def take_pending_sign_in(
+        self, state_hash: str, now: datetime
+    ) -> tuple[str, bytes] | None: ...
+
+    async def prune_pending_sign_ins(self, now: datetime) -> None: ...
 
 
 class EventLog(Protocol):

@@ -1,8 +1,10 @@
 """What the token broker keeps: accounts' provider authorisations, one-time consent links,
-settings and encrypted secrets (``AuthStore`` over either SQL backend).
+sign-ins waiting for the provider's answer, settings and encrypted secrets (``AuthStore`` over
+either SQL backend).
 
-Token material and secrets are sealed with the :class:`SecretBox` before they reach SQL, each
-bound to its row's name, so a ciphertext copied onto another row does not decrypt.
+Token material, secrets and a pending sign-in's PKCE verifier are sealed with the
+:class:`SecretBox` before they reach SQL, each bound to its row's name, so a ciphertext copied
+onto another row does not decrypt.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ _AUTH_SELECT = (
 
 
 class SqlAuthStore:
-    """Authorisations, consent links, settings and secrets in the state database."""
+    """Authorisations, consent links, pending sign-ins, settings and secrets in the state
+    database."""
 
     def __init__(self, db: SqlDatabase, box: SecretBox) -> None:
         self._db = db
@@ -132,6 +135,43 @@ class SqlAuthStore:
 
         return await self._db.run(spend)
 
+    async def put_pending_sign_in(
+        self, state_hash: str, account: str, payload: bytes, expires_at: datetime
+    ) -> None:
+        """Keep a sign-in until the provider sends the browser back, by the hash of its state
+        (the state itself travels only through the browser); *payload* is sealed, bound to
+        the row's state hash and account."""
+        sealed = self._box.encrypt(payload, _pending_context(state_hash, account))
+        await self._db.execute(
+            "INSERT INTO pending_sign_ins (state_hash, account, sealed, expires_at) "
+            "VALUES (?, ?, ?, ?)",
+            (state_hash, account, sealed, time_text(expires_at)),
+        )
+
+    async def take_pending_sign_in(
+        self, state_hash: str, now: datetime
+    ) -> tuple[str, bytes] | None:
+        """(account, payload) of the sign-in, once: the row is deleted in the same statement
+        that reads it, so of two callbacks with one state (two instances, a replay) only one
+        gets it. An expired sign-in is deleted too and gives None."""
+        rows = await self._db.fetch_all(
+            "DELETE FROM pending_sign_ins WHERE state_hash = ? "
+            "RETURNING account, sealed, expires_at",
+            (state_hash,),
+        )  # fetch_all: SQLite applies a DELETE ... RETURNING when its rows are all read
+        if not rows:
+            return None
+        account, sealed, expires_at = rows[0]
+        if datetime.fromisoformat(expires_at) <= now:
+            return None
+        return account, self._box.decrypt(bytes(sealed), _pending_context(state_hash, account))
+
+    async def prune_pending_sign_ins(self, now: datetime) -> None:
+        """Forget the sign-ins whose browser never came back before they expired."""
+        await self._db.execute(
+            "DELETE FROM pending_sign_ins WHERE expires_at <= ?", (time_text(now),)
+        )
+
 
 def _live_link(conn: Connection, token_hash: str, now: datetime) -> str | None:
     """The account of the link if it is unused and unexpired at *now*."""
@@ -146,3 +186,7 @@ def _live_link(conn: Connection, token_hash: str, now: datetime) -> str | None:
 
 def _auth_context(account: str) -> str:
     return f"account-auth:{account}"
+
+
+def _pending_context(state_hash: str, account: str) -> str:
+    return f"pending-sign-in:{state_hash}:{account}"

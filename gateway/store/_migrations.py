@@ -133,6 +133,15 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX spool_deliveries_at ON spool_deliveries (at)",
         ),
     ),
+    Migration(
+        10,
+        "provider sign-ins waiting for the browser to come back, so any instance completes them",
+        (
+            "CREATE TABLE pending_sign_ins ("
+            "state_hash TEXT PRIMARY KEY, account TEXT NOT NULL, sealed BLOB NOT NULL, "
+            "expires_at TEXT NOT NULL)",
+        ),
+    ),
 )
 
 _CREATE_VERSION_TABLE = (

@@ -7,6 +7,7 @@ import io
 import logging
 import re
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from gateway.logs import configure_logging
@@ -21,12 +22,20 @@ async def test_msal_debug_log_of_a_consent_masks_the_code_and_the_verifier(
     async with running_gateway(config, tmp_path / "c.yaml", sandbox) as gateway:
         configure_logging("debug", "json", captured_log)  # the gateway's own setup, all at DEBUG
         logging.getLogger("msal").setLevel(logging.DEBUG)
+        flows: list[dict[str, Any]] = []  # the flows MSAL starts (stored sealed for the callback)
+        begin = gateway.broker.microsoft.start
+
+        def recorded(*args: Any) -> dict[str, Any]:
+            flows.append(begin(*args))
+            return flows[-1]
+
+        gateway.broker.microsoft.start = recorded
         browser = AdminBrowser(gateway, sandbox)
         try:
             await browser.sign_in()
             start = await browser.post("/accounts/crm/connect")
-            (pending,) = gateway.broker._pending.values()  # the flow MSAL keeps for the callback
-            verifier = pending.microsoft_flow["code_verifier"]
+            (flow,) = flows
+            verifier = flow["code_verifier"]
             page = await browser.cloud.get(start.headers["location"])  # Entra's form_post page
             fields = dict(re.findall(r"name='([^']+)' value='([^']*)'", page.text))
             action = urlsplit(re.search(r"action='([^']+)'", page.text).group(1))

@@ -533,6 +533,74 @@ async def test_consent_links_are_single_use_and_expire(stores: Stores) -> None:
     assert await auth.use_consent_link("unknown", now) is None
 
 
+PAYLOAD = b'{"code_verifier": "pkce-verifier-that-is-a-secret-0123456789"}'
+
+
+async def test_pending_sign_ins_are_taken_once_and_expire(stores: Stores, backend: Backend) -> None:
+    """A sign-in is taken at most once, only before it expires, and survives a restart."""
+    auth = stores.auth
+    now = datetime.now(UTC)
+    await auth.put_pending_sign_in("state-a", "crm", PAYLOAD, now + timedelta(minutes=15))
+    await auth.put_pending_sign_in("state-b", "crm", PAYLOAD, now - timedelta(seconds=1))
+    await auth.put_pending_sign_in("state-c", "scanner", b"{}", now + timedelta(minutes=15))
+    assert await auth.take_pending_sign_in("state-a", now) == ("crm", PAYLOAD)
+    assert await auth.take_pending_sign_in("state-a", now) is None  # used
+    assert await auth.take_pending_sign_in("state-b", now) is None  # expired
+    assert await auth.take_pending_sign_in("unknown", now) is None
+    await stores.close()
+    stores = await backend.open(SecretBox(KEY))  # the gateway restarted before the callback
+    try:
+        assert await stores.auth.take_pending_sign_in("state-c", now) == ("scanner", b"{}")
+        assert await stores.db.fetch_all("SELECT state_hash FROM pending_sign_ins") == []
+    finally:
+        await stores.close()
+
+
+async def test_pending_sign_in_is_sealed_and_bound_to_its_row(stores: Stores) -> None:
+    """The payload (a PKCE verifier) is encrypted, and does not open under another state."""
+    auth = stores.auth
+    later = datetime.now(UTC) + timedelta(minutes=15)
+    await auth.put_pending_sign_in("state-a", "crm", PAYLOAD, later)
+    row = await stores.db.fetch_one("SELECT sealed FROM pending_sign_ins")
+    assert row is not None and b"pkce-verifier" not in bytes(row[0])
+    await stores.db.execute(
+        "UPDATE pending_sign_ins SET state_hash = ? WHERE state_hash = ?", ("state-x", "state-a")
+    )
+    with pytest.raises(StoreError, match="cannot decrypt"):
+        await auth.take_pending_sign_in("state-x", datetime.now(UTC))
+
+
+async def test_expired_pending_sign_ins_are_pruned(stores: Stores) -> None:
+    auth = stores.auth
+    now = datetime.now(UTC)
+    await auth.put_pending_sign_in("live", "crm", PAYLOAD, now + timedelta(seconds=1))
+    await auth.put_pending_sign_in("gone", "crm", PAYLOAD, now)
+    await auth.prune_pending_sign_ins(now)
+    assert await stores.db.fetch_all("SELECT state_hash FROM pending_sign_ins") == [("live",)]
+
+
+async def test_two_instances_taking_one_sign_in_get_it_once(
+    stores: Stores, backend: Backend
+) -> None:
+    """Callbacks with the same state on two instances at once: one gets the sign-in."""
+    other = await backend.open(SecretBox(KEY))
+    try:
+        now = datetime.now(UTC)
+        states = [f"state-{n}" for n in range(20)]
+        for state in states:
+            await stores.auth.put_pending_sign_in(state, "crm", PAYLOAD, now + timedelta(hours=1))
+        takes = [
+            opened.auth.take_pending_sign_in(state, now)
+            for state in states
+            for opened in (stores, other)
+        ]
+        taken = await asyncio.gather(*takes)
+        for state, pair in zip(states, zip(taken[::2], taken[1::2], strict=True), strict=True):
+            assert sorted(pair, key=lambda t: t is None) == [("crm", PAYLOAD), None], state
+    finally:
+        await other.close()
+
+
 AT = datetime(2024, 5, 1, 9, 30, tzinfo=UTC)
 
 
