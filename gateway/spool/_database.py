@@ -506,6 +506,9 @@ def _record(row: Sequence[Any]) -> Record:
     )
 
 
+RESCAN_SECONDS = 30.0
+
+
 class DatabaseSpool(SpoolWorker):
     """The spool of an instance sharing its database with others (``store.url``)."""
 
@@ -539,5 +542,8 @@ class DatabaseSpool(SpoolWorker):
             settings.accounts,
             senders,
             lease_seconds=float(settings.spool.lease_seconds),
+            # A dead instance's claims are free once their lease ends; a rescan then finds them
+            # (nothing announces an expiry), so look at least twice per lease.
+            rescan_interval=min(RESCAN_SECONDS, settings.spool.lease_seconds / 2),
             **options(settings),
         )
