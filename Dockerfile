@@ -43,7 +43,7 @@ WORKDIR /build
 # distribution and is kept out of the build context by .dockerignore.
 COPY pyproject.toml README.md LICENSE ./
 COPY gateway ./gateway
-RUN pip install . && rm -rf /build
+RUN pip install '.[postgresql]' && rm -rf /build
 
 WORKDIR /var/lib/gateway
 USER gateway
