@@ -4,7 +4,9 @@
 message exists once its JSON file has been renamed into ``queue/`` and the directory fsynced;
 an ``.eml`` without its JSON is debris of an interrupted submit (the client got no 250) and is
 removed at start. Every state change rewrites the JSON to a temporary name, fsyncs, renames,
-and fsyncs the directory, so a crash leaves either the old state or the new one.
+and fsyncs the directory, so a crash leaves either the old state or the new one. Files the
+spool is done with (a delivered message's, a replaced state) are kept emptied in ``spare/`` and
+renamed into place for new ones instead of being deleted and created anew (``_spare``).
 
 These functions block (fsync); the spool calls them through ``asyncio.to_thread``. They are
 also what ``gateway queue`` uses directly, with or without a running gateway.
@@ -26,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from ._spare import spare_files
 from ._types import Envelope
 
 if TYPE_CHECKING:
@@ -119,6 +122,7 @@ class SpoolFiles:
         self.tmp = directory / "tmp"
         self.log = directory / DELIVERY_LOG
         self.pauses = directory / PAUSES
+        self.spares = spare_files(self.tmp)  # files done with, reused (see ``_spare``)
 
     def prepare(self) -> None:
         """Create the directories; drop temp files and message files no JSON commits."""
@@ -209,7 +213,7 @@ class SpoolFiles:
             for _, _, fd in written:
                 os.close(fd)
         for record, state_tmp, _ in written:
-            os.replace(state_tmp, self.state_path(record.id))
+            self.spares.replace(state_tmp, self.state_path(record.id))
         if written:
             _fsync_dir(self.queue)
         saved = {record.id for record, _, _ in written}
@@ -219,8 +223,8 @@ class SpoolFiles:
         """Remove messages done with, then log each (record, result, detail): one directory
         fsync and one delivery-log fsync for all (a crash in between repeats no delivery)."""
         for record, _, _ in done:
-            self.state_path(record.id).unlink(missing_ok=True)
-            self.message_path(record.id).unlink(missing_ok=True)
+            self.spares.give(self.state_path(record.id))  # first: the message is gone
+            self.spares.give(self.message_path(record.id))
         _fsync_dir(self.queue)
         self._log_lines([log_line(*item) for item in done])
         return [None] * len(done)
@@ -298,7 +302,7 @@ class SpoolFiles:
     def _write_unsynced(self, name: str, pieces: Iterable[bytes]) -> tuple[Path, int]:
         """A new temporary file with ``pieces`` written, not yet fsynced; its path and open fd."""
         path = self.tmp / f"{name}.{secrets.token_hex(4)}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = self.spares.create(path)
         try:
             for piece in pieces:
                 view = memoryview(piece)

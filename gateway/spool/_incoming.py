@@ -15,6 +15,7 @@ import secrets
 from pathlib import Path
 
 from ._files import message_id_header, new_id
+from ._spare import spare_files
 
 HEAD_LIMIT = 1024 * 1024  # a header block larger than this is refused (see ``head_too_large``)
 _FLUSH_AT = 256 * 1024  # bytes gathered in memory before they are written out, off the loop
@@ -41,6 +42,8 @@ class IncomingMessage:
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._fd: int | None = None
+        self._created = False  # the file exists (until committed or discarded)
+        self._spares = spare_files(tmp)
 
     @property
     def head_too_large(self) -> bool:
@@ -84,7 +87,8 @@ class IncomingMessage:
 
     def _write_out(self, pieces: list[bytes]) -> None:
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self._fd = self._spares.create(self.path)
+            self._created = True
         for piece in pieces:
             view = memoryview(piece)
             while view:
@@ -115,4 +119,6 @@ class IncomingMessage:
         """Drop the temporary file (a refused or failed message)."""
         self._pending, self._gathered = [], bytearray()
         self.close_file()
-        self.path.unlink(missing_ok=True)
+        if self._created:
+            self._created = False
+            self._spares.give(self.path)
