@@ -26,6 +26,7 @@ _MASK = "[redacted]"
 _MIN_SECRET_LENGTH = 6
 
 _secrets: set[str] = set()
+_secrets_longest_first: tuple[str, ...] = ()  # what ``redact`` replaces, in this order
 _secrets_lock = threading.Lock()
 
 # OAuth parameters whose values are credentials (RFC 6749, RFC 7636 PKCE, RFC 7523 assertions,
@@ -53,6 +54,9 @@ _PATTERNS = (
     # Authorization: Bearer <token>
     re.compile(r"(?i)(\bbearer\s+)[A-Za-z0-9._~+/-]{16,}=*"),
 )
+# Every pattern above needs one of these words: a line without any (most lines, such as each
+# message's spool.queued) is spared the three substitutions, which were most of a line's cost.
+_PATTERN_WORDS = re.compile(rf"(?:{_NAMES})|(?i:bearer)")
 
 
 def register_secret(value: str | bytes | None) -> None:
@@ -65,19 +69,20 @@ def register_secret(value: str | bytes | None) -> None:
         return
     text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
     if len(text) >= _MIN_SECRET_LENGTH:
+        global _secrets_longest_first
         with _secrets_lock:
             _secrets.add(text)
+            _secrets_longest_first = tuple(sorted(_secrets, key=len, reverse=True))
 
 
 def redact(text: str) -> str:
     """Replace every registered secret, and every credential parameter's value, in ``text``."""
-    with _secrets_lock:
-        secrets = sorted(_secrets, key=len, reverse=True)
-    for secret in secrets:
+    for secret in _secrets_longest_first:
         if secret in text:
             text = text.replace(secret, _MASK)
-    for pattern in _PATTERNS:
-        text = pattern.sub(rf"\1{_MASK}", text)
+    if _PATTERN_WORDS.search(text):
+        for pattern in _PATTERNS:
+            text = pattern.sub(rf"\1{_MASK}", text)
     return text
 
 
