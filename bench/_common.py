@@ -199,9 +199,17 @@ def busy_between(before: tuple[int, int], after: tuple[int, int]) -> float:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds used so far by a process (from /proc/<pid>/stat)."""
-    with open(f"/proc/{pid}/stat") as stat:
+    return sum(cpu_times(pid))
+
+
+def cpu_times(pid: int, thread: int | None = None) -> tuple[float, float]:
+    """(user, system) CPU seconds used so far by a process, or by one of its threads (its
+    main thread's id is the process id), from /proc."""
+    path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
+    with open(path) as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 async def start_gateway(config: Path, log_file: Any) -> asyncio.subprocess.Process:

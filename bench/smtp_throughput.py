@@ -65,6 +65,9 @@ class Round:
     started: float = 0.0
     finished: float = 0.0
     server_cpu: float = 0.0  # CPU seconds of the server's process during submission
+    # (user, system) CPU seconds during submission: the server's process, its main thread
+    server_times: tuple[float, float] = (0.0, 0.0)
+    server_main_times: tuple[float, float] = (0.0, 0.0)
     machine_at_start: tuple[int, int] = (0, 0)  # c.machine_jiffies() when the clock started
     machine_busy: float = 0.0  # --upstream: fraction of all cores busy until all delivered
     bench_cpu: float = 0.0  # CPU seconds of this process (clients, sandbox) during submission
@@ -144,6 +147,7 @@ async def run_clients(
     """Submit every message with ``clients`` threads; the loop keeps serving meanwhile."""
     result = Round(name)
     cpu_before = [0.0, 0.0]
+    times_before = [(0.0, 0.0), (0.0, 0.0)]  # the server's process, its main thread
     work: queue.Queue = queue.Queue()
     for index in range(len(messages)):
         work.put(index)
@@ -152,6 +156,7 @@ async def run_clients(
 
     def go() -> None:
         cpu_before[:] = c.cpu_seconds(server_pid), c.cpu_seconds(os.getpid())
+        times_before[:] = c.cpu_times(server_pid), c.cpu_times(server_pid, server_pid)
         result.machine_at_start = c.machine_jiffies()
         result.started = time.perf_counter()
 
@@ -166,8 +171,14 @@ async def run_clients(
         await asyncio.gather(*futures)
         result.finished = time.perf_counter()
     result.server_cpu = c.cpu_seconds(server_pid) - cpu_before[0]
+    result.server_times = _minus(c.cpu_times(server_pid), times_before[0])
+    result.server_main_times = _minus(c.cpu_times(server_pid, server_pid), times_before[1])
     result.bench_cpu = c.cpu_seconds(os.getpid()) - cpu_before[1]
     return result
+
+
+def _minus(after: tuple[float, float], before: tuple[float, float]) -> tuple[float, float]:
+    return after[0] - before[0], after[1] - before[1]
 
 
 async def sink_round(messages: list[bytes], args: argparse.Namespace) -> Round:
@@ -551,6 +562,10 @@ def _report_accept(
         cpu = ", ".join(f"{r.server_cpu:.2f} s in {r.wall:.2f} s" for r in runs)
         bench = ", ".join(f"{r.bench_cpu:.2f} s" for r in runs)
         print(f"CPU during submission, {label} process: {cpu}; benchmark process: {bench}")
+        per_message = ", ".join(
+            f"{r.server_cpu / len(r.latencies) * 1000:.2f}" for r in runs if r.latencies
+        )
+        print(f"CPU per accepted message, {label} process: {per_message} ms")
     for number, g in enumerate(gateways, 1):
         accepted = len(g.submitted.latencies)
         if g.end_to_end is None:
