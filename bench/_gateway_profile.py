@@ -32,7 +32,7 @@ def _beside(profile: str | None, deliver: bool) -> Any:
             profiler.enable()
 
         def stop() -> None:
-            if profiler is not None:
+            if profiler is not None and profile is not None:
                 profiler.disable()
                 profiler.dump_stats(profile)
 
