@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import copy
 import email
 import imaplib
 import json
 import os
 import re
+import secrets
 import signal
 import smtplib
 import socket
 import ssl
+import string
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from datetime import datetime, timedelta
 from email import policy
 from email.message import EmailMessage
 from pathlib import Path
@@ -29,7 +34,8 @@ import pytest
 import yaml
 
 from gateway.passwords import hash_password
-from mailgw_sandbox import App, Sandbox, SentMessage
+from gateway.store import KEY_ENV_VAR, MailboxStore, SecretBox, migrate_postgresql, open_sqlite
+from mailgw_sandbox import App, Sandbox, SentMessage, User
 
 PASSWORD = "correct horse battery"
 # A cheap hash (2**10) keeps the suite fast; production hashes use 2**15.
@@ -111,6 +117,22 @@ class AdminBrowser:
         fields = dict(re.findall(r"name='([^']+)' value='([^']*)'", answer.text))
         return await self.admin.post(action.path, data=fields)
 
+    async def consent_link(self, account: str) -> str:
+        """The path of a consent link the (signed-in) admin makes for ``account``."""
+        page = await self.post(f"/accounts/{account}/consent-link")
+        link = re.search(r'value="(http://localhost:\d+/consent/[^"]+)"', page.text)
+        assert link is not None, page.text
+        return urlsplit(link.group(1)).path
+
+    async def connect_through(self, link: str, address: str) -> httpx.Response:
+        """As the mailbox's owner (no admin password): open the consent link, whose page names
+        ``address``, press Connect and consent at the provider; the gateway's last answer."""
+        landing = await self.admin.get(link)
+        assert landing.status_code == 200 and address in landing.text, landing.text
+        go = await self.admin.post(link, data={"csrf_token": csrf_token(landing)})
+        assert go.status_code == 303, go.text
+        return await self.consent(go.headers["location"])
+
     async def close(self) -> None:
         await self.admin.aclose()
         await self.cloud.aclose()
@@ -166,16 +188,58 @@ async def running_gateway(
     await asyncio.to_thread(path.write_text, yaml.safe_dump(config))
     gateway = Gateway(load_settings(path))
     await gateway.start()
-    if sandbox is not None:  # each app's callback, on the platform it was registered for
-        for app in sandbox.directory.apps.values():
-            if app.public_client_redirect_uris:
-                app.public_client_redirect_uris = (gateway.broker.redirect_uri(),)
-            else:
-                app.redirect_uris = (gateway.broker.redirect_uri(),)
+    if sandbox is not None:
+        register_callbacks(sandbox, gateway)
     try:
         yield gateway
     finally:
         await gateway.stop()
+
+
+def register_callbacks(sandbox: Sandbox, *gateways: Any) -> None:
+    """Every sandbox app accepts these gateways' callbacks as redirect URIs, and no other, on
+    the platform it was registered for (mobile and desktop for a public client, else web)."""
+    callbacks = tuple(gateway.broker.redirect_uri() for gateway in gateways)
+    for app in sandbox.directory.apps.values():
+        if app.public_client_redirect_uris:
+            app.public_client_redirect_uris = callbacks
+        else:
+            app.redirect_uris = callbacks
+
+
+@contextlib.asynccontextmanager
+async def running_cluster(
+    config: dict,
+    directory: Path,
+    url: str,
+    count: int = 2,
+    sandbox: Sandbox | None = None,
+    overrides: Sequence[Mapping[str, Any]] = (),
+) -> AsyncIterator[list[Any]]:
+    """``count`` gateways in this process sharing the PostgreSQL database ``url``, as behind
+    a load balancer. The database is migrated first (instances never migrate it themselves)
+    and all seal with one secret key (each checks it when it opens the database). Instance
+    "a", "b", ... runs on its own copy of ``config`` with its own state directory and config
+    file (``directory``/a, ``directory``/a.yaml, ...) and its own ports (``config``'s port 0),
+    updated by ``overrides[i]`` for the i-th; with ``sandbox``, the apps there accept every
+    instance's callback. Started in order, stopped in reverse."""
+    assert len(overrides) <= count, "more overrides than instances"
+    await migrate_postgresql(url)
+    key = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+    async with contextlib.AsyncExitStack() as stack:
+        environment = stack.enter_context(pytest.MonkeyPatch.context())
+        environment.setenv(KEY_ENV_VAR, key)
+        gateways = []
+        for index, name in enumerate(string.ascii_lowercase[:count]):
+            own = copy.deepcopy(config)
+            own["state_dir"] = str(directory / name)
+            own["store"] = {**own.get("store", {}), "url": url}
+            own.update(overrides[index] if index < len(overrides) else {})
+            path = directory / f"{name}.yaml"
+            gateways.append(await stack.enter_async_context(running_gateway(own, path)))
+        if sandbox is not None:
+            register_callbacks(sandbox, *gateways)
+        yield gateways
 
 
 def serve_without_consent(
@@ -265,6 +329,36 @@ def idling(client: imaplib.IMAP4) -> Iterator[Any]:
 
 
 HOST = "127.0.0.1"
+
+
+def imap_starttls_login(port: int, cafile: str, account: str) -> imaplib.IMAP4:
+    """An IMAP client of the gateway, signed in as ``account`` after STARTTLS (trusting the
+    gateway's own CA, ``cafile``), with a timeout that outlasts an IDLE wait."""
+    client = imaplib.IMAP4(HOST, port, timeout=IDLE_WAIT + 5)
+    client.starttls(ssl_context=ssl.create_default_context(cafile=cafile))
+    client.login(account, PASSWORD)
+    return client
+
+
+class InboxSeeder:
+    """Puts small messages (Message-ID ``<subject@example.org>``) in a sandbox user's INBOX,
+    received one minute apart from ``start`` in the order seeded."""
+
+    def __init__(self, sandbox: Sandbox, user: User, start: datetime) -> None:
+        self.sandbox, self.user, self.start = sandbox, user, start
+        self.seeded = 0
+
+    def __call__(self, subject: str) -> str:
+        """Seed one message; its provider id."""
+        raw = (
+            f"From: s@example.org\r\nTo: {self.user.address}\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{subject}@example.org>\r\n\r\nBody of {subject}.\r\n"
+        ).encode()
+        received = self.start + timedelta(minutes=self.seeded)
+        self.seeded += 1
+        return self.sandbox.ops(self.user).seed_inbox(self.user, raw, received_at=received)
+
+
 GMAIL_SCOPES = [
     "https://www.googleapis.com/auth/gmail.send",
     "https://www.googleapis.com/auth/gmail.readonly",
@@ -382,3 +476,30 @@ async def until(check: Callable[[], bool], within: float, what: str | Callable[[
         if time.monotonic() >= deadline:
             pytest.fail(f"not reached within {within} s: {what() if callable(what) else what}")
         await asyncio.sleep(0.05)
+
+
+class ManualClock:
+    """An injectable clock whose seconds move only when a test moves ``now``, and a ``sleep``
+    that records each delay asked for (``slept``) instead of waiting it out."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        await asyncio.sleep(0)
+
+
+@contextlib.asynccontextmanager
+async def sqlite_mailboxes(directory: Path) -> AsyncIterator[MailboxStore]:
+    """The mailbox store of the SQLite state database in ``directory`` (made on first use,
+    sealed with a fixed key, so a second opening reads what the first wrote), closed after."""
+    stores = await open_sqlite(directory, SecretBox(bytes(range(32))))
+    try:
+        yield stores.mailboxes
+    finally:
+        await stores.close()

@@ -7,23 +7,16 @@ the other. Each instance has its own state directory and ports and the same secr
 from __future__ import annotations
 
 import asyncio
-import base64
-import copy
 import imaplib
-import os
-import re
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
 from gateway.app import Gateway
 from gateway.login_gate import MAILBOX
-from gateway.store import KEY_ENV_VAR, migrate_postgresql
 from mailgw_sandbox import Sandbox
 from mailgw_sandbox.postgres import PostgresServer
 from tests.helpers import (
@@ -32,7 +25,7 @@ from tests.helpers import (
     AdminBrowser,
     base_config,
     csrf_token,
-    running_gateway,
+    running_cluster,
     sandbox_config,
 )
 
@@ -41,29 +34,9 @@ THROTTLED = "Too many failed logins for this username from your address; try aga
 
 
 @pytest.fixture
-async def shared_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every instance seals tokens with the same key (checked when it opens the database)."""
-    monkeypatch.setenv(KEY_ENV_VAR, base64.urlsafe_b64encode(os.urandom(32)).decode())
-
-
-async def start_pair(
-    stack: AsyncExitStack, configs: list[dict], tmp_path: Path, url: str, sandbox: Any = None
-) -> list[Gateway]:
-    await migrate_postgresql(url)
-    gateways = []
-    for name, config in zip("ab", configs, strict=False):
-        config["state_dir"] = str(tmp_path / name)
-        config["store"] = {"url": url}
-        path = tmp_path / f"{name}.yaml"
-        gateways.append(await stack.enter_async_context(running_gateway(config, path, sandbox)))
-    return gateways
-
-
-@pytest.fixture
-async def pair(tmp_path: Path, pg_url: str, shared_key: None) -> AsyncIterator[list[Gateway]]:
-    async with AsyncExitStack() as stack:
-        configs = [base_config(tmp_path / "unused") for _ in "ab"]
-        yield await start_pair(stack, configs, tmp_path, pg_url)
+async def pair(tmp_path: Path, pg_url: str) -> AsyncIterator[list[Gateway]]:
+    async with running_cluster(base_config(tmp_path / "unused"), tmp_path, pg_url) as gateways:
+        yield gateways
 
 
 def _admin(gateway: Gateway, cookies: httpx.Cookies | None = None) -> httpx.AsyncClient:
@@ -124,59 +97,49 @@ async def test_wrong_passwords_spread_over_both_instances_count_in_one_budget(
 
 
 async def test_a_consent_link_made_on_one_instance_completes_on_the_other(
-    sandbox: Sandbox, tmp_path: Path, pg_url: str, shared_key: None
+    sandbox: Sandbox, tmp_path: Path, pg_url: str
 ) -> None:
     async with AsyncExitStack() as stack:
         config, _ = sandbox_config(sandbox, tmp_path / "unused")
-        a, b = await start_pair(stack, [config, copy.deepcopy(config)], tmp_path, pg_url, sandbox)
-        for app in sandbox.directory.apps.values():  # the Entra app: both callbacks registered
-            if app.public_client_redirect_uris:
-                app.public_client_redirect_uris = (a.broker.redirect_uri(), b.broker.redirect_uri())
+        cluster = running_cluster(config, tmp_path, pg_url, sandbox=sandbox)
+        a, b = await stack.enter_async_context(cluster)  # both callbacks registered
         admin = AdminBrowser(a, sandbox)
         owner = AdminBrowser(b, sandbox)  # the mailbox's owner, without the admin password
         stack.push_async_callback(admin.close)
         stack.push_async_callback(owner.close)
         await admin.sign_in()
-        page = await admin.post("/accounts/crm/consent-link")
-        link = re.search(r'value="(http://localhost:\d+/consent/[^"]+)"', page.text)
-        assert link is not None, page.text
-        path = urlsplit(link.group(1)).path
-        landing = await owner.admin.get(path)
-        assert landing.status_code == 200 and MS_ADDRESS in landing.text
-        go = await owner.admin.post(path, data={"csrf_token": csrf_token(landing)})
-        assert go.status_code == 303
-        done = await owner.consent(go.headers["location"])
+        link = await admin.consent_link("crm")
+        done = await owner.connect_through(link, MS_ADDRESS)
         assert f"{MS_ADDRESS} is connected" in done.text
         assert a.stores is not None
         auth = await a.stores.auth.get_account_auth("crm")
         assert auth is not None and auth.state == "connected"
-        spent = await admin.admin.get(path)  # spent for both instances
+        spent = await admin.admin.get(link)  # spent for both instances
         assert spent.status_code == 404 and "already used or has expired" in spent.text
 
 
 async def test_with_postgresql_down_the_admin_page_says_so_and_logins_are_still_judged(
-    tmp_path: Path, shared_key: None
+    tmp_path: Path,
 ) -> None:
     """The page answers 503 with a sentence (no 500, no traceback); a login is still judged,
     its failure counted by this instance alone; the session outlives the outage."""
     with PostgresServer() as own:  # stopped and started by this test alone
         url = own.new_database()
-        async with AsyncExitStack() as stack:
-            (gateway,) = await start_pair(stack, [base_config(tmp_path)], tmp_path, url)
-            async with _admin(gateway) as browser:
-                page = await browser.get("/login")
-                data = {"csrf_token": csrf_token(page), "password": PASSWORD}
-                assert (await browser.post("/login", data=data)).status_code == 303
-                await asyncio.to_thread(own.stop)
-                down = await browser.get("/")
-                assert down.status_code == 503, down.text
-                assert "cannot reach its database" in down.text
-                answer = await asyncio.to_thread(imap_login, gateway, "wrong")
-                assert "AUTHENTICATIONFAILED" in answer, answer
-                await asyncio.to_thread(own.restart_after)
-                # The pool reconnects in its own time (backing off while the server was down).
-                deadline = asyncio.get_running_loop().time() + 60
-                while (back := await browser.get("/")).status_code == 503:
-                    assert asyncio.get_running_loop().time() < deadline, "PostgreSQL is back"
-                    await asyncio.sleep(0.5)
-                assert back.status_code == 200, back.text  # still signed in, not sent to /login
+        cluster = running_cluster(base_config(tmp_path), tmp_path, url, count=1)
+        async with cluster as (gateway,), _admin(gateway) as browser:
+            page = await browser.get("/login")
+            data = {"csrf_token": csrf_token(page), "password": PASSWORD}
+            assert (await browser.post("/login", data=data)).status_code == 303
+            await asyncio.to_thread(own.stop)
+            down = await browser.get("/")
+            assert down.status_code == 503, down.text
+            assert "cannot reach its database" in down.text
+            answer = await asyncio.to_thread(imap_login, gateway, "wrong")
+            assert "AUTHENTICATIONFAILED" in answer, answer
+            await asyncio.to_thread(own.restart_after)
+            # The pool reconnects in its own time (backing off while the server was down).
+            deadline = asyncio.get_running_loop().time() + 60
+            while (back := await browser.get("/")).status_code == 503:
+                assert asyncio.get_running_loop().time() < deadline, "PostgreSQL is back"
+                await asyncio.sleep(0.5)
+            assert back.status_code == 200, back.text  # still signed in, not sent to /login

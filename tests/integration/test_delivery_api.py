@@ -13,7 +13,7 @@ import email
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from email import policy
 from email.message import EmailMessage
@@ -30,7 +30,7 @@ from gateway.oauth import ReauthRequired
 from gateway.providers import GmailSender, GraphSender, Sender
 from gateway.spool import FileSpool
 from mailgw_sandbox import Fault, Sandbox, User
-from tests.helpers import PASSWORD_HASH
+from tests.helpers import PASSWORD_HASH, until
 
 GMAIL_SCOPES = {
     "https://www.googleapis.com/auth/gmail.send",
@@ -157,13 +157,6 @@ async def drained(spool: FileSpool, within: float = 15.0) -> None:
         await asyncio.sleep(0.05)
 
 
-async def until(check: Callable[[], bool], within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
-
-
 @pytest.mark.parametrize("account", ["crm", "scanner"])
 async def test_small_and_10mb_messages_are_sent_once(world: World, account: str) -> None:
     user = world.graph_user if account == "crm" else world.gmail_user
@@ -249,7 +242,7 @@ async def test_graph_send_as_denied_is_refused_inline_and_dead_lettered_queued(
     await spool.start()
     try:
         await spool.submit(envelope("crm", "alice@example.org"), forbidden)
-        await until(lambda: [r.state for r in spool.messages()] == ["dead"])
+        await until(lambda: [r.state for r in spool.messages()] == ["dead"], 10, "a dead letter")
     finally:
         await spool.stop()
     (dead,) = spool.messages()
@@ -353,7 +346,7 @@ async def test_revoked_consent_holds_mail_until_reconnected(world: World) -> Non
     await spool.start()
     try:
         await spool.submit(envelope("crm", "alice@example.org"), message("crm@contoso.example"))
-        await until(lambda: [r.state for r in spool.messages()] == ["held"])
+        await until(lambda: [r.state for r in spool.messages()] == ["held"], 10, "the message held")
         (held,) = spool.messages()
         assert "must be connected again" in held.reason
         assert world.sent(world.graph_user) == []
@@ -379,7 +372,9 @@ async def test_at_most_four_graph_requests_per_mailbox(world: World) -> None:
         await until(
             lambda: (
                 graph.in_flight.get("crm@contoso.example", 0) + spool.waiting_for_slot("crm") == 10
-            )
+            ),
+            10,
+            "all ten held at Graph or waiting for a slot",
         )
         assert graph.in_flight["crm@contoso.example"] == 4 and spool.waiting_for_slot("crm") == 6
         gate.set()

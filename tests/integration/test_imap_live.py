@@ -17,10 +17,9 @@ import contextlib
 import imaplib
 import poplib
 import re
-import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +28,10 @@ import pytest
 from mailgw_sandbox import Fault, Sandbox, User
 from tests.helpers import (
     CLOUD_ACCOUNTS,
-    IDLE_WAIT,
     PASSWORD,
+    InboxSeeder,
     idling,
+    imap_starttls_login,
     running_gateway,
     sandbox_config,
     serve_without_consent,
@@ -66,25 +66,15 @@ class Live:
     user: User
     account: str
     cafile: str
-    seeded: int = 0
 
-    def seed(self, subject: str) -> str:
-        raw = (
-            f"From: s@example.org\r\nTo: {self.user.address}\r\nSubject: {subject}\r\n"
-            f"Message-ID: <{subject}@example.org>\r\n\r\nBody of {subject}.\r\n"
-        ).encode()
-        received = T0 + timedelta(minutes=self.seeded)
-        self.seeded += 1
-        return self.sandbox.ops(self.user).seed_inbox(self.user, raw, received_at=received)
+    def __post_init__(self) -> None:
+        self.seed = InboxSeeder(self.sandbox, self.user, T0)
 
     def inbox(self) -> list[str]:
         return self.sandbox.ops(self.user).inbox_ids(self.user)
 
     def login(self) -> imaplib.IMAP4:
-        client = imaplib.IMAP4(HOST, self.gateway.ports["imap"], timeout=IDLE_WAIT + 5)
-        client.starttls(ssl_context=ssl.create_default_context(cafile=self.cafile))
-        client.login(self.account, PASSWORD)
-        return client
+        return imap_starttls_login(self.gateway.ports["imap"], self.cafile, self.account)
 
 
 @contextlib.asynccontextmanager

@@ -10,34 +10,30 @@ client, observed, not replaced), so "one poller" is measured, not assumed.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import imaplib
 import re
-import ssl
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from gateway.store import KEY_ENV_VAR, migrate_postgresql
 from mailgw_sandbox import Sandbox, User
 from tests.helpers import (
     CLOUD_ACCOUNTS,
-    IDLE_WAIT,
-    PASSWORD,
+    InboxSeeder,
     idling,
-    running_gateway,
+    imap_starttls_login,
+    running_cluster,
     sandbox_config,
     serve_without_consent,
     until,
 )
 
-HOST = "127.0.0.1"
 POLL_SECONDS = 1
 T0 = datetime(2026, 5, 1, 8, 0, tzinfo=UTC)
 WITHIN = 20.0  # seconds to wait for an event that takes a few poll intervals
@@ -58,10 +54,7 @@ class Instance:
     cafile: str = ""
 
     def login(self) -> imaplib.IMAP4:
-        client = imaplib.IMAP4(HOST, self.gateway.ports["imap"], timeout=IDLE_WAIT + 5)
-        client.starttls(ssl_context=ssl.create_default_context(cafile=self.cafile))
-        client.login(self.account, PASSWORD)
-        return client
+        return imap_starttls_login(self.gateway.ports["imap"], self.cafile, self.account)
 
     def polling(self) -> bool:
         """Whether this instance's view of the account holds the poll lock (as it knows)."""
@@ -75,17 +68,9 @@ class Cluster:
     user: User
     a: Instance
     b: Instance
-    seeded: int = 0
-    stopped: list[Instance] = field(default_factory=list)
 
-    def seed(self, subject: str) -> str:
-        raw = (
-            f"From: s@example.org\r\nTo: {self.user.address}\r\nSubject: {subject}\r\n"
-            f"Message-ID: <{subject}@example.org>\r\n\r\nBody of {subject}.\r\n"
-        ).encode()
-        received = T0 + timedelta(minutes=self.seeded)
-        self.seeded += 1
-        return self.sandbox.ops(self.user).seed_inbox(self.user, raw, received_at=received)
+    def __post_init__(self) -> None:
+        self.seed = InboxSeeder(self.sandbox, self.user, T0)
 
     async def poller(self) -> tuple[Instance, Instance]:
         """(the instance that polls, the other), once exactly one does."""
@@ -111,24 +96,16 @@ async def cluster(
     sandbox: Sandbox,
     tmp_path: Path,
     pg_url: str,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> AsyncIterator[Cluster]:
-    await migrate_postgresql(pg_url)
-    monkeypatch.setenv(KEY_ENV_VAR, base64.urlsafe_b64encode(bytes(range(32))).decode())
     config, _ = sandbox_config(sandbox, tmp_path / "a")
     serve_without_consent(sandbox, config, tmp_path, ("gmail.send", "gmail.readonly"))
     config["reading"] = {"poll_seconds": POLL_SECONDS}
-    config["store"] = {"url": pg_url}
     account, address = CLOUD_ACCOUNTS[request.param]
     user = sandbox.directory.user(address)
     assert user is not None
-    async with contextlib.AsyncExitStack() as stack:
+    async with running_cluster(config, tmp_path, pg_url) as gateways:
         instances = []
-        for name in ("a", "b"):
-            config["state_dir"] = str(tmp_path / name)
-            gateway = await stack.enter_async_context(
-                running_gateway(config, tmp_path / f"{name}.yaml")
-            )
+        for name, gateway in zip("ab", gateways, strict=True):
             instance = Instance(name, gateway, account)
             instance.cafile = str(gateway.settings.state_dir / "tls/ca.crt")
             gateway.http.event_hooks["request"].append(_counting(instance))

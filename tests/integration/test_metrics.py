@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from tests.helpers import (
     running_gateway,
     sandbox_config,
     serve_without_consent,
+    until,
 )
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -77,24 +78,17 @@ def wrong_login(port: int) -> None:
         client.auth("PLAIN", client.auth_plain)
 
 
-async def until(check: Callable[[], bool], within: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, "not reached in time"
-        await asyncio.sleep(0.05)
-
-
 async def test_metrics_count_a_send_a_failed_login_and_a_held_message(
     gateway: Any, sandbox: Sandbox
 ) -> None:
     before = await samples(gateway)
     smtp = gateway.ports["smtp"]
     await asyncio.to_thread(submit, smtp, "crm", MS_ADDRESS)
-    await until(lambda: not gateway.spool.messages())  # sent: the queue is empty again
+    await until(lambda: not gateway.spool.messages(), 20, "the message sent (the queue empty)")
     with pytest.raises(smtplib.SMTPAuthenticationError):
         await asyncio.to_thread(wrong_login, smtp)
     await asyncio.to_thread(submit, smtp, "scanner", GOOGLE_ADDRESS)
-    await until(lambda: [m.state for m in gateway.spool.messages()] == ["held"])
+    await until(lambda: [m.state for m in gateway.spool.messages()] == ["held"], 20, "held")
     after = await samples(gateway)
 
     def grew(name: str, **labels: str) -> float:

@@ -189,18 +189,12 @@ async def test_consent_link_works_once_without_the_admin_password(
     wired: tuple[Gateway, Sandbox], browser: AdminBrowser
 ) -> None:
     gateway, _ = wired
-    page = await browser.post("/accounts/crm/consent-link")
-    link = re.search(r'value="(http://localhost:\d+/consent/[^"]+)"', page.text).group(1)
-    path = urlsplit(link).path
+    link = await browser.consent_link("crm")
     owner = AdminBrowser(gateway, wired[1])  # no admin sign-in
     try:
-        landing = await owner.admin.get(path)
-        assert landing.status_code == 200 and MS_ADDRESS in landing.text
-        go = await owner.admin.post(path, data={"csrf_token": csrf_token(landing)})
-        assert go.status_code == 303
-        done = await owner.consent(go.headers["location"])
+        done = await owner.connect_through(link, MS_ADDRESS)
         assert f"{MS_ADDRESS} is connected" in done.text
-        again = await owner.admin.get(path)
+        again = await owner.admin.get(link)
         assert again.status_code == 404 and "already used or has expired" in again.text
     finally:
         await owner.close()
@@ -352,8 +346,7 @@ async def test_consent_link_survives_a_provider_outage(
     """A 503 while the owner uses the link: a sentence to try again later, and the link works
     until the mailbox is connected, then no more."""
     gateway, sandbox = wired
-    page = await browser.post("/accounts/crm/consent-link")
-    path = urlsplit(re.search(r'value="(http://localhost:\d+/consent/[^"]+)"', page.text)[1]).path
+    path = await browser.consent_link("crm")
     owner = AdminBrowser(gateway, sandbox)
     try:
         landing = await owner.admin.get(path)

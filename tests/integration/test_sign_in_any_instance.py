@@ -11,10 +11,8 @@ On SQLite, a gateway restarted between the click and the callback completes the 
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import re
-import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +20,16 @@ from pathlib import Path
 import pytest
 
 from gateway.app import Gateway
-from gateway.store import KEY_ENV_VAR, migrate_postgresql
 from mailgw_sandbox import App, Sandbox
-from tests.helpers import GOOGLE_ADDRESS, MS_ADDRESS, AdminBrowser, running_gateway, sandbox_config
+from tests.helpers import (
+    GOOGLE_ADDRESS,
+    MS_ADDRESS,
+    AdminBrowser,
+    register_callbacks,
+    running_cluster,
+    running_gateway,
+    sandbox_config,
+)
 
 ADDRESS = {"crm": MS_ADDRESS, "scanner": GOOGLE_ADDRESS}
 NOT_STARTED = "was not started here or has expired"
@@ -41,28 +46,12 @@ class Pair:
     to_a: AdminBrowser  # ... and one whose return goes to A
 
 
-def register_callback(sandbox: Sandbox, gateway: Gateway) -> None:
-    """The provider apps accept only this gateway's callback as redirect URI."""
-    for app in sandbox.directory.apps.values():
-        if app.public_client_redirect_uris:
-            app.public_client_redirect_uris = (gateway.broker.redirect_uri(),)
-        else:
-            app.redirect_uris = (gateway.broker.redirect_uri(),)
-
-
 @pytest.fixture
-async def pair(
-    sandbox: Sandbox, tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[Pair]:
-    await migrate_postgresql(pg_url)
-    monkeypatch.setenv(KEY_ENV_VAR, base64.urlsafe_b64encode(secrets.token_bytes(32)).decode())
+async def pair(sandbox: Sandbox, tmp_path: Path, pg_url: str) -> AsyncIterator[Pair]:
     config, google_app = sandbox_config(sandbox, tmp_path / "a")
-    config["store"] = {"url": pg_url}
-    config_b = {**config, "state_dir": str(tmp_path / "b")}
     async with contextlib.AsyncExitStack() as stack:
-        a = await stack.enter_async_context(running_gateway(config, tmp_path / "a.yaml"))
-        b = await stack.enter_async_context(running_gateway(config_b, tmp_path / "b.yaml"))
-        register_callback(sandbox, a)
+        a, b = await stack.enter_async_context(running_cluster(config, tmp_path, pg_url))
+        register_callbacks(sandbox, a)  # A's alone: B must redeem with the URI A started with
         browsers = [AdminBrowser(gateway, sandbox) for gateway in (a, b, a)]
         for browser in browsers:
             stack.push_async_callback(browser.close)

@@ -29,7 +29,7 @@ from tests.helpers import (
     PASSWORD,
     connected_config,
     message_ids,
-    running_gateway,
+    running_cluster,
     sent_of,
     until,
 )
@@ -183,10 +183,8 @@ def send(port: int, account: str, address: str, subject: str) -> tuple[int, str]
 async def test_a_gateway_on_postgresql_delivers_through_graph_and_gmail(
     sandbox: Sandbox, pg_url: str, tmp_path: Path
 ) -> None:
-    await migrate_postgresql(pg_url)
     config = connected_config(sandbox, tmp_path)
-    config["store"] = {"url": pg_url}
-    async with running_gateway(config, tmp_path / "c.yaml") as gateway:
+    async with running_cluster(config, tmp_path, pg_url, count=1) as (gateway,):
         assert isinstance(gateway.spool, DatabaseSpool)
         port = gateway.ports["smtp"]
         addresses = {a["username"]: a["address"] for a in config["accounts"]}
@@ -207,12 +205,10 @@ async def test_postgresql_down_means_451_then_everything_accepted_is_delivered(
 ) -> None:
     """Its own server: stopping the session's would break the other tests' databases."""
     with PostgresServer() as server:
-        url = server.new_database()
-        await migrate_postgresql(url)
         config = connected_config(sandbox, tmp_path)
-        config["store"] = {"url": url}
         address = next(a["address"] for a in config["accounts"] if a["username"] == "crm")
-        async with running_gateway(config, tmp_path / "c.yaml") as gateway:
+        cluster = running_cluster(config, tmp_path, server.new_database(), count=1)
+        async with cluster as (gateway,):
             port = gateway.ports["smtp"]
             before = await asyncio.to_thread(send, port, "crm", address, "before-outage")
             assert before[0] == 250

@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import smtplib
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -32,6 +31,7 @@ from tests.helpers import (
     AdminBrowser,
     running_gateway,
     sandbox_config,
+    until,
 )
 
 HOST = "127.0.0.1"
@@ -105,14 +105,6 @@ class World:
 
         await until(done, within, lambda: f"{message_id} sent; spool: {self.spool_state()}")
         assert self.sent_ids(account).count(message_id) == 1
-
-
-async def until(check: Callable[[], bool], within: float, what: Callable[[], str]) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() >= deadline:
-            pytest.fail(f"not reached within {within} s: {what()}")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture

@@ -18,10 +18,8 @@ would fail.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -32,15 +30,16 @@ import pytest
 from gateway.app import Gateway
 from gateway.oauth import AuthUnavailable, ReauthRequired
 from gateway.oauth._google import parse_material
-from gateway.store import KEY_ENV_VAR, migrate_postgresql
 from mailgw_sandbox import App, Sandbox
 from mailgw_sandbox.postgres import PostgresServer
 from tests.helpers import (
     GOOGLE_ADDRESS,
     MS_ADDRESS,
     AdminBrowser,
-    running_gateway,
+    register_callbacks,
+    running_cluster,
     sandbox_config,
+    until,
 )
 
 ADDRESS = {"crm": MS_ADDRESS, "scanner": GOOGLE_ADDRESS}
@@ -86,14 +85,6 @@ class Cluster:
         )
 
 
-async def until(check: Callable[[], bool], within: float, what: Callable[[], str]) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() >= deadline:
-            pytest.fail(f"not reached within {within} s: {what()}")
-        await asyncio.sleep(0.05)
-
-
 async def listening(sender: Gateway, receiver: Gateway) -> None:
     """Wait until a notice on the ``auth`` channel sent by one instance reaches the other
     (a channel subscribed at start is listened to a moment later)."""
@@ -125,22 +116,11 @@ def record_followers(gateway: Gateway, name: str, followed: dict[str, list[str]]
 
 
 @pytest.fixture
-async def cluster(
-    sandbox: Sandbox, tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[Cluster]:
-    await migrate_postgresql(pg_url)
-    monkeypatch.setenv(KEY_ENV_VAR, base64.urlsafe_b64encode(secrets.token_bytes(32)).decode())
+async def cluster(sandbox: Sandbox, tmp_path: Path, pg_url: str) -> AsyncIterator[Cluster]:
     config, google_app = sandbox_config(sandbox, tmp_path / "a")
-    config["store"] = {"url": pg_url}
-    config_b = {**config, "state_dir": str(tmp_path / "b")}
     async with contextlib.AsyncExitStack() as stack:
-        a = await stack.enter_async_context(running_gateway(config, tmp_path / "a.yaml"))
-        b = await stack.enter_async_context(running_gateway(config_b, tmp_path / "b.yaml"))
-        for app in sandbox.directory.apps.values():  # consent goes through A's admin page
-            if app.public_client_redirect_uris:
-                app.public_client_redirect_uris = (a.broker.redirect_uri(),)
-            else:
-                app.redirect_uris = (a.broker.redirect_uri(),)
+        a, b = await stack.enter_async_context(running_cluster(config, tmp_path, pg_url))
+        register_callbacks(sandbox, a)  # consent goes through A's admin page
         browser = AdminBrowser(a, sandbox)
         stack.push_async_callback(browser.close)
         await browser.sign_in()

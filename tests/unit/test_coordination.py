@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
 import pytest
@@ -23,6 +24,18 @@ from tests.helpers import until
 WITHIN = 15.0  # seconds; only ever reached when something is broken
 
 
+@asynccontextmanager
+async def two_instances(url: str) -> AsyncIterator[tuple[PgCoordination, PgCoordination]]:
+    """Two instances' coordination (two sets of connections) on the migrated database."""
+    await migrate_postgresql(url)
+    first, second = await PgCoordination.open(url), await PgCoordination.open(url)
+    try:
+        yield first, second
+    finally:
+        await first.close()
+        await second.close()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def pair(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Coordination, Coordination]]:
     if request.param == "sqlite":
@@ -30,12 +43,8 @@ async def pair(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Coordinati
         yield local, local
         await local.close()
         return
-    url: str = request.getfixturevalue("pg_url")
-    await migrate_postgresql(url)
-    first, second = await PgCoordination.open(url), await PgCoordination.open(url)
-    yield first, second
-    await first.close()
-    await second.close()
+    async with two_instances(request.getfixturevalue("pg_url")) as instances:
+        yield instances
 
 
 def _kill(postgres: PostgresServer, url: str, application: str) -> int:
@@ -163,9 +172,7 @@ async def test_try_lead_gives_one_leader_and_a_new_one_after_release(
 async def test_new_leader_after_the_leaders_connection_is_killed(
     pg_url: str, postgres: PostgresServer
 ) -> None:
-    await migrate_postgresql(pg_url)
-    first, second = await PgCoordination.open(pg_url), await PgCoordination.open(pg_url)
-    try:
+    async with two_instances(pg_url) as (first, second):
         leader = await first.try_lead("poll:desk")
         assert leader is not None
         assert await second.try_lead("poll:desk") is None
@@ -179,20 +186,13 @@ async def test_new_leader_after_the_leaders_connection_is_killed(
         assert successor is not None
         assert not await leader.holding()  # the old leader learns it lost the lock
         assert await successor.holding()
-    finally:
-        await first.close()
-        await second.close()
 
 
 async def test_close_ends_leaderships(pg_url: str) -> None:
-    await migrate_postgresql(pg_url)
-    first, second = await PgCoordination.open(pg_url), await PgCoordination.open(pg_url)
-    try:
+    async with two_instances(pg_url) as (first, second):
         assert await first.try_lead("poll:desk") is not None
         await first.close()  # a stopping instance hands over at once
         assert await second.try_lead("poll:desk") is not None
-    finally:
-        await second.close()
 
 
 async def test_notify_reaches_subscribers_on_every_instance(
@@ -246,9 +246,7 @@ async def test_notices_are_checked_on_both_backends(
 async def test_subscribers_told_to_reread_after_the_listening_connection_is_lost(
     pg_url: str, postgres: PostgresServer
 ) -> None:
-    await migrate_postgresql(pg_url)
-    first, second = await PgCoordination.open(pg_url), await PgCoordination.open(pg_url)
-    try:
+    async with two_instances(pg_url) as (first, second):
         heard = Listener()
         first.subscribe("mailbox_changed", heard)
         await _listening(first, heard)
@@ -258,6 +256,3 @@ async def test_subscribers_told_to_reread_after_the_listening_connection_is_lost
         await until(lambda: heard.heard[-1] is None, WITHIN, "a None after the reconnection")
         await second.notify("mailbox_changed", "after")
         await until(lambda: heard.payloads == ["before", "after"], WITHIN, "the later notice")
-    finally:
-        await first.close()
-        await second.close()

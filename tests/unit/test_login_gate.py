@@ -21,7 +21,7 @@ from gateway.login_gate import (
     tarpit_delay,
 )
 from gateway.passwords import hash_password, parse_hash
-from tests.helpers import PASSWORD, PASSWORD_HASH
+from tests.helpers import PASSWORD, PASSWORD_HASH, ManualClock
 
 STORED = parse_hash(PASSWORD_HASH)
 CRM = UserKey.of(MAILBOX, "crm")
@@ -29,28 +29,14 @@ SCANNER = UserKey.of(MAILBOX, "scanner")
 LOCAL = "127.0.0.1"
 
 
-class FakeTime:
+@pytest.fixture
+def time() -> ManualClock:
     """The gate's clock, and a sleep that records the tarpit's delays instead of waiting."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.slept: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        await asyncio.sleep(0)
+    return ManualClock(now=1000.0)
 
 
 @pytest.fixture
-def time() -> FakeTime:
-    return FakeTime()
-
-
-@pytest.fixture
-def gate(time: FakeTime) -> LoginGate:
+def gate(time: ManualClock) -> LoginGate:
     return LoginGate(clock=time, sleep=time.sleep, concurrent_checks=2)
 
 
@@ -63,7 +49,7 @@ def test_tarpit_doubles_from_the_fourth_failure_and_stops_at_15_seconds() -> Non
 
 
 async def test_pair_budget_refuses_without_a_check_then_slides(
-    gate: LoginGate, time: FakeTime
+    gate: LoginGate, time: ManualClock
 ) -> None:
     for _ in range(MAILBOX.pair_limit):
         assert await _try(gate, LOCAL, CRM, "stale password") == WRONG
@@ -83,7 +69,7 @@ async def test_pair_budget_refuses_without_a_check_then_slides(
 
 
 async def test_a_username_under_attack_is_slowed_never_locked_and_recovers(
-    gate: LoginGate, time: FakeTime
+    gate: LoginGate, time: ManualClock
 ) -> None:
     for n in range(30):  # one guess from each of 30 addresses: no pair reaches its budget
         assert await _try(gate, f"198.51.100.{n}", CRM, f"guess {n}") == WRONG
@@ -107,7 +93,7 @@ async def test_a_username_under_attack_is_slowed_never_locked_and_recovers(
 
 
 async def test_success_forgets_only_the_failures_from_its_own_address(
-    gate: LoginGate, time: FakeTime
+    gate: LoginGate, time: ManualClock
 ) -> None:
     for _ in range(3):
         await _try(gate, LOCAL, CRM, "typo")
@@ -121,7 +107,7 @@ async def test_success_forgets_only_the_failures_from_its_own_address(
 
 
 async def test_a_username_that_looks_like_an_address_is_only_a_username(
-    gate: LoginGate, time: FakeTime
+    gate: LoginGate, time: ManualClock
 ) -> None:
     intruder = UserKey.of(MAILBOX, LOCAL)
     for _ in range(12):
@@ -132,7 +118,7 @@ async def test_a_username_that_looks_like_an_address_is_only_a_username(
 
 
 async def test_admin_and_mailbox_logins_are_separate_usernames(
-    gate: LoginGate, time: FakeTime
+    gate: LoginGate, time: ManualClock
 ) -> None:
     admin = UserKey.of(ADMIN, "admin")
     for _ in range(ADMIN.pair_limit):
@@ -167,7 +153,7 @@ async def test_repeat_logins_are_verified_from_memory_until_the_password_changes
 
 
 async def test_each_incident_is_logged_once(
-    gate: LoginGate, time: FakeTime, caplog: pytest.LogCaptureFixture
+    gate: LoginGate, time: ManualClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="gateway.login_gate")
     for _ in range(50):
@@ -195,7 +181,7 @@ async def test_each_incident_is_logged_once(
     assert [r.getMessage() for r in caplog.records].count("login.throttled") == 1
 
 
-async def test_failure_memory_is_bounded(time: FakeTime) -> None:
+async def test_failure_memory_is_bounded(time: ManualClock) -> None:
     gate = LoginGate(clock=time, sleep=time.sleep, max_keys=10)
     for n in range(50):
         time.now += 1
@@ -208,7 +194,7 @@ async def test_failure_memory_is_bounded(time: FakeTime) -> None:
 
 
 async def test_a_burst_of_right_logins_costs_one_check_and_no_delay(
-    gate: LoginGate, time: FakeTime
+    gate: LoginGate, time: ManualClock
 ) -> None:
     """A program opening sixteen connections at once with its right password: nothing is
     refused or slowed (attempts in flight are not failures), and one scrypt check serves all."""

@@ -18,10 +18,10 @@ from gateway.imap_out._mailbox import InboxMailbox
 from gateway.mailbox import MailboxView
 from gateway.mailbox._warmup import RequestWindow
 from gateway.providers import Batch, Changes, RemoteMessage, Snapshot, WarmUpQuota
-from gateway.store import MailboxStore, SecretBox, open_sqlite
+from gateway.store import MailboxStore
+from tests.helpers import sqlite_mailboxes
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
-KEY = bytes(range(32))
 
 
 class Clock:
@@ -101,11 +101,8 @@ class BatchingSource:
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[MailboxStore]:
-    opened = await open_sqlite(tmp_path, SecretBox(KEY))
-    try:
-        yield opened.mailboxes
-    finally:
-        await opened.close()
+    async with sqlite_mailboxes(tmp_path) as mailboxes:
+        yield mailboxes
 
 
 async def open_view(store: MailboxStore, source: BatchingSource, clock: Clock) -> MailboxView:

@@ -19,19 +19,17 @@ import pytest
 
 from gateway.mailbox import Applied, MailboxView
 from gateway.mailbox._cluster import Cluster
-from gateway.store import LocalCoordination, MailboxStore, SecretBox, open_sqlite
-from tests.unit.test_mailbox_view import KEY, MemorySource
+from gateway.store import LocalCoordination, MailboxStore
+from tests.helpers import sqlite_mailboxes
+from tests.unit.test_mailbox_view import MemorySource
 
 FLAGGED, SEEN = "\\Flagged", "\\Seen"
 
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[MailboxStore]:
-    opened = await open_sqlite(tmp_path, SecretBox(KEY))
-    try:
-        yield opened.mailboxes
-    finally:
-        await opened.close()
+    async with sqlite_mailboxes(tmp_path) as mailboxes:
+        yield mailboxes
 
 
 class Pair:

@@ -20,10 +20,10 @@ import pytest
 
 from gateway.mailbox import Applied, MailboxView, ReadingPolicy
 from gateway.providers import SEEN, Changes, NotSupported, RemoteMessage, Snapshot
-from gateway.store import MailboxStore, SecretBox, open_sqlite
+from gateway.store import MailboxStore
+from tests.helpers import sqlite_mailboxes
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
-KEY = bytes(range(32))
 
 
 class MemorySource:
@@ -78,11 +78,8 @@ class MemorySource:
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[MailboxStore]:
-    opened = await open_sqlite(tmp_path, SecretBox(KEY))
-    try:
-        yield opened.mailboxes
-    finally:
-        await opened.close()
+    async with sqlite_mailboxes(tmp_path) as mailboxes:
+        yield mailboxes
 
 
 async def open_view(

@@ -4,7 +4,6 @@ on SQLite and on the test session's PostgreSQL, on an injectable clock (no wall-
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -37,25 +36,12 @@ from gateway.store import (
     open_sqlite,
 )
 from mailgw_sandbox.postgres import PostgresServer
-from tests.helpers import PASSWORD, PASSWORD_HASH
+from tests.helpers import PASSWORD, PASSWORD_HASH, ManualClock
 
 STORED = parse_hash(PASSWORD_HASH)
 CRM = UserKey.of(MAILBOX, "crm")
 LOCAL = "127.0.0.1"
 _T = TypeVar("_T")
-
-
-class FakeClock:
-    """Wall-clock seconds as the instances would read them, moved by the test."""
-
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(0)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -75,11 +61,12 @@ async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Sq
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> ManualClock:
+    """Wall-clock seconds as the instances would read them, moved by the test."""
+    return ManualClock(now=1_700_000_000.0)
 
 
-def _gate(db: SqlDatabase, clock: FakeClock) -> LoginGate:
+def _gate(db: SqlDatabase, clock: ManualClock) -> LoginGate:
     return LoginGate(clock=clock, sleep=clock.sleep, failures=SqlFailureLog(db, clock=clock))
 
 
@@ -94,7 +81,7 @@ async def _rows(db: SqlDatabase) -> int:
 
 
 async def test_guesses_spread_over_two_instances_share_one_budget(
-    db: SqlDatabase, clock: FakeClock
+    db: SqlDatabase, clock: ManualClock
 ) -> None:
     a, b = _gate(db, clock), _gate(db, clock)
     for n in range(MAILBOX.pair_limit):
@@ -111,7 +98,7 @@ async def test_guesses_spread_over_two_instances_share_one_budget(
 
 
 async def test_the_tarpit_counts_the_other_instances_failures(
-    db: SqlDatabase, clock: FakeClock
+    db: SqlDatabase, clock: ManualClock
 ) -> None:
     a, b = _gate(db, clock), _gate(db, clock)
     slept: list[float] = []
@@ -127,7 +114,7 @@ async def test_the_tarpit_counts_the_other_instances_failures(
 
 
 async def test_a_right_password_clears_its_own_address_only(
-    db: SqlDatabase, clock: FakeClock
+    db: SqlDatabase, clock: ManualClock
 ) -> None:
     log = SqlFailureLog(db, clock=clock)
     local, remote = PairKey(LOCAL, CRM), PairKey("203.0.113.9", CRM)
@@ -140,7 +127,7 @@ async def test_a_right_password_clears_its_own_address_only(
 
 
 async def test_failures_leave_the_window_and_their_rows_are_deleted(
-    db: SqlDatabase, clock: FakeClock
+    db: SqlDatabase, clock: ManualClock
 ) -> None:
     log = SqlFailureLog(db, window=300, clock=clock)
     for n in range(3):
@@ -153,7 +140,7 @@ async def test_failures_leave_the_window_and_their_rows_are_deleted(
 
 
 async def test_usernames_are_stored_as_digests_of_fixed_width(
-    db: SqlDatabase, clock: FakeClock
+    db: SqlDatabase, clock: ManualClock
 ) -> None:
     log = SqlFailureLog(db, clock=clock)
     huge = UserKey.of(MAILBOX, "x" * 100_000)  # whatever a client sent, as long as it is
@@ -182,7 +169,7 @@ class Unreachable:
 
 
 async def test_an_unreachable_database_leaves_each_instance_counting_alone(
-    db: SqlDatabase, clock: FakeClock, caplog: pytest.LogCaptureFixture
+    db: SqlDatabase, clock: ManualClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="gateway.login_gate")
     shared = Unreachable(db)
@@ -204,7 +191,7 @@ async def test_an_unreachable_database_leaves_each_instance_counting_alone(
 
 
 async def test_a_session_signed_in_on_one_instance_is_valid_on_the_other_until_dropped(
-    db: SqlDatabase, clock: FakeClock
+    db: SqlDatabase, clock: ManualClock
 ) -> None:
     a, b = SessionStore(db, 600, clock), SessionStore(db, 600, clock)
     anonymous = await a.new()
@@ -220,7 +207,7 @@ async def test_a_session_signed_in_on_one_instance_is_valid_on_the_other_until_d
 
 
 async def test_sessions_expire_after_inactivity_on_every_instance(
-    db: SqlDatabase, clock: FakeClock
+    db: SqlDatabase, clock: ManualClock
 ) -> None:
     a, b = SessionStore(db, 600, clock), SessionStore(db, 600, clock)
     session = await a.sign_in(await a.new())

@@ -10,9 +10,9 @@ import pytest
 
 from gateway.mailbox import UidMap
 from gateway.providers import SEEN, RemoteMessage
-from gateway.store import MailboxStore, SecretBox, open_sqlite
+from gateway.store import MailboxStore
+from tests.helpers import sqlite_mailboxes
 
-KEY = bytes(range(32))
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
@@ -22,11 +22,8 @@ def msg(pid: str, minutes: int = 0, seen: bool = False) -> RemoteMessage:
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[MailboxStore]:
-    opened = await open_sqlite(tmp_path, SecretBox(KEY))
-    try:
-        yield opened.mailboxes
-    finally:
-        await opened.close()
+    async with sqlite_mailboxes(tmp_path) as mailboxes:
+        yield mailboxes
 
 
 def uid_of(uids: UidMap) -> dict[str, int]:
@@ -68,22 +65,18 @@ async def test_removed_wins_over_added_in_one_batch(store: MailboxStore) -> None
 
 
 async def test_state_survives_reopening_the_store(tmp_path: Path) -> None:
-    first = await open_sqlite(tmp_path, SecretBox(KEY))
-    uids = await UidMap.load(first.mailboxes, "a")
-    await uids.reconcile([msg("a"), msg("b", 1, seen=True)], "c1")
-    await uids.apply([], ["a"], {}, "c2")
-    validity = uids.uidvalidity
-    await first.close()
-    second = await open_sqlite(tmp_path, SecretBox(KEY))
-    try:
-        again = await UidMap.load(second.mailboxes, "a")
+    async with sqlite_mailboxes(tmp_path) as first:
+        uids = await UidMap.load(first, "a")
+        await uids.reconcile([msg("a"), msg("b", 1, seen=True)], "c1")
+        await uids.apply([], ["a"], {}, "c2")
+        validity = uids.uidvalidity
+    async with sqlite_mailboxes(tmp_path) as second:
+        again = await UidMap.load(second, "a")
         assert (again.uidvalidity, again.uidnext, again.cursor) == (validity, 3, "c2")
         assert [(e.uid, e.provider_id, e.flags) for e in again.entries()] == [(2, "b", (SEEN,))]
         assert again.by_id["b"].internal_date == T0 + timedelta(minutes=1)
-        other = await UidMap.load(second.mailboxes, "other")
+        other = await UidMap.load(second, "other")
         assert not other.known and other.entries() == []
-    finally:
-        await second.close()
 
 
 async def test_reconcile_keeps_survivors_and_rebuild_changes_uidvalidity(
