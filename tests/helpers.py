@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime, timedelta
 from email import policy
 from email.message import EmailMessage
@@ -214,27 +214,24 @@ async def running_cluster(
     url: str,
     count: int = 2,
     sandbox: Sandbox | None = None,
-    overrides: Sequence[Mapping[str, Any]] = (),
 ) -> AsyncIterator[list[Any]]:
     """``count`` gateways in this process sharing the PostgreSQL database ``url``, as behind
     a load balancer. The database is migrated first (instances never migrate it themselves)
     and all seal with one secret key (each checks it when it opens the database). Instance
     "a", "b", ... runs on its own copy of ``config`` with its own state directory and config
-    file (``directory``/a, ``directory``/a.yaml, ...) and its own ports (``config``'s port 0),
-    updated by ``overrides[i]`` for the i-th; with ``sandbox``, the apps there accept every
-    instance's callback. Started in order, stopped in reverse."""
-    assert len(overrides) <= count, "more overrides than instances"
+    file (``directory``/a, ``directory``/a.yaml, ...) and its own ports (``config``'s port 0);
+    with ``sandbox``, the apps there accept every instance's callback. Started in order, stopped
+    in reverse."""
     await migrate_postgresql(url)
     key = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
     async with contextlib.AsyncExitStack() as stack:
         environment = stack.enter_context(pytest.MonkeyPatch.context())
         environment.setenv(KEY_ENV_VAR, key)
         gateways = []
-        for index, name in enumerate(string.ascii_lowercase[:count]):
+        for name in string.ascii_lowercase[:count]:
             own = copy.deepcopy(config)
             own["state_dir"] = str(directory / name)
             own["store"] = {**own.get("store", {}), "url": url}
-            own.update(overrides[index] if index < len(overrides) else {})
             path = directory / f"{name}.yaml"
             gateways.append(await stack.enter_async_context(running_gateway(own, path)))
         if sandbox is not None:
