@@ -240,6 +240,10 @@ async def test_postfix_restarted_mid_batch_loses_and_duplicates_nothing(
         pool = await sender.pool(account.username, account.upstream.smtp)  # type: ignore[union-attr]
         opened_before = pool.opened
         assert pool.open_sessions >= 1
+        # Postfix itself must be done with the first half (in Dovecot, its queue empty): a
+        # `postfix stop` during its own LMTP delivery makes Postfix deliver that message again,
+        # a duplicate that is Postfix's, not the gateway's.
+        await asyncio.to_thread(_delivered_subjects, postfix, token, 100)
         await asyncio.to_thread(_restart, postfix)
         await _submit_batch(spool, account, token, range(100, 200))
         await _settled(spool, within=120)
