@@ -212,7 +212,9 @@ def cpu_times(pid: int, thread: int | None = None) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
-async def start_gateway(config: Path, log_file: Any) -> asyncio.subprocess.Process:
+async def start_gateway(
+    config: Path, log_file: Any, extra_env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
     """``gateway run -c config`` as a child process, its output into ``log_file``."""
     return await asyncio.create_subprocess_exec(
         sys.executable,
@@ -221,7 +223,7 @@ async def start_gateway(config: Path, log_file: Any) -> asyncio.subprocess.Proce
         "run",
         "-c",
         str(config),
-        env=child_env(),
+        env={**child_env(), **(extra_env or {})},
         cwd=str(ROOT),
         stdout=log_file,
         stderr=log_file,

@@ -10,8 +10,9 @@ clients split between them (as a TCP load balancer would). Accepted: messages ov
 of the submission (16 clients, one connection and AUTH each, messages from a shared queue).
 Delivered: from the first submission until every accepted message is in the sandbox mailbox's
 Sent Items (Graph, in this process; app-only, so nobody consents). The PostgreSQL server is a
-private one (``mailgw_sandbox.postgres``, as in the tests) on this machine, so its CPU is
-counted in the machine's load, not in the gateways' CPU column.
+private one (``mailgw_sandbox.postgres``, as in the tests) on this machine. CPU columns, per
+accepted message during the submission: ``cpu ms`` the gateway processes, ``pg ms`` the
+PostgreSQL server (the database spool moves the commit's work there).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Result:
     accept_wall: float
     delivered_wall: float | None
     gateway_cpu: float
+    postgres_cpu: float
     p99_ms: float
     duplicates: int
 
@@ -53,14 +55,16 @@ class Result:
             f"{self.accepted / self.delivered_wall:9.1f}" if self.delivered_wall else "  not all"
         )
         cpu_ms = 1000 * self.gateway_cpu / self.accepted if self.accepted else 0.0
+        pg_ms = 1000 * self.postgres_cpu / self.accepted if self.accepted else 0.0
         return (
-            f"{self.name:<26}{rate:9.1f}{delivered}{self.p99_ms:9.1f}{cpu_ms:9.2f}"
+            f"{self.name:<26}{rate:9.1f}{delivered}{self.p99_ms:9.1f}{cpu_ms:9.2f}{pg_ms:9.2f}"
             f"{self.accepted:>7}{self.errors:>5}{self.duplicates:>5}"
         )
 
 
 HEADER = (
-    f"{'set-up':<26}{'acc/s':>9}{'dlv/s':>9}{'p99 ms':>9}{'cpu ms':>9}{'acc':>7}{'err':>5}"
+    f"{'set-up':<26}{'acc/s':>9}{'dlv/s':>9}{'p99 ms':>9}{'cpu ms':>9}{'pg ms':>9}{'acc':>7}"
+    f"{'err':>5}"
     f"{'dup':>5}"
 )
 
@@ -102,6 +106,27 @@ async def submit(ports: list[int], messages: list[bytes], clients: int, pids: li
     return result
 
 
+def postgres_cpu(data_dir: Path | None) -> float:
+    """CPU seconds of the PostgreSQL server so far: the postmaster, its live children, and
+    (through the postmaster's cutime/cstime) the children it has reaped."""
+    if data_dir is None:
+        return 0.0
+    postmaster = int((data_dir / "postmaster.pid").read_text().split()[0])
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid, parent = int(stat.parent.name), int(fields[1])
+        if pid == postmaster:
+            total += sum(int(f) for f in fields[11:15]) / tick
+        elif parent == postmaster:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def config_for(
     sandbox, app, user_address: str, state_dir: Path, port: int, url: str | None
 ) -> dict:
@@ -123,12 +148,13 @@ async def run_setup(
     sandbox,
     user,
     number: int,
+    data_dir: Path | None,
 ) -> Result:
     """A fresh app per set-up (the sandbox throttles per app and mailbox), one mailbox."""
     app = sandbox.add_app("microsoft", app_permissions=("Mail.Send", "Mail.ReadWrite"))
     address = c.SENDER
     key = base64.urlsafe_b64encode(os.urandom(32)).decode()
-    env = {**c.child_env(), "GATEWAY_SECRET_KEY": key}
+    env = {"GATEWAY_SECRET_KEY": key}
     processes, logs, ports = [], [], []
     try:
         for n in range(instances):
@@ -140,26 +166,15 @@ async def run_setup(
             )
             log = open(work_dir / f"{number}-{n}.log", "wb")  # noqa: SIM115 - closed below
             logs.append(log)
-            processes.append(
-                await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "gateway",
-                    "run",
-                    "-c",
-                    str(config),
-                    env=env,
-                    cwd=str(c.ROOT),
-                    stdout=log,
-                    stderr=log,
-                )
-            )
+            processes.append(await c.start_gateway(config, log, env))
             ports.append(port)
         for port, process in zip(ports, processes, strict=True):
             await c.wait_for_banner(port, process, 60)
         ops = sandbox.ops(user)
         before = len(ops.sent(user))
+        pg_before = postgres_cpu(data_dir)
         result = await submit(ports, messages, args.clients, [p.pid for p in processes])
+        pg_used = postgres_cpu(data_dir) - pg_before
         accepted = len(result.latencies)
         delivered_at = None
         deadline = time.perf_counter() + args.timeout
@@ -184,6 +199,7 @@ async def run_setup(
         result.wall,
         None if delivered_at is None else delivered_at - result.started,
         result.server_cpu,
+        pg_used,
         1000 * c.percentile(latencies, 0.99) if latencies else 0.0,
         len(ids) - len(set(ids)),
     )
@@ -209,12 +225,22 @@ async def main(args: argparse.Namespace) -> int:
                     ("PostgreSQL, 2 instances", 2, True),
                 ):
                     number += 1
-                    url = None
+                    url, data_dir = None, None
                     if on_pg:
+                        data_dir = postgres.data
                         url = postgres.new_database()
                         await migrate_postgresql(url)
                     outcome = await run_setup(
-                        name, instances, url, messages, args, work_dir, sandbox, user, number
+                        name,
+                        instances,
+                        url,
+                        messages,
+                        args,
+                        work_dir,
+                        sandbox,
+                        user,
+                        number,
+                        data_dir,
                     )
                     results.setdefault(name, []).append(outcome)
                     print(outcome.line(), flush=True)
