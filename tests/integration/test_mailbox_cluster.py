@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import imaplib
+import poplib
 import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ import pytest
 from mailgw_sandbox import Sandbox, User
 from tests.helpers import (
     CLOUD_ACCOUNTS,
+    HOST,
+    PASSWORD,
     InboxSeeder,
     idling,
     imap_starttls_login,
@@ -236,3 +239,29 @@ async def test_the_poller_stopping_hands_polling_to_the_other(cluster: Cluster) 
         for client in watchers:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(client.logout)
+
+
+def _unique_ids(instance: Instance, delete_first: bool = False) -> list[bytes]:
+    """The POP3 unique-ids (UIDL) of the INBOX through ``instance``; with ``delete_first``,
+    the first message is deleted (DELE, then QUIT commits it: a local deletion by default)."""
+    client = poplib.POP3(HOST, instance.gateway.ports["pop3"], timeout=10)
+    try:
+        client.user(instance.account)
+        client.pass_(PASSWORD)
+        listing = [line.split()[1] for line in client.uidl()[1]]
+        if delete_first:
+            client.dele(1)
+        return listing
+    finally:
+        client.quit()
+
+
+async def test_pop3_sees_one_mailbox_and_its_deletions_through_either_instance(
+    cluster: Cluster,
+) -> None:
+    for n in range(3):
+        cluster.seed(f"pop{n}")
+    through_a = await asyncio.to_thread(_unique_ids, cluster.a, True)
+    assert len(through_a) == 3
+    assert await asyncio.to_thread(_unique_ids, cluster.b) == through_a[1:]
+    assert await asyncio.to_thread(_unique_ids, cluster.a) == through_a[1:]
