@@ -9,8 +9,9 @@ once, and nobody is left waiting for a lease to run out.
   one connection per name however many of its tasks wait. It ends with the block's
   transaction whatever happens; a task cancelled while it waits gives its connection back
   mid-query, and the pool closes such a connection, which ends the wait on the server.
-* :meth:`PgCoordination.try_lead` is a session-level ``pg_try_advisory_lock`` on a connection of
-  its own, held until released or until that connection is gone (``holding`` then says False).
+* :meth:`PgCoordination.try_lead` is a session-level ``pg_try_advisory_lock`` on the instance's
+  one leader connection (``_LeaderSession``), held until released or until that connection is
+  gone (``holding`` then says False).
 * Notices go out with ``pg_notify`` and come in on one listening connection. A channel is
   listened to within ``LISTEN_POLL_SECONDS`` of its first subscriber, which is then called
   with ``None`` (a notice sent in between was missed); after a lost connection every channel
@@ -41,27 +42,105 @@ LISTEN_APPLICATION = "gateway-listen"
 LEAD_APPLICATION = "gateway-lead"
 
 
-class _PgLeadership:
-    def __init__(self, conn: Any, held: set[_PgLeadership]) -> None:
-        self._conn = conn
-        self._held = held
-        held.add(self)
+class _LeaderSession:
+    """The one connection on which this instance holds every lock it leads.
 
-    async def holding(self) -> bool:
-        if self._conn.closed:
+    Session-level advisory locks live as long as their connection: one connection per
+    instance, whatever the number of mailboxes it polls, instead of one per lock; and an
+    instance that is not leading tries on the same connection at each poll interval instead of
+    connecting anew. When the connection is lost, every lock on it is gone at once: each
+    leadership knows the connection (its generation) it was taken on, and ``holding`` fails.
+    """
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._conn: Any = None
+        self._generation = 0
+        self._names: set[str] = set()
+        self._lock = asyncio.Lock()  # one statement at a time on the connection
+
+    async def try_lock(self, name: str) -> int | None:
+        """The generation the lock was taken on, or None if it is held (here included)."""
+        async with self._lock:
+            if name in self._names and await self._alive():
+                return None  # advisory locks nest in a session: refuse a second holder here
+            for attempt in (1, 2):  # a connection found dead is replaced once
+                conn = await self._connection()
+                try:
+                    cursor = await conn.execute(f"SELECT pg_try_advisory_lock({_KEY})", (name,))
+                    row = await cursor.fetchone()
+                except Exception:
+                    await self._drop()
+                    if attempt == 2:
+                        raise
+                    continue
+                if not (row and row[0]):
+                    return None
+                self._names.add(name)
+                return self._generation
+            return None
+
+    async def holds(self, name: str, generation: int) -> bool:
+        async with self._lock:
+            if generation != self._generation or name not in self._names:
+                return False
+            return await self._alive()
+
+    async def unlock(self, name: str, generation: int) -> None:
+        async with self._lock:
+            if generation != self._generation or name not in self._names:
+                return
+            self._names.discard(name)
+            try:
+                await self._conn.execute(f"SELECT pg_advisory_unlock({_KEY})", (name,))
+            except Exception:  # the connection went with the lock
+                await self._drop()
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._drop()
+
+    async def _connection(self) -> Any:
+        if self._conn is None or self._conn.closed:
+            psycopg, _pool = _driver()
+            self._conn = await psycopg.AsyncConnection.connect(
+                self._url,
+                autocommit=True,
+                connect_timeout=int(CONNECT_TIMEOUT_SECONDS),
+                application_name=LEAD_APPLICATION,
+            )
+            self._generation += 1
+            self._names = set()
+        return self._conn
+
+    async def _alive(self) -> bool:
+        if self._conn is None or self._conn.closed:
+            await self._drop()
             return False
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
                 await self._conn.execute("SELECT 1")
-        except Exception:  # any failure means the session, and the lock with it, may be gone
-            await self.release()
+        except Exception:  # any failure means the session, and its locks, may be gone
+            await self._drop()
             return False
         return True
 
+    async def _drop(self) -> None:
+        conn, self._conn, self._names = self._conn, None, set()
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()  # ends the session: its locks go with it
+
+
+class _PgLeadership:
+    def __init__(self, session: _LeaderSession, name: str, generation: int) -> None:
+        self._session, self._name, self._generation = session, name, generation
+
+    async def holding(self) -> bool:
+        return await self._session.holds(self._name, self._generation)
+
     async def release(self) -> None:
-        self._held.discard(self)
-        with contextlib.suppress(Exception):
-            await self._conn.close()  # ends the session: the lock goes with it
+        await self._session.unlock(self._name, self._generation)
 
 
 class PgCoordination:
@@ -74,7 +153,7 @@ class PgCoordination:
         self._listening: set[str] = set()
         self._listener: asyncio.Task[None] | None = None
         self._local: dict[str, asyncio.Lock] = {}  # kept: see LocalCoordination.exclusive
-        self._leaderships: set[_PgLeadership] = set()
+        self._leader_session = _LeaderSession(url)
         self._closed = False
 
     @classmethod
@@ -136,26 +215,12 @@ class PgCoordination:
     async def try_lead(self, name: str) -> Leadership | None:
         psycopg, _pool = _driver()
         try:
-            conn = await psycopg.AsyncConnection.connect(
-                self._url,
-                autocommit=True,
-                connect_timeout=int(CONNECT_TIMEOUT_SECONDS),
-                application_name=LEAD_APPLICATION,
-            )
+            generation = await self._leader_session.try_lock(name)
         except psycopg.Error as error:
             raise self._problem(error) from None
-        try:
-            cursor = await conn.execute(f"SELECT pg_try_advisory_lock({_KEY})", (name,))
-            row = await cursor.fetchone()
-        except BaseException as error:
-            await conn.close()
-            if isinstance(error, psycopg.Error):
-                raise self._problem(error) from error
-            raise
-        if not (row and row[0]):
-            await conn.close()
+        if generation is None:
             return None
-        return _PgLeadership(conn, self._leaderships)
+        return _PgLeadership(self._leader_session, name, generation)
 
     async def notify(self, channel: str, payload: str) -> None:
         check_channel(channel)
@@ -176,8 +241,7 @@ class PgCoordination:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
-        for leadership in list(self._leaderships):
-            await leadership.release()
+        await self._leader_session.close()
         await self._pool.close()
 
     def _problem(self, error: BaseException) -> StoreError:

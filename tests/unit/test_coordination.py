@@ -176,7 +176,8 @@ async def test_new_leader_after_the_leaders_connection_is_killed(
         leader = await first.try_lead("poll:desk")
         assert leader is not None
         assert await second.try_lead("poll:desk") is None
-        assert _kill(postgres, pg_url, LEAD_APPLICATION) == 1
+        # Each instance has one leader connection (the second's holds no lock): both end.
+        assert _kill(postgres, pg_url, LEAD_APPLICATION) == 2
         successor = None
         for _attempt in range(100):  # the server ends the session a moment after the signal
             successor = await second.try_lead("poll:desk")
@@ -186,6 +187,26 @@ async def test_new_leader_after_the_leaders_connection_is_killed(
         assert successor is not None
         assert not await leader.holding()  # the old leader learns it lost the lock
         assert await successor.holding()
+
+
+async def test_one_leader_connection_per_instance_however_many_it_leads(
+    pg_url: str, postgres: PostgresServer
+) -> None:
+    async with two_instances(pg_url) as (first, second):
+        held = [await first.try_lead(f"poll:box{n}") for n in range(20)]
+        assert all(leadership is not None for leadership in held)
+        for n in range(20):  # the other instance tries every one, as each poll interval does
+            assert await second.try_lead(f"poll:box{n}") is None
+        database = urlsplit(pg_url).path.lstrip("/")
+        count = postgres.psql(
+            "SELECT count(*) FROM pg_stat_activity "  # noqa: S608
+            f"WHERE application_name = '{LEAD_APPLICATION}' AND datname = current_database()",
+            database,
+        )
+        assert int(count) == 2
+        await held[3].release()
+        assert await second.try_lead("poll:box3") is not None
+        assert all([await h.holding() for h in held if h is not held[3]])
 
 
 async def test_close_ends_leaderships(pg_url: str) -> None:
