@@ -34,7 +34,7 @@ class IncomingMessage:
 
     def __init__(self, tmp: Path, hostname: str, prologue: bytes = b"") -> None:
         self.id = new_id()
-        self.size = 0  # bytes of the stored message, prefix and prologue included
+        self.size = 0  # bytes of the message: added Message-ID and prologue in, file head out
         self.message_id = ""
         self.added = b""  # the Message-ID header line we put first, if it had none
         self.head: bytes | None = None  # the content's header block, once it is complete
