@@ -451,9 +451,7 @@ def _take_bodies(incomings: list[IncomingMessage]) -> list[bytes | OSError]:
     bodies: list[bytes | OSError] = []
     for incoming in incomings:
         try:
-            incoming.write_rest()
-            incoming.close_file()
-            bodies.append(incoming.path.read_bytes())
+            bodies.append(incoming.content())
         except OSError as error:
             bodies.append(error)
         finally:

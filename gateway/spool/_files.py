@@ -1,15 +1,22 @@
-"""The spool's on-disk form: one message file and one small JSON state file per message.
+"""The spool's on-disk form: one file per message, and a state file once its state changed.
 
-``queue/<id>.eml`` holds the bytes, ``queue/<id>.json`` the envelope and delivery state. A
-message exists once its JSON file has been renamed into ``queue/`` and the directory fsynced;
-an ``.eml`` without its JSON is debris of an interrupted submit (the client got no 250) and is
-removed at start. Every state change rewrites the JSON to a temporary name, fsyncs, renames,
-and fsyncs the directory, so a crash leaves either the old state or the new one. Files the
-spool is done with (a delivered message's, a replaced state) are kept emptied in ``spare/`` and
-renamed into place for new ones instead of being deleted and created anew (``_spare``).
+``queue/<id>.eml`` holds the message, after a head (``_prefix``) with the envelope and initial
+state: a message exists once that file has been renamed into ``queue/`` and the directory
+fsynced, one file created per message at intake. ``queue/<id>.json`` appears at the first state
+change (an attempt begins, a retry, held, dead) and from then on wins over the head. Every state
+change rewrites the JSON to a temporary name, fsyncs, renames, and fsyncs the directory, so a
+crash leaves either the old state or the new one. A message is forgotten by removing its
+``.eml`` first (it is gone), then its ``.json``.
 
-These functions block (fsync); the spool calls them through ``asyncio.to_thread``. They are
-also what ``gateway queue`` uses directly, with or without a running gateway.
+At start, what a crash may have left is removed: temporary files, an ``.eml`` with neither a
+state in its head nor a ``.json`` (an interrupted submit: the client got no 250), a ``.json``
+without its ``.eml`` (an interrupted forget). A spool written before the head existed (an
+``.eml`` of bare message bytes beside its ``.json``) is read and delivered as it is.
+
+Files the spool is done with (a delivered message's, a replaced state) are kept emptied in
+``spare/`` and renamed into place for new ones instead of being deleted and created anew
+(``_spare``). These functions block (fsync); the spool calls them through ``asyncio.to_thread``.
+They are also what ``gateway queue`` uses directly, with or without a running gateway.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from . import _prefix
 from ._spare import spare_files
 from ._types import Envelope
 
@@ -44,7 +52,7 @@ _LOG_ROTATE_BYTES = 8 * 1024 * 1024
 
 @dataclass
 class Record:
-    """One spooled message's envelope and delivery state (the JSON file)."""
+    """One spooled message's envelope and delivery state (its file's head, or its JSON file)."""
 
     id: str
     envelope: Envelope
@@ -125,15 +133,31 @@ class SpoolFiles:
         self.spares = spare_files(self.tmp)  # files done with, reused (see ``_spare``)
 
     def prepare(self) -> None:
-        """Create the directories; drop temp files and message files no JSON commits."""
+        """Create the directories; drop what a crash left (see the module docstring)."""
         for path in (self.queue, self.tmp):
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
         for leftover in self.tmp.iterdir():
             leftover.unlink(missing_ok=True)
-        committed = {p.stem for p in self.queue.glob("*.json")}
-        for message in self.queue.glob("*.eml"):
-            if message.stem not in committed:
-                message.unlink(missing_ok=True)
+        messages, states = self._listing()
+        for queue_id in messages:
+            if self._load(queue_id, queue_id in states) is None:
+                self.message_path(queue_id).unlink(missing_ok=True)
+        for queue_id in states - set(messages):
+            self.state_path(queue_id).unlink(missing_ok=True)
+
+    def _listing(self) -> tuple[list[str], set[str]]:
+        """The ids of the message files in ``queue/``, sorted (oldest first), and of the state
+        files."""
+        messages: list[str] = []
+        states: set[str] = set()
+        with os.scandir(self.queue) as entries:
+            for entry in entries:
+                stem, _, suffix = entry.name.rpartition(".")
+                if suffix == "eml":
+                    messages.append(stem)
+                elif suffix == "json":
+                    states.add(stem)
+        return sorted(messages), states
 
     def message_path(self, queue_id: str) -> Path:
         return self.queue / f"{queue_id}.eml"
@@ -144,50 +168,65 @@ class SpoolFiles:
     def commit_batch(self, batch: list[tuple[Record, IncomingMessage]]) -> list[OSError | None]:
         """Store new messages durably, sharing their fsyncs (group commit).
 
-        Every message file and state file is written, then all are fsynced at once (see
+        Each message file gets its head (``_prefix``), then all are fsynced at once (see
         :func:`_fsync_all`), renamed into ``queue/`` and the directory is fsynced once: after
         this returns, every message with ``None`` in the result survives a crash; one whose
-        files could not be written is dropped alone.
+        file could not be written is dropped alone. A record too large for the head (many
+        recipients) gets its state file in the same commit.
         """
         results: list[OSError | None] = [None] * len(batch)
-        written: list[tuple[int, int, Path, int]] = []  # (index, message fd, state tmp, its fd)
+        written: list[tuple[int, list[int], Path | None]] = []  # (index, fds, state tmp)
         for index, (record, incoming) in enumerate(batch):
             try:
-                message_fd = incoming.write_rest()
-                state_tmp, state_fd = self._write_unsynced(record.id + ".json", [record.to_json()])
+                written.append((index, *self._write_head(record, incoming)))
             except OSError as error:
                 incoming.discard()
                 results[index] = error
-                continue
-            written.append((index, message_fd, state_tmp, state_fd))
-        errors = _fsync_all(
-            [fd for _, message_fd, _, state_fd in written for fd in (message_fd, state_fd)]
-        )
-        ready: list[tuple[Record, Path, Path]] = []
-        for number, (index, _, state_tmp, state_fd) in enumerate(written):
+        errors = iter(_fsync_all([fd for _, fds, _ in written for fd in fds]))
+        ready: list[tuple[Record, Path, Path | None]] = []
+        for index, fds, state_tmp in written:
             record, incoming = batch[index]
-            os.close(state_fd)
+            failed = next((e for e in [next(errors) for _ in fds] if e is not None), None)
             incoming.close_file()
-            failed = errors[2 * number] or errors[2 * number + 1]
+            if state_tmp is not None:
+                os.close(fds[1])
             if failed is not None:
                 incoming.discard()
-                state_tmp.unlink(missing_ok=True)
+                if state_tmp is not None:
+                    state_tmp.unlink(missing_ok=True)
                 results[index] = failed
                 continue
             ready.append((record, incoming.path, state_tmp))
         try:
             for record, message_tmp, state_tmp in ready:
                 os.replace(message_tmp, self.message_path(record.id))
-                os.replace(state_tmp, self.state_path(record.id))
+                if state_tmp is not None:
+                    os.replace(state_tmp, self.state_path(record.id))
             if ready:
                 _fsync_dir(self.queue)
         except OSError as error:
             for record, message_tmp, state_tmp in ready:  # no 250 for any: leave no trace
-                for path in (self.state_path(record.id), state_tmp, message_tmp):
-                    path.unlink(missing_ok=True)
-                self.message_path(record.id).unlink(missing_ok=True)
+                for path in (self.message_path(record.id), message_tmp, state_tmp):
+                    if path is not None:
+                        path.unlink(missing_ok=True)
+                self.state_path(record.id).unlink(missing_ok=True)
             return [error if result is None else result for result in results]
         return results
+
+    def _write_head(
+        self, record: Record, incoming: IncomingMessage
+    ) -> tuple[list[int], Path | None]:
+        """Finish the message file and write its head, unsynced: the descriptors to fsync
+        (the message's, and a state file's when the record did not fit in the head) and that
+        state file's temporary path."""
+        message_fd = incoming.write_rest()
+        state = record.to_json()
+        in_head = _prefix.fits(state)
+        _write_all(message_fd, _prefix.encode(state if in_head else None), offset=0)
+        if in_head:
+            return [message_fd], None
+        state_tmp, state_fd = self._write_unsynced(record.id + ".json", [state])
+        return [message_fd, state_fd], state_tmp
 
     def save(self, record: Record) -> bool:
         """Replace a record's state; False (and nothing written) if it was deleted meanwhile."""
@@ -223,22 +262,48 @@ class SpoolFiles:
         """Remove messages done with, then log each (record, result, detail): one directory
         fsync and one delivery-log fsync for all (a crash in between repeats no delivery)."""
         for record, _, _ in done:
-            self.spares.give(self.state_path(record.id))  # first: the message is gone
-            self.spares.give(self.message_path(record.id))
+            self.spares.give(self.message_path(record.id))  # first: the message is gone
+            self.spares.give(self.state_path(record.id))
         _fsync_dir(self.queue)
         self._log_lines([log_line(*item) for item in done])
         return [None] * len(done)
 
     def read_message(self, queue_id: str) -> bytes:
-        return self.message_path(queue_id).read_bytes()
+        with self.message_path(queue_id).open("rb") as file:
+            file.seek(_content_offset(file.fileno()))
+            return file.read()
 
     def map_message(self, queue_id: str) -> mmap.mmap:
-        """The message file mapped read-only: its pages are the page cache's, not ours, so a
-        large message costs no heap memory and its RSS goes with ``close()``."""
+        """The message file mapped read-only, from where the message begins (page-aligned):
+        its pages are the page cache's, not ours, so a large message costs no heap memory and
+        its RSS goes with ``close()``."""
         with self.message_path(queue_id).open("rb") as file:
-            return mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+            offset = _content_offset(file.fileno())
+            return mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ, offset=offset)
 
     def load(self, queue_id: str) -> Record | None:
+        """The message's state: its state file, or else its file's head; None if it is gone
+        (or was never committed)."""
+        return self._load(queue_id, has_state_file=True)
+
+    def _load(self, queue_id: str, has_state_file: bool) -> Record | None:
+        """The state file wins over the head; ``has_state_file`` says whether a listing saw
+        one (without, the head is read first, and the state file only if the head has no
+        state: one written since the listing)."""
+        if has_state_file:
+            record = self._load_state_file(queue_id)
+            if record is not None:
+                return record
+        try:
+            with self.message_path(queue_id).open("rb") as file:
+                state = _prefix.parse(os.pread(file.fileno(), _prefix.HEAD_BYTES, 0)).state
+        except FileNotFoundError:
+            return None
+        if state is not None:
+            return Record.from_json(state)
+        return None if has_state_file else self._load_state_file(queue_id)
+
+    def _load_state_file(self, queue_id: str) -> Record | None:
         try:
             return Record.from_json(self.state_path(queue_id).read_bytes())
         except FileNotFoundError:
@@ -246,9 +311,10 @@ class SpoolFiles:
 
     def records(self) -> list[Record]:
         """Every committed message, oldest first."""
+        messages, states = self._listing()
         found = []
-        for path in sorted(self.queue.glob("*.json")):
-            record = self.load(path.stem)
+        for queue_id in messages:
+            record = self._load(queue_id, queue_id in states)
             if record is not None:
                 found.append(record)
         return found
@@ -365,6 +431,18 @@ def retry_files(files: SpoolFiles, queue_id: str | None, held_for: str | None = 
         if files.save(record):
             changed += 1
     return changed
+
+
+def _content_offset(fd: int) -> int:
+    """Where the message begins in an open message file (0 in a file of the old format)."""
+    return _prefix.parse(os.pread(fd, _prefix.HEAD_BYTES, 0)).offset
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 def _fsync_dir(path: Path) -> None:

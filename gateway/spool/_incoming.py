@@ -2,8 +2,10 @@
 
 The SMTP front streams DATA here, so no copy of a large message stays in memory. Only the
 header block is kept (the sender checks read it, and a message without a Message-ID gets one
-before the header, which must be decided before the first byte is written). The file is written
-without fsync; the group committer (``_commit``) finishes, fsyncs and commits it.
+before the header, which must be decided before the first byte is written). The content starts
+at ``_prefix.CONTENT_OFFSET``: the file spool writes the message's head (its format and first
+state) before it at commit, so a message is one file. The file is written without fsync; the
+group committer (``_commit``) finishes, fsyncs and commits it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import secrets
 from pathlib import Path
 
 from ._files import message_id_header, new_id
+from ._prefix import CONTENT_OFFSET
 from ._spare import spare_files
 
 HEAD_LIMIT = 1024 * 1024  # a header block larger than this is refused (see ``head_too_large``)
@@ -31,7 +34,7 @@ class IncomingMessage:
 
     def __init__(self, tmp: Path, hostname: str, prologue: bytes = b"") -> None:
         self.id = new_id()
-        self.size = 0  # bytes of the stored message, prefix and prologue included
+        self.size = 0  # bytes of the message: added Message-ID and prologue in, file head out
         self.message_id = ""
         self.added = b""  # the Message-ID header line we put first, if it had none
         self.head: bytes | None = None  # the content's header block, once it is complete
@@ -89,18 +92,11 @@ class IncomingMessage:
         if self._fd is None:
             self._fd = self._spares.create(self.path)
             self._created = True
+            os.lseek(self._fd, CONTENT_OFFSET, os.SEEK_SET)  # a hole until the head is written
         for piece in pieces:
             view = memoryview(piece)
             while view:
                 view = view[os.write(self._fd, view) :]
-
-    def complete(self) -> None:
-        """Write what is left and fsync (blocking)."""
-        fd = self.write_rest()
-        try:
-            os.fsync(fd)
-        finally:
-            self.close_file()
 
     def write_rest(self) -> int:
         """Write what is left (blocking); the file's descriptor, for the committer to fsync
@@ -109,6 +105,15 @@ class IncomingMessage:
         self._write_out(pieces)
         assert self._fd is not None
         return self._fd
+
+    def content(self) -> bytes:
+        """Write what is left and read the message back without the room for its head
+        (blocking): for a store that keeps the bytes elsewhere (the database spool)."""
+        self.write_rest()
+        self.close_file()
+        with self.path.open("rb") as file:
+            file.seek(CONTENT_OFFSET)
+            return file.read()
 
     def close_file(self) -> None:
         if self._fd is not None:

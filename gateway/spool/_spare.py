@@ -1,20 +1,20 @@
 """Files the spool is done with, kept empty for reuse instead of deleted and created anew.
 
-The spool writes two new files per message (its bytes and its state), one more at every state
-change, and deletes them when the message is delivered. On ext4 without a journal, which is
-what this project's test machine runs, every file creation skips, one by one, the free inodes
-of its block group that were freed recently (fs/ext4/ialloc.c, ``find_inode_bit`` and
-``recently_deleted``: freed within 5 s, or 300 s while their inode table block is dirty, so
-that a crash cannot hand out an inode whose deletion never reached the disk). A spool that
-deletes hundreds of files a second makes its own creations slower and slower: ``perf`` put
-36 % of the gateway's CPU in an 800-message burst in that scan, 0.44 ms per created file
-(issue 13; bench/README.md). A file renamed into ``spare/`` and emptied frees no inode, and
+The spool writes one new file per message (its head holds the first state, ``_prefix``), one
+more at every state change, and deletes them when the message is delivered. On ext4 without a
+journal, which is what this project's test machine runs, every file creation skips, one by one,
+the free inodes of its block group that were freed recently (fs/ext4/ialloc.c,
+``find_inode_bit`` and ``recently_deleted``: freed within 5 s, or 300 s while their inode table
+block is dirty, so that a crash cannot hand out an inode whose deletion never reached the disk).
+A spool that deletes hundreds of files a second makes its own creations slower and slower:
+``perf`` put 36 % of the gateway's CPU in an 800-message burst in that scan, 0.44 ms per created
+file (issue 13; bench/README.md). A file renamed into ``spare/`` and emptied frees no inode, and
 the next file the spool needs is a spare renamed into place. Where creating is cheap this costs
 a little more (two renames and a truncate instead of a create and an unlink, tens of
 microseconds); at most ``LIMIT`` spares are kept, the rest are deleted as before.
 
-A spare is only ever a whole file nobody needs any more: a delivered message's files (after
-its state file is gone, so it no longer exists), a replaced state file, a refused message.
+A spare is only ever a whole file nobody needs any more: a delivered message's files (its
+message file first, so it no longer exists), a replaced state file, a refused message.
 Several processes may share the directory (``gateway queue`` beside a running gateway): each
 takes a spare by renaming it, so a spare another took first is simply not there, and a new
 file is created instead.

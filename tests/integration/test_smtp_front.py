@@ -53,8 +53,7 @@ class RecordingSpool:
 
     async def submit(self, envelope: Envelope, message: IncomingMessage) -> SubmitResult:  # type: ignore[override]
         message.finish()
-        message.complete()  # the streamed bytes, as the real spool would store them
-        stored = message.path.read_bytes()[len(message.added) :]  # as the handler gave it
+        stored = message.content()[len(message.added) :]  # as the handler gave it
         message.discard()
         if self.failure is not None:
             raise self.failure

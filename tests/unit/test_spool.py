@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
-import json
 import os
 import threading
 import time
@@ -109,11 +108,11 @@ async def test_submit_is_on_disk_before_the_reply_and_gets_a_message_id(tmp_path
     spool = make(tmp_path, Scripted())
     result = await spool.submit(envelope(), RAW)
     assert result.reply == f"250 2.0.0 Ok: queued as {result.queue_id}"
-    queue = tmp_path / "spool" / "queue"
-    stored = (queue / f"{result.queue_id}.eml").read_bytes()
-    state = json.loads((queue / f"{result.queue_id}.json").read_text())
+    stored = spool.files.read_message(result.queue_id)
+    state = spool.files.load(result.queue_id)
     assert stored.endswith(RAW) and stored.startswith(b"Message-ID: <")
-    assert state["message_id"] in stored.decode() and state["state"] == "queued"
+    assert state is not None and state.message_id in stored.decode() and state.state == "queued"
+    assert [p.name for p in (tmp_path / "spool" / "queue").iterdir()] == [f"{result.queue_id}.eml"]
     assert list((tmp_path / "spool" / "tmp").iterdir()) == []
 
 
@@ -123,7 +122,7 @@ async def test_existing_message_id_is_kept(tmp_path: Path) -> None:
     result = await spool.submit(envelope(), raw)
     (record,) = spool.messages()
     assert record.message_id == "<x.1@example.com>"
-    assert (tmp_path / "spool" / "queue" / f"{result.queue_id}.eml").read_bytes() == raw
+    assert spool.files.read_message(result.queue_id) == raw
 
 
 async def test_disk_failure_is_a_spool_error(tmp_path: Path) -> None:
@@ -501,7 +500,7 @@ async def test_concurrent_submissions_share_a_commit_and_wait_for_it(tmp_path: P
     queue = tmp_path / "spool" / "queue"
     for result in results:
         assert result.reply.startswith("250 ")
-        assert (queue / f"{result.queue_id}.json").exists()
+        assert (queue / f"{result.queue_id}.eml").exists()
     assert list((tmp_path / "spool" / "tmp").iterdir()) == []
 
 
@@ -737,12 +736,12 @@ async def test_a_large_message_gives_its_heap_back_after_intake_and_after_sendin
 async def test_a_batch_fsyncs_its_files_side_by_side(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 13: one thread fsyncing each message and state file in turn paid one journal
-    commit per file; a batch's fsyncs now wait together (the file system joins them)."""
+    """Issue 13: one thread fsyncing each message file in turn paid one journal commit per
+    file; a batch's fsyncs now wait together (the file system joins them)."""
     spool = make(tmp_path, Scripted())
     together = threading.Barrier(4, timeout=5)  # breaks unless 4 fsyncs are in flight at once
     real_fsync = os.fsync
-    files = iter(range(8))  # the batch's 8 files; the directory's fsync comes after them
+    files = iter(range(8))  # the batch's 8 files (one per message); the directory's comes after
 
     def fsync(fd: int) -> None:
         if next(files, None) is not None:
@@ -752,8 +751,8 @@ async def test_a_batch_fsyncs_its_files_side_by_side(
     monkeypatch.setattr(os, "fsync", fsync)
     batches: list[int] = []
     spool._committer._batched.on_batch = batches.append
-    results = await asyncio.gather(*(spool.submit(envelope(), RAW) for _ in range(4)))
-    assert batches == [4]  # 8 files (message and state each), fsynced 4 at a time at least
+    results = await asyncio.gather(*(spool.submit(envelope(), RAW) for _ in range(8)))
+    assert batches == [8]  # 8 files, fsynced 4 at a time at least
     assert all(r.reply.startswith("250 ") for r in results)
     assert not together.broken
 
