@@ -108,6 +108,15 @@ class LoadBalancers:
         return any(ip in network for network in self._networks)
 
 
+EVICTED_SENTENCE = (
+    "Too many connections from your address that have not logged in: closing the oldest, this one"
+)
+
+
+def timeout_sentence(seconds: float) -> str:
+    return f"Timeout: no login within {seconds:g} seconds of connecting"
+
+
 class Admission:
     """One admitted connection's place in the pools; the protocol tells it when the client
     logged in (:meth:`authenticated`) and the connection ends (:meth:`release`)."""
@@ -130,6 +139,12 @@ class Admission:
     def deadline_seconds(self) -> float:
         """How long a client has from connecting to logging in (for the goodbye's wording)."""
         return self._limits.caps.preauth_timeout
+
+    @property
+    def goodbye(self) -> str:
+        """Why the connection is closed before a login, in the words every protocol uses
+        (each adds its own status: ``421``, ``BYE``, ``-ERR``)."""
+        return EVICTED_SENTENCE if self.evicted else timeout_sentence(self.deadline_seconds)
 
     def start_deadline(self, schedule: Schedule, seconds: float) -> None:
         self._timer = schedule(seconds, self._expire)

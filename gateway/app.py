@@ -85,8 +85,7 @@ class Gateway:
 
     async def start(self) -> None:
         settings = self.settings
-        state_dir = settings.state_dir
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        state_dir = settings.state_dir  # made by open_stores
         try:
             self.stores = await open_stores(settings)
         except StoreError as error:  # unreachable, unmigrated, another key: said, no traceback

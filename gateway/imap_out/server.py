@@ -71,13 +71,7 @@ class _GatewayIMAP4Server(CompatIMAP4Server):
             self.admission.authenticated()
 
     def _preauth_expired(self) -> None:
-        seconds = self.admission.deadline_seconds
-        self.sendUntaggedResponse(
-            b"BYE Too many connections from your address that have not logged in: closing "
-            b"the oldest, this one"
-            if self.admission.evicted
-            else b"BYE Timeout: no login within %g seconds of connecting" % seconds
-        )
+        self.sendUntaggedResponse(b"BYE " + self.admission.goodbye.encode())
         self.transport.loseConnection()
 
     def do_STARTTLS(self, tag: bytes) -> None:

@@ -82,15 +82,8 @@ class GatewayPOP3(Protocol, TimeoutMixin):
         self.setTimeout(None)
 
     def _preauth_expired(self) -> None:
-        seconds = self.admission.deadline_seconds
-        self.transport.write(
-            err(
-                b"[SYS/TEMP] Too many connections from your address that have not logged in: "
-                b"closing the oldest, this one"
-                if self.admission.evicted
-                else b"Timeout: no login within %g seconds of connecting" % seconds
-            )
-        )
+        code = b"[SYS/TEMP] " if self.admission.evicted else b""  # try again; not for a timeout
+        self.transport.write(err(code + self.admission.goodbye.encode()))
         self.transport.loseConnection()
 
     # ---- dispatch: no exception may reach Twisted (it would drop the connection)

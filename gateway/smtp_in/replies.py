@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 
+from ..admission import EVICTED_SENTENCE, timeout_sentence
 from ..login_gate import Refused
 
 AUTH_REQUIRED = "530 5.7.0 Authentication required: log in with AUTH before MAIL FROM"
@@ -19,10 +20,7 @@ TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try later"
 TOO_MANY_FROM_ADDRESS = (
     "421 4.7.0 Too many connections from your address that have not logged in, try later"
 )
-EVICTED = (
-    "421 4.7.0 Too many connections from your address that have not logged in: closing the "
-    "oldest, this one"
-)
+EVICTED = f"421 4.7.0 {EVICTED_SENTENCE}"
 TLS_ALREADY_ACTIVE = "503 5.5.1 TLS is already active on this connection"
 INTERNAL_ERROR = "451 4.3.0 Internal error, please retry"
 SPOOL_UNAVAILABLE = "451 4.3.0 The gateway cannot queue the message right now, please retry later"
@@ -38,7 +36,7 @@ UTF8_NEEDS_SMTPUTF8 = "553 5.6.7 A non-ASCII address needs the SMTPUTF8 paramete
 
 def preauth_timeout(seconds: float) -> str:
     """The goodbye to a client that did not log in within ``listeners.preauth_timeout_seconds``."""
-    return f"421 4.4.2 Timeout: no login within {seconds:g} seconds of connecting, closing"
+    return f"421 4.4.2 {timeout_sentence(seconds)}, closing"
 
 
 def too_many_recipients(limit: int) -> str:

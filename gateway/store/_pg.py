@@ -16,6 +16,7 @@ only when a ``store.url`` is configured.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -90,9 +91,11 @@ class _PgConnection:
                 cursor.executemany(_translate(sql), rows)
 
 
+@functools.lru_cache(maxsize=512)
 def _translate(sql: str) -> str:
     """``?`` placeholders to psycopg's ``%s`` (and a literal ``%`` doubled). Our statements
-    carry no ``?`` inside string literals (they are written for both backends)."""
+    carry no ``?`` inside string literals (they are written for both backends). Cached: the
+    same few statements run for every message and login."""
     return _PLACEHOLDER.sub("%s", sql.replace("%", "%%"))
 
 
