@@ -281,8 +281,13 @@ class Gateway:
         async with self._reloading:
             return await reload.reload_config(self)
 
-    async def run_until(self, stop: asyncio.Event) -> None:
+    async def run_until(
+        self, stop: asyncio.Event, started: Callable[[], None] | None = None
+    ) -> None:
+        """Serve until ``stop`` is set; ``started`` is called once the gateway serves."""
         await self.start()
+        if started is not None:
+            started()
         try:
             await stop.wait()
         finally:

@@ -524,7 +524,7 @@ def _hash_password(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     # The reactor must be installed before anything imports Twisted's protocol modules.
-    from .runtime import new_loop_with_reactor
+    from .runtime import freeze_startup_objects, new_loop_with_reactor
 
     loop = new_loop_with_reactor()
     settings = _load(args)
@@ -544,7 +544,9 @@ def _run(args: argparse.Namespace) -> int:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload_on_hangup)
-    return _serve_until_signal(loop, gateway.run_until)
+    return _serve_until_signal(
+        loop, lambda stop: gateway.run_until(stop, started=freeze_startup_objects)
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:

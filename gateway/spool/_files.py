@@ -28,20 +28,23 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from ..logs import get_logger
 from . import _prefix
+from ._segments import Segments
 from ._spare import spare_files
 from ._types import Envelope
 
 if TYPE_CHECKING:
     from ._incoming import IncomingMessage
 
+log = get_logger(__name__)
 State = Literal["queued", "held", "dead"]
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)", re.I | re.M)
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
@@ -131,6 +134,7 @@ class SpoolFiles:
         self.log = directory / DELIVERY_LOG
         self.pauses = directory / PAUSES
         self.spares = spare_files(self.tmp)  # files done with, reused (see ``_spare``)
+        self.segments = Segments(self.queue)  # small messages, many to a file (``_segments``)
 
     def prepare(self) -> None:
         """Create the directories; drop what a crash left (see the module docstring)."""
@@ -138,11 +142,14 @@ class SpoolFiles:
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
         for leftover in self.tmp.iterdir():
             leftover.unlink(missing_ok=True)
+        for segment, cut in self.segments.repair():
+            log.info("spool.segment_tail_cut", segment=segment, bytes=cut)
         messages, states = self._listing()
         for queue_id in messages:
             if self._load(queue_id, queue_id in states) is None:
                 self.message_path(queue_id).unlink(missing_ok=True)
-        for queue_id in states - set(messages):
+        in_segments = {queue_id for queue_id, _ in self.segments.live()}
+        for queue_id in states - set(messages) - in_segments:
             self.state_path(queue_id).unlink(missing_ok=True)
 
     def _listing(self) -> tuple[list[str], set[str]]:
@@ -168,21 +175,85 @@ class SpoolFiles:
     def commit_batch(self, batch: list[tuple[Record, IncomingMessage]]) -> list[OSError | None]:
         """Store new messages durably, sharing their fsyncs (group commit).
 
-        Each message file gets its head (``_prefix``), then all are fsynced at once (see
-        :func:`_fsync_all`), renamed into ``queue/`` and the directory is fsynced once: after
-        this returns, every message with ``None`` in the result survives a crash; one whose
-        file could not be written is dropped alone. A record too large for the head (many
-        recipients) gets its state file in the same commit.
+        A message still in memory whose record fits in a head is appended to the current
+        segment (``_segments``: one write and one fsync for all of them); any other gets its
+        message file's head (``_prefix``) and is renamed into ``queue/`` after its fsync. All
+        fsyncs run at once (see :func:`_fsync_all`), then the directory is fsynced once: after
+        this returns, every message with ``None`` in the result survives a crash; one that
+        could not be written is dropped alone (the segment's, all together). A record too
+        large for the head (many recipients) gets its state file in the same commit.
         """
         results: list[OSError | None] = [None] * len(batch)
+        states = [record.to_json() for record, _ in batch]
+        segment = [i for i, (_, m) in enumerate(batch) if m.in_memory and _prefix.fits(states[i])]
+        segment_fd, new_segment = self._append_segment(batch, states, segment, results)
         written: list[tuple[int, list[int], Path | None]] = []  # (index, fds, state tmp)
         for index, (record, incoming) in enumerate(batch):
+            if index in segment:
+                continue
             try:
-                written.append((index, *self._write_head(record, incoming)))
+                written.append((index, *self._write_head(record, states[index], incoming)))
             except OSError as error:
                 incoming.discard()
                 results[index] = error
-        errors = iter(_fsync_all([fd for _, fds, _ in written for fd in fds]))
+        fds = [fd for _, fds, _ in written for fd in fds]
+        errors = _fsync_all(fds + ([segment_fd] if segment_fd is not None else []))
+        if segment_fd is not None and errors[-1] is not None:
+            self.segments.abandon()
+            for index in segment:
+                results[index] = errors[-1]
+            segment, new_segment = [], False
+        ready = self._close_written(batch, written, iter(errors), results)
+        try:
+            for record, message_tmp, state_tmp in ready:
+                os.replace(message_tmp, self.message_path(record.id))
+                if state_tmp is not None:
+                    os.replace(state_tmp, self.state_path(record.id))
+            if ready or new_segment:
+                _fsync_dir(self.queue)
+        except OSError as error:
+            for record, message_tmp, state_tmp in ready:  # no 250 for any: leave no trace
+                for path in (self.message_path(record.id), message_tmp, state_tmp):
+                    if path is not None:
+                        path.unlink(missing_ok=True)
+                self.state_path(record.id).unlink(missing_ok=True)
+            if segment:
+                self.segments.abandon()
+            return [error if result is None else result for result in results]
+        if segment:
+            self.segments.committed()
+        return results
+
+    def _append_segment(
+        self,
+        batch: list[tuple[Record, IncomingMessage]],
+        states: list[bytes],
+        chosen: list[int],
+        results: list[OSError | None],
+    ) -> tuple[int | None, bool]:
+        """Append the ``chosen`` messages to the current segment: its descriptor to fsync and
+        whether it is new; (None, False) when there are none, or the write failed (their
+        ``results`` then say why)."""
+        if not chosen:
+            return None, False
+        entries = [(batch[i][0].id, states[i], batch[i][1].take_content()) for i in chosen]
+        try:
+            return self.segments.append(entries)
+        except OSError as error:
+            for index in chosen:
+                results[index] = error
+            chosen.clear()
+            return None, False
+
+    def _close_written(
+        self,
+        batch: list[tuple[Record, IncomingMessage]],
+        written: list[tuple[int, list[int], Path | None]],
+        errors: Iterator[OSError | None],
+        results: list[OSError | None],
+    ) -> list[tuple[Record, Path, Path | None]]:
+        """Close the fsynced message files; those whose fsync failed are dropped (their
+        ``results`` say why), the others are ready to be renamed into ``queue/``."""
         ready: list[tuple[Record, Path, Path | None]] = []
         for index, fds, state_tmp in written:
             record, incoming = batch[index]
@@ -197,30 +268,15 @@ class SpoolFiles:
                 results[index] = failed
                 continue
             ready.append((record, incoming.path, state_tmp))
-        try:
-            for record, message_tmp, state_tmp in ready:
-                os.replace(message_tmp, self.message_path(record.id))
-                if state_tmp is not None:
-                    os.replace(state_tmp, self.state_path(record.id))
-            if ready:
-                _fsync_dir(self.queue)
-        except OSError as error:
-            for record, message_tmp, state_tmp in ready:  # no 250 for any: leave no trace
-                for path in (self.message_path(record.id), message_tmp, state_tmp):
-                    if path is not None:
-                        path.unlink(missing_ok=True)
-                self.state_path(record.id).unlink(missing_ok=True)
-            return [error if result is None else result for result in results]
-        return results
+        return ready
 
     def _write_head(
-        self, record: Record, incoming: IncomingMessage
+        self, record: Record, state: bytes, incoming: IncomingMessage
     ) -> tuple[list[int], Path | None]:
-        """Finish the message file and write its head, unsynced: the descriptors to fsync
-        (the message's, and a state file's when the record did not fit in the head) and that
-        state file's temporary path."""
+        """Finish the message file and write its head (``state``, the record's JSON), unsynced:
+        the descriptors to fsync (the message's, and a state file's when the record did not
+        fit in the head) and that state file's temporary path."""
         message_fd = incoming.write_rest()
-        state = record.to_json()
         in_head = _prefix.fits(state)
         _write_all(message_fd, _prefix.encode(state if in_head else None), offset=0)
         if in_head:
@@ -238,7 +294,7 @@ class SpoolFiles:
         written: list[tuple[Record, Path, int]] = []
         try:
             for record in records:
-                if self.message_path(record.id).exists():
+                if self._exists(record.id):
                     path, fd = self._write_unsynced(record.id + ".json", [record.to_json()])
                     written.append((record, path, fd))
             error = next((e for e in _fsync_all([fd for _, _, fd in written]) if e), None)
@@ -261,25 +317,39 @@ class SpoolFiles:
     def forget_batch(self, done: list[tuple[Record, str, str]]) -> list[None]:
         """Remove messages done with, then log each (record, result, detail): one directory
         fsync and one delivery-log fsync for all (a crash in between repeats no delivery)."""
+        ids = [record.id for record, _, _ in done]
+        error = next((e for e in _fsync_all(self.segments.mark_done(ids)) if e), None)
+        if error is not None:
+            raise error
         for record, _, _ in done:
             self.spares.give(self.message_path(record.id))  # first: the message is gone
             self.spares.give(self.state_path(record.id))
         _fsync_dir(self.queue)
+        self.segments.collect(ids)
         self._log_lines([log_line(*item) for item in done])
         return [None] * len(done)
 
-    def read_message(self, queue_id: str) -> bytes:
-        with self.message_path(queue_id).open("rb") as file:
-            file.seek(_content_offset(file.fileno()))
-            return file.read()
+    def _exists(self, queue_id: str) -> bool:
+        return self.message_path(queue_id).exists() or self.segments.find(queue_id) is not None
 
-    def map_message(self, queue_id: str) -> mmap.mmap:
+    def read_message(self, queue_id: str) -> bytes:
+        try:
+            with self.message_path(queue_id).open("rb") as file:
+                file.seek(_content_offset(file.fileno()))
+                return file.read()
+        except FileNotFoundError:
+            return self.segments.content(queue_id)
+
+    def map_message(self, queue_id: str) -> mmap.mmap | bytes:
         """The message file mapped read-only, from where the message begins (page-aligned):
         its pages are the page cache's, not ours, so a large message costs no heap memory and
-        its RSS goes with ``close()``."""
-        with self.message_path(queue_id).open("rb") as file:
-            offset = _content_offset(file.fileno())
-            return mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ, offset=offset)
+        its RSS goes with ``close()``. A segment's message is small: its bytes are read."""
+        try:
+            with self.message_path(queue_id).open("rb") as file:
+                offset = _content_offset(file.fileno())
+                return mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ, offset=offset)
+        except FileNotFoundError:
+            return self.segments.content(queue_id)
 
     def load(self, queue_id: str) -> Record | None:
         """The message's state: its state file, or else its file's head; None if it is gone
@@ -298,7 +368,9 @@ class SpoolFiles:
             with self.message_path(queue_id).open("rb") as file:
                 state = _prefix.parse(os.pread(file.fileno(), _prefix.HEAD_BYTES, 0)).state
         except FileNotFoundError:
-            return None
+            state = self.segments.first_state(queue_id)
+            if state is None:
+                return None
         if state is not None:
             return Record.from_json(state)
         return None if has_state_file else self._load_state_file(queue_id)
@@ -317,7 +389,10 @@ class SpoolFiles:
             record = self._load(queue_id, queue_id in states)
             if record is not None:
                 found.append(record)
-        return found
+        for queue_id, first_state in self.segments.live():
+            state_file = self._load_state_file(queue_id) if queue_id in states else None
+            found.append(state_file or Record.from_json(first_state))
+        return sorted(found, key=lambda record: record.id)
 
     def save_pauses(self, pauses: dict[str, float]) -> None:
         """Replace the accounts' pauses (for ``gateway queue`` and the next start)."""

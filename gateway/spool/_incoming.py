@@ -98,6 +98,19 @@ class IncomingMessage:
             while view:
                 view = view[os.write(self._fd, view) :]
 
+    @property
+    def in_memory(self) -> bool:
+        """Nothing was written out yet: the whole message is in :meth:`take_content`."""
+        return self._fd is None
+
+    def take_content(self) -> list[bytes]:
+        """The message's bytes, for a message still :attr:`in_memory`: what a store that
+        keeps it elsewhere (a segment, a database row) writes, without a file of its own."""
+        self.finish()
+        assert self._fd is None
+        pieces, self._pending, self._pending_size = self._pending, [], 0
+        return pieces
+
     def write_rest(self) -> int:
         """Write what is left (blocking); the file's descriptor, for the committer to fsync
         along with the rest of its batch before :meth:`close_file`."""
@@ -109,6 +122,8 @@ class IncomingMessage:
     def content(self) -> bytes:
         """Write what is left and read the message back without the room for its head
         (blocking): for a store that keeps the bytes elsewhere (the database spool)."""
+        if self.in_memory:
+            return b"".join(self.take_content())
         self.write_rest()
         self.close_file()
         with self.path.open("rb") as file:

@@ -144,8 +144,9 @@ class FileStore:
         try:
             yield mapping
         finally:
-            with contextlib.suppress(BufferError):  # a view still alive: unmapped when freed
-                mapping.close()
+            if isinstance(mapping, mmap.mmap):
+                with contextlib.suppress(BufferError):  # a view still alive: unmapped when freed
+                    mapping.close()
 
     async def records(self) -> list[Record]:
         return await asyncio.to_thread(self.files.records)

@@ -22,6 +22,8 @@ from gateway.spool import FileSpool, FileStore, SpoolError, queue_main
 from tests.helpers import PASSWORD_HASH
 
 RAW = b"From: a@example.com\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nbody\r\n"
+# over _incoming._FLUSH_AT: written out while it arrives, so it is committed as a file of its own
+LARGE_RAW = RAW + b"a line of a large message's body, longer than 256 KiB in all\r\n" * 4500
 
 
 class Scripted:
@@ -112,7 +114,7 @@ async def test_submit_is_on_disk_before_the_reply_and_gets_a_message_id(tmp_path
     state = spool.files.load(result.queue_id)
     assert stored.endswith(RAW) and stored.startswith(b"Message-ID: <")
     assert state is not None and state.message_id in stored.decode() and state.state == "queued"
-    assert [p.name for p in (tmp_path / "spool" / "queue").iterdir()] == [f"{result.queue_id}.eml"]
+    assert [p.name for p in (tmp_path / "spool" / "queue").iterdir()] == [f"{result.queue_id}.seg"]
     assert list((tmp_path / "spool" / "tmp").iterdir()) == []
 
 
@@ -127,7 +129,8 @@ async def test_existing_message_id_is_kept(tmp_path: Path) -> None:
 
 async def test_disk_failure_is_a_spool_error(tmp_path: Path) -> None:
     spool = make(tmp_path, Scripted())
-    (tmp_path / "spool" / "tmp").rmdir()
+    (tmp_path / "spool" / "tmp").rmdir()  # where a large message's file is written
+    (tmp_path / "spool" / "queue").rmdir()  # where a small one's segment is
     with pytest.raises(SpoolError, match="cannot store the message"):
         await spool.submit(envelope(), RAW)
 
@@ -180,7 +183,7 @@ async def test_permanent_is_dead_and_inline_permanent_is_a_5xx(tmp_path: Path) -
     inline = make(tmp_path / "inline", Scripted(refusal), deliver_inline=True)
     result = await inline.submit(envelope(), RAW)
     assert (result.reply, result.queue_id) == ("553 5.7.1 HTTP 403 ErrorSendAsDenied: no", None)
-    assert inline.messages() == [] and not any((tmp_path / "inline/spool/queue").iterdir())
+    assert inline.messages() == [] and inline.files.records() == []
 
 
 async def test_inline_temporary_is_queued_and_inline_success_is_logged(tmp_path: Path) -> None:
@@ -500,7 +503,8 @@ async def test_concurrent_submissions_share_a_commit_and_wait_for_it(tmp_path: P
     queue = tmp_path / "spool" / "queue"
     for result in results:
         assert result.reply.startswith("250 ")
-        assert (queue / f"{result.queue_id}.eml").exists()
+        assert spool.files.load(result.queue_id) is not None
+    assert [path.suffix for path in queue.iterdir()] == [".seg"]  # all ten in one segment
     assert list((tmp_path / "spool" / "tmp").iterdir()) == []
 
 
@@ -751,7 +755,10 @@ async def test_a_batch_fsyncs_its_files_side_by_side(
     monkeypatch.setattr(os, "fsync", fsync)
     batches: list[int] = []
     spool._committer._batched.on_batch = batches.append
-    results = await asyncio.gather(*(spool.submit(envelope(), RAW) for _ in range(8)))
+    received = [spool.receive() for _ in range(8)]
+    for incoming in received:  # written out before they are submitted together
+        await incoming.write(LARGE_RAW)
+    results = await asyncio.gather(*(spool.submit(envelope(), m) for m in received))
     assert batches == [8]  # 8 files, fsynced 4 at a time at least
     assert all(r.reply.startswith("250 ") for r in results)
     assert not together.broken

@@ -1,6 +1,8 @@
-"""The file spool's on-disk format: one file per message at intake (its head holds the first
-state), a state file only after a change, the crash rules, and spools written the old way
-(a bare ``.eml`` beside its ``.json``) still read and delivered."""
+"""The file spool's on-disk format for a message of its own file (one too large to be held in
+memory until its commit; smaller ones go to segments, ``test_spool_segments``): one file per
+message at intake (its head holds the first state), a state file only after a change, the crash
+rules, and spools written the old way (a bare ``.eml`` beside its ``.json``) still read and
+delivered."""
 
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from gateway.spool._files import Record, SpoolFiles
 from gateway.spool._incoming import IncomingMessage
 from tests.unit.test_spool import RAW, Scripted, make, until
 
-CONTENT = b"Message-ID: <1@example.com>\r\nSubject: hi\r\n\r\nbody\r\n"
+# larger than _incoming._FLUSH_AT, so it is written out as it arrives: a file of its own
+CONTENT = b"Message-ID: <1@example.com>\r\nSubject: hi\r\n\r\n" + b"a body line\r\n" * 30000
 
 
 def envelope(recipients: int = 1) -> Envelope:

@@ -117,14 +117,16 @@ async def test_a_delivered_messages_files_are_reused_for_the_next_message(
         assert files.commit_batch([(record, incoming)]) == [None]
         return record
 
-    first = await commit(b"Message-ID: <1@a>\r\n\r\nthe first message, a longer one\r\n")
+    # messages large enough to be files of their own (smaller ones share a segment)
+    first = await commit(b"Message-ID: <1@a>\r\n\r\n" + b"the first, a longer one\r\n" * 12000)
 
     used = files.message_path(first.id).stat().st_ino
     files.forget_batch([(first, "sent", "ok")])
     assert list(files.queue.iterdir()) == []
     assert len(list(files.spares.directory.iterdir())) == 1  # emptied, kept
-    second = await commit(b"Message-ID: <2@a>\r\n\r\nsecond\r\n")
-    assert files.read_message(second.id) == b"Message-ID: <2@a>\r\n\r\nsecond\r\n"
+    second_bytes = b"Message-ID: <2@a>\r\n\r\n" + b"second\r\n" * 40000
+    second = await commit(second_bytes)
+    assert files.read_message(second.id) == second_bytes
     assert files.load(second.id) == second
     assert files.message_path(second.id).stat().st_ino == used
     assert list(files.spares.directory.iterdir()) == []
