@@ -20,7 +20,7 @@ Beside = Callable[[Any, Any], Awaitable[Callable[[], None]]]
 def run_gateway(config: str, beside: Beside) -> int:
     import asyncio
 
-    from gateway.runtime import new_loop_with_reactor
+    from gateway.runtime import freeze_startup_objects, new_loop_with_reactor
 
     loop = new_loop_with_reactor()
     from gateway.app import Gateway
@@ -36,6 +36,7 @@ def run_gateway(config: str, beside: Beside) -> int:
             loop.add_signal_handler(signum, stop.set)
         gateway = Gateway(settings)
         await gateway.start()
+        freeze_startup_objects()  # as ``gateway run`` does once it serves
         stop_beside = await beside(gateway, loop)
         try:
             await stop.wait()

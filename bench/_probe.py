@@ -5,7 +5,8 @@ takes one command per line and stdout answers with ``PROBE {json}``:
 
 - ``reset``: forget the largest stall so far and reset the peak RSS (``/proc/self/clear_refs``),
   answer the current RSS;
-- ``report``: answer RSS, peak RSS (VmHWM) and the largest stall since the last reset.
+- ``report``: answer RSS (and its anonymous and file-backed parts), peak RSS (VmHWM) and the
+  largest stall since the last reset.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def _status() -> dict[str, int]:
     with open("/proc/self/status") as status:
         for line in status:
             key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                 values[key] = int(rest.split()[0])
     return values
 

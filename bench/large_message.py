@@ -92,12 +92,14 @@ async def measure(
     result["final"] = await probe.command("report")
     # Successive messages (--count): RSS once each is delivered, to see whether it is given back.
     result["rss_after"] = [result["final"]["VmRSS"]]
+    result["rss_parts"] = [(result["final"].get("RssAnon", 0), result["final"].get("RssFile", 0))]
     for number in range(2, args.count + 1 if delivered is not None else 0):
         await asyncio.to_thread(submit, port, message, args.timeout)
         await _poll(lambda n=number: delivered(n), args.timeout)
         await asyncio.sleep(0.5)
         report = await probe.command("report")
         result["rss_after"].append(report["VmRSS"])
+        result["rss_parts"].append((report.get("RssAnon", 0), report.get("RssFile", 0)))
         result["max_stall_later_ms"] = max(
             result.get("max_stall_later_ms", 0.0), report["max_stall_ms"]
         )
@@ -233,6 +235,12 @@ def report(results: list[dict], size: int) -> None:
             + " → ".join(f"{mb:.0f}" for mb in rss)
             + f" MiB; after {len(rss)} / after the first = {rss[-1] / rss[0]:.2f}x (goal <= 1.2x); "
             f"max stall over messages 2-{len(rss)}: {gateway['max_stall_later_ms']:.1f}ms"
+        )
+        parts = gateway.get("rss_parts", [])
+        print(
+            "  of which anonymous / file-backed: "
+            + " → ".join(f"{anon / 1024:.0f}/{file / 1024:.0f}" for anon, file in parts)
+            + " MiB"
         )
     delivered = gateway.get("delivered_s")
     print(
