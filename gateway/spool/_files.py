@@ -1,4 +1,10 @@
-"""The spool's on-disk form: one file per message, and a state file once its state changed.
+"""The spool's on-disk form: a message in a segment or a file of its own, and a state file once
+its state changed.
+
+A message still in memory when it is committed (up to ``_incoming._FLUSH_AT``) is an entry of a
+segment, ``queue/<id>.seg``, shared with the others of its batch and the batches after it
+(``_segments``); what follows describes a message of its own file, and the crash rules of both
+are alike: the state file wins over what was committed, a forget removes the message first.
 
 ``queue/<id>.eml`` holds the message, after a head (``_prefix``) with the envelope and initial
 state: a message exists once that file has been renamed into ``queue/`` and the directory
