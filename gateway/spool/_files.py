@@ -32,6 +32,7 @@ import mmap
 import os
 import re
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -141,6 +142,7 @@ class SpoolFiles:
         self.pauses = directory / PAUSES
         self.spares = spare_files(self.tmp)  # files done with, reused (see ``_spare``)
         self.segments = Segments(self.queue)  # small messages, many to a file (``_segments``)
+        self._moving = threading.Lock()  # compact() vs forget_batch(): see compact
 
     def prepare(self) -> None:
         """Create the directories; drop what a crash left (see the module docstring)."""
@@ -324,12 +326,13 @@ class SpoolFiles:
         """Remove messages done with, then log each (record, result, detail): one directory
         fsync and one delivery-log fsync for all (a crash in between repeats no delivery)."""
         ids = [record.id for record, _, _ in done]
-        error = next((e for e in _fsync_all(self.segments.mark_done(ids)) if e), None)
-        if error is not None:
-            raise error
-        for record, _, _ in done:
-            self.spares.give(self.message_path(record.id))  # first: the message is gone
-            self.spares.give(self.state_path(record.id))
+        with self._moving:  # not while compact() gives one of them a file (it would stay)
+            error = next((e for e in _fsync_all(self.segments.mark_done(ids)) if e), None)
+            if error is not None:
+                raise error
+            for record, _, _ in done:
+                self.spares.give(self.message_path(record.id))  # first: the message is gone
+                self.spares.give(self.state_path(record.id))
         _fsync_dir(self.queue)
         self.segments.collect(ids)
         self._log_lines([log_line(*item) for item in done])
@@ -395,10 +398,39 @@ class SpoolFiles:
             record = self._load(queue_id, queue_id in states)
             if record is not None:
                 found.append(record)
+        in_files = set(messages)
         for queue_id, first_state in self.segments.live():
+            if queue_id in in_files:
+                continue  # moved to a file of its own by compact(), which was cut short
             state_file = self._load_state_file(queue_id) if queue_id in states else None
             found.append(state_file or Record.from_json(first_state))
         return sorted(found, key=lambda record: record.id)
+
+    def compact(self) -> int:
+        """Move the messages that pin mostly-done segments to files of their own (see
+        ``Segments.sparse``), then drop them from their segments; how many moved. Each is
+        written, fsynced and renamed into ``queue/`` before its entry is marked done, so a
+        crash in between leaves it twice, and the file wins (``records``, ``_load``)."""
+        moved: list[str] = []
+        for queue_id in self.segments.sparse():
+            with self._moving:  # a forget cannot come between the check and the rename
+                state = self.segments.first_state(queue_id)
+                if state is None:
+                    continue  # forgotten meanwhile
+                content = self.segments.content(queue_id)
+                head = _prefix.encode(state)
+                padding = bytes(_prefix.CONTENT_OFFSET - len(head))
+                temporary = self._write_temp(f"{queue_id}.eml", [head, padding, content])
+                os.replace(temporary, self.message_path(queue_id))
+            moved.append(queue_id)
+        if not moved:
+            return 0
+        _fsync_dir(self.queue)
+        error = next((e for e in _fsync_all(self.segments.mark_done(moved)) if e), None)
+        if error is not None:
+            raise error
+        self.segments.collect(moved)
+        return len(moved)
 
     def save_pauses(self, pauses: dict[str, float]) -> None:
         """Replace the accounts' pauses (for ``gateway queue`` and the next start)."""

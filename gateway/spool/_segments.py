@@ -40,6 +40,7 @@ from pathlib import Path
 
 SUFFIX = "seg"
 SEGMENT_BYTES = 1024 * 1024  # a segment takes no new entries once it is this large
+SPARSE_FRACTION = 4  # a segment whose live entries are under 1/4 of it is compacted
 MAGIC = b"\x00gwseg1\n"
 LIVE, DONE = b"L", b"D"
 _HEADER = struct.Struct(">8sc3xIQI")
@@ -273,6 +274,22 @@ class Segments:
                     self._entries[queue_id] = (entry, state)
                     self._live.setdefault(name, set()).add(queue_id)
             self._parsed[name] = max(end, start)
+
+    def sparse(self) -> list[str]:
+        """The live messages of the segments that are mostly done with (live entries under a
+        quarter of the file) and no longer appended to: what pins their space. The spool moves
+        them to files of their own (``SpoolFiles.compact``), so that a few held or retried
+        messages cannot keep megabytes of delivered ones on disk."""
+        with self._lock:
+            pinned: list[str] = []
+            for name, ids in self._live.items():
+                if name == self._current or not ids:
+                    continue
+                size = self._parsed.get(name, 0)
+                live = sum(self._entries[i][0].end - self._entries[i][0].offset for i in ids)
+                if live * SPARSE_FRACTION <= size:
+                    pinned += sorted(ids)
+            return pinned
 
     # -- forgetting -----------------------------------------------------------------------------
 

@@ -433,6 +433,10 @@ class SpoolWorker:
         says about it, and stays as the worker knows it (issue 13: such messages were dropped
         from memory and waited for the next rescan).
         """
+        try:
+            await self.store.tidy()
+        except (OSError, SpoolError) as error:  # space is reclaimed at the next rescan
+            log.warning("spool.tidy_failed", error=str(error))
         self._generation += 1
         started = self._generation
         on_disk = {r.id: r for r in await self.store.records()}

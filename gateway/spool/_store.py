@@ -78,6 +78,10 @@ class SpoolStore(Protocol):
     async def records(self) -> list[Record]:
         """Every stored message, oldest first."""
 
+    async def tidy(self) -> None:
+        """Housekeeping the worker does before each rescan (the file spool compacts its
+        segments, ``SpoolFiles.compact``); only the gateway's worker calls it."""
+
     async def load(self, queue_id: str) -> Record | None: ...
 
     async def load_pauses(self, now: float) -> dict[str, float]:
@@ -150,6 +154,9 @@ class FileStore:
 
     async def records(self) -> list[Record]:
         return await asyncio.to_thread(self.files.records)
+
+    async def tidy(self) -> None:
+        await asyncio.to_thread(self.files.compact)
 
     async def load(self, queue_id: str) -> Record | None:
         return await asyncio.to_thread(self.files.load, queue_id)
