@@ -195,9 +195,10 @@ class SpoolFiles:
         states = [record.to_json() for record, _ in batch]
         segment = [i for i, (_, m) in enumerate(batch) if m.in_memory and _prefix.fits(states[i])]
         segment_fd, new_segment = self._append_segment(batch, states, segment, results)
+        appended = set(segment)  # (emptied by a failed append: those already have their error)
         written: list[tuple[int, list[int], Path | None]] = []  # (index, fds, state tmp)
         for index, (record, incoming) in enumerate(batch):
-            if index in segment:
+            if index in appended or results[index] is not None:
                 continue
             try:
                 written.append((index, *self._write_head(record, states[index], incoming)))

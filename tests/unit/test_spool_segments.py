@@ -393,3 +393,24 @@ async def test_loading_a_message_being_forgotten_meanwhile_is_none_not_an_error(
     assert not others[0].is_alive()
     monkeypatch.undo()
     assert files.segments.first_state(record.id) is None  # the forget happened after
+
+
+async def test_a_failed_segment_write_fails_its_messages_and_stores_none_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk while a batch is appended: every message of the segment part gets the
+    error (the client gets a 4xx and sends again), and none is stored another way, where it
+    would be delivered although its client was told it was not taken."""
+    files = spool_files(tmp_path)
+
+    def full(fd: int, pieces: list[bytes], offset: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_segments, "_writev_all", full)
+    batch = [await pending(files, content(n)) for n in range(3)]
+    results = files.commit_batch(batch)
+    assert [getattr(r, "errno", None) for r in results] == [errno.ENOSPC] * 3
+    assert files.records() == [] and not [n for n in names(files) if n.endswith(".eml")]
+    monkeypatch.undo()
+    (later,) = await commit_all(files, content(9))
+    assert files.records() == [later]
