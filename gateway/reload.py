@@ -137,6 +137,7 @@ async def apply(gateway: RunningGateway, new: Settings) -> None:
     spool.retry_window = kept.spool.retry_hours * 3600.0
     spool.max_backoff = kept.spool.max_backoff_minutes * 60.0
     spool.first_backoff = float(kept.spool.first_backoff_seconds)
+    spool.max_defer = kept.spool.hold_for_intake_ms / 1000.0
     fresh = providers.senders(kept, http, broker, gateway.trust or Path())
     gateway.senders.update(microsoft=fresh["microsoft"], google=fresh["google"])
     if gateway.views is not None:

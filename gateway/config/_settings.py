@@ -485,6 +485,13 @@ class SpoolSettings:
         fix="the longest wait between two attempts, in minutes (1-1440)",
         check=in_range(1, 1440),
     )
+    hold_for_intake_ms: int = field_info(
+        1000,
+        fix="how long, in milliseconds (0-10000), the worker starts no new delivery while "
+        "messages are arriving, so that their 250s are not slowed by sends; 0: sends start at "
+        "once, for the highest delivered rate in a long burst",
+        check=in_range(0, 10000),
+    )
     lease_seconds: int = field_info(
         60,
         fix="how long an instance's claim on a message lasts unless renewed, in seconds "

@@ -788,4 +788,5 @@ def options(settings: Settings) -> dict[str, Any]:
         "retry_window": settings.spool.retry_hours * 3600.0,
         "max_backoff": settings.spool.max_backoff_minutes * 60.0,
         "first_backoff": float(settings.spool.first_backoff_seconds),
+        "max_defer": settings.spool.hold_for_intake_ms / 1000.0,
     }

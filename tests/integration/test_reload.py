@@ -224,3 +224,16 @@ async def _until(check: Callable[[], bool], within: float = 20.0) -> None:
     while not check():
         assert time.monotonic() < deadline, "not reached in time"
         await asyncio.sleep(0.05)
+
+
+async def test_reload_applies_the_spool_settings(tmp_path: Path) -> None:
+    """The spool's retry and intake-hold settings take effect on reload, without a restart
+    (reload names the settings that would need one, and these are not among them)."""
+    config = base_config(tmp_path / "state")
+    path = tmp_path / "gateway.yaml"
+    async with running_gateway(config, path) as gateway:
+        assert (gateway.spool.max_defer, gateway.spool.max_backoff) == (1.0, 3600.0)
+        config["spool"] = {"hold_for_intake_ms": 0, "max_backoff_minutes": 5}
+        await asyncio.to_thread(path.write_text, yaml.safe_dump(config))
+        assert await gateway.reload()
+        assert (gateway.spool.max_defer, gateway.spool.max_backoff) == (0.0, 300.0)

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import AccountSettings, SendingSettings
+from gateway.config import AccountSettings, ConfigError, SendingSettings, load_settings
 from gateway.delivery import DeliveryResult, Envelope, Permanent, Temporary
 from gateway.oauth import ReauthRequired
 from gateway.spool import FileSpool, FileStore, SpoolError, queue_main
+from gateway.spool._spool import options
 from tests.helpers import PASSWORD_HASH
 
 RAW = b"From: a@example.com\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nbody\r\n"
@@ -781,6 +782,21 @@ def test_the_worker_leaves_the_loop_to_the_intake_for_at_most_max_defer(tmp_path
     assert spool.intake_hold(2001.01) == pytest.approx(0.02)  # the burst goes on: hold again
     spool.intake_seen(1500.0)  # an older report does not move the last arrival back
     assert spool.intake_hold(2001.02) > 0.0
+
+
+def test_hold_for_intake_ms_sets_the_hold_and_zero_turns_it_off(
+    tmp_path: Path, write_config: Callable[..., Path]
+) -> None:
+    """``spool.hold_for_intake_ms`` is the hold's limit; 0 starts sends at once even while
+    messages keep arriving (the highest delivered rate in a long burst)."""
+    off = load_settings(write_config(spool={"hold_for_intake_ms": 0}), environ={})
+    assert options(off)["max_defer"] == 0.0
+    spool = make(tmp_path, Scripted(), max_defer=options(off)["max_defer"])
+    spool.intake_seen(1000.0)
+    assert spool.intake_hold(1000.01) == 0.0 and not spool.holding_for_intake
+    assert options(load_settings(write_config(), environ={}))["max_defer"] == 1.0  # default
+    with pytest.raises(ConfigError, match="hold_for_intake_ms"):
+        load_settings(write_config(spool={"hold_for_intake_ms": 60000}), environ={})
 
 
 async def test_no_attempt_starts_while_messages_arrive_and_all_go_once_it_is_quiet(
