@@ -28,8 +28,9 @@ answer. If the store cannot be used (the database unreachable) the worker logs i
 the message where it was and tries again a little later.
 
 Intake first: while messages are arriving (one began or was committed within ``intake_quiet``
-seconds) the worker starts no new attempt, for at most ``max_defer`` seconds at a time; sends
-already under way go on. A delivery costs the event loop several times what accepting a message
+seconds) and keep the loop busy (its thread's CPU share at least ``busy_above``, ``_loop_load``)
+the worker starts no new attempt, for at most ``max_defer`` seconds at a time; sends already
+under way go on. A delivery costs the event loop several times what accepting a message
 does (HTTPS, JSON, the provider's reply), so during a burst the SMTP clients get their 250s at
 the intake's own pace and the queue is worked off right after (issue 13); under steady load the
 worker still starts everything due at least every ``max_defer`` seconds.
@@ -63,6 +64,7 @@ from ..logs import get_logger
 from ._commit import Batched, GroupCommitter
 from ._files import Record
 from ._incoming import IncomingMessage
+from ._loop_load import LoopLoad
 from ._memory import LARGE, give_back, map_big_buffers
 from ._store import Claim, FileStore, SpoolStore
 from ._types import Envelope, SpoolError, SubmitResult, held_hint
@@ -102,6 +104,7 @@ class SpoolWorker:
         max_in_flight: int = 64,
         intake_quiet: float = 0.05,
         max_defer: float = 1.0,
+        busy_above: float = 0.5,
         jitter: Callable[[], float] = random.random,
         pause: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
@@ -118,6 +121,8 @@ class SpoolWorker:
         self.max_in_flight = max_in_flight
         self.intake_quiet = intake_quiet
         self.max_defer = max_defer
+        self.busy_above = busy_above  # the loop's CPU share above which the intake needs it
+        self._loop_load = LoopLoad()
         self.jitter = jitter
         self.pause = pause  # how pacing waits; tests record the waits instead of timing them
         self._intake_at = -math.inf  # monotonic time a message last began or was committed
@@ -303,7 +308,7 @@ class SpoolWorker:
         messages arrive (one within ``intake_quiet``), up to ``max_defer`` from the moment it
         first held back; 0 once the intake is quiet or the hold has lasted ``max_defer``."""
         quiet_in = self._intake_at + self.intake_quiet - now
-        if quiet_in <= 0.0:
+        if quiet_in <= 0.0 or self._loop_load.share(now) < self.busy_above:
             self._holding_since = None
             return 0.0
         if self._holding_since is None:

@@ -19,6 +19,7 @@ from gateway.config import AccountSettings, ConfigError, SendingSettings, load_s
 from gateway.delivery import DeliveryResult, Envelope, Permanent, Temporary
 from gateway.oauth import ReauthRequired
 from gateway.spool import FileSpool, FileStore, SpoolError, queue_main
+from gateway.spool._loop_load import LoopLoad
 from gateway.spool._spool import options
 from tests.helpers import PASSWORD_HASH
 
@@ -768,7 +769,7 @@ async def test_a_batch_fsyncs_its_files_side_by_side(
 def test_the_worker_leaves_the_loop_to_the_intake_for_at_most_max_defer(tmp_path: Path) -> None:
     """Issue 13: a delivery costs the loop several times what accepting a message does, so
     while messages arrive the worker starts none, but never for longer than max_defer."""
-    spool = make(tmp_path, Scripted(), intake_quiet=0.05, max_defer=1.0)
+    spool = make(tmp_path, Scripted(), intake_quiet=0.05, max_defer=1.0, busy_above=0.0)
     start = 1000.0
     assert spool.intake_hold(start) == 0.0  # nothing arrived: deliver at once
     spool.intake_seen(start)
@@ -784,6 +785,37 @@ def test_the_worker_leaves_the_loop_to_the_intake_for_at_most_max_defer(tmp_path
     assert spool.intake_hold(2001.02) > 0.0
 
 
+def test_the_worker_holds_back_only_while_the_intake_keeps_the_loop_busy(
+    tmp_path: Path,
+) -> None:
+    """Issue 13: holding deliveries back helps the intake only when it needs the loop; with
+    room to spare on the loop, messages arriving do not delay the sends."""
+    spool = make(tmp_path, Scripted(), intake_quiet=0.05, max_defer=1.0, busy_above=0.5)
+    cpu = [0.0]
+    spool._loop_load = LoopLoad(cpu=lambda: cpu[0])
+    spool.intake_seen(1000.0)
+    assert spool.intake_hold(1000.0) > 0.0  # not measured yet: counts as busy
+    cpu[0] += 0.025  # 20 % of the next 125 ms
+    spool.intake_seen(1000.125)
+    assert spool.intake_hold(1000.125) == 0.0 and not spool.holding_for_intake
+    cpu[0] += 0.1125  # 90 %
+    spool.intake_seen(1000.25)
+    assert spool.intake_hold(1000.25) > 0.0 and spool.holding_for_intake
+
+
+def test_the_loops_share_is_measured_in_windows_and_unknown_counts_as_busy() -> None:
+    cpu = [5.0]
+    load = LoopLoad(cpu=lambda: cpu[0])
+    assert load.share(10.0) == 1.0  # nothing measured yet
+    cpu[0] += 0.03
+    assert load.share(10.05) == 1.0  # within the window: the last figure
+    assert load.share(10.2) == pytest.approx(0.15)
+    cpu[0] += 0.1
+    assert load.share(12.0) == 1.0  # the worker slept through windows: unknown again
+    cpu[0] += 0.01
+    assert load.share(12.2) == pytest.approx(0.05)
+
+
 def test_hold_for_intake_ms_sets_the_hold_and_zero_turns_it_off(
     tmp_path: Path, write_config: Callable[..., Path]
 ) -> None:
@@ -791,7 +823,7 @@ def test_hold_for_intake_ms_sets_the_hold_and_zero_turns_it_off(
     messages keep arriving (the highest delivered rate in a long burst)."""
     off = load_settings(write_config(spool={"hold_for_intake_ms": 0}), environ={})
     assert options(off)["max_defer"] == 0.0
-    spool = make(tmp_path, Scripted(), max_defer=options(off)["max_defer"])
+    spool = make(tmp_path, Scripted(), max_defer=options(off)["max_defer"], busy_above=0.0)
     spool.intake_seen(1000.0)
     assert spool.intake_hold(1000.01) == 0.0 and not spool.holding_for_intake
     assert options(load_settings(write_config(), environ={}))["max_defer"] == 1.0  # default
@@ -803,7 +835,7 @@ async def test_no_attempt_starts_while_messages_arrive_and_all_go_once_it_is_qui
     tmp_path: Path,
 ) -> None:
     sender = Scripted()
-    spool = make(tmp_path, sender, intake_quiet=3600.0, max_defer=3600.0)
+    spool = make(tmp_path, sender, intake_quiet=3600.0, max_defer=3600.0, busy_above=0.0)
     await spool.start()
     try:
         for _ in range(3):
