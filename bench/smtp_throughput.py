@@ -375,10 +375,10 @@ async def _gateway_upstream_round(
 ) -> Delivered:
     await asyncio.to_thread(work_dir.mkdir, parents=True)
     port = c.free_port()
-    config = c.write_yaml(
-        work_dir / "gateway.yaml",
-        c.upstream_gateway_config(work_dir / "state", port, postfix, user, args.sessions),
-    )
+    settings = c.upstream_gateway_config(work_dir / "state", port, postfix, user, args.sessions)
+    if args.hold_ms is not None:
+        settings["spool"] = {"hold_for_intake_ms": args.hold_ms}
+    config = c.write_yaml(work_dir / "gateway.yaml", settings)
     messages = [build_message(i, args.size, tag) for i in range(args.messages)]
     with open(work_dir / "gateway.log", "wb") as log_file:
         process = await c.start_gateway(config, log_file)
@@ -466,6 +466,8 @@ def _report_upstream(
         f"clients (one connection + AUTH PLAIN each), {args.rounds} interleaved rounds; "
         "delivered = first submission → last message in Dovecot"
     )
+    if args.hold_ms is not None:
+        print(f"--hold-ms: the gateway's spool.hold_for_intake_ms is {args.hold_ms}")
     if args.pin:
         print(
             "--pin: Postfix and Dovecot on CPU 0; the clients, the gateway and the spool drain "
@@ -666,6 +668,11 @@ def _arguments() -> argparse.Namespace:
         "(needs root and the upstream test servers: scripts/install-test-deps.sh)",
     )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
+    parser.add_argument(
+        "--hold-ms",
+        type=int,
+        help="--upstream: the gateway's spool.hold_for_intake_ms (default: the config's, 1000)",
+    )
     parser.add_argument(
         "--pin",
         action="store_true",
