@@ -16,8 +16,11 @@ Everything is on 127.0.0.1; the run is bounded by --messages and --timeout.
 With --upstream (as root: a private Postfix and Dovecot, as in the integration tests), the same
 clients submit once straight to Postfix's submission port (STARTTLS + AUTH PLAIN) and once to a
 gateway whose ``upstream`` account sends through that Postfix, in interleaved rounds; each round
-times from the first submission until the last message is in Dovecot, and counts the Postfix
-sessions that carried them (from Postfix's log).
+times from the first submission until the last message is in Dovecot (counted in its maildir),
+and counts the Postfix sessions that carried them (from Postfix's log). The three kinds of run
+(direct, gateway, the spool draining alone) take turns at going first. ``--pin`` puts Postfix
+and Dovecot on the first CPU and everything else on the others, as if the upstream server were
+a machine of its own; ``--hold-ms N`` sets the gateway's ``spool.hold_for_intake_ms``.
 """
 
 from __future__ import annotations
