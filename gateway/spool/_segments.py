@@ -20,7 +20,10 @@ was being written (no client got its 250) leaves a torn tail that fails the chec
 stops there. ``status`` is ``L`` (live) until the message is done with, then ``D``, written in
 place and fdatasynced: that is how a segment message is forgotten. A segment whose entries are
 all done is deleted by the process that commits (the gateway), never while it is still being
-appended to. Later state changes go to ``<id>.json`` exactly as for a message file.
+appended to; one whose live entries take under a quarter of it has them moved to files of their
+own at the worker's rescan (``SpoolFiles.compact``), so that a few held messages cannot pin
+megabytes of delivered ones. Later state changes go to ``<id>.json`` exactly as for a message
+file.
 
 A process only ever appends to a segment it created itself, so a torn tail is never followed by
 new entries.
