@@ -76,6 +76,17 @@ class Setup:
         self.gateway.process.send_signal(signal.SIGTERM)
         assert await self.gateway.wait() == 0, self.gateway.output()
 
+    async def kill(self) -> None:
+        """The end of a test, whatever happened: no gateway left running."""
+        self.gateway.kill()
+        if self.gateway.process is not None:
+            await self.gateway.wait()
+
+    async def assert_empty(self) -> None:
+        """``gateway queue list`` says there is nothing left."""
+        status, out = await self.cli("list")
+        assert (status, out.strip()) == (0, "the queue is empty"), out
+
     async def cli(self, *args: str) -> tuple[int, str]:
         """``python -m gateway queue ARGS -c CONFIG``, a process of its own: (status, output)."""
         process = await asyncio.create_subprocess_exec(
@@ -190,8 +201,7 @@ async def test_queue_cli_deletes_a_segment_message_the_running_gateway_then_neve
             10,
             lambda: f"2 sent and 1 deleted in the delivery log, not {run.results()}",
         )
-        status, out = await run.cli("list")
-        assert (status, out.strip()) == (0, "the queue is empty"), out
+        await run.assert_empty()
         assert run.segments(), "the segment the running gateway appends to was deleted"
 
         await run.stop()
@@ -204,12 +214,9 @@ async def test_queue_cli_deletes_a_segment_message_the_running_gateway_then_neve
         assert len(started) == 2 and started[1].endswith(" queued=0"), (
             f"the restart found messages to send (the deleted {doomed}?): {started}"
         )
-        status, out = await run.cli("list")
-        assert (status, out.strip()) == (0, "the queue is empty"), out
+        await run.assert_empty()
     finally:
-        run.gateway.kill()
-        if run.gateway.process is not None:
-            await run.gateway.wait()
+        await run.kill()
     sent = Counter(message_ids(sent_of(sandbox, MS_ADDRESS)))
     assert sent == {wanted[0]: 1, wanted[2]: 1}, (
         f"expected {wanted[0]} and {wanted[2]} once each, never the deleted {wanted[1]}: {sent}"
@@ -252,10 +259,7 @@ async def test_a_restart_deletes_the_segment_whose_entries_are_all_done(
         assert not [name for name in listing if name.endswith(".seg")], (
             f"start-up kept {before}, all of whose entries are done: queue/ holds {listing}"
         )
-        status, out = await run.cli("list")
-        assert (status, out.strip()) == (0, "the queue is empty"), out
+        await run.assert_empty()
     finally:
-        run.gateway.kill()
-        if run.gateway.process is not None:
-            await run.gateway.wait()
+        await run.kill()
     assert message_ids(sent_of(sandbox, MS_ADDRESS)) == ["<sent@restart.test>"]
