@@ -34,6 +34,7 @@ from .mailbox import MailboxViews
 from .oauth import TokenBroker
 from .smtp_in import server as smtp_server
 from .spool import SpoolWorker
+from .spool import options as spool_options
 
 log = get_logger(__name__)
 
@@ -133,11 +134,8 @@ async def apply(gateway: RunningGateway, new: Settings) -> None:
     broker.reconfigure(kept)
     front.smtp = kept.smtp
     spool.accounts = {a.username: a for a in kept.accounts}
-    spool.deliver_inline = kept.smtp.deliver_inline
-    spool.retry_window = kept.spool.retry_hours * 3600.0
-    spool.max_backoff = kept.spool.max_backoff_minutes * 60.0
-    spool.first_backoff = float(kept.spool.first_backoff_seconds)
-    spool.max_defer = kept.spool.hold_for_intake_ms / 1000.0
+    for name, value in spool_options(kept).items():  # hostname: restart-only, so unchanged
+        setattr(spool, name, value)
     fresh = providers.senders(kept, http, broker, gateway.trust or Path())
     gateway.senders.update(microsoft=fresh["microsoft"], google=fresh["google"])
     if gateway.views is not None:

@@ -5,7 +5,7 @@ of kernel CPU once files have been deleted nearby (``_spare`` explains the inode
 ``perf`` put a third of the gateway's CPU in an intake burst there (issue 13). A message whose
 bytes are still in memory when it is committed (under ``_incoming._FLUSH_AT``, the usual
 10-100 KB mail) is appended to the current segment ``queue/<id of its first entry>.seg``; the
-batch costs one ``writev`` and one ``fdatasync`` however many messages it holds, and a new
+batch costs one ``writev`` and one ``fsync`` however many messages it holds, and a new
 segment (one file creation) only every ``SEGMENT_BYTES``. Larger messages stay one file each
 (``_files``): they were streamed to disk while they arrived, and one creation per megabyte
 costs nothing that matters.
@@ -18,7 +18,7 @@ file's head) and the message's bytes::
 The CRC covers the lengths, the state and the content, not the status: a crash while a batch
 was being written (no client got its 250) leaves a torn tail that fails the check, and reading
 stops there. ``status`` is ``L`` (live) until the message is done with, then ``D``, written in
-place and fdatasynced: that is how a segment message is forgotten. A segment whose entries are
+place and fsynced: that is how a segment message is forgotten. A segment whose entries are
 all done is deleted by the process that commits (the gateway), never while it is still being
 appended to; one whose live entries take under a quarter of it has them moved to files of their
 own at the worker's rescan (``SpoolFiles.compact``), so that a few held messages cannot pin
@@ -37,7 +37,7 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,12 +80,17 @@ class Entry:
 def encode(state: bytes, content: Sequence[bytes]) -> list[bytes]:
     """An entry's pieces, ready for ``writev``: header, state, content."""
     content_length = sum(len(piece) for piece in content)
-    crc = zlib.crc32(_LENGTHS.pack(len(state), content_length))
-    crc = zlib.crc32(state, crc)
-    for piece in content:
-        crc = zlib.crc32(piece, crc)
+    crc = _checksum(state, content_length, content)
     header = _HEADER.pack(MAGIC, LIVE, len(state), content_length, crc)
     return [header, state, *content]
+
+
+def _checksum(state: bytes, content_length: int, content: Iterable[bytes]) -> int:
+    """The CRC-32 of the lengths, the state and the content (not the status: it changes)."""
+    crc = zlib.crc32(state, zlib.crc32(_LENGTHS.pack(len(state), content_length)))
+    for piece in content:
+        crc = zlib.crc32(piece, crc)
+    return crc
 
 
 def read_entries(fd: int, name: str, start: int = 0) -> Iterator[tuple[Entry, bool, bytes]]:
@@ -100,22 +105,22 @@ def read_entries(fd: int, name: str, start: int = 0) -> Iterator[tuple[Entry, bo
         if magic != MAGIC or status not in (LIVE, DONE) or entry.end > size:
             return
         state = os.pread(fd, state_length, entry.state_at)
-        if _crc(fd, entry, state) != crc:
+        if _checksum(state, content_length, _content_pieces(fd, entry)) != crc:
             return
         yield entry, status == LIVE, state
         offset = entry.end
 
 
-def _crc(fd: int, entry: Entry, state: bytes) -> int:
-    crc = zlib.crc32(state, zlib.crc32(_LENGTHS.pack(entry.state_length, entry.content_length)))
+def _content_pieces(fd: int, entry: Entry) -> Iterator[bytes]:
+    """An entry's content read in pieces of at most 1 MiB (it may be up to 256 KiB, or more
+    in a segment written with another limit)."""
     at, left = entry.content_at, entry.content_length
     while left > 0:
         piece = os.pread(fd, min(left, 1024 * 1024), at)
         if not piece:
-            return -1
-        crc = zlib.crc32(piece, crc)
+            return
+        yield piece
         at, left = at + len(piece), left - len(piece)
-    return crc
 
 
 def is_live(fd: int, entry: Entry) -> bool:
@@ -123,7 +128,7 @@ def is_live(fd: int, entry: Entry) -> bool:
 
 
 def mark_done(fd: int, entry: Entry) -> None:
-    """Set the entry's status to done (unsynced: the caller fdatasyncs the segment)."""
+    """Set the entry's status to done (unsynced: the caller fsyncs the segment)."""
     os.pwrite(fd, DONE, entry.status_at)
 
 
@@ -154,7 +159,7 @@ class Segments:
 
     def append(self, entries: Sequence[tuple[str, bytes, Sequence[bytes]]]) -> tuple[int, bool]:
         """Write (id, state JSON, content pieces) entries at the end of the current segment
-        (a new one when it is full): the descriptor to fdatasync before :meth:`committed`, and
+        (a new one when it is full): the descriptor to fsync before :meth:`committed`, and
         whether the segment is new (the directory then needs an fsync too). Nobody finds the
         entries before :meth:`committed`."""
         with self._lock:
@@ -190,7 +195,7 @@ class Segments:
             self._pending = []
 
     def abandon(self) -> None:
-        """The last :meth:`append` failed (a write or the fdatasync): its entries are marked
+        """The last :meth:`append` failed (a write or the fsync): its entries are marked
         done, in case their bytes reach the disk after all, and the next batch starts a new
         segment, as this one's pages can no longer be trusted."""
         with self._lock:
@@ -298,7 +303,7 @@ class Segments:
 
     def mark_done(self, queue_ids: list[str]) -> list[int]:
         """Mark these messages' entries done (those that are segment entries): the descriptors
-        to fdatasync before :meth:`collect`."""
+        to fsync before :meth:`collect`."""
         touched: dict[str, int] = {}
         with self._lock:
             for queue_id in queue_ids:
